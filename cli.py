@@ -1,0 +1,191 @@
+"""`pipeline`: the command line over the library. Parses arguments, calls one function, prints.
+
+Exit codes: 0 success (also when some images failed and were recorded), 1 a fatal problem with the
+input (one-line message on stderr), 2 a usage error (bad flag or value), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    help="Extract frozen-backbone features once into an HDF5 cache, compare cheap heads on it, "
+    "fine-tune where it pays, predict on new images.",
+)
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature caches.")
+app.add_typer(cache_app, name="cache")
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    """Accept both `--x a,b` and `--x a --x b`."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _device_option():
+    return typer.Option("--device", help="auto (CUDA if present), cpu or cuda")
+
+
+@app.command()
+def extract(
+    data: Annotated[Path, typer.Argument(help="image folder laid out [split/]class/image, or a CSV manifest (path[,label,split,id])")],
+    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="timm model name; repeat for several backbones")],
+    cache: Annotated[Path, typer.Option("--cache", help="directory for the cache files (one per backbone)")] = Path("cache"),
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file (.safetensors) for a single --backbone; else $PIPELINE_WEIGHTS_DIR/<name>.safetensors, else timm's hub")] = None,
+    taps: Annotated[Optional[list[str]], typer.Option("--taps", help="features to keep: pooled (pre-logits embedding), logits; comma-separated")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="decode worker processes (default: min(4, cores))")] = None,
+    device: Annotated[str, _device_option()] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="retry images that failed before even if their bytes did not change")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Run frozen backbones over every image once and cache the features in HDF5."""
+    from pipeline.extract import extract as run
+
+    results = run(data, backbone, cache, weights=weights, taps=_split_list(taps) or ["pooled"], batch_size=batch_size,
+                  workers=workers, device=device, dtype=dtype, retry_failed=retry_failed, progress=progress)
+    for r in results:
+        typer.echo(
+            f"{r.backbone}: extracted {r.extracted}, reused from cache {r.reused}, failed {r.failed} "
+            f"(new {r.new}, changed {r.changed}); {r.images_per_s:.1f} images/s; cache {r.cache}"
+        )
+
+
+@app.command()
+def fit(
+    caches: Annotated[list[Path], typer.Argument(help="cache files, or directories meaning every *.h5 in them")],
+    out: Annotated[Path, typer.Option("--out", help="run directory for the leaderboard, heads and plots")],
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split]; repeatable")] = None,
+    heads: Annotated[Optional[list[str]], typer.Option("--heads", help="comma-separated head names (see `pipeline heads`)")] = None,
+    taps: Annotated[Optional[list[str]], typer.Option("--taps", help="taps to fit on (default: every tap in the cache)")] = None,
+    cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Fit and compare heads on cached features; write a leaderboard, the heads and a confusion matrix."""
+    from pipeline.fit import DEFAULT_HEADS, fit as run
+
+    result = run(caches, out, labels=labels or [], heads=_split_list(heads) or list(DEFAULT_HEADS),
+                 taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, progress=progress)
+    typer.echo(result.markdown())
+    for row in result.rows:
+        if row["accuracy"] is None:
+            typer.echo(f"warning: {row['head']} on {row['task']}/{row['tap']} failed: {row['error']}", err=True)
+    typer.echo(f"\nleaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
+    for name, path in result.files.items():
+        if name.startswith("confusion_"):
+            typer.echo(f"confusion matrix (best row of {name[len('confusion_'):]}): {path}")
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="image folder or CSV manifest with labels (and train/val splits)")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm model name")],
+    out: Annotated[Path, typer.Option("--out", help="directory for model.safetensors, config.json, metrics.json")],
+    init: Annotated[Optional[Path], typer.Option("--init", help="a fit run directory: start the classifier from its best linear head (LP-FT)")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=0)] = 2,
+    unfreeze: Annotated[str, typer.Option("--unfreeze", help="top K block groups to train, or 'all'")] = "2",
+    lr: Annotated[Optional[float], typer.Option("--lr", help="classifier learning rate, AdamW with cosine decay (default: 1e-4 with --init, else 1e-3)")] = None,
+    backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="unfrozen blocks train at lr times this")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0)] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="starting weights file (.safetensors)")] = None,
+    device: Annotated[str, _device_option()] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Fine-tune the top of a backbone (LP-FT from a fit run with --init); evaluate on the split fit used."""
+    from pipeline.finetune import finetune as run
+
+    result = run(data, backbone, out, init=init, epochs=epochs, unfreeze=unfreeze, lr=lr,
+                 backbone_lr_scale=backbone_lr_scale, batch_size=batch_size, workers=workers, weights=weights,
+                 device=device, seed=seed, progress=progress)
+    for h in result.history:
+        loss = f"{h['train_loss']:.4f}" if h["train_loss"] is not None else "-"
+        typer.echo(f"epoch {h['epoch']}: train loss {loss}, {result.eval_split} accuracy {h['val_accuracy']:.4f}")
+    typer.echo(f"model: {result.out / 'model.safetensors'}  metrics: {result.out / 'metrics.json'}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="a fit run directory (best row), a .skops head, or a fine-tuned model directory")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: print CSV to stdout)")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="with a run directory: whose best row to use (default: the first task)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0)] = None,
+    device: Annotated[str, _device_option()] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Predict labels and class probabilities for new images, one row per image."""
+    from pipeline.predict import predict as run
+
+    rows = run(model, images, out=out, task=task, batch_size=batch_size, workers=workers, device=device, progress=progress)
+    failed = sum(1 for r in rows if r["error"])
+    if out is None:
+        writer = csv.DictWriter(sys.stdout, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        typer.echo(f"predicted {len(rows) - failed} image(s), {failed} failed; wrote {out}")
+
+
+@app.command("heads")
+def heads_cmd() -> None:
+    """List the heads `fit` can train."""
+    from pipeline.heads import list_heads
+
+    for name, doc in list_heads().items():
+        typer.echo(f"{name:10s} {doc}")
+
+
+@cache_app.command("info")
+def cache_info(
+    file: Annotated[Path, typer.Argument(help="a cache file (.h5)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What is in a cache: backbone, rows valid/failed, taps and dims, size on disk."""
+    from pipeline.cache import FeatureCache
+
+    with FeatureCache(file) as c:
+        info = c.info()
+        failures = c.failures
+    if as_json:
+        typer.echo(json.dumps({**info, "failures": failures}, indent=1))
+        return
+    typer.echo(f"{info['path']}")
+    typer.echo(f"  backbone   {info['backbone']}  (weights sha256 {info['weights_sha256'][:16]}…, {info['weights_source']})")
+    typer.echo(f"  source     {info['source']}")
+    typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed; complete: {info['complete']}")
+    typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
+    dc = info["data_config"]
+    typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}")
+    typer.echo(f"  size       {info['size_bytes'] / 1e6:.2f} MB; schema v{info['schema_version']}; created {info['created']}")
+    for sid, stage, reason in failures:
+        typer.echo(f"  failed     {sid} [{stage}] {reason}")
+
+
+def main() -> None:
+    """Console entry point: a PipelineError becomes one line on stderr and exit status 1."""
+    from pipeline.errors import PipelineError
+
+    try:
+        app()
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

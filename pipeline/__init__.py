@@ -1,0 +1,54 @@
+"""Transfer learning on a feature cache: extract frozen-backbone features once into HDF5, compare cheap
+heads on the cache, fine-tune where it pays, predict on new images.
+
+Every stage is a plain function with the same parameters as its CLI command::
+
+    from pipeline import extract, fit, finetune, predict
+    extract("data/hymenoptera", "tf_efficientnet_lite0.in1k", "cache")
+    result = fit("cache", "runs/probe")
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "backbones": ("TAPS", "Backbone", "load_backbone"),
+    "cache": ("FeatureCache", "find_caches"),
+    "data": ("ImageSource", "Sample", "load_image", "load_source"),
+    "errors": ("PipelineError",),
+    "extract": ("ExtractResult", "extract"),
+    "finetune": ("FinetuneResult", "finetune"),
+    "fit": ("FitResult", "best_row", "fit"),
+    "heads": ("create_head", "list_heads", "load_head", "register_head", "save_head"),
+    "predict": ("predict",),
+    "tasks": ("Task", "TaskData", "load_task", "read_labels"),
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+
+if TYPE_CHECKING:
+    from .backbones import TAPS, Backbone, load_backbone
+    from .cache import FeatureCache, find_caches
+    from .data import ImageSource, Sample, load_image, load_source
+    from .errors import PipelineError
+    from .extract import ExtractResult, extract
+    from .finetune import FinetuneResult, finetune
+    from .fit import FitResult, best_row, fit
+    from .heads import create_head, list_heads, load_head, register_head, save_head
+    from .predict import predict
+    from .tasks import Task, TaskData, load_task, read_labels
+
+
+def __getattr__(name: str):
+    # Exports load on first use, so a process that imports only `pipeline.fit` (a joblib worker fitting
+    # heads) never pays for torch and timm. All modules load together and then every export is bound,
+    # because importing a submodule sets the package attribute of its name (`pipeline.extract` the
+    # module) over the function of the same name.
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    modules = {mod: import_module(f".{mod}", __name__) for mod in _EXPORTS}
+    for mod, names in _EXPORTS.items():
+        for export in names:
+            globals()[export] = getattr(modules[mod], export)
+    return globals()[name]

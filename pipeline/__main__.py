@@ -1,0 +1,5 @@
+"""`python -m pipeline ...` runs the CLI (also what `torchrun -m pipeline` starts)."""
+
+from cli import main
+
+main()

@@ -1,0 +1,181 @@
+"""Backbones: a timm model name plus weights, resolved the same way everywhere, in eval mode, with the
+preprocessing from its own pretrained config.
+
+Weights resolve in this order: an explicit file, ``$PIPELINE_WEIGHTS_DIR/<name>.safetensors``, then
+timm's hub cache or a download. A backbone that cannot get pretrained weights is an error, never a
+silent random initialisation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from safetensors import safe_open
+from timm.data import create_transform, resolve_model_data_config
+
+from .errors import PipelineError
+
+WEIGHTS_DIR_ENV = "PIPELINE_WEIGHTS_DIR"
+TAPS = ("pooled", "logits")
+# Written beside a fine-tuned checkpoint: the backbone it came from and the classes of its head.
+CHECKPOINT_CONFIG = "config.json"
+
+
+@dataclass
+class Backbone:
+    """A frozen timm model and what determines its features: name, weights hash, data config."""
+
+    name: str
+    model: torch.nn.Module
+    weights_sha256: str
+    weights_source: str
+    data_config: dict = field(default_factory=dict)
+    class_names: list[str] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def transform(self) -> Callable:
+        """timm's eval transform for this model's own pretrained config (size, crop, mean, std)."""
+        return create_transform(**self.data_config, is_training=False)
+
+    def forward(self, x: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Features for each tap: ``pooled`` is the pre-logits embedding, ``logits`` the classifier's output."""
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        out = {}
+        for tap in taps:
+            if tap == "pooled":
+                out[tap] = pooled
+            elif tap == "logits":
+                out[tap] = self.model.get_classifier()(pooled)
+        return out
+
+    def tap_dims(self, taps: tuple[str, ...]) -> dict[str, int]:
+        """Width of each tap, from one forward pass on a blank image of the model's input size."""
+        x = torch.zeros((1, *self.data_config["input_size"]), device=self.device)
+        with torch.inference_mode():
+            return {k: v.shape[1] for k, v in self.forward(x, taps).items()}
+
+
+def check_taps(taps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    bad = [t for t in taps if t not in TAPS]
+    if bad or not taps:
+        raise PipelineError(f"unknown tap {bad[0] if bad else '(none)'!r}; choose from {', '.join(TAPS)}")
+    return tuple(dict.fromkeys(taps))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise PipelineError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def load_backbone(name: str, weights: str | os.PathLike | None = None, device: str = "cpu") -> Backbone:
+    """Create ``name`` with pretrained weights, frozen and in eval mode, on ``device``."""
+    _check_model_name(name)
+    file = resolve_weights_file(name, weights)
+    if file is not None:
+        model, class_names = _from_file(name, file)
+        sha, source = file_sha256(file), str(file)
+    else:
+        model, class_names = _from_hub(name, weights_looked_in=_weights_dir_candidates(name)), None
+        sha, source = _state_dict_sha256(model), f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
+    model.eval().requires_grad_(False).to(resolve_device(device))
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_model_data_config(model).items()}
+    return Backbone(name, model, sha, source, data_config, class_names)
+
+
+def resolve_weights_file(name: str, weights: str | os.PathLike | None = None) -> Path | None:
+    """The local weights file for ``name``: ``weights`` if given, else one in ``$PIPELINE_WEIGHTS_DIR``."""
+    if weights is not None:
+        path = Path(weights)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise PipelineError(f"weights file not found: {path}")
+        return path
+    return next((p for p in _weights_dir_candidates(name) if p.is_file()), None)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(pretrained=True), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise PipelineError(f"unknown backbone {name!r}{hint}")
+
+
+def _full_name(name: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(name)
+    arch, tag = timm.models.split_model_name_tag(name)
+    return f"{arch}.{cfg.tag}" if cfg is not None and not tag and cfg.tag else name
+
+
+def _weights_dir_candidates(name: str) -> list[Path]:
+    directory = os.environ.get(WEIGHTS_DIR_ENV)
+    if not directory:
+        return []
+    return [Path(directory) / f"{n}.safetensors" for n in dict.fromkeys([name, _full_name(name)])]
+
+
+def _from_file(name: str, file: Path) -> tuple[torch.nn.Module, list[str] | None]:
+    if file.suffix != ".safetensors":
+        raise PipelineError(f"weights file {file} is not .safetensors; convert it (safetensors.torch.save_file)")
+    classifier = timm.models.get_pretrained_cfg_value(name, "classifier")
+    with safe_open(str(file), framework="pt") as f:
+        key = f"{classifier}.weight" if isinstance(classifier, str) else None
+        num_classes = f.get_slice(key).get_shape()[0] if key and key in f.keys() else 0
+    try:
+        model = timm.create_model(
+            name, pretrained=True, num_classes=num_classes,
+            pretrained_cfg_overlay=dict(file=str(file), num_classes=num_classes),
+        )
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"weights file {file} does not fit backbone {name!r}: {first}") from e
+    config = file.parent / CHECKPOINT_CONFIG
+    class_names = json.loads(config.read_text()).get("class_names") if config.is_file() else None
+    return model, class_names
+
+
+def _from_hub(name: str, weights_looked_in: list[Path]) -> torch.nn.Module:
+    cfg = timm.models.get_pretrained_cfg(name)
+    looked = (
+        f"--weights (not given), {WEIGHTS_DIR_ENV} "
+        + (f"({', '.join(map(str, weights_looked_in))}: not found)" if weights_looked_in else "(not set)")
+    )
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise PipelineError(f"no pretrained weights for {name!r}: looked in {looked}; timm has none to download")
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as e:  # network, cache and hub errors all mean the same thing here
+        raise PipelineError(
+            f"no pretrained weights for {name!r}: looked in {looked}, and timm's hub cache/download "
+            f"failed ({type(e).__name__}; offline? set HF_HUB_OFFLINE=1 to fail fast)"
+        ) from e
+
+
+def _state_dict_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

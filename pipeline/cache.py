@@ -1,0 +1,400 @@
+"""The feature cache: one HDF5 file per (dataset, backbone, preprocessing, dtype), readable with plain h5py.
+
+Layout (see DESIGN.md): ``ids``, ``content_hash``, ``labels``, ``splits``, ``valid``, ``features/<tap>``,
+``failures`` (id, stage, reason) and attributes (schema version, backbone, weights sha256, data config,
+taps, dtype, library versions, creation time, ``complete``).
+
+Crash safety: each batch's features are written and flushed before its ``valid`` flags are set and
+flushed, and a row whose image changed is marked invalid (and flushed) before its new hash is written,
+so a writer killed at any point never leaves a row marked valid that does not hold that image's features.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .data import HASH_BYTES, Sample
+from .errors import PipelineError
+
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+_FAILURE = np.dtype([("id", _STR), ("stage", _STR), ("reason", _STR)])
+_CHUNK_ROWS = 256
+UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a file whose bytes could not be read
+
+
+def cache_key(weights_sha256: str, data_config: dict, dtype: str) -> str:
+    """Short hash of everything besides the backbone name that determines a cache's features."""
+    blob = json.dumps([SCHEMA_VERSION, weights_sha256, data_config, dtype], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def cache_path(cache_dir: str | os.PathLike, source_name: str, backbone: str, key: str) -> Path:
+    return Path(cache_dir) / f"{source_name}__{backbone}__{key}.h5"
+
+
+def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
+    """Cache files named directly, or every ``*.h5`` in a named directory."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.h5"))
+            if not found:
+                raise PipelineError(f"no cache files (*.h5) in {p}; run `pipeline extract` first")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise PipelineError(f"no such cache file or directory: {p}")
+    return out
+
+
+class FeatureCache:
+    """Read access to a cache file: ids, labels, splits, valid mask, features per tap, failures."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise PipelineError(f"cannot open cache {self.path}: {e}") from e
+        missing = [k for k in ("ids", "valid", "content_hash", "features") if k not in self._file]
+        if missing or self._file.attrs.get("schema_version") is None:
+            self._file.close()
+            raise PipelineError(f"{self.path} is not a feature cache (missing {missing or ['schema_version']})")
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def attrs(self) -> dict:
+        a = dict(self._file.attrs)
+        for k in ("data_config", "taps", "versions"):
+            if k in a:
+                a[k] = json.loads(a[k])
+        return a
+
+    @property
+    def backbone(self) -> str:
+        return str(self._file.attrs["backbone"])
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self._file["features"].keys())
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._file["ids"].asstr()[()].astype(object)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._file["labels"].asstr()[()].astype(object)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self._file["splits"].asstr()[()].astype(object)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self._file["valid"][()]
+
+    @property
+    def content_hash(self) -> np.ndarray:
+        return self._file["content_hash"][()]
+
+    def features(self, tap: str = "pooled", rows: np.ndarray | None = None) -> np.ndarray:
+        """Features of ``tap`` as float32 (scikit-learn would copy float16 to float64), all rows or ``rows``."""
+        if tap not in self._file["features"]:
+            raise PipelineError(f"{self.path.name} has no tap {tap!r}; it has {', '.join(self.taps)}")
+        ds = self._file["features"][tap]
+        if rows is None:
+            return ds[()].astype(np.float32)
+        rows = np.asarray(rows)
+        order = np.argsort(rows)
+        out = np.empty((len(rows), ds.shape[1]), np.float32)
+        out[order] = ds[rows[order]] if len(rows) else out[order]
+        return out
+
+    @property
+    def failures(self) -> list[tuple[str, str, str]]:
+        return [tuple(x.decode() if isinstance(x, bytes) else x for x in r) for r in self._file["failures"][()]]
+
+    def info(self) -> dict:
+        """A summary a person can read: backbone, rows valid/failed, taps and dims, size on disk."""
+        a = self.attrs
+        valid = self.valid
+        return {
+            "path": str(self.path),
+            "backbone": a["backbone"],
+            "weights_sha256": a["weights_sha256"],
+            "weights_source": a.get("weights_source", ""),
+            "source": a.get("source", ""),
+            "rows": int(len(valid)),
+            "valid": int(valid.sum()),
+            "failed": len(self.failures),
+            "taps": {t: int(self._file["features"][t].shape[1]) for t in self.taps},
+            "dtype": a["dtype"],
+            "data_config": a["data_config"],
+            "complete": bool(a.get("complete", False)),
+            "schema_version": int(a["schema_version"]),
+            "created": a.get("created", ""),
+            "size_bytes": self.path.stat().st_size,
+        }
+
+
+@dataclass
+class SyncResult:
+    """What a writer must do for a source: rows to compute, and how many were reused or changed."""
+
+    todo: np.ndarray  # row indices to (re)compute, ascending
+    samples: list[Sample]  # the sample of each todo row
+    reused: int
+    changed: int
+    new: int
+
+
+class CacheWriter:
+    """Exclusive write access to one cache file (created if absent), held by a lock file.
+
+    ``meta`` holds the attributes that define the cache (backbone, weights_sha256, weights_source,
+    data_config, dtype, source); ``tap_dims`` maps each requested tap to its width.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict, tap_dims: dict[str, int]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _acquire_lock(self.path)
+        try:
+            self._file = h5py.File(self.path, "a")
+        except OSError as e:
+            _release_lock(self._lock)
+            raise PipelineError(f"cannot open cache {self.path} for writing: {e}") from e
+        self.dtype = meta["dtype"]
+        if "ids" not in self._file:
+            self._create(meta, tap_dims)
+        else:
+            self._check_matches(meta)
+            self._add_taps(tap_dims)
+        self.taps = list(self._file["features"].keys())
+        self._failures = {r[0].decode(): (r[1].decode(), r[2].decode()) for r in self._file["failures"][()]}
+        self._dirty = False
+        self._ids: list[str] = list(self._file["ids"].asstr()[()])
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+            _release_lock(self._lock)
+
+    def _create(self, meta: dict, tap_dims: dict[str, int]) -> None:
+        f = self._file
+        for name, dtype in (("ids", _STR), ("labels", _STR), ("splits", _STR)):
+            f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(4096,))
+        f.create_dataset("content_hash", (0,), dtype=f"S{HASH_BYTES}", maxshape=(None,), chunks=(4096,))
+        f.create_dataset("valid", (0,), dtype=bool, maxshape=(None,), chunks=(4096,))
+        f.create_dataset("failures", (0,), dtype=_FAILURE, maxshape=(None,), chunks=(256,))
+        f.create_group("features")
+        self._add_taps(tap_dims)
+        f.attrs.update(
+            schema_version=SCHEMA_VERSION,
+            backbone=meta["backbone"],
+            weights_sha256=meta["weights_sha256"],
+            weights_source=meta["weights_source"],
+            data_config=json.dumps(meta["data_config"], sort_keys=True),
+            dtype=meta["dtype"],
+            source=meta["source"],
+            versions=json.dumps(library_versions()),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            complete=False,
+        )
+        f.flush()
+
+    def _check_matches(self, meta: dict) -> None:
+        a = self._file.attrs
+        for key in ("backbone", "weights_sha256", "dtype"):
+            if str(a.get(key)) != str(meta[key]):
+                raise PipelineError(
+                    f"{self.path} was made with {key}={a.get(key)!r}, not {meta[key]!r}; use another --cache"
+                )
+        if json.loads(a["data_config"]) != json.loads(json.dumps(meta["data_config"])):
+            raise PipelineError(f"{self.path} was made with another preprocessing; use another --cache")
+
+    def _add_taps(self, tap_dims: dict[str, int]) -> None:
+        group = self._file["features"]
+        new = [t for t in tap_dims if t not in group]
+        n = self._file["ids"].shape[0]
+        for tap in new:
+            group.create_dataset(
+                tap, (n, tap_dims[tap]), dtype=self.dtype, maxshape=(None, tap_dims[tap]),
+                chunks=(_CHUNK_ROWS, tap_dims[tap]),
+            )
+        if new and n:
+            # Existing rows lack the new taps: every row is computed again (all taps together).
+            self._file["valid"][:] = False
+            self._file.attrs["complete"] = False
+        self._file.attrs["taps"] = json.dumps(list(group.keys()))
+        self._file.flush()
+
+    def sync(self, samples: list[Sample], hashes: list[bytes], retry_failed: bool = False) -> SyncResult:
+        """Match a source's samples against the stored rows; append new ones; invalidate changed ones.
+
+        ``hashes[i]`` is the content hash of ``samples[i]`` (``UNREADABLE`` when the file could not be
+        read). Labels and splits are rewritten to the source's; rows no longer in the source keep their
+        features (for reuse by ``predict``) and lose their label. A row that failed before is retried only
+        when its bytes changed, or with ``retry_failed``.
+        """
+        f = self._file
+        self._ids = list(f["ids"].asstr()[()])
+        n_old = len(self._ids)
+        index = {sid: i for i, sid in enumerate(self._ids)}
+        new_samples = [s for s in samples if s.id not in index]
+        for s in new_samples:
+            index[s.id] = len(self._ids)
+            self._ids.append(s.id)
+        n = len(self._ids)
+        rows = np.fromiter((index[s.id] for s in samples), np.int64, len(samples))
+        hash_arr = np.array(hashes, dtype=f"S{HASH_BYTES}")
+        stored = np.concatenate([f["content_hash"][()], np.zeros(n - n_old, f"S{HASH_BYTES}")])
+        valid = np.concatenate([f["valid"][()], np.zeros(n - n_old, bool)])
+
+        old = rows < n_old
+        changed = np.zeros(len(rows), bool)
+        changed[old] = stored[rows[old]] != hash_arr[old]
+        changed_rows = np.sort(rows[changed])
+        if len(changed_rows):
+            f["valid"][changed_rows] = False
+            f.flush()  # invalid before the new hash goes in
+            valid[changed_rows] = False
+            for r in changed_rows:
+                self._failures.pop(self._ids[r], None)
+        if n > n_old:
+            for name in ("ids", "labels", "splits", "content_hash", "valid"):
+                f[name].resize((n,))
+            for ds in f["features"].values():
+                ds.resize((n, ds.shape[1]))
+            f["ids"][n_old:] = [s.id for s in new_samples]
+            f["valid"][n_old:] = False
+        stored[rows] = hash_arr
+        labels = np.full(n, "", dtype=object)
+        splits = np.full(n, "", dtype=object)
+        labels[rows] = [s.label for s in samples]
+        splits[rows] = [s.split for s in samples]
+        f["content_hash"][:] = stored
+        f["labels"][:] = labels
+        f["splits"][:] = splits
+
+        unreadable = hash_arr == UNREADABLE
+        for s in np.array(samples, dtype=object)[unreadable]:
+            self._failures.setdefault(s.id, ("read", "file could not be read"))
+        need = ~valid[rows]
+        known_failure = np.fromiter((s.id in self._failures for s in samples), bool, len(samples))
+        skip = unreadable if retry_failed else known_failure
+        todo_mask = need & ~skip
+        order = np.argsort(rows[todo_mask])
+        self._dirty = True
+        self._write_failures()
+        f.attrs["complete"] = False
+        f.flush()
+        return SyncResult(
+            todo=rows[todo_mask][order],
+            samples=[samples[i] for i in np.flatnonzero(todo_mask)[order]],
+            reused=int((~need).sum()), changed=int(changed.sum()), new=len(new_samples),
+        )
+
+    def write(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
+        """Store one batch: features first, flushed, then the rows' ``valid`` flags, flushed."""
+        if not len(rows):
+            return
+        order = np.argsort(rows)
+        rows = np.asarray(rows)[order]
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+        for tap in self.taps:
+            self._file["features"][tap][sel] = features[tap][order].astype(self.dtype)
+        self._file.flush()
+        self._file["valid"][sel] = True
+        for r in rows:
+            self._dirty |= self._failures.pop(self._ids[r], None) is not None
+        self._write_failures()
+        self._file.flush()
+
+    def record_failures(self, failures: list[tuple[str, str, str]]) -> None:
+        """Record (id, stage, reason) for samples that could not be decoded or processed."""
+        for sid, stage, reason in failures:
+            self._failures[sid] = (stage, reason)
+            self._dirty = True
+        self._write_failures()
+        self._file.flush()
+
+    def failed_ids(self) -> set[str]:
+        return set(self._failures)
+
+    def finish(self) -> None:
+        """Mark the cache complete when every row is valid or a recorded failure."""
+        valid = self._file["valid"][()]
+        self._file.attrs["complete"] = bool(all(v or sid in self._failures for v, sid in zip(valid, self._ids)))
+        self._file.flush()
+
+    def _write_failures(self) -> None:
+        if not self._dirty:
+            return
+        ds = self._file["failures"]
+        table = np.array([(k, *v) for k, v in sorted(self._failures.items())], dtype=_FAILURE)
+        ds.resize((len(table),))
+        if len(table):
+            ds[:] = table
+        self._dirty = False
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("pipeline", "torch", "timm", "h5py", "numpy", "pillow", "scikit-learn"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def _acquire_lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise PipelineError(
+            f"cache {path} is being written by another process (pid {holder}); wait for it to finish or use another --cache"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

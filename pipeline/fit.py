@@ -1,0 +1,223 @@
+"""The fit stage: train and compare heads on cached features, one leaderboard row per
+(cache, tap, task, head), each fitted head saved beside what it needs to be used again.
+
+Evaluation is on the ``val`` (else ``test``) split when the task has one beside ``train``, else seeded
+stratified k-fold cross-validation over all labelled rows (out-of-fold predictions), after which the
+saved head is refit on all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import clone
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from .cache import FeatureCache, find_caches
+from .errors import PipelineError
+from .files import atomic_path
+from .heads import create_head, head_spec, save_head
+from .progress import progress_bar
+from .report import markdown_table, plot_confusion, write_leaderboard
+from .tasks import TaskData, cache_task, join_task, read_labels
+
+DEFAULT_HEADS = ("logreg", "mlp", "knn")
+
+
+@dataclass
+class FitResult:
+    """The leaderboard rows (best first within each task) and where everything was written."""
+
+    rows: list[dict]
+    out: Path
+    files: dict[str, Path]
+
+    def markdown(self) -> str:
+        return markdown_table(self.rows)
+
+
+def fit(
+    caches: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    labels: Sequence[str | os.PathLike] = (),
+    heads: Sequence[str] = DEFAULT_HEADS,
+    taps: Sequence[str] | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    n_jobs: int = -1,
+    progress: bool = True,
+) -> FitResult:
+    """Fit every head on every (cache, tap, task) and write the leaderboard, heads and a confusion matrix."""
+    paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
+    heads = list(dict.fromkeys(heads))
+    if not heads:
+        raise PipelineError("no heads given; e.g. --heads logreg,mlp,knn")
+    for h in heads:
+        head_spec(h)
+    if cv < 2:
+        raise PipelineError(f"--cv must be at least 2, got {cv}")
+    extra_tasks = [read_labels(p) for p in labels]
+    out = Path(out)
+
+    jobs, meta = [], []
+    for path in paths:
+        with FeatureCache(path) as cache:
+            tasks = ([cache_task(cache)] if (cache.labels != "").any() else []) + extra_tasks
+            if not tasks:
+                raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split]")
+            for tap in taps or cache.taps:
+                for task in tasks:
+                    data = join_task(cache, task, tap)
+                    plan = _plan(data, cv, path)
+                    for head in heads:
+                        jobs.append(delayed(_fit_one)(head, seed, data, plan, cv))
+                        meta.append(dict(
+                            backbone=cache.backbone, weights=cache.attrs["weights_sha256"][:12], tap=tap,
+                            task=data.task, head=head, eval=plan, cache=str(path.resolve()),
+                            _cache_attrs=cache.attrs, _classes=sorted(set(data.y)),
+                        ))
+
+    results = _run_jobs(jobs, n_jobs, progress)
+    rows = []
+    for m, res in zip(meta, results):
+        cache_attrs, classes = m.pop("_cache_attrs"), m.pop("_classes")
+        row = {**m, **res["metrics"]}
+        if res["estimator"] is not None:
+            row["head_file"] = str(_save(res["estimator"], out, row, cache_attrs, classes))
+        row["_pred"] = (res["y_true"], res["y_pred"], classes)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["task"], *(-k for k in _rank(r))))
+
+    files = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        best = best_row([r for r in rows if r["task"] == task])
+        if best is not None:
+            y_true, y_pred, classes = best["_pred"]
+            title = f"{best['backbone']} / {best['tap']} / {best['head']} on {task} ({best['eval']}): acc {best['accuracy']:.3f}"
+            files[f"confusion_{task}"] = plot_confusion(y_true, y_pred, classes, out / f"confusion_{_slug(task)}.png", title)
+    for r in rows:
+        r.pop("_pred")
+    files.update(write_leaderboard(rows, out))
+    return FitResult(rows, out, files)
+
+
+def best_row(rows: Sequence[dict], task: str | None = None, linear: bool = False, backbone: str | None = None) -> dict | None:
+    """The row with the highest accuracy (then balanced accuracy, then the faster fit), optionally only
+    of one task, of linear heads, or of one backbone."""
+    cands = [
+        r for r in rows
+        if r.get("accuracy") is not None and r.get("head_file")
+        and (task is None or r["task"] == task)
+        and (backbone is None or r["backbone"] == backbone)
+        and (not linear or (r["head"] in _linear_heads()))
+    ]
+    return max(cands, key=_rank, default=None)
+
+
+def _rank(row: dict) -> tuple[float, float, float]:
+    """Higher is better: accuracy, then balanced accuracy, then the faster fit; failed rows last."""
+    if row.get("accuracy") is None:
+        return (-1.0, -1.0, float("-inf"))
+    return (row["accuracy"], row["balanced_accuracy"], -row["fit_seconds"])
+
+
+def _linear_heads() -> set[str]:
+    from .heads import list_heads
+
+    return {h for h in list_heads() if head_spec(h).linear}
+
+
+def _plan(data: TaskData, cv: int, path: Path) -> str:
+    """``val``/``test`` for a held-out evaluation, else ``cv<k>``; checks the task can be evaluated."""
+    classes, counts = np.unique(data.y, return_counts=True)
+    where = f"task {data.task!r} on {path.name}"
+    if len(classes) < 2:
+        raise PipelineError(f"{where}: needs at least 2 classes, found {len(classes)} ({', '.join(map(str, classes))})")
+    split = data.holdout_split
+    if split is not None:
+        train_classes = np.unique(data.y[data.splits == "train"])
+        if len(train_classes) < 2:
+            raise PipelineError(f"{where}: the train split has fewer than 2 classes")
+        return split
+    rare = classes[counts < cv]
+    if len(rare):
+        raise PipelineError(
+            f"{where}: class {rare[0]!r} has {counts[counts < cv][0]} sample(s), fewer than --cv {cv}; "
+            "lower --cv, add samples, or give the task a train/val split"
+        )
+    return f"cv{cv}"
+
+
+def _fit_one(head: str, seed: int, data: TaskData, plan: str, cv: int) -> dict:
+    est = create_head(head, seed)
+    X, y = data.X, data.y
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if plan.startswith("cv"):
+                folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+                y_true, y_pred = y, cross_val_predict(clone(est), X, y, cv=folds)
+                train = np.ones(len(y), bool)
+            else:
+                train, test = data.splits == "train", data.splits == plan
+                y_true = y[test]
+            start = time.perf_counter()
+            est.fit(X[train], y[train])
+            seconds = time.perf_counter() - start
+            if not plan.startswith("cv"):
+                y_pred = est.predict(X[test])
+            notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
+    except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
+        return dict(estimator=None, y_true=None, y_pred=None, metrics=dict(
+            n_train=None, n_test=None, accuracy=None, balanced_accuracy=None, f1_macro=None,
+            fit_seconds=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300]))
+    return dict(estimator=est, y_true=y_true, y_pred=y_pred, metrics=dict(
+        n_train=int(train.sum()), n_test=int(len(y_true)),
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        balanced_accuracy=float(balanced_accuracy_score(y_true, y_pred)),
+        f1_macro=float(f1_score(y_true, y_pred, average="macro")),
+        fit_seconds=round(seconds, 4), error="; ".join(notes),
+    ))
+
+
+def _run_jobs(jobs: list, n_jobs: int, progress: bool) -> list[dict]:
+    out = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("fit", total=len(jobs))
+        for res in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+            out.append(res)
+            bar.advance(task)
+    return out
+
+
+def _save(estimator, out: Path, row: dict, cache_attrs: dict, classes: list[str]) -> Path:
+    """Save a fitted head and, beside it, the JSON naming the backbone, weights and preprocessing it needs."""
+    stem = _slug(f"{Path(row['cache']).stem}__{row['tap']}__{row['task']}__{row['head']}")
+    path = out / "heads" / f"{stem}.skops"
+    with atomic_path(path) as tmp:
+        save_head(estimator, tmp)
+    card = dict(
+        head=row["head"], task=row["task"], tap=row["tap"], classes=[str(c) for c in classes],
+        backbone=cache_attrs["backbone"], weights_sha256=cache_attrs["weights_sha256"],
+        weights_source=cache_attrs.get("weights_source", ""), data_config=cache_attrs["data_config"],
+        dtype=cache_attrs["dtype"], cache=row["cache"], eval=row["eval"],
+        metrics={k: row[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "n_train", "n_test")},
+    )
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(card, indent=1))
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)

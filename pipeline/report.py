@@ -1,0 +1,78 @@
+"""Rendering results for people: the leaderboard as CSV, JSON and Markdown; confusion-matrix plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .files import atomic_path
+
+LEADERBOARD_COLUMNS = (
+    "backbone", "weights", "tap", "task", "head", "eval", "n_train", "n_test",
+    "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds", "head_file", "cache", "error",
+)
+SHOWN_COLUMNS = ("backbone", "tap", "task", "head", "eval", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds")
+
+
+def write_leaderboard(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``leaderboard.csv``, ``leaderboard.json`` and ``leaderboard.md`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    paths = {ext: out_dir / f"leaderboard.{ext}" for ext in ("csv", "json", "md")}
+    with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, LEADERBOARD_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_path(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(list(rows), indent=1, default=_jsonable))
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown_table(rows) + "\n")
+    return paths
+
+
+def read_leaderboard(run_dir: str | os.PathLike) -> list[dict]:
+    return json.loads((Path(run_dir) / "leaderboard.json").read_text())
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = SHOWN_COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def plot_confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], path: str | os.PathLike, title: str) -> Path:
+    """Save a confusion-matrix PNG (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 3), max(3.5, 0.5 * n + 2.5)))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(labels), ax=ax, colorbar=False,
+                                            xticks_rotation=45 if n > 6 else "horizontal")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v)}")

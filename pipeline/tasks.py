@@ -1,0 +1,124 @@
+"""Tasks: label tables (``id,label[,split]``) joined to a cache by sample id.
+
+The cache's own labels (from the folder layout or the manifest) are the default task; every label file
+is one more task over the same features, at no extraction cost.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cache import FeatureCache
+from .errors import PipelineError
+
+HOLDOUT_SPLITS = ("val", "test")
+
+
+@dataclass
+class Task:
+    """A named label table; ``splits`` is None when the table has no split column (the cache's are used)."""
+
+    name: str
+    ids: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray | None = None
+
+
+@dataclass
+class TaskData:
+    """A task's features and labels, valid rows only, ready for scikit-learn."""
+
+    task: str
+    ids: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    splits: np.ndarray
+    dropped: int  # labelled rows left out because their image failed or is not yet extracted
+
+    @property
+    def holdout_split(self) -> str | None:
+        """The split evaluated on: ``val`` (else ``test``) when there are also ``train`` rows; None means CV."""
+        if not (self.splits == "train").any():
+            return None
+        return next((s for s in HOLDOUT_SPLITS if (self.splits == s).any()), None)
+
+    def holdout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``X_train, y_train, X_test, y_test`` for the task's train and held-out split."""
+        split = self.holdout_split
+        if split is None:
+            raise PipelineError(f"task {self.task!r} has no train and val/test splits; use cross-validation")
+        tr, te = self.splits == "train", self.splits == split
+        return self.X[tr], self.y[tr], self.X[te], self.y[te]
+
+
+def read_labels(path: str | os.PathLike) -> Task:
+    """Read a label table: a CSV with ``id`` and ``label`` columns and an optional ``split`` column."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except FileNotFoundError:
+        raise PipelineError(f"label file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    missing = [c for c in ("id", "label") if c not in columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; a label file is id,label[,split]")
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        sid = (row["id"] or "").strip()
+        if not sid or not (row["label"] or "").strip():
+            raise PipelineError(f"{path}:{line}: empty id or label")
+        if sid in seen:
+            raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {seen[sid]})")
+        seen[sid] = line
+    if not rows:
+        raise PipelineError(f"{path}: no rows")
+    col = lambda c: np.array([(r.get(c) or "").strip() for r in rows], dtype=object)  # noqa: E731
+    return Task(path.stem, col("id"), col("label"), col("split") if "split" in columns else None)
+
+
+def cache_task(cache: FeatureCache) -> Task:
+    """The default task: the labels and splits stored in the cache from its source."""
+    ids, labels = cache.ids, cache.labels
+    has = labels != ""
+    name = str(cache.attrs.get("source") or "labels")
+    return Task(name, ids[has], labels[has], cache.splits[has])
+
+
+def join_task(cache: FeatureCache, task: Task, tap: str = "pooled") -> TaskData:
+    """Features of ``task``'s samples from ``cache``; ids the cache does not know are an error."""
+    ids = cache.ids
+    index = {sid: i for i, sid in enumerate(ids)}
+    unknown = [sid for sid in task.ids if sid not in index]
+    if unknown:
+        raise PipelineError(
+            f"task {task.name!r}: {len(unknown)} id(s) not in cache {cache.path.name}, e.g. {unknown[0]!r}; "
+            "ids are paths relative to the data root (or the manifest's ids)"
+        )
+    rows = np.fromiter((index[sid] for sid in task.ids), np.int64, len(task.ids))
+    valid = cache.valid[rows]
+    splits = task.splits if task.splits is not None else cache.splits[rows]
+    rows = rows[valid]
+    return TaskData(
+        task=task.name, ids=task.ids[valid], X=cache.features(tap, rows), y=task.labels[valid],
+        splits=np.asarray(splits)[valid], dropped=int((~valid).sum()),
+    )
+
+
+def load_task(cache: str | os.PathLike | FeatureCache, labels: str | os.PathLike | None = None,
+              tap: str = "pooled") -> TaskData:
+    """Features and labels of one task from a cache: the stored labels, or a label file's."""
+    c = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    try:
+        return join_task(c, read_labels(labels) if labels is not None else cache_task(c), tap)
+    finally:
+        if c is not cache:
+            c.close()

@@ -1,0 +1,99 @@
+"""Fixtures: a tiny random-weight timm model saved as a weights file (so tests go through the same
+weights-file path as real backbones), and small generated image folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared"))
+TINY = "test_efficientnet.r160_in1k"
+CLASSES = {"red": (200, 40, 40), "blue": (40, 60, 210)}
+
+# Never wait on a model hub: without this, an offline hub lookup retries for about 45 s.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def make_image(path: Path, color: tuple[int, int, int], seed: int, size: tuple[int, int] = (72, 56)) -> Path:
+    """A noisy image of one dominant colour: different bytes for every seed, same class look."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color) + rng.normal(0, 35, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, quality=90)
+    return path
+
+
+def make_folder(root: Path, n_train: int = 12, n_val: int = 6, splits: bool = True, seed: int = 0) -> Path:
+    k = seed * 1000
+    for split, n in (("train", n_train), ("val", n_val)) if splits else (("", n_train + n_val),):
+        for name, color in CLASSES.items():
+            for i in range(n):
+                k += 1
+                make_image(root / split / name / f"{name}_{i:03d}.jpg", color, k)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory) -> Path:
+    """`$PIPELINE_WEIGHTS_DIR` holding random weights for timm's `test_efficientnet`."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, pretrained=False)
+    d = tmp_path_factory.mktemp("weights")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / f"{TINY}.safetensors"))
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _weights_env(tiny_weights_dir, monkeypatch):
+    monkeypatch.setenv("PIPELINE_WEIGHTS_DIR", str(tiny_weights_dir))
+
+
+@pytest.fixture(scope="session")
+def _folder_template(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("template") / "shapes")
+
+
+@pytest.fixture
+def folder(tmp_path, _folder_template) -> Path:
+    """A fresh copy of `shapes/{train,val}/{red,blue}/*.jpg` (12 train and 6 val images per class)."""
+    return Path(shutil.copytree(_folder_template, tmp_path / "shapes"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_weights_dir, _folder_template):
+    """A cache and a fit run over the template folder, shared by tests that only read them."""
+    os.environ["PIPELINE_WEIGHTS_DIR"] = str(tiny_weights_dir)
+    from pipeline import extract, fit
+
+    base = tmp_path_factory.mktemp("tinyrun")
+    data = Path(shutil.copytree(_folder_template, base / "shapes"))
+    [res] = extract(data, TINY, base / "cache", workers=0, progress=False)
+    result = fit(res.cache, base / "run", n_jobs=1, progress=False)
+    return {"data": data, "cache": res.cache, "run": base / "run", "fit": result}
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed CLI as a user runs it, in a subprocess (exit code, stdout, stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, cwd=cwd, timeout=600,
+    )
+
+
+def shared_or_skip(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: the real-backbone tests need ../shared beside the checkout")
+    return path

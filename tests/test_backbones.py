@@ -1,0 +1,63 @@
+import hashlib
+
+import pytest
+import torch
+
+from conftest import TINY
+from pipeline import PipelineError, load_backbone
+
+
+def test_loads_from_weights_dir_in_eval_mode(tiny_weights_dir):
+    bb = load_backbone(TINY)
+    file = tiny_weights_dir / f"{TINY}.safetensors"
+    assert bb.weights_source == str(file)
+    assert bb.weights_sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert not bb.model.training
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    # the model's own preprocessing, not a default one
+    assert bb.data_config["input_size"] == [3, 160, 160]
+    assert bb.data_config["crop_pct"] == 0.95
+
+
+def test_untagged_name_finds_tagged_file():
+    assert load_backbone("test_efficientnet").weights_source.endswith(f"{TINY}.safetensors")
+
+
+def test_weights_are_really_loaded(tiny_weights_dir):
+    from safetensors.torch import load_file
+
+    expected = load_file(str(tiny_weights_dir / f"{TINY}.safetensors"))
+    state = load_backbone(TINY).model.state_dict()
+    assert torch.equal(state["conv_stem.weight"], expected["conv_stem.weight"])
+
+
+def test_explicit_weights_file_wins(tmp_path, tiny_weights_dir, monkeypatch):
+    monkeypatch.delenv("PIPELINE_WEIGHTS_DIR")
+    bb = load_backbone(TINY, weights=tiny_weights_dir / f"{TINY}.safetensors")
+    assert bb.weights_source.endswith(".safetensors")
+
+
+def test_offline_without_weights_names_the_three_places(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(PipelineError) as err:
+        load_backbone("resnet10t.c3_in1k")
+    msg = str(err.value)
+    assert "--weights (not given)" in msg
+    assert str(tmp_path / "resnet10t.c3_in1k.safetensors") in msg
+    assert "hub cache/download failed" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_backbone_suggests_names():
+    with pytest.raises(PipelineError, match="unknown backbone 'tf_efficientnet_lite9'.*did you mean"):
+        load_backbone("tf_efficientnet_lite9")
+
+
+def test_weights_that_do_not_fit(tmp_path, tiny_weights_dir):
+    with pytest.raises(PipelineError, match="does not fit backbone 'resnet10t'"):
+        load_backbone("resnet10t", weights=tiny_weights_dir / f"{TINY}.safetensors")
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(PipelineError, match="weights file not found"):
+        load_backbone(TINY, weights=tmp_path / "none.safetensors")

@@ -1,0 +1,109 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import cross_val_score
+
+from conftest import TINY, make_folder, run_cli
+from pipeline import FeatureCache, PipelineError, create_head, extract, fit, list_heads, load_head, load_task
+
+COLUMNS = {"backbone", "tap", "task", "head", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds"}
+
+
+def test_leaderboard_has_every_head(tiny_run):
+    run = tiny_run["run"]
+    with open(run / "leaderboard.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert COLUMNS <= set(rows[0])
+    assert sorted(r["head"] for r in rows) == ["knn", "logreg", "mlp"]
+    assert {(r["backbone"], r["tap"], r["task"], r["eval"]) for r in rows} == {(TINY, "pooled", "shapes", "val")}
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and int(r["n_train"]) == 24 and int(r["n_test"]) == 12
+    accs = [float(r["accuracy"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)
+    md = (run / "leaderboard.md").read_text()
+    assert md.startswith("| backbone | tap | task | head |") and md.count("\n") == 5
+    assert (run / "confusion_shapes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_heads_and_cards(tiny_run):
+    for row in tiny_run["fit"].rows:
+        head = load_head(row["head_file"])
+        card = json.loads(open(row["head_file"].replace(".skops", ".json")).read())
+        assert card["backbone"] == TINY and len(card["weights_sha256"]) == 64
+        assert card["data_config"]["input_size"] == [3, 160, 160] and card["classes"] == ["blue", "red"]
+        X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
+        assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row["accuracy"])
+
+
+def test_heads_are_sklearn_estimators(tiny_run):
+    task = load_task(tiny_run["cache"])
+    assert task.X.dtype == np.float32
+    for name in list_heads():
+        scores = cross_val_score(clone(create_head(name)), task.X, task.y, cv=3)
+        assert len(scores) == 3
+
+
+def test_logreg_learns_a_separable_task(tiny_run):
+    """Red vs blue is easy even for random conv features; a probe below 90 % means a broken pipeline."""
+    row = next(r for r in tiny_run["fit"].rows if r["head"] == "logreg")
+    assert row["accuracy"] >= 0.9
+
+
+def test_label_file_task_and_cross_validation(tiny_run, tmp_path):
+    with FeatureCache(tiny_run["cache"]) as c:
+        ids = list(c.ids)
+    rng = np.random.default_rng(0)
+    labels = tmp_path / "shuffled.csv"
+    labels.write_text("id,label\n" + "".join(f"{i},{rng.choice(['x', 'y'])}\n" for i in ids))
+    split_file = tmp_path / "parity.csv"
+    split_file.write_text("id,label,split\n" + "".join(
+        f"{i},{'even' if k % 2 else 'odd'},{'train' if k < 30 else 'test'}\n" for k, i in enumerate(ids)))
+    res = fit(tiny_run["cache"], tmp_path / "run", labels=[labels, split_file], heads=["logreg"], cv=3,
+              n_jobs=2, progress=False)
+    by_task = {r["task"]: r for r in res.rows}
+    assert set(by_task) == {"shapes", "shuffled", "parity"}
+    assert by_task["shuffled"]["eval"] == "val"  # no split column: the cache's splits apply
+    assert by_task["parity"]["eval"] == "test" and by_task["parity"]["n_test"] == 6
+
+
+def test_folder_without_splits_is_cross_validated(tmp_path):
+    [res] = extract(make_folder(tmp_path / "flat", n_train=8, n_val=2, splits=False), TINY, tmp_path / "cache",
+                    workers=0, progress=False)
+    out = fit(res.cache, tmp_path / "run", heads=["logreg", "knn"], cv=4, n_jobs=1, progress=False)
+    assert {r["eval"] for r in out.rows} == {"cv4"}
+    assert all(r["n_test"] == 20 and r["n_train"] == 20 for r in out.rows)  # out-of-fold on all, refit on all
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,class\na,b\n", "missing column\\(s\\) label"),
+    ("id,label\ntrain/red/red_000.jpg,a\ntrain/red/red_000.jpg,b\n", "labels.csv:3: duplicate id"),
+    ("id,label\nnot/there.jpg,a\n", "1 id\\(s\\) not in cache"),
+])
+def test_bad_label_files(tiny_run, tmp_path, text, message):
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(PipelineError, match=message):
+        fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "labels.csv"], progress=False)
+
+
+def test_too_few_samples_for_cv(tiny_run, tmp_path):
+    with FeatureCache(tiny_run["cache"]) as c:
+        ids = list(c.ids)
+    (tmp_path / "rare.csv").write_text("id,label,split\n" + "".join(
+        f"{i},{'rare' if k == 0 else 'common'},\n" for k, i in enumerate(ids)))
+    with pytest.raises(PipelineError, match="class 'rare' has 1 sample\\(s\\), fewer than --cv 5"):
+        fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "rare.csv"], progress=False)
+
+
+def test_unknown_head(tiny_run, tmp_path):
+    with pytest.raises(PipelineError, match="unknown head 'forest'; choose from logreg, mlp, knn"):
+        fit(tiny_run["cache"], tmp_path / "run", heads=["forest"], progress=False)
+
+
+def test_cli_fit_prints_markdown(tiny_run, tmp_path):
+    r = run_cli("fit", tiny_run["cache"].parent, "--out", tmp_path / "run", "--heads", "knn,logreg", "--n-jobs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "| backbone | tap | task | head |" in r.stdout and "| knn |" in r.stdout.replace(" knn ", "| knn |")
+    assert (tmp_path / "run" / "leaderboard.csv").is_file()

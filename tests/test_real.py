@@ -1,0 +1,77 @@
+"""The real backbone on real photos: tf_efficientnet_lite0 with its ImageNet weights on hymenoptera.
+
+Reference figures from a plain script (no project code): pooled features + LogisticRegression 94.8 %
+(145/153) val accuracy; the ImageNet head alone (logit 310 ant vs 309 bee) 97.4 %.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_or_skip
+from pipeline import FeatureCache, best_row, extract, finetune, fit, predict
+
+pytestmark = pytest.mark.real
+LITE0 = "tf_efficientnet_lite0.in1k"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    data = shared_or_skip("data", "hymenoptera")
+    weights = shared_or_skip("weights", f"{LITE0}.safetensors")
+    base = tmp_path_factory.mktemp("real")
+    [res] = extract(data, LITE0, base / "cache", weights=weights, taps=("pooled", "logits"), progress=False)
+    return {"data": data, "weights": weights, "base": base, "extract": res}
+
+
+def test_extract_all_photos(real):
+    res = real["extract"]
+    assert (res.extracted, res.failed) == (398, 0)  # imageNotFound.gif and the .jpeg are readable
+    with FeatureCache(res.cache) as c:
+        info = c.info()
+        assert info["taps"] == {"pooled": 1280, "logits": 1000} and info["valid"] == 398
+        assert info["weights_sha256"] == "4743420050bc65191b285b8a01361d0089755e5b5233626ea36da5508ca09ada"
+        assert info["data_config"]["interpolation"] == "bicubic" and info["data_config"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_zero_shot_imagenet_head_matches_reference(real):
+    with FeatureCache(real["extract"].cache) as c:
+        logits, labels, splits = c.features("logits"), c.labels, c.splits
+    val = splits == "val"
+    pred = np.where(logits[val, 310] > logits[val, 309], "ants", "bees")
+    assert np.mean(pred == labels[val]) >= 0.97  # 97.4 % in the reference script
+
+
+def test_rerun_recomputes_nothing(real):
+    [again] = extract(real["data"], LITE0, real["extract"].cache.parent, weights=real["weights"],
+                      taps=("pooled", "logits"), progress=False)
+    assert (again.extracted, again.reused) == (0, 398)
+
+
+@pytest.fixture(scope="module")
+def probe(real):
+    return fit(real["extract"].cache, real["base"] / "run", taps=["pooled"], progress=False)
+
+
+def test_probe_reaches_reference_accuracy(probe):
+    rows = {r["head"]: r for r in probe.rows}
+    assert set(rows) == {"logreg", "mlp", "knn"}
+    assert rows["logreg"]["n_test"] == 153
+    assert rows["logreg"]["accuracy"] >= 145 / 153  # the plain-script reference, 94.8 %
+    assert min(r["accuracy"] for r in rows.values()) >= 0.9
+
+
+def test_predict_from_run_dir(real, probe):
+    images = sorted((Path(real["data"]) / "val" / "bees").glob("*.jpg"))[:10]
+    rows = predict(real["base"] / "run", images, progress=False)
+    assert sum(r["prediction"] == "bees" for r in rows) >= 9
+
+
+def test_lp_ft_one_epoch(real, probe):
+    res = finetune(real["data"], LITE0, real["base"] / "ft", init=real["base"] / "run", epochs=1,
+                   weights=real["weights"], progress=False)
+    assert res.history[0]["val_accuracy"] == pytest.approx(best_row(probe.rows, linear=True)["accuracy"])
+    assert res.history[1]["val_accuracy"] >= 0.9
+    rows = predict(real["base"] / "ft", [real["data"] / "val" / "ants"], progress=False)
+    assert np.mean([r["prediction"] == "ants" for r in rows]) >= 0.85
