@@ -52,9 +52,10 @@ def extract(
     results = run(data, backbone, cache, weights=weights, taps=_split_list(taps) or ["pooled"], batch_size=batch_size,
                   workers=workers, device=device, dtype=dtype, retry_failed=retry_failed, progress=progress)
     for r in results:
+        speed = f"{r.images_per_s:.1f} images/s" if r.extracted else "nothing to compute"
         typer.echo(
             f"{r.backbone}: extracted {r.extracted}, reused from cache {r.reused}, failed {r.failed} "
-            f"(new {r.new}, changed {r.changed}); {r.images_per_s:.1f} images/s; cache {r.cache}"
+            f"(new {r.new}, changed {r.changed}); {speed}; cache {r.cache}"
         )
 
 

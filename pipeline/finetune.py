@@ -68,10 +68,11 @@ def finetune(
     top = _parse_unfreeze(unfreeze)
     torch.manual_seed(seed)
     random.seed(seed)
-    train, held, split = _split(list(load_source(data).samples), seed)
+    src = load_source(data)
+    train, held, split = _split(list(src.samples), seed)
     bb = load_backbone(backbone, weights, device)
     if init is not None:
-        classes, weight, bias = _linear_init(init, backbone, bb.weights_sha256)
+        classes, weight, bias = _linear_init(init, src.name, backbone, bb.weights_sha256)
     else:
         classes, weight, bias = sorted({s.label for s in train}), None, None
     unknown = sorted({s.label for s in train + held} - set(classes))
@@ -158,17 +159,20 @@ def _split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[Sample]
     return list(tr), list(te), "holdout20"
 
 
-def _linear_init(run_dir: str | os.PathLike, backbone: str, weights_sha256: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The best linear head of ``run_dir`` for this backbone, as softmax weights on raw features.
+def _linear_init(run_dir: str | os.PathLike, task: str, backbone: str, weights_sha256: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The best linear head of ``run_dir`` for this task and backbone, as softmax weights on raw features.
 
     The head's standardisation is folded in: ``W' = W / scale``, ``b' = b - W' @ mean``. A binary
     logistic regression's single row ``w`` becomes the two rows ``-w/2, w/2``, which give the same
     probabilities under softmax.
     """
     rows = [r for r in read_leaderboard(run_dir) if r["weights"] == weights_sha256[:12]]
-    best = best_row(rows, linear=True, backbone=backbone)
+    best = best_row(rows, task=task, linear=True, backbone=backbone)
     if best is None:
-        raise PipelineError(f"{run_dir}: no linear head fit on {backbone} with these weights; run `pipeline fit` first")
+        raise PipelineError(
+            f"{run_dir}: no linear head for task {task!r} fit on {backbone} with these weights; "
+            "run `pipeline fit` on this data's cache first"
+        )
     head = load_head(best["head_file"])
     pipe = getattr(head, "best_estimator_", head)
     scaler, clf = pipe[0], pipe[-1]

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -58,7 +59,7 @@ def plot_confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], pa
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 3), max(3.5, 0.5 * n + 2.5)))
     ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(labels), ax=ax, colorbar=False,
                                             xticks_rotation=45 if n > 6 else "horizontal")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 48), fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -57,3 +57,11 @@ def test_cli_finetune(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "epoch 0:" in r.stdout and "epoch 1: train loss" in r.stdout
     assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
+def test_init_needs_a_linear_head_for_this_task(tiny_run, tmp_path):
+    from pipeline import fit
+
+    fit(tiny_run["cache"], tmp_path / "knn_only", heads=["knn"], n_jobs=1, progress=False)
+    with pytest.raises(PipelineError, match="no linear head for task 'shapes'"):
+        finetune(tiny_run["data"], TINY, tmp_path / "ft", init=tmp_path / "knn_only", progress=False)
