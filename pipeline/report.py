@@ -18,7 +18,7 @@ LEADERBOARD_COLUMNS = (
     "backbone", "weights", "tap", "task", "head", "eval", "n_train", "n_test",
     "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds", "head_file", "cache", "error",
 )
-SHOWN_COLUMNS = ("backbone", "tap", "task", "head", "eval", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds")
+SHOWN_COLUMNS = ("backbone", "weights", "tap", "task", "head", "eval", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds")
 
 
 def write_leaderboard(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
