@@ -16,6 +16,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared"))
 TINY = "test_efficientnet.r160_in1k"
+TINY_VIT = "test_vit.r160_in1k"
 CLASSES = {"red": (200, 40, 40), "blue": (40, 60, 210)}
 
 # Never wait on a model hub: without this, an offline hub lookup retries for about 45 s.
@@ -43,15 +44,16 @@ def make_folder(root: Path, n_train: int = 12, n_val: int = 6, splits: bool = Tr
 
 @pytest.fixture(scope="session")
 def tiny_weights_dir(tmp_path_factory) -> Path:
-    """`$PIPELINE_WEIGHTS_DIR` holding random weights for timm's `test_efficientnet`."""
+    """`$PIPELINE_WEIGHTS_DIR` holding random weights for timm's `test_efficientnet` and `test_vit`."""
     import timm
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = timm.create_model(TINY, pretrained=False)
     d = tmp_path_factory.mktemp("weights")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / f"{TINY}.safetensors"))
+    for name in (TINY, TINY_VIT):
+        model = timm.create_model(name, pretrained=False)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / f"{name}.safetensors"))
     return d
 
 

@@ -1,3 +1,4 @@
+import csv
 import hashlib
 import json
 
@@ -5,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TINY, make_image, run_cli
+from conftest import TINY, TINY_VIT, make_image, run_cli
 from pipeline import FeatureCache, PipelineError, extract
 from pipeline.cache import CacheWriter
 
@@ -169,3 +170,22 @@ def test_cli_fatal_errors_are_one_line(folder, tmp_path, args, message):
 def test_cli_usage_error_exit_code(folder):
     r = run_cli("extract", folder, "--backbone", TINY, "--batch-size", "zero")
     assert r.returncode == 2 and "batch-size" in r.stderr
+
+
+def test_cli_several_backbones_each_get_a_cache(folder, tmp_path):
+    r = run_cli("extract", folder, "-b", TINY, "-b", TINY_VIT, "--cache", tmp_path / "cache", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("extracted 36,") == 2
+    caches = sorted((tmp_path / "cache").glob("*.h5"))
+    assert [FeatureCache(c).backbone for c in caches] == [TINY, TINY_VIT]
+    r = run_cli("fit", tmp_path / "cache", "--out", tmp_path / "run", "--n-jobs", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "run" / "leaderboard.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((row["backbone"], row["head"]) for row in rows) == sorted(
+        (b, h) for b in (TINY, TINY_VIT) for h in ("logreg", "mlp", "knn"))
+
+
+def test_weights_with_several_backbones_is_refused(folder, tmp_path, tiny_weights_dir):
+    with pytest.raises(PipelineError, match="give exactly one --backbone"):
+        extract(folder, [TINY, TINY_VIT], tmp_path, weights=tiny_weights_dir / f"{TINY}.safetensors")

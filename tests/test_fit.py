@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_leaderboard_has_every_head(tiny_run):
 def test_saved_heads_and_cards(tiny_run):
     for row in tiny_run["fit"].rows:
         head = load_head(row["head_file"])
-        card = json.loads(open(row["head_file"].replace(".skops", ".json")).read())
+        card = json.loads(Path(row["head_file"]).with_suffix(".json").read_text())
         assert card["backbone"] == TINY and len(card["weights_sha256"]) == 64
         assert card["data_config"]["input_size"] == [3, 160, 160] and card["classes"] == ["blue", "red"]
         X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
