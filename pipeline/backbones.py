@@ -18,7 +18,7 @@ from typing import Callable
 
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from timm.data import create_transform, resolve_model_data_config
 
 from .errors import PipelineError
@@ -140,15 +140,18 @@ def _from_file(name: str, file: Path) -> tuple[torch.nn.Module, list[str] | None
     if file.suffix != ".safetensors":
         raise PipelineError(f"weights file {file} is not .safetensors; convert it (safetensors.torch.save_file)")
     classifier = timm.models.get_pretrained_cfg_value(name, "classifier")
-    with safe_open(str(file), framework="pt") as f:
-        key = f"{classifier}.weight" if isinstance(classifier, str) else None
-        num_classes = f.get_slice(key).get_shape()[0] if key and key in f.keys() else 0
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            key = f"{classifier}.weight" if isinstance(classifier, str) else None
+            num_classes = f.get_slice(key).get_shape()[0] if key and key in f.keys() else 0
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"weights file {file} is not a readable safetensors file: {e}") from e
     try:
         model = timm.create_model(
             name, pretrained=True, num_classes=num_classes,
             pretrained_cfg_overlay=dict(file=str(file), num_classes=num_classes),
         )
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"weights file {file} does not fit backbone {name!r}: {first}") from e
     config = file.parent / CHECKPOINT_CONFIG

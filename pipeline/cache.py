@@ -179,7 +179,10 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike, meta: dict, tap_dims: dict[str, int]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PipelineError(f"cannot create the cache directory {self.path.parent}: {e.strerror}") from e
         self._lock = _acquire_lock(self.path)
         try:
             self._file = h5py.File(self.path, "a")
@@ -258,11 +261,12 @@ class CacheWriter:
         self._file.attrs["taps"] = json.dumps(list(group.keys()))
         self._file.flush()
 
-    def sync(self, samples: list[Sample], hashes: list[bytes], retry_failed: bool = False) -> SyncResult:
+    def sync(self, samples: list[Sample], hashes: list[bytes], read_errors: dict[str, str] | None = None,
+             retry_failed: bool = False) -> SyncResult:
         """Match a source's samples against the stored rows; append new ones; invalidate changed ones.
 
         ``hashes[i]`` is the content hash of ``samples[i]`` (``UNREADABLE`` when the file could not be
-        read). Labels and splits are rewritten to the source's; rows no longer in the source keep their
+        read, with the reason in ``read_errors[id]``). Labels and splits are rewritten to the source's; rows no longer in the source keep their
         features (for reuse by ``predict``) and lose their label. A row that failed before is retried only
         when its bytes changed, or with ``retry_failed``.
         """
@@ -308,7 +312,7 @@ class CacheWriter:
 
         unreadable = hash_arr == UNREADABLE
         for s in np.array(samples, dtype=object)[unreadable]:
-            self._failures.setdefault(s.id, ("read", "file could not be read"))
+            self._failures[s.id] = ("read", (read_errors or {}).get(s.id, "file could not be read"))
         need = ~valid[rows]
         known_failure = np.fromiter((s.id in self._failures for s in samples), bool, len(samples))
         skip = unreadable if retry_failed else known_failure
@@ -381,7 +385,10 @@ def library_versions() -> dict[str, str]:
 
 def _acquire_lock(path: Path) -> int:
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PipelineError(f"cannot write in the cache directory {path.parent}: {e.strerror}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

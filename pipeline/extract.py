@@ -77,7 +77,7 @@ def extract(
         raise PipelineError(f"--workers must be 0 or more, got {workers}")
     taps = check_taps(taps)
     src = load_source(source)
-    hashes = _hash_files(src.samples)
+    hashes, read_errors = _hash_files(src.samples)
 
     results = []
     for name in names:
@@ -91,7 +91,7 @@ def extract(
         )
         path = cache_path(cache_dir, src.name, name, key)
         with CacheWriter(path, meta, bb.tap_dims(taps)) as writer:
-            plan = writer.sync(list(src.samples), hashes, retry_failed=retry_failed)
+            plan = writer.sync(list(src.samples), hashes, read_errors, retry_failed=retry_failed)
             start = time.perf_counter()
             done = _run(bb, writer, plan.todo, plan.samples, batch_size, workers, progress, name)
             seconds = time.perf_counter() - start
@@ -102,15 +102,19 @@ def extract(
     return results
 
 
-def _hash_files(samples: Sequence[Sample]) -> list[bytes]:
+def _hash_files(samples: Sequence[Sample]) -> tuple[list[bytes], dict[str, str]]:
+    """Content hash of every sample (``UNREADABLE`` where the file cannot be read) and the read errors."""
+    errors: dict[str, str] = {}
+
     def one(s: Sample) -> bytes:
         try:
             return content_hash(s.path)
-        except OSError:
+        except OSError as e:
+            errors[s.id] = f"{type(e).__name__}: {e.strerror or e}"
             return UNREADABLE
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, samples))
+        return list(pool.map(one, samples)), errors
 
 
 class _ImageRows(torch.utils.data.Dataset):

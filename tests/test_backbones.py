@@ -61,3 +61,9 @@ def test_weights_that_do_not_fit(tmp_path, tiny_weights_dir):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(PipelineError, match="weights file not found"):
         load_backbone(TINY, weights=tmp_path / "none.safetensors")
+
+
+def test_corrupt_weights_file(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(PipelineError, match="is not a readable safetensors file"):
+        load_backbone(TINY, weights=tmp_path / "bad.safetensors")

@@ -189,3 +189,12 @@ def test_cli_several_backbones_each_get_a_cache(folder, tmp_path):
 def test_weights_with_several_backbones_is_refused(folder, tmp_path, tiny_weights_dir):
     with pytest.raises(PipelineError, match="give exactly one --backbone"):
         extract(folder, [TINY, TINY_VIT], tmp_path, weights=tiny_weights_dir / f"{TINY}.safetensors")
+
+
+def test_manifest_with_a_missing_file(folder, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,label\nnot_here.jpg,a\n{folder}/train/red/red_000.jpg,b\n")
+    [res] = extract(manifest, TINY, tmp_path / "cache", workers=0, progress=False)
+    assert (res.extracted, res.failed) == (1, 1)
+    with FeatureCache(res.cache) as c:
+        assert c.failures == [("not_here.jpg", "read", "FileNotFoundError: No such file or directory")]
