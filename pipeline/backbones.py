@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,6 @@ class Backbone:
     weights_sha256: str
     weights_source: str
     data_config: dict = field(default_factory=dict)
-    class_names: list[str] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -89,14 +87,14 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, device: s
     _check_model_name(name)
     file = resolve_weights_file(name, weights)
     if file is not None:
-        model, class_names = _from_file(name, file)
+        model = _from_file(name, file)
         sha, source = file_sha256(file), str(file)
     else:
-        model, class_names = _from_hub(name, weights_looked_in=_weights_dir_candidates(name)), None
+        model = _from_hub(name, weights_looked_in=_weights_dir_candidates(name))
         sha, source = _state_dict_sha256(model), f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
     model.eval().requires_grad_(False).to(resolve_device(device))
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_model_data_config(model).items()}
-    return Backbone(name, model, sha, source, data_config, class_names)
+    return Backbone(name, model, sha, source, data_config)
 
 
 def resolve_weights_file(name: str, weights: str | os.PathLike | None = None) -> Path | None:
@@ -136,7 +134,7 @@ def _weights_dir_candidates(name: str) -> list[Path]:
     return [Path(directory) / f"{n}.safetensors" for n in dict.fromkeys([name, _full_name(name)])]
 
 
-def _from_file(name: str, file: Path) -> tuple[torch.nn.Module, list[str] | None]:
+def _from_file(name: str, file: Path) -> torch.nn.Module:
     if file.suffix != ".safetensors":
         raise PipelineError(f"weights file {file} is not .safetensors; convert it (safetensors.torch.save_file)")
     classifier = timm.models.get_pretrained_cfg_value(name, "classifier")
@@ -154,9 +152,7 @@ def _from_file(name: str, file: Path) -> tuple[torch.nn.Module, list[str] | None
     except (RuntimeError, KeyError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"weights file {file} does not fit backbone {name!r}: {first}") from e
-    config = file.parent / CHECKPOINT_CONFIG
-    class_names = json.loads(config.read_text()).get("class_names") if config.is_file() else None
-    return model, class_names
+    return model
 
 
 def _from_hub(name: str, weights_looked_in: list[Path]) -> torch.nn.Module:
