@@ -17,6 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -61,7 +62,10 @@ def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 class FeatureCache:
-    """Read access to a cache file: ids, labels, splits, valid mask, features per tap, failures."""
+    """Read access to a cache file: ids, labels, splits, valid mask, features per tap, failures.
+
+    The per-row arrays are read once and kept: the file is open read-only.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -99,23 +103,23 @@ class FeatureCache:
     def taps(self) -> list[str]:
         return list(self._file["features"].keys())
 
-    @property
+    @cached_property
     def ids(self) -> np.ndarray:
         return self._file["ids"].asstr()[()].astype(object)
 
-    @property
+    @cached_property
     def labels(self) -> np.ndarray:
         return self._file["labels"].asstr()[()].astype(object)
 
-    @property
+    @cached_property
     def splits(self) -> np.ndarray:
         return self._file["splits"].asstr()[()].astype(object)
 
-    @property
+    @cached_property
     def valid(self) -> np.ndarray:
         return self._file["valid"][()]
 
-    @property
+    @cached_property
     def content_hash(self) -> np.ndarray:
         return self._file["content_hash"][()]
 
@@ -271,7 +275,6 @@ class CacheWriter:
         when its bytes changed, or with ``retry_failed``.
         """
         f = self._file
-        self._ids = list(f["ids"].asstr()[()])
         n_old = len(self._ids)
         index = {sid: i for i, sid in enumerate(self._ids)}
         new_samples = [s for s in samples if s.id not in index]
