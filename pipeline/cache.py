@@ -131,9 +131,10 @@ class FeatureCache:
         if rows is None:
             return ds[()].astype(np.float32)
         rows = np.asarray(rows)
-        order = np.argsort(rows)
         out = np.empty((len(rows), ds.shape[1]), np.float32)
-        out[order] = ds[rows[order]] if len(rows) else out[order]
+        if len(rows):
+            order = np.argsort(rows)  # h5py reads rows in increasing order only
+            out[order] = ds[rows[order]]
         return out
 
     @property

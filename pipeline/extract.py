@@ -11,12 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .backbones import check_taps, load_backbone
+from .backbones import Backbone, check_taps, load_backbone
 from .cache import DTYPES, UNREADABLE, CacheWriter, cache_key, cache_path
 from .data import Sample, content_hash, load_image, load_source
 from .errors import PipelineError
@@ -79,6 +79,7 @@ def extract(
     src = load_source(source)
     hashes, read_errors = _hash_files(src.samples)
 
+    present = {s.id for s in src.samples}
     results = []
     for name in names:
         bb = load_backbone(name, weights, device)
@@ -96,7 +97,6 @@ def extract(
             done = _run(bb, writer, plan.todo, plan.samples, batch_size, workers, progress, name)
             seconds = time.perf_counter() - start
             writer.finish()
-            present = {s.id for s in src.samples}
             failed = len(writer.failed_ids() & present)
         results.append(ExtractResult(name, path, done, plan.reused, plan.changed, plan.new, failed, seconds))
     return results
@@ -149,22 +149,31 @@ def image_batches(samples: Sequence[Sample], transform: Callable, batch_size: in
     )
 
 
-def _run(bb, writer: CacheWriter, rows: np.ndarray, samples: list[Sample], batch_size: int,
-         workers: int, progress: bool, label: str) -> int:
-    if not len(rows):
-        return 0
-    device = bb.device
-    loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=device.type == "cuda")
-    done = 0
+def forward_batches(bb: Backbone, samples: Sequence[Sample], taps: tuple[str, ...], batch_size: int,
+                    workers: int, progress: bool = False, label: str = "") -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
+    """Per batch: (indices into ``samples``, float32 features per tap, [(index, error)]), decoded in
+    worker processes, forwarded in inference mode, with a progress bar over ``samples``."""
+    loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=bb.device.type == "cuda")
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"extract {label}", total=len(rows))
+        task = bar.add_task(label, total=len(samples))
         for idx, x, failed in loader:
-            if failed:
-                writer.record_failures([(samples[i].id, "decode", err) for i, err in failed])
+            feats = {}
             if x is not None:
                 with torch.inference_mode():
-                    out = bb.forward(x.to(device, non_blocking=True), tuple(writer.taps))
-                writer.write(rows[idx], {k: v.float().cpu().numpy() for k, v in out.items()})
-                done += len(idx)
+                    out = bb.forward(x.to(bb.device, non_blocking=True), taps)
+                feats = {k: v.float().cpu().numpy() for k, v in out.items()}
+            yield idx, feats, failed
             bar.advance(task, len(idx) + len(failed))
+
+
+def _run(bb: Backbone, writer: CacheWriter, rows: np.ndarray, samples: list[Sample], batch_size: int,
+         workers: int, progress: bool, label: str) -> int:
+    done = 0
+    for idx, feats, failed in forward_batches(bb, samples, tuple(writer.taps), batch_size, workers, progress,
+                                              f"extract {label}"):
+        if failed:
+            writer.record_failures([(samples[i].id, "decode", err) for i, err in failed])
+        if idx:
+            writer.write(rows[idx], feats)
+            done += len(idx)
     return done

@@ -24,7 +24,7 @@ from timm.models import group_parameters
 from .backbones import CHECKPOINT_CONFIG, Backbone, load_backbone
 from .data import Sample, load_source
 from .errors import PipelineError
-from .extract import default_workers, image_batches
+from .extract import default_workers, forward_batches, image_batches
 from .files import atomic_path
 from .progress import progress_bar
 from .fit import best_row
@@ -216,11 +216,9 @@ def _param_groups(model: torch.nn.Module, top: int | None, lr: float, scale: flo
 
 def _evaluate(bb: Backbone, samples: list[Sample], index: dict[str, int], batch_size: int, workers: int) -> float:
     correct = total = 0
-    with torch.inference_mode():
-        for idx, x, _ in image_batches(samples, bb.transform(), batch_size, workers):
-            if x is None:
-                continue
-            pred = bb.model(x.to(bb.device)).argmax(1).cpu()
-            correct += int((pred == torch.tensor([index[samples[i].label] for i in idx])).sum())
+    for idx, out, _ in forward_batches(bb, samples, ("logits",), batch_size, workers):
+        if idx:
+            truth = np.array([index[samples[i].label] for i in idx])
+            correct += int((out["logits"].argmax(1) == truth).sum())
             total += len(idx)
     return correct / total if total else float("nan")

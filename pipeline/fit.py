@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from .cache import FeatureCache, find_caches
 from .errors import PipelineError
 from .files import atomic_path
-from .heads import create_head, head_spec, save_head
+from .heads import create_head, head_spec, list_heads, save_head
 from .progress import progress_bar
 from .report import markdown_table, plot_confusion, write_leaderboard
 from .tasks import TaskData, cache_task, join_task, read_labels
@@ -72,6 +72,7 @@ def fit(
     jobs, meta = [], []
     for path in paths:
         with FeatureCache(path) as cache:
+            attrs = cache.attrs
             tasks = ([cache_task(cache)] if (cache.labels != "").any() else []) + extra_tasks
             if not tasks:
                 raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split]")
@@ -82,9 +83,9 @@ def fit(
                     for head in heads:
                         jobs.append(delayed(_fit_one)(head, seed, data, plan, cv))
                         meta.append(dict(
-                            backbone=cache.backbone, weights=cache.attrs["weights_sha256"][:12], tap=tap,
+                            backbone=cache.backbone, weights=attrs["weights_sha256"][:12], tap=tap,
                             task=data.task, head=head, eval=plan, cache=str(path.resolve()),
-                            _cache_attrs=cache.attrs, _classes=sorted(set(data.y)),
+                            _cache_attrs=attrs, _classes=sorted(set(data.y)),
                         ))
 
     results = _run_jobs(jobs, n_jobs, progress)
@@ -114,12 +115,13 @@ def fit(
 def best_row(rows: Sequence[dict], task: str | None = None, linear: bool = False, backbone: str | None = None) -> dict | None:
     """The row with the highest accuracy (then balanced accuracy, then the faster fit), optionally only
     of one task, of linear heads, or of one backbone."""
+    linear_heads = {h for h in list_heads() if head_spec(h).linear}
     cands = [
         r for r in rows
         if r.get("accuracy") is not None and r.get("head_file")
         and (task is None or r["task"] == task)
         and (backbone is None or r["backbone"] == backbone)
-        and (not linear or (r["head"] in _linear_heads()))
+        and (not linear or r["head"] in linear_heads)
     ]
     return max(cands, key=_rank, default=None)
 
@@ -129,12 +131,6 @@ def _rank(row: dict) -> tuple[float, float, float]:
     if row.get("accuracy") is None:
         return (-1.0, -1.0, float("-inf"))
     return (row["accuracy"], row["balanced_accuracy"], -row["fit_seconds"])
-
-
-def _linear_heads() -> set[str]:
-    from .heads import list_heads
-
-    return {h for h in list_heads() if head_spec(h).linear}
 
 
 def _plan(data: TaskData, cv: int, path: Path) -> str:

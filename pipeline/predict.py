@@ -21,11 +21,10 @@ from .backbones import CHECKPOINT_CONFIG, Backbone, load_backbone
 from .cache import FeatureCache
 from .data import Sample, content_hash, list_images
 from .errors import PipelineError
-from .extract import default_workers, image_batches
+from .extract import default_workers, forward_batches
 from .files import atomic_path
 from .fit import best_row
 from .heads import load_head
-from .progress import progress_bar
 from .report import read_leaderboard
 
 
@@ -94,17 +93,11 @@ def predict(
     todo = [i for i in range(len(samples)) if i not in feats]
     if todo:
         bb = _backbone(m, device)
-        loader = image_batches([samples[i] for i in todo], bb.transform(), batch_size,
-                               default_workers() if workers is None else workers)
-        with progress_bar(progress) as bar:
-            task_id = bar.add_task(f"predict {m.backbone}", total=len(todo))
-            for idx, x, failed in loader:
-                errors.update({todo[i]: err for i, err in failed})
-                if x is not None:
-                    with torch.inference_mode():
-                        out_t = bb.forward(x.to(bb.device), (m.tap,))[m.tap].float().cpu().numpy()
-                    feats.update({todo[i]: f for i, f in zip(idx, out_t)})
-                bar.advance(task_id, len(idx) + len(failed))
+        batches = forward_batches(bb, [samples[i] for i in todo], (m.tap,), batch_size,
+                                  default_workers() if workers is None else workers, progress, f"predict {m.backbone}")
+        for idx, by_tap, failed in batches:
+            errors.update({todo[i]: err for i, err in failed})
+            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(m.tap, ()))})
 
     ok = sorted(feats)
     probs = _probabilities(m, np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(m.classes)))
