@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,19 +39,30 @@ def extract(
     backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="timm model name; repeat for several backbones")],
     cache: Annotated[Path, typer.Option("--cache", help="directory for the cache files (one per backbone)")] = Path("cache"),
     weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file (.safetensors) for a single --backbone; else $PIPELINE_WEIGHTS_DIR/<name>.safetensors, else timm's hub")] = None,
-    taps: Annotated[Optional[list[str]], typer.Option("--taps", help="features to keep: pooled (pre-logits embedding), logits; comma-separated")] = None,
+    taps: Annotated[Optional[list[str]], typer.Option("--taps", help="features to keep, comma-separated: pooled (pre-logits embedding), logits, layer<i> (intermediate i of timm's forward_intermediates, average-pooled or a ViT's class token; layer-1 is the last)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="decode worker processes (default: min(4, cores))")] = None,
     device: Annotated[str, _device_option()] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
+    amp: Annotated[str, typer.Option("--amp", help="autocast dtype of the forward pass: auto (bf16 on GPUs that have it, else fp16; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format (faster convolutions on CPU and GPU)")] = True,
+    tta: Annotated[Optional[str], typer.Option("--tta", help="test-time augmentation: flip stores the mean of an image's and its mirror's features")] = None,
+    jpeg_draft: Annotated[bool, typer.Option("--jpeg-draft/--no-jpeg-draft", help="decode large JPEGs at reduced scale (DCT) down to the size the resize needs")] = True,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="retry images that failed before even if their bytes did not change")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Run frozen backbones over every image once and cache the features in HDF5."""
+    """Run frozen backbones over every image once and cache the features in HDF5.
+
+    On many GPUs or nodes, launch it with torchrun (`torchrun --nproc-per-node N -m pipeline extract ...`):
+    each rank extracts its share into a shard file and rank 0 writes the cache over the shards.
+    """
     from pipeline.extract import extract as run
 
     results = run(data, backbone, cache, weights=weights, taps=_split_list(taps) or ["pooled"], batch_size=batch_size,
-                  workers=workers, device=device, dtype=dtype, retry_failed=retry_failed, progress=progress)
+                  workers=workers, device=device, dtype=dtype, amp=amp, channels_last=channels_last, tta=tta,
+                  jpeg_draft=jpeg_draft, retry_failed=retry_failed, progress=progress)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
     for r in results:
         speed = f"{r.images_per_s:.1f} images/s" if r.extracted else "nothing to compute"
         typer.echo(
@@ -169,6 +181,8 @@ def cache_info(
     typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
     dc = info["data_config"]
     typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}")
+    typer.echo(f"  forward    autocast {info['amp']}; test-time augmentation {info['tta'] or 'none'}"
+               + (f"; virtual over {info['shards']} shard files" if info["shards"] else ""))
     typer.echo(f"  size       {info['size_bytes'] / 1e6:.2f} MB; schema v{info['schema_version']}; created {info['created']}")
     for sid, stage, reason in failures:
         typer.echo(f"  failed     {sid} [{stage}] {reason}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +25,10 @@ from timm.data import create_transform, resolve_model_data_config
 from .errors import PipelineError
 
 WEIGHTS_DIR_ENV = "PIPELINE_WEIGHTS_DIR"
-TAPS = ("pooled", "logits")
+TAPS = ("pooled", "logits")  # plus layer<i>: intermediate i of timm's forward_intermediates, pooled
+_LAYER = re.compile(r"layer(-?\d+)$")
+AMP = ("auto", "off", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Written beside a fine-tuned checkpoint: the backbone it came from and the classes of its head.
 CHECKPOINT_CONFIG = "config.json"
 
@@ -37,6 +42,8 @@ class Backbone:
     weights_sha256: str
     weights_source: str
     data_config: dict = field(default_factory=dict)
+    amp: str = "off"  # autocast dtype of the forward pass: off, bf16 or fp16
+    channels_last: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -46,15 +53,74 @@ class Backbone:
         """timm's eval transform for this model's own pretrained config (size, crop, mean, std)."""
         return create_transform(**self.data_config, is_training=False)
 
-    def forward(self, x: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """Features for each tap: ``pooled`` is the pre-logits embedding, ``logits`` the classifier's output."""
-        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+    @property
+    def decode_size(self) -> int:
+        """Smallest side, in pixels, an image needs before the eval transform's resize: JPEGs can be
+        decoded at a reduced scale (``Image.draft``) down to this without changing what the model sees."""
+        size = max(self.data_config["input_size"][1:])
+        return math.floor(size / self.data_config.get("crop_pct", 1.0))
+
+    @property
+    def n_layers(self) -> int:
+        """How many intermediates ``forward_intermediates`` offers (stages of a CNN, blocks of a ViT)."""
+        info = getattr(self.model, "feature_info", None)
+        if not hasattr(self.model, "forward_intermediates") or not info:
+            return 0
+        return len(info)
+
+    def resolve_taps(self, taps: tuple[str, ...]) -> tuple[str, ...]:
+        """Check ``taps`` against this model; ``layer-1`` becomes ``layer<n-1>``."""
+        out = []
+        for tap in taps:
+            m = _LAYER.match(tap)
+            if m:
+                i, n = int(m.group(1)), self.n_layers
+                if not n:
+                    raise PipelineError(f"{self.name} has no forward_intermediates in timm, so no layer taps; use pooled or logits")
+                if not -n <= i < n:
+                    raise PipelineError(f"{self.name} has layers 0..{n - 1}; {tap!r} is out of range")
+                tap = f"layer{i % n}"
+            elif tap == "logits" and self.model.num_classes == 0:
+                raise PipelineError(f"{self.name} has no classifier in its weights, so it has no 'logits' tap; use --taps pooled")
+            out.append(tap)
+        return tuple(dict.fromkeys(out))
+
+    def forward(self, x: torch.Tensor, taps: tuple[str, ...], tta: str | None = None) -> dict[str, torch.Tensor]:
+        """Features for each tap, in float32: ``pooled`` is the pre-logits embedding, ``logits`` the
+        classifier's output, ``layer<i>`` intermediate i, global-average pooled (the class token for a ViT).
+        With ``tta="flip"``, the mean of the image's and its mirror's features."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = self.amp != "off"
+        with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.amp), enabled=amp):
+            out = self._forward(x, taps)
+            if tta == "flip":
+                out = {k: (v.float() + w.float()) / 2 for (k, v), w in zip(out.items(), self._forward(x.flip(-1), taps).values())}
+        return {k: v.float() for k, v in out.items()}
+
+    def _forward(self, x: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        layers = sorted({int(t[5:]) for t in taps if t.startswith("layer")})
+        head = {"pooled", "logits"} & set(taps)
+        inter: dict[str, torch.Tensor] = {}
+        if layers:
+            cls = getattr(self.model, "cls_token", None) is not None
+            kw = dict(return_prefix_tokens=True) if cls else {}
+            res = self.model.forward_intermediates(x, indices=layers, intermediates_only=not head,
+                                                   **(kw if head else dict(kw, stop_early=True)))
+            final, maps = (None, res) if not head else res
+            for i, m in zip(layers, maps):
+                inter[f"layer{i}"] = m[1][:, 0] if cls else m.mean((2, 3))
+        else:
+            final = self.model.forward_features(x) if head else None
         out = {}
+        pooled = self.model.forward_head(final, pre_logits=True) if head else None
         for tap in taps:
             if tap == "pooled":
                 out[tap] = pooled
             elif tap == "logits":
                 out[tap] = self.model.get_classifier()(pooled)
+            else:
+                out[tap] = inter[tap]
         return out
 
     def tap_dims(self, taps: tuple[str, ...]) -> dict[str, int]:
@@ -65,10 +131,28 @@ class Backbone:
 
 
 def check_taps(taps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    bad = [t for t in taps if t not in TAPS]
+    """Check tap names before any model is loaded (``layer<i>`` is checked against the model later)."""
+    bad = [t for t in taps if t not in TAPS and not _LAYER.match(t)]
     if bad or not taps:
-        raise PipelineError(f"unknown tap {bad[0] if bad else '(none)'!r}; choose from {', '.join(TAPS)}")
+        raise PipelineError(
+            f"unknown tap {bad[0] if bad else '(none)'!r}; choose from {', '.join(TAPS)} or layer<i> "
+            "(intermediate i of timm's forward_intermediates; layer-1 is the last)"
+        )
     return tuple(dict.fromkeys(taps))
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU; on a CPU, bf16 only where the CPU
+    computes it natively (AVX512-BF16 or AMX), since emulated bf16 and CPU fp16 are slower than float32."""
+    if amp not in AMP:
+        raise PipelineError(f"unknown --amp {amp!r}; choose {', '.join(AMP)}")
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    native = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return "bf16" if native else "off"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,8 +166,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_backbone(name: str, weights: str | os.PathLike | None = None, device: str = "cpu") -> Backbone:
-    """Create ``name`` with pretrained weights, frozen and in eval mode, on ``device``."""
+def load_backbone(name: str, weights: str | os.PathLike | None = None, device: str = "cpu", amp: str = "off",
+                  channels_last: bool = False) -> Backbone:
+    """Create ``name`` with pretrained weights, frozen and in eval mode, on ``device``; ``amp`` (see
+    ``resolve_amp``) and ``channels_last`` set how its forward pass runs."""
     _check_model_name(name)
     file = resolve_weights_file(name, weights)
     if file is not None:
@@ -92,9 +178,12 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, device: s
     else:
         model = _from_hub(name, weights_looked_in=_weights_dir_candidates(name))
         sha, source = _state_dict_sha256(model), f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
-    model.eval().requires_grad_(False).to(resolve_device(device))
+    dev = resolve_device(device)
+    model.eval().requires_grad_(False).to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_model_data_config(model).items()}
-    return Backbone(name, model, sha, source, data_config)
+    return Backbone(name, model, sha, source, data_config, resolve_amp(amp, dev), channels_last)
 
 
 def resolve_weights_file(name: str, weights: str | os.PathLike | None = None) -> Path | None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .data import HASH_BYTES, Sample
 from .errors import PipelineError
+from .files import atomic_path
 
 SCHEMA_VERSION = 1
 DTYPES = ("float16", "float32")
@@ -35,14 +36,21 @@ _CHUNK_ROWS = 256
 UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a file whose bytes could not be read
 
 
-def cache_key(weights_sha256: str, data_config: dict, dtype: str) -> str:
-    """Short hash of everything besides the backbone name that determines a cache's features."""
-    blob = json.dumps([SCHEMA_VERSION, weights_sha256, data_config, dtype], sort_keys=True)
+def cache_key(weights_sha256: str, data_config: dict, dtype: str, amp: str = "off", tta: str | None = None) -> str:
+    """Short hash of everything besides the backbone name that determines a cache's features: weights,
+    preprocessing, storage dtype, and (when used) the forward pass's autocast dtype and test-time flip."""
+    extra = [x for x in (amp if amp != "off" else None, tta) if x]
+    blob = json.dumps([SCHEMA_VERSION, weights_sha256, data_config, dtype, *extra], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def cache_path(cache_dir: str | os.PathLike, source_name: str, backbone: str, key: str) -> Path:
     return Path(cache_dir) / f"{source_name}__{backbone}__{key}.h5"
+
+
+def shard_path(path: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of a ``world``-process run writes its part of the cache ``path``."""
+    return path.with_name(f"{path.stem}.shards") / f"rank{rank}-of-{world}.h5"
 
 
 def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
@@ -77,6 +85,11 @@ class FeatureCache:
         if missing or self._file.attrs.get("schema_version") is None:
             self._file.close()
             raise PipelineError(f"{self.path} is not a feature cache (missing {missing or ['schema_version']})")
+        # A missing shard would read as the virtual dataset's fill value, silently: refuse instead.
+        lost = [s for s in json.loads(self._file.attrs.get("shards", "[]")) if not (self.path.parent / s).is_file()]
+        if lost:
+            self._file.close()
+            raise PipelineError(f"{self.path} presents shard files that are missing: {', '.join(lost)}")
 
     def __enter__(self) -> "FeatureCache":
         return self
@@ -90,7 +103,7 @@ class FeatureCache:
     @property
     def attrs(self) -> dict:
         a = dict(self._file.attrs)
-        for k in ("data_config", "taps", "versions"):
+        for k in ("data_config", "taps", "versions", "shards"):
             if k in a:
                 a[k] = json.loads(a[k])
         return a
@@ -158,6 +171,9 @@ class FeatureCache:
             "dtype": a["dtype"],
             "data_config": a["data_config"],
             "complete": bool(a.get("complete", False)),
+            "amp": a.get("amp", "off"),
+            "tta": a.get("tta", ""),
+            "shards": len(a.get("shards", [])),
             "schema_version": int(a["schema_version"]),
             "created": a.get("created", ""),
             "size_bytes": self.path.stat().st_size,
@@ -194,6 +210,13 @@ class CacheWriter:
         except OSError as e:
             _release_lock(self._lock)
             raise PipelineError(f"cannot open cache {self.path} for writing: {e}") from e
+        if "shards" in self._file.attrs:
+            n = len(json.loads(self._file.attrs["shards"]))
+            self.close()
+            raise PipelineError(
+                f"{self.path} was written by a distributed run of {n} processes; run the same command with "
+                f"`torchrun --nproc-per-node {n}` to update it, or use another --cache"
+            )
         self.dtype = meta["dtype"]
         if "ids" not in self._file:
             self._create(meta, tap_dims)
@@ -234,6 +257,8 @@ class CacheWriter:
             data_config=json.dumps(meta["data_config"], sort_keys=True),
             dtype=meta["dtype"],
             source=meta["source"],
+            amp=meta.get("amp", "off"),
+            tta=meta.get("tta") or "",
             versions=json.dumps(library_versions()),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             complete=False,
@@ -242,11 +267,10 @@ class CacheWriter:
 
     def _check_matches(self, meta: dict) -> None:
         a = self._file.attrs
-        for key in ("backbone", "weights_sha256", "dtype"):
-            if str(a.get(key)) != str(meta[key]):
-                raise PipelineError(
-                    f"{self.path} was made with {key}={a.get(key)!r}, not {meta[key]!r}; use another --cache"
-                )
+        for key, default in (("backbone", None), ("weights_sha256", None), ("dtype", None), ("amp", "off"), ("tta", "")):
+            have, want = str(a.get(key, default)), str(meta.get(key) or default)
+            if have != want:
+                raise PipelineError(f"{self.path} was made with {key}={have!r}, not {want!r}; use another --cache")
         if json.loads(a["data_config"]) != json.loads(json.dumps(meta["data_config"])):
             raise PipelineError(f"{self.path} was made with another preprocessing; use another --cache")
 
@@ -375,6 +399,54 @@ class CacheWriter:
         if len(table):
             ds[:] = table
         self._dirty = False
+
+
+def check_master(path: Path, world: int) -> None:
+    """Refuse to let a ``world``-process run replace ``path`` when it is not a cache over that many shards."""
+    if not path.exists():
+        return
+    try:
+        with h5py.File(path, "r") as f:
+            shards = json.loads(f.attrs.get("shards", "null"))
+    except OSError as e:
+        raise PipelineError(f"cannot read cache {path}: {e}") from e
+    if shards is None:
+        raise PipelineError(f"{path} was written by a single process; run without torchrun to update it, or use another --cache")
+    if len(shards) != world:
+        raise PipelineError(
+            f"{path} was written by {len(shards)} processes, not {world}; use `torchrun --nproc-per-node "
+            f"{len(shards)}` to update it, or use another --cache"
+        )
+
+
+def write_master(path: Path, shards: list[Path]) -> None:
+    """Write ``path`` as one cache over the shard files: per-row arrays and failures copied, features as
+    HDF5 virtual datasets that map onto the shards' rows (shard paths stored relative to ``path``)."""
+    parts = {k: [] for k in ("ids", "labels", "splits", "content_hash", "valid", "failures")}
+    sizes, dims, attrs, dtypes = [], {}, {}, {}
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            for k in parts:
+                parts[k].append(f[k][()])
+                dtypes[k] = f[k].dtype
+            sizes.append(f["ids"].shape[0])
+            dims = {t: (ds.shape[1], ds.dtype) for t, ds in f["features"].items()}
+            attrs = {**dict(f.attrs), "complete": bool(attrs.get("complete", True) and f.attrs.get("complete", False))}
+    rel = [os.path.relpath(s, path.parent) for s in shards]
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for k, arrays in parts.items():
+            f.create_dataset(k, data=np.concatenate(arrays), dtype=dtypes[k], maxshape=(None,))
+        group = f.create_group("features")
+        for tap, (dim, dtype) in dims.items():
+            layout = h5py.VirtualLayout((sum(sizes), dim), dtype)
+            start = 0
+            for name, n in zip(rel, sizes):
+                if n:
+                    layout[start:start + n] = h5py.VirtualSource(name, f"features/{tap}", shape=(n, dim))
+                    start += n
+            group.create_virtual_dataset(tap, layout, fillvalue=np.nan)
+        f.attrs.update(attrs)
+        f.attrs["shards"] = json.dumps(rel)
 
 
 def library_versions() -> dict[str, str]:

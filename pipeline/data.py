@@ -133,17 +133,21 @@ def content_hash(path: Path) -> bytes:
         return hashlib.file_digest(fh, _HASH).digest()
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> Image.Image:
     """Open an image as upright 8-bit RGB, or raise with a reason a person can read.
 
     Opening, EXIF orientation, pixel decoding and mode conversion happen together because Pillow defers
-    decoding: a truncated file opens fine and fails only when its pixels are read.
+    decoding: a truncated file opens fine and fails only when its pixels are read. With ``min_side``, a
+    JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both sides at least
+    ``min_side`` (libjpeg's DCT scaling, ``Image.draft``): pixels the resize would discard are never made.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             if img.width * img.height > max_pixels:
                 raise ValueError(f"image is {img.width}x{img.height}, over the {max_pixels:,}-pixel limit")
+            if min_side:
+                img.draft(None, (min_side, min_side))
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))
 

@@ -2,22 +2,34 @@
 
 Only rows that are missing, invalid, or whose file bytes changed are computed; everything else is
 reused. Images that cannot be read or decoded are recorded in the cache's ``failures`` and skipped.
+
+Everything but the forward pass hides behind it: images are decoded (at reduced JPEG scale where the
+resize allows) in DataLoader worker processes, copied from pinned memory without blocking, and written to
+HDF5 by a background thread. Backbones with the same preprocessing share one decode pass. Under
+``torchrun``, each rank extracts its share of the images into a shard file and rank 0 writes the cache
+as HDF5 virtual datasets over the shards.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .backbones import Backbone, check_taps, load_backbone
-from .cache import DTYPES, UNREADABLE, CacheWriter, cache_key, cache_path
+from .backbones import Backbone, check_taps, load_backbone, resolve_device
+from .cache import DTYPES, UNREADABLE, CacheWriter, cache_key, cache_path, check_master, shard_path, write_master
 from .data import Sample, content_hash, load_image, load_source
 from .errors import PipelineError
 from .progress import progress_bar
@@ -45,6 +57,9 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+TTA = ("flip",)
+
+
 def extract(
     source: str | os.PathLike,
     backbones: str | Sequence[str],
@@ -55,13 +70,18 @@ def extract(
     workers: int | None = None,
     device: str = "auto",
     dtype: str = "float16",
+    amp: str = "auto",
+    channels_last: bool = True,
+    tta: str | None = None,
+    jpeg_draft: bool = True,
     retry_failed: bool = False,
     progress: bool = True,
 ) -> list[ExtractResult]:
     """Extract features of every image in ``source`` with each backbone into ``cache_dir``.
 
     Each backbone gets its own HDF5 file, named ``<source>__<backbone>__<key>.h5`` where the key hashes
-    the weights, the preprocessing and the dtype, so changing any of them makes a new cache.
+    the weights, the preprocessing, the dtype, the autocast dtype and ``tta``, so changing any of them
+    makes a new cache. Run under ``torchrun``, the ranks split the images between them.
     """
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     if not names:
@@ -72,34 +92,99 @@ def extract(
         raise PipelineError(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
     if batch_size < 1:
         raise PipelineError(f"--batch-size must be at least 1, got {batch_size}")
+    if tta is not None and tta not in TTA:
+        raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA)}")
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise PipelineError(f"--workers must be 0 or more, got {workers}")
     taps = check_taps(taps)
     src = load_source(source)
-    hashes, read_errors = _hash_files(src.samples)
+    rank, world = _distributed()
+    samples = list(src.samples) if world == 1 else [s for s in src.samples if _rank_of(s.id, world) == rank]
+    hashes, read_errors = _hash_files(samples)
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
-    present = {s.id for s in src.samples}
-    results = []
+    jobs = []
     for name in names:
-        bb = load_backbone(name, weights, device)
-        if "logits" in taps and bb.model.num_classes == 0:
-            raise PipelineError(f"{name} has no classifier in its weights, so it has no 'logits' tap; use --taps pooled")
-        key = cache_key(bb.weights_sha256, bb.data_config, dtype)
-        meta = dict(
-            backbone=name, weights_sha256=bb.weights_sha256, weights_source=bb.weights_source,
-            data_config=bb.data_config, dtype=dtype, source=src.name,
-        )
+        bb = load_backbone(name, weights, str(dev), amp, channels_last)
+        job_taps = bb.resolve_taps(taps)
+        key = cache_key(bb.weights_sha256, bb.data_config, dtype, bb.amp, tta)
         path = cache_path(cache_dir, src.name, name, key)
-        with CacheWriter(path, meta, bb.tap_dims(taps)) as writer:
-            plan = writer.sync(list(src.samples), hashes, read_errors, retry_failed=retry_failed)
+        if world > 1:
+            check_master(path, world)
+        meta = dict(backbone=name, weights_sha256=bb.weights_sha256, weights_source=bb.weights_source,
+                    data_config=bb.data_config, dtype=dtype, source=src.name, amp=bb.amp, tta=tta)
+        jobs.append(_Job(bb, job_taps, path, shard_path(path, rank, world) if world > 1 else path, meta))
+
+    present = {s.id for s in samples}
+    groups: dict[str, list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(json.dumps(job.bb.data_config, sort_keys=True), []).append(job)
+    results = []
+    for group in groups.values():
+        with ExitStack() as stack:
+            writers = [stack.enter_context(CacheWriter(j.write_to, j.meta, j.bb.tap_dims(j.taps))) for j in group]
+            plans = [w.sync(samples, hashes, read_errors, retry_failed=retry_failed) for w in writers]
             start = time.perf_counter()
-            done = _run(bb, writer, plan.todo, plan.samples, batch_size, workers, progress, name)
+            done = _run(group, writers, plans, batch_size, workers, tta, jpeg_draft, progress and rank == 0)
             seconds = time.perf_counter() - start
-            writer.finish()
-            failed = len(writer.failed_ids() & present)
-        results.append(ExtractResult(name, path, done, plan.reused, plan.changed, plan.new, failed, seconds))
+            for job, w, plan, n in zip(group, writers, plans, done):
+                w.finish()
+                results.append(ExtractResult(job.bb.name, job.path, n, plan.reused, plan.changed, plan.new,
+                                             len(w.failed_ids() & present), seconds))
+    if world > 1:
+        results = _gather(results, jobs, rank, world)
     return results
+
+
+@dataclass
+class _Job:
+    bb: Backbone
+    taps: tuple[str, ...]
+    path: Path  # the cache a user reads
+    write_to: Path  # the same, or this rank's shard of it
+    meta: dict
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's when it launched us (a gloo group, used only to wait for each
+    other), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Ranks finish their shares at different times; the final barrier must not time out.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rank_of(sample_id: str, world: int) -> int:
+    """The rank that owns an image: by a hash of its id, so adding images does not move the others."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little") % world
+
+
+def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: int) -> list[ExtractResult]:
+    """Wait for every rank; rank 0 writes each cache over its shards; all ranks get the summed counts."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        for job in jobs:
+            write_master(job.path, [shard_path(job.path, r, world) for r in range(world)])
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, results)
+    out = []
+    for per_backbone in zip(*everyone):
+        r0 = per_backbone[0]
+        out.append(ExtractResult(
+            r0.backbone, r0.cache, *(sum(getattr(r, k) for r in per_backbone) for k in ("extracted", "reused", "changed", "new", "failed")),
+            max(r.seconds for r in per_backbone),
+        ))
+    return out
 
 
 def _hash_files(samples: Sequence[Sample]) -> tuple[list[bytes], dict[str, str]]:
@@ -120,16 +205,17 @@ def _hash_files(samples: Sequence[Sample]) -> tuple[list[bytes], dict[str, str]]
 class _ImageRows(torch.utils.data.Dataset):
     """Decoded, transformed images; a sample that fails yields its error instead of a tensor."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable):
+    def __init__(self, samples: Sequence[Sample], transform: Callable, min_side: int | None):
         self.samples = samples
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.transform(load_image(self.samples[i].path)), ""
+            return i, self.transform(load_image(self.samples[i].path, min_side=self.min_side)), ""
         except Exception as e:  # any decode error is that image's failure, never the run's
             return i, None, " ".join(f"{type(e).__name__}: {e}".split())
 
@@ -141,39 +227,94 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[in
     return [i for i, _ in good], x, failed
 
 
-def image_batches(samples: Sequence[Sample], transform: Callable, batch_size: int, workers: int, pin_memory: bool = False):
-    """Batches of (indices into ``samples``, image tensor or None, [(index, error)]), decoded in workers."""
+def image_batches(samples: Sequence[Sample], transform: Callable, batch_size: int, workers: int,
+                  pin_memory: bool = False, min_side: int | None = None):
+    """Batches of (indices into ``samples``, image tensor or None, [(index, error)]), decoded in workers
+    (JPEGs at reduced scale down to ``min_side``, see ``load_image``)."""
     return torch.utils.data.DataLoader(
-        _ImageRows(samples, transform), batch_size=batch_size, num_workers=workers,
+        _ImageRows(samples, transform, min_side), batch_size=batch_size, num_workers=workers,
         collate_fn=_collate, pin_memory=pin_memory,
     )
 
 
-def forward_batches(bb: Backbone, samples: Sequence[Sample], taps: tuple[str, ...], batch_size: int,
-                    workers: int, progress: bool = False, label: str = "") -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
-    """Per batch: (indices into ``samples``, float32 features per tap, [(index, error)]), decoded in
-    worker processes, forwarded in inference mode, with a progress bar over ``samples``."""
-    loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=bb.device.type == "cuda")
+def device_batches(bb: Backbone, samples: Sequence[Sample], batch_size: int, workers: int, progress: bool = False,
+                   label: str = "", jpeg_draft: bool = True) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """``image_batches`` for ``bb``'s preprocessing, on ``bb``'s device, with a progress bar over ``samples``."""
+    cuda = bb.device.type == "cuda"
+    loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=cuda,
+                           min_side=bb.decode_size if jpeg_draft else None)
     with progress_bar(progress) as bar:
         task = bar.add_task(label, total=len(samples))
         for idx, x, failed in loader:
-            feats = {}
-            if x is not None:
-                with torch.inference_mode():
-                    out = bb.forward(x.to(bb.device, non_blocking=True), taps)
-                feats = {k: v.float().cpu().numpy() for k, v in out.items()}
-            yield idx, feats, failed
+            yield idx, None if x is None else x.to(bb.device, non_blocking=cuda), failed
             bar.advance(task, len(idx) + len(failed))
 
 
-def _run(bb: Backbone, writer: CacheWriter, rows: np.ndarray, samples: list[Sample], batch_size: int,
-         workers: int, progress: bool, label: str) -> int:
-    done = 0
-    for idx, feats, failed in forward_batches(bb, samples, tuple(writer.taps), batch_size, workers, progress,
-                                              f"extract {label}"):
-        if failed:
-            writer.record_failures([(samples[i].id, "decode", err) for i, err in failed])
-        if idx:
-            writer.write(rows[idx], feats)
-            done += len(idx)
+def forward_batches(bb: Backbone, samples: Sequence[Sample], taps: tuple[str, ...], batch_size: int,
+                    workers: int, progress: bool = False, label: str = "") -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
+    """Per batch: (indices into ``samples``, float32 features per tap, [(index, error)])."""
+    for idx, x, failed in device_batches(bb, samples, batch_size, workers, progress, label):
+        feats = {}
+        if x is not None:
+            with torch.inference_mode():
+                feats = {k: v.cpu().numpy() for k, v in bb.forward(x, taps).items()}
+        yield idx, feats, failed
+
+
+class _InOrder:
+    """Runs calls in order on one background thread with at most ``depth`` waiting, so HDF5 writes
+    overlap the next forward pass while memory stays bounded. An error in a call is raised in the caller
+    at its next ``submit`` or at exit; calls after a failed one are dropped."""
+
+    def __init__(self, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[0](*item[1:])
+                except BaseException as e:  # handed to the caller's thread
+                    self._error = e
+
+    def submit(self, fn: Callable, *args) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((fn, *args))
+
+    def __enter__(self) -> "_InOrder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+
+def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size: int, workers: int,
+         tta: str | None, jpeg_draft: bool, progress: bool) -> list[int]:
+    """One decode pass over the images any backbone of ``group`` (same preprocessing) still needs."""
+    rows = [dict(zip((s.id for s in plan.samples), plan.todo.tolist())) for plan in plans]
+    todo = list({s.id: s for plan in plans for s in plan.samples}.values())
+    done = [0] * len(group)
+    label = "extract " + ", ".join(j.bb.name for j in group)
+    with _InOrder() as background:
+        for idx, x, failed in device_batches(group[0].bb, todo, batch_size, workers, progress, label, jpeg_draft):
+            ids = [todo[i].id for i in idx]
+            for k, (job, writer, row_of) in enumerate(zip(group, writers, rows)):
+                lost = [(todo[i].id, "decode", err) for i, err in failed if todo[i].id in row_of]
+                if lost:
+                    background.submit(writer.record_failures, lost)
+                sel = [j for j, sid in enumerate(ids) if sid in row_of]
+                if not sel:
+                    continue
+                with torch.inference_mode():
+                    out = job.bb.forward(x if len(sel) == len(ids) else x[sel], job.taps, tta)
+                    feats = {t: v.cpu().numpy() for t, v in out.items()}
+                background.submit(writer.write, np.array([row_of[ids[j]] for j in sel]), feats)
+                done[k] += len(sel)
     return done

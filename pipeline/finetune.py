@@ -70,7 +70,7 @@ def finetune(
     random.seed(seed)
     src = load_source(data)
     train, held, split = _split(list(src.samples), seed)
-    bb = load_backbone(backbone, weights, device)
+    bb = load_backbone(backbone, weights, device, amp="auto", channels_last=True)
     if init is not None:
         classes, weight, bias = _linear_init(init, src.name, backbone, bb.weights_sha256)
     else:

@@ -119,7 +119,7 @@ def predict(
 
 
 def _backbone(m: Model, device: str) -> Backbone:
-    bb = load_backbone(m.backbone, m.weights, device)
+    bb = load_backbone(m.backbone, m.weights, device, amp="auto", channels_last=True)
     if m.weights_sha256 and bb.weights_sha256 != m.weights_sha256:
         raise PipelineError(
             f"the head was fit on {m.backbone} weights {m.weights_sha256[:12]}, but the weights found are "

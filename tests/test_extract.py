@@ -129,7 +129,7 @@ def test_dtype_and_taps(folder, tmp_path):
 def test_second_writer_is_refused(folder, tmp_path):
     first = _extract(folder, tmp_path / "cache")
     with FeatureCache(first.cache) as c:
-        meta = {k: c.attrs[k] for k in ("backbone", "weights_sha256", "weights_source", "data_config", "dtype", "source")}
+        meta = {k: c.attrs[k] for k in ("backbone", "weights_sha256", "weights_source", "data_config", "dtype", "source", "amp")}
     with CacheWriter(first.cache, meta, {"pooled": 1}):
         with pytest.raises(PipelineError, match=r"being written by another process \(pid \d+\)"):
             _extract(folder, tmp_path / "cache")
