@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared"))
 TINY = "test_efficientnet.r160_in1k"
 TINY_VIT = "test_vit.r160_in1k"
+TINY_GN = "test_efficientnet_gn.r160_in1k"  # same preprocessing as TINY_VIT
 CLASSES = {"red": (200, 40, 40), "blue": (40, 60, 210)}
 
 # Never wait on a model hub: without this, an offline hub lookup retries for about 45 s.
@@ -32,6 +37,39 @@ def make_image(path: Path, color: tuple[int, int, int], seed: int, size: tuple[i
     return path
 
 
+def make_many(root: Path, n: int = 240) -> Path:
+    """``n`` small images in two class folders, enough for a run that can be killed half-way."""
+    for i in range(n):
+        make_image(root / ("a" if i % 2 else "b") / f"{i:04d}.jpg", (200, 40, 40) if i % 2 else (40, 60, 210), i)
+    return root
+
+
+def valid_rows(files: list[Path]) -> int:
+    """Rows marked valid in cache files another process is writing (read without HDF5's file lock)."""
+    n = 0
+    for path in files:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                n += int(f["valid"][()].sum())
+        except (OSError, KeyError):
+            pass
+    return n
+
+
+def kill_when_rows(proc: subprocess.Popen, files: Callable[[], list[Path]], at_least: int,
+                   pids: Callable[[], list[int]], timeout: float = 180) -> int | None:
+    """SIGKILL ``pids()`` once the caches in ``files()`` hold ``at_least`` valid rows; the rows then,
+    or None if the run ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (n := valid_rows(files())) >= at_least:
+            for pid in pids():
+                os.kill(pid, signal.SIGKILL)
+            return n
+        time.sleep(0.02)
+    return None
+
+
 def make_folder(root: Path, n_train: int = 12, n_val: int = 6, splits: bool = True, seed: int = 0) -> Path:
     k = seed * 1000
     for split, n in (("train", n_train), ("val", n_val)) if splits else (("", n_train + n_val),):
@@ -44,14 +82,15 @@ def make_folder(root: Path, n_train: int = 12, n_val: int = 6, splits: bool = Tr
 
 @pytest.fixture(scope="session")
 def tiny_weights_dir(tmp_path_factory) -> Path:
-    """`$PIPELINE_WEIGHTS_DIR` holding random weights for timm's `test_efficientnet` and `test_vit`."""
+    """`$PIPELINE_WEIGHTS_DIR` holding random weights for timm's `test_efficientnet`, `test_vit` and
+    `test_efficientnet_gn`."""
     import timm
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("weights")
-    for name in (TINY, TINY_VIT):
+    for name in (TINY, TINY_VIT, TINY_GN):
         model = timm.create_model(name, pretrained=False)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / f"{name}.safetensors"))
     return d

@@ -1,13 +1,17 @@
 import csv
+import errno
 import hashlib
+import importlib
 import json
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
-from conftest import TINY, TINY_VIT, make_image, run_cli
-from pipeline import FeatureCache, PipelineError, extract
+from conftest import TINY, TINY_GN, TINY_VIT, make_image, run_cli
+from pipeline import FeatureCache, PipelineError, extract, fit, load_backbone
+from pipeline.data import load_image
 from pipeline.cache import CacheWriter
 
 
@@ -198,3 +202,114 @@ def test_manifest_with_a_missing_file(folder, tmp_path):
     assert (res.extracted, res.failed) == (1, 1)
     with FeatureCache(res.cache) as c:
         assert c.failures == [("not_here.jpg", "read", "FileNotFoundError: No such file or directory")]
+
+
+def test_layer_taps(folder, tmp_path):
+    # float32 forward (amp off), so the reference below computes the same numbers
+    res = _extract(folder, tmp_path / "cache", taps=("pooled", "layer0", "layer-1"), amp="off")
+    bb = load_backbone(TINY)
+    with FeatureCache(res.cache) as c:
+        assert sorted(c.taps) == ["layer0", "layer4", "pooled"]  # layer-1 is the last of 5 stages
+        assert c.info()["taps"] == {"layer0": 16, "layer4": 64, "pooled": 256}
+        x = bb.transform()(load_image(folder / c.ids[0])).unsqueeze(0)
+        with torch.inference_mode():
+            maps = bb.model.forward_intermediates(x, indices=[0, 4], intermediates_only=True)
+        np.testing.assert_allclose(c.features("layer0")[0], maps[0].mean((2, 3))[0], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(c.features("layer4")[0], maps[1].mean((2, 3))[0], rtol=2e-3, atol=2e-3)
+    # a ViT's layer tap is the class token of that block's output
+    [vit] = extract(folder, TINY_VIT, tmp_path / "cache", taps=("layer2",), workers=0, amp="off", progress=False)
+    vbb = load_backbone(TINY_VIT)
+    with FeatureCache(vit.cache) as c, torch.inference_mode():
+        x = vbb.transform()(load_image(folder / c.ids[0])).unsqueeze(0)
+        _, [(_, prefix)] = vbb.model.forward_intermediates(x, indices=[2], return_prefix_tokens=True)
+        np.testing.assert_allclose(c.features("layer2")[0], prefix[0, 0], rtol=2e-3, atol=2e-3)
+    fit_rows = fit(res.cache, tmp_path / "run", heads=["knn"], n_jobs=1, progress=False).rows
+    assert sorted(r["tap"] for r in fit_rows) == ["layer0", "layer4", "pooled"]  # one leaderboard row per tap
+    with pytest.raises(PipelineError, match=r"has layers 0\.\.4; 'layer5' is out of range"):
+        _extract(folder, tmp_path / "cache", taps=("layer5",))
+
+
+def test_flip_tta_is_mirror_invariant(tmp_path):
+    from PIL import Image, ImageOps
+
+    data = tmp_path / "mirror"
+    img = make_image(data / "a" / "img.jpg", (200, 40, 40), 1, size=(160, 160))
+    ImageOps.mirror(Image.open(img)).save(data / "a" / "mirrored.png")  # lossless, so exactly the mirror
+    Image.open(img).save(data / "a" / "img.png")
+    (data / "a" / "img.jpg").unlink()
+    plain = _extract(data, tmp_path / "cache", amp="off", dtype="float32")
+    tta = _extract(data, tmp_path / "cache", amp="off", dtype="float32", tta="flip")
+    assert tta.cache != plain.cache  # flip TTA is another cache
+    with FeatureCache(tta.cache) as t, FeatureCache(plain.cache) as p:
+        assert t.attrs["tta"] == "flip"
+        f, g = dict(zip(t.ids, t.features())), dict(zip(p.ids, p.features()))
+    with_tta = np.abs(f["a/img.png"] - f["a/mirrored.png"]).max()
+    without = np.abs(g["a/img.png"] - g["a/mirrored.png"]).max()
+    assert with_tta < 1e-5 < without / 10  # the same up to float32 rounding; without TTA they differ
+
+
+def test_jpeg_draft_stays_within_resampling_tolerance(tmp_path):
+    from PIL import Image
+
+    bb = load_backbone(TINY)
+    rng = np.random.default_rng(0)  # a photo-like picture: smooth colour fields with some grain
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC))
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)).save(path, quality=90)
+    draft = load_image(path, min_side=bb.decode_size)
+    assert draft.size == (400, 300) and min(draft.size) >= bb.decode_size  # decoded at 1/4 scale
+    tf = bb.transform()
+    full, reduced = tf(load_image(path)), tf(draft)
+    grey_level = 1 / 255 / min(bb.data_config["std"])  # one 8-bit step after normalisation
+    assert (full - reduced).abs().mean() < grey_level and (full - reduced).abs().max() < 10 * grey_level
+    with torch.inference_mode():
+        a, b = (bb.forward(t.unsqueeze(0), ("pooled",))["pooled"][0] for t in (full, reduced))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_backbones_with_one_preprocessing_share_one_decode(folder, tmp_path, monkeypatch):
+    module = importlib.import_module("pipeline.extract")
+    calls = []
+    real = module.load_image
+    monkeypatch.setattr(module, "load_image", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    results = extract(folder, [TINY, TINY_VIT, TINY_GN], tmp_path / "cache", workers=0, progress=False)
+    assert [r.extracted for r in results] == [36, 36, 36]
+    assert len(calls) == 72  # TINY alone, then TINY_VIT and TINY_GN over one decode pass
+    for r in results:
+        with FeatureCache(r.cache) as c:
+            assert c.valid.all() and c.backbone == r.backbone
+    again = extract(folder, [TINY, TINY_VIT, TINY_GN], tmp_path / "cache", workers=0, progress=False)
+    assert [r.reused for r in again] == [36, 36, 36] and len(calls) == 72
+
+
+def test_autocast_dtype_is_part_of_the_cache(folder, tmp_path):
+    off = _extract(folder, tmp_path / "cache", amp="off")
+    bf16 = _extract(folder, tmp_path / "cache", amp="bf16")
+    assert off.cache != bf16.cache
+    with FeatureCache(off.cache) as a, FeatureCache(bf16.cache) as b:
+        assert (a.attrs["amp"], b.attrs["amp"]) == ("off", "bf16")
+        x, y = a.features(), b.features()
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() > 0.99
+    with pytest.raises(PipelineError, match="unknown --amp 'fp8'"):
+        _extract(folder, tmp_path / "cache", amp="fp8")
+
+
+def test_a_failed_write_stops_the_run_and_keeps_earlier_batches(folder, tmp_path, monkeypatch):
+    real = CacheWriter.write
+    written = []
+
+    def write(self, rows, feats):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(len(rows))
+        real(self, rows, feats)
+
+    monkeypatch.setattr(CacheWriter, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        _extract(folder, tmp_path / "cache", batch_size=8)
+    [path] = (tmp_path / "cache").glob("*.h5")
+    with h5py.File(path, "r") as f:
+        assert f["valid"][()].sum() == 8
+    monkeypatch.setattr(CacheWriter, "write", real)
+    assert _extract(folder, tmp_path / "cache").extracted == 28

@@ -2,46 +2,24 @@
 that the next run completes by computing only the rest."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import h5py
 import numpy as np
 
-from conftest import TINY, make_image
+from conftest import TINY, kill_when_rows, make_many
 from pipeline import FeatureCache, extract
 
 
-def _valid_count(path) -> int | None:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int(f["valid"][()].sum())
-    except (OSError, KeyError):
-        return None
-
-
 def test_kill_mid_run_then_resume(tmp_path):
-    data = tmp_path / "many"
-    for i in range(240):
-        make_image(data / ("a" if i % 2 else "b") / f"{i:04d}.jpg", (200, 40, 40) if i % 2 else (40, 60, 210), i)
+    data = make_many(tmp_path / "many")
     cache_dir = tmp_path / "cache"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
          "--batch-size", "2", "--workers", "0", "--no-progress"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
     )
-    killed_at = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        files = list(cache_dir.glob("*.h5"))
-        n = _valid_count(files[0]) if files else None
-        if n is not None and n >= 20:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = n
-            break
-        time.sleep(0.02)
+    killed_at = kill_when_rows(proc, lambda: list(cache_dir.glob("*.h5")), 20, lambda: [proc.pid])
     proc.wait()
     assert killed_at is not None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
     [path] = cache_dir.glob("*.h5")
