@@ -81,13 +81,15 @@ def fit(
     cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1, help="rows read at a time by heads that train by chunks (sgd); the others load a task's features whole")] = 65536,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Fit and compare heads on cached features; write a leaderboard, the heads and a confusion matrix."""
     from pipeline.fit import DEFAULT_HEADS, fit as run
 
     result = run(caches, out, labels=labels or [], heads=_split_list(heads) or list(DEFAULT_HEADS),
-                 taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, progress=progress)
+                 taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
+                 progress=progress)
     typer.echo(result.markdown())
     for row in result.rows:
         if row["accuracy"] is None:

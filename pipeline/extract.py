@@ -99,7 +99,7 @@ def extract(
         raise PipelineError(f"--workers must be 0 or more, got {workers}")
     taps = check_taps(taps)
     src = load_source(source)
-    rank, world = _distributed()
+    rank, world, own_group = _distributed()
     samples = list(src.samples) if world == 1 else [s for s in src.samples if _rank_of(s.id, world) == rank]
     hashes, read_errors = _hash_files(samples)
     dev = resolve_device(device)
@@ -136,6 +136,10 @@ def extract(
                                              len(w.failed_ids() & present), seconds))
     if world > 1:
         results = _gather(results, jobs, rank, world)
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()  # left to interpreter exit, gloo's threads can abort the process
     return results
 
 
@@ -148,18 +152,19 @@ class _Job:
     meta: dict
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): torchrun's when it launched us (a gloo group, used only to wait for each
-    other), else (0, 1)."""
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we started the process group): torchrun's rank and size when it
+    launched us (with a gloo group, used only to wait for each other), else (0, 1, False)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    own = not dist.is_initialized()
+    if own:
         # Ranks finish their shares at different times; the final barrier must not time out.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), own
 
 
 def _rank_of(sample_id: str, world: int) -> int:

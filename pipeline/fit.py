@@ -4,6 +4,9 @@
 Evaluation is on the ``val`` (else ``test``) split when the task has one beside ``train``, else seeded
 stratified k-fold cross-validation over all labelled rows (out-of-fold predictions), after which the
 saved head is refit on all of them.
+
+Heads hold their training features in memory, except the ``chunked`` ones (``sgd``), which read them
+from the cache file ``chunk_rows`` rows at a time, so a cache larger than memory can be fit.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold
 
 from .cache import FeatureCache, find_caches
 from .errors import PipelineError
 from .files import atomic_path
-from .heads import create_head, head_spec, list_heads, save_head
+from .heads import create_head, fit_by_chunks, head_spec, list_heads, save_head
 from .progress import progress_bar
 from .report import markdown_table, plot_confusion, write_leaderboard
 from .tasks import TaskData, cache_task, join_task, read_labels
@@ -55,9 +58,13 @@ def fit(
     cv: int = 5,
     seed: int = 0,
     n_jobs: int = -1,
+    chunk_rows: int = 65536,
     progress: bool = True,
 ) -> FitResult:
-    """Fit every head on every (cache, tap, task) and write the leaderboard, heads and a confusion matrix."""
+    """Fit every head on every (cache, tap, task) and write the leaderboard, heads and a confusion matrix.
+
+    Chunked heads read ``chunk_rows`` rows of features at a time from the cache; the others load a
+    task's features whole (when only chunked heads are asked for, no features are loaded at all)."""
     paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
     heads = list(dict.fromkeys(heads))
     if not heads:
@@ -66,6 +73,9 @@ def fit(
         head_spec(h)
     if cv < 2:
         raise PipelineError(f"--cv must be at least 2, got {cv}")
+    if chunk_rows < 1:
+        raise PipelineError(f"--chunk-rows must be at least 1, got {chunk_rows}")
+    in_memory = any(not head_spec(h).chunked for h in heads)
     extra_tasks = [read_labels(p) for p in labels]
     out = Path(out)
 
@@ -78,10 +88,11 @@ def fit(
                 raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split]")
             for tap in taps or cache.taps:
                 for task in tasks:
-                    data = join_task(cache, task, tap)
+                    data = join_task(cache, task, tap, load=in_memory)
                     plan = _plan(data, cv, path)
                     for head in heads:
-                        jobs.append(delayed(_fit_one)(head, seed, data, plan, cv))
+                        rows = _Rows(data, (str(path), tap, chunk_rows) if head_spec(head).chunked else None, seed)
+                        jobs.append(delayed(_fit_one)(head, seed, rows, plan, cv))
                         meta.append(dict(
                             backbone=cache.backbone, weights=attrs["weights_sha256"][:12], tap=tap,
                             task=data.task, head=head, eval=plan, cache=str(path.resolve()),
@@ -154,32 +165,67 @@ def _plan(data: TaskData, cv: int, path: Path) -> str:
     return f"cv{cv}"
 
 
-def _fit_one(head: str, seed: int, data: TaskData, plan: str, cv: int) -> dict:
+class _Rows:
+    """Fit and predict on index sets of a task's rows: features from memory, or, for a chunked head,
+    read from the cache file ``chunk_rows`` rows at a time (``source = (path, tap, chunk_rows)``)."""
+
+    def __init__(self, data: TaskData, source: tuple[str, str, int] | None, seed: int):
+        self.data, self.source, self.seed = data, source, seed
+
+    def fit(self, est, idx: np.ndarray):
+        y = self.data.y
+        if self.source is None:
+            return est.fit(self.data.X[idx], y[idx])
+        rng = np.random.default_rng(self.seed)
+
+        def chunks(epoch: int):
+            for part in self._parts(idx if epoch < 0 else rng.permutation(idx)):
+                yield self._read(part), y[part]
+
+        return fit_by_chunks(est, chunks, np.unique(y))
+
+    def predict(self, est, idx: np.ndarray) -> np.ndarray:
+        if self.source is None:
+            return est.predict(self.data.X[idx])
+        return np.concatenate([est.predict(self._read(part)) for part in self._parts(idx)])
+
+    def _parts(self, idx: np.ndarray):
+        step = self.source[2]
+        return (idx[i:i + step] for i in range(0, len(idx), step))
+
+    def _read(self, part: np.ndarray) -> np.ndarray:
+        with FeatureCache(self.source[0]) as cache:
+            return cache.features(self.source[1], self.data.rows[part])
+
+
+def _fit_one(head: str, seed: int, rows: _Rows, plan: str, cv: int) -> dict:
     est = create_head(head, seed)
-    X, y = data.X, data.y
+    y = rows.data.y
     notes: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if plan.startswith("cv"):
                 folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
-                y_true, y_pred = y, cross_val_predict(clone(est), X, y, cv=folds)
-                train = np.ones(len(y), bool)
+                y_true, y_pred = y, np.empty(len(y), dtype=object)
+                for tr, te in folds.split(np.zeros((len(y), 1)), y):  # out-of-fold predictions
+                    y_pred[te] = rows.predict(rows.fit(clone(est), tr), te)
+                train = np.arange(len(y))
             else:
-                train, test = data.splits == "train", data.splits == plan
+                train, test = np.flatnonzero(rows.data.splits == "train"), np.flatnonzero(rows.data.splits == plan)
                 y_true = y[test]
             start = time.perf_counter()
-            est.fit(X[train], y[train])
+            rows.fit(est, train)
             seconds = time.perf_counter() - start
             if not plan.startswith("cv"):
-                y_pred = est.predict(X[test])
+                y_pred = rows.predict(est, test)
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(estimator=None, y_true=None, y_pred=None, metrics=dict(
             n_train=None, n_test=None, accuracy=None, balanced_accuracy=None, f1_macro=None,
             fit_seconds=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300]))
     return dict(estimator=est, y_true=y_true, y_pred=y_pred, metrics=dict(
-        n_train=int(train.sum()), n_test=int(len(y_true)),
+        n_train=int(len(train)), n_test=int(len(y_true)),
         accuracy=float(accuracy_score(y_true, y_pred)),
         balanced_accuracy=float(balanced_accuracy_score(y_true, y_pred)),
         f1_macro=float(f1_score(y_true, y_pred, average="macro")),

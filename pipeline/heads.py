@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
@@ -53,16 +53,18 @@ class HeadSpec:
     build: Callable[[int], BaseEstimator]
     doc: str
     linear: bool = False
+    chunked: bool = False  # trains by row chunks (``fit_by_chunks``), so the features need not fit in memory
 
 
 _REGISTRY: dict[str, HeadSpec] = {}
 
 
-def register_head(name: str, doc: str, linear: bool = False):
-    """Register ``build(random_state) -> estimator`` under ``name`` (decorator)."""
+def register_head(name: str, doc: str, linear: bool = False, chunked: bool = False):
+    """Register ``build(random_state) -> estimator`` under ``name`` (decorator). A ``chunked`` head is
+    a ``Pipeline`` of a scaler and a classifier that both have ``partial_fit``."""
 
     def wrap(build: Callable[[int], BaseEstimator]) -> Callable[[int], BaseEstimator]:
-        _REGISTRY[name] = HeadSpec(name, build, doc, linear)
+        _REGISTRY[name] = HeadSpec(name, build, doc, linear, chunked)
         return build
 
     return wrap
@@ -105,6 +107,29 @@ def _mlp(random_state: int) -> BaseEstimator:
 @register_head("knn", "k=10 nearest neighbours on cosine distance, distance-weighted votes")
 def _knn(random_state: int) -> BaseEstimator:
     return KNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance")
+
+
+SGD_EPOCHS = 10
+
+
+@register_head("sgd", f"standardise + logistic regression by SGD (log loss, L2 1e-4, {SGD_EPOCHS} epochs); "
+               "trains by row chunks, so the cache need not fit in memory", linear=True, chunked=True)
+def _sgd(random_state: int) -> BaseEstimator:
+    return make_pipeline(StandardScaler(), SGDClassifier(loss="log_loss", alpha=1e-4, random_state=random_state))
+
+
+def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+                  classes: np.ndarray, epochs: int = SGD_EPOCHS) -> BaseEstimator:
+    """Fit a chunked head from ``chunks(epoch)``, which yields (X, y) row chunks covering the training
+    rows (in a new order each epoch): one pass for the scaler's statistics, then ``epochs`` passes of the
+    classifier's ``partial_fit``. Memory holds one chunk at a time."""
+    scaler, clf = estimator[0], estimator[-1]
+    for X, _ in chunks(-1):
+        scaler.partial_fit(X)
+    for epoch in range(epochs):
+        for X, y in chunks(epoch):
+            clf.partial_fit(scaler.transform(X), y, classes=classes)
+    return estimator
 
 
 def save_head(estimator: BaseEstimator, path: str | os.PathLike) -> Path:

@@ -35,10 +35,11 @@ class TaskData:
 
     task: str
     ids: np.ndarray
-    X: np.ndarray
+    X: np.ndarray | None  # None when joined with ``load=False``
     y: np.ndarray
     splits: np.ndarray
     dropped: int  # labelled rows left out because their image failed or is not yet extracted
+    rows: np.ndarray  # each sample's row in the cache
 
     @property
     def holdout_split(self) -> str | None:
@@ -93,8 +94,9 @@ def cache_task(cache: FeatureCache) -> Task:
     return Task(name, ids[has], labels[has], cache.splits[has])
 
 
-def join_task(cache: FeatureCache, task: Task, tap: str = "pooled") -> TaskData:
-    """Features of ``task``'s samples from ``cache``; ids the cache does not know are an error."""
+def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool = True) -> TaskData:
+    """Features of ``task``'s samples from ``cache`` (only their rows with ``load=False``); ids the cache
+    does not know are an error."""
     ids = cache.ids
     index = {sid: i for i, sid in enumerate(ids)}
     unknown = [sid for sid in task.ids if sid not in index]
@@ -108,8 +110,8 @@ def join_task(cache: FeatureCache, task: Task, tap: str = "pooled") -> TaskData:
     splits = task.splits if task.splits is not None else cache.splits[rows]
     rows = rows[valid]
     return TaskData(
-        task=task.name, ids=task.ids[valid], X=cache.features(tap, rows), y=task.labels[valid],
-        splits=np.asarray(splits)[valid], dropped=int((~valid).sum()),
+        task=task.name, ids=task.ids[valid], X=cache.features(tap, rows) if load else None, y=task.labels[valid],
+        splits=np.asarray(splits)[valid], dropped=int((~valid).sum()), rows=rows,
     )
 
 

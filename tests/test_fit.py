@@ -108,3 +108,31 @@ def test_cli_fit_prints_markdown(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| backbone | weights | tap | task | head |" in r.stdout and "| knn |" in r.stdout
     assert (tmp_path / "run" / "leaderboard.csv").is_file()
+
+
+def test_chunked_head_reads_features_by_chunks(tiny_run, tmp_path, monkeypatch):
+    reads = []
+    real = FeatureCache.features
+
+    def features(self, tap="pooled", rows=None):
+        reads.append(None if rows is None else len(rows))
+        return real(self, tap, rows)
+
+    monkeypatch.setattr(FeatureCache, "features", features)
+    result = fit(tiny_run["cache"], tmp_path / "run", heads=["sgd"], chunk_rows=5, n_jobs=1, progress=False)
+    assert reads and None not in reads and max(reads) <= 5  # never the whole task at once
+    [row] = result.rows
+    assert (row["n_train"], row["n_test"], row["error"]) == (24, 12, "")
+    monkeypatch.setattr(FeatureCache, "features", real)
+    X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
+    head = load_head(row["head_file"])
+    assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row["accuracy"])
+    logreg = fit(tiny_run["cache"], tmp_path / "lr", heads=["logreg"], n_jobs=1, progress=False).rows[0]
+    assert row["accuracy"] >= logreg["accuracy"] - 0.1
+
+
+def test_chunked_head_cross_validates_without_splits(tmp_path):
+    data = make_folder(tmp_path / "flat", splits=False)
+    [res] = extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
+    [row] = fit(res.cache, tmp_path / "run", heads=["sgd"], chunk_rows=7, n_jobs=1, progress=False).rows
+    assert row["eval"] == "cv5" and row["n_train"] == 36 and row["accuracy"] is not None
