@@ -30,7 +30,7 @@ def child(manifest: str, cache: str) -> None:
     from pipeline import extract
 
     start = time.perf_counter()
-    [res] = extract(manifest, MODEL, cache, progress=False)
+    [res] = extract(manifest, MODEL, cache, allow_outside_root=True, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(dict(extracted=res.extracted, seconds=time.perf_counter() - start, peak_mib=peak, worker_mib=workers)))

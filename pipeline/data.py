@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PipelineError
 
@@ -51,15 +51,18 @@ class ImageSource:
     samples: tuple[Sample, ...]
 
 
-def load_source(source: str | os.PathLike) -> ImageSource:
-    """List a folder (``root/[split/]class/image``) or a CSV manifest as an :class:`ImageSource`."""
+def load_source(source: str | os.PathLike, allow_outside_root: bool = False) -> ImageSource:
+    """List a folder (``root/[split/]class/image``) or a CSV manifest as an :class:`ImageSource`.
+
+    A manifest's paths are relative to its folder; one that leaves it (absolute, or through ``..``) is
+    an error unless ``allow_outside_root``, so a manifest from elsewhere cannot point at any file."""
     path = Path(source)
     if not path.exists():
         raise PipelineError(f"data source not found: {path} (give an image folder or a CSV manifest)")
     if path.is_dir():
         return ImageSource(path.resolve().name, path, tuple(_list_folder(path)))
     if path.suffix.lower() == ".csv":
-        return ImageSource(path.stem, path.parent, tuple(_read_manifest(path)))
+        return ImageSource(path.stem, path.parent, tuple(_read_manifest(path, allow_outside_root)))
     raise PipelineError(f"data source {path} is neither a folder nor a .csv manifest")
 
 
@@ -102,7 +105,7 @@ def _list_folder(root: Path) -> list[Sample]:
     return samples
 
 
-def _read_manifest(path: Path) -> list[Sample]:
+def _read_manifest(path: Path, allow_outside_root: bool) -> list[Sample]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -117,6 +120,11 @@ def _read_manifest(path: Path) -> list[Sample]:
         rel = (row.get("path") or "").strip()
         if not rel:
             raise PipelineError(f"{path}:{line}: empty 'path'")
+        if not allow_outside_root and (Path(rel).is_absolute() or ".." in Path(rel).parts):
+            raise PipelineError(
+                f"{path}:{line}: path {rel!r} leaves the manifest's folder; paths are relative to it "
+                "(pass --allow-outside-root to read it anyway)"
+            )
         sid = (row.get("id") or "").strip() or rel
         if sid in seen:
             raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {seen[sid]}); ids must be unique")
@@ -141,9 +149,17 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, min_
     JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both sides at least
     ``min_side`` (libjpeg's DCT scaling, ``Image.draft``): pixels the resize would discard are never made.
     """
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise ValueError("not an image Pillow can read (unknown format or corrupt header)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"refused by the decompression-bomb guard: {e}") from None
+        with img:
             if img.width * img.height > max_pixels:
                 raise ValueError(f"image is {img.width}x{img.height}, over the {max_pixels:,}-pixel limit")
             if min_side:

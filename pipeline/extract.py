@@ -75,6 +75,7 @@ def extract(
     tta: str | None = None,
     jpeg_draft: bool = True,
     retry_failed: bool = False,
+    allow_outside_root: bool = False,
     progress: bool = True,
 ) -> list[ExtractResult]:
     """Extract features of every image in ``source`` with each backbone into ``cache_dir``.
@@ -98,7 +99,7 @@ def extract(
     if workers < 0:
         raise PipelineError(f"--workers must be 0 or more, got {workers}")
     taps = check_taps(taps)
-    src = load_source(source)
+    src = load_source(source, allow_outside_root)
     rank, world, own_group = _distributed()
     samples = list(src.samples) if world == 1 else [s for s in src.samples if _rank_of(s.id, world) == rank]
     hashes, read_errors = _hash_files(samples)

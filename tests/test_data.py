@@ -36,7 +36,9 @@ def test_manifest(tmp_path, folder):
         f"{folder}/train/red/red_000.jpg,warm,train,a\n"
         "shapes/val/blue/blue_000.jpg,cold,val,\n"
     )
-    src = load_source(manifest)
+    with pytest.raises(PipelineError, match=r"m.csv:2: path '.*red_000.jpg' leaves the manifest's folder"):
+        load_source(manifest)
+    src = load_source(manifest, allow_outside_root=True)
     assert src.name == "m"
     assert [(s.id, s.label, s.split) for s in src.samples] == [
         ("a", "warm", "train"), ("shapes/val/blue/blue_000.jpg", "cold", "val")]
@@ -47,6 +49,8 @@ def test_manifest(tmp_path, folder):
     ("file,label\nx.jpg,a\n", "needs a 'path' column"),
     ("path,id\na.jpg,1\nb.jpg,1\n", "m.csv:3: duplicate id '1'"),
     ("path\n", "lists no images"),
+    ("path\nok.jpg\n../../etc/passwd\n", "m.csv:3: path '../../etc/passwd' leaves the manifest's folder"),
+    ("path\n/etc/passwd\n", "m.csv:2: path '/etc/passwd' leaves the manifest's folder"),
 ])
 def test_bad_manifest(tmp_path, text, message):
     (tmp_path / "m.csv").write_text(text)

@@ -96,7 +96,7 @@ def test_unreadable_images_are_recorded_and_skipped(folder, tmp_path):
         failures = {sid: (stage, reason) for sid, stage, reason in c.failures}
         assert set(failures) == {"train/red/truncated.jpg", "train/red/empty.jpg", "train/blue/text.jpg"}
         assert "truncated" in failures["train/red/truncated.jpg"][1]
-        assert "cannot identify image file" in failures["train/blue/text.jpg"][1]
+        assert "not an image Pillow can read" in failures["train/blue/text.jpg"][1]
         assert all(stage == "decode" for stage, _ in failures.values())
         assert c.valid.sum() == 36 and c.attrs["complete"]
     # unchanged broken files are not retried; fixing one makes it extract
@@ -198,7 +198,7 @@ def test_weights_with_several_backbones_is_refused(folder, tmp_path, tiny_weight
 def test_manifest_with_a_missing_file(folder, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,label\nnot_here.jpg,a\n{folder}/train/red/red_000.jpg,b\n")
-    [res] = extract(manifest, TINY, tmp_path / "cache", workers=0, progress=False)
+    [res] = extract(manifest, TINY, tmp_path / "cache", workers=0, allow_outside_root=True, progress=False)
     assert (res.extracted, res.failed) == (1, 1)
     with FeatureCache(res.cache) as c:
         assert c.failures == [("not_here.jpg", "read", "FileNotFoundError: No such file or directory")]

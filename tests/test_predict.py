@@ -17,7 +17,7 @@ def test_predict_with_a_saved_head(tiny_run, tmp_path):
     rows = predict(head, [tmp_path / "new"], out=tmp_path / "preds.csv", workers=0, progress=False)
     assert len(rows) == 7
     by_name = {r["path"].split("/")[-1]: r for r in rows}
-    assert "cannot identify image file" in by_name["broken.jpg"]["error"]
+    assert "not an image Pillow can read" in by_name["broken.jpg"]["error"]
     assert by_name["broken.jpg"]["prediction"] == ""
     for name, row in by_name.items():
         if name != "broken.jpg":
