@@ -192,6 +192,33 @@ def cache_info(
         typer.echo(f"  failed     {sid} [{stage}] {reason}")
 
 
+@cache_app.command("verify")
+def cache_verify(
+    file: Annotated[Path, typer.Argument(help="a cache file (.h5)")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="the cache's image folder or manifest, to re-extract a sample of rows from")] = None,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="rows to re-extract and compare")] = 16,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file, if not where the cache's backbone resolves")] = None,
+    device: Annotated[str, _device_option()] = "auto",
+) -> None:
+    """Check a cache: schema and valid mask (plain h5py), then re-extract a random sample of rows and
+    compare them with the stored features. Exit 1 when anything is wrong or has drifted."""
+    from pipeline.verify import verify
+
+    report = verify(file, data, sample=sample, seed=seed, weights=weights, device=device)
+    typer.echo(f"{report.path}")
+    for note in report.notes:
+        typer.echo(f"  note     {note}")
+    for tap in report.min_cosine:
+        typer.echo(f"  {tap:<8} {report.checked_rows} rows re-extracted: min cosine {report.min_cosine[tap]:.5f}, "
+                   f"max |diff| {report.max_abs_diff[tap]:.4f}")
+    for problem in report.problems:
+        typer.echo(f"  PROBLEM  {problem}")
+    typer.echo("  ok" if report.ok else f"  {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point: a PipelineError becomes one line on stderr and exit status 1."""
     from pipeline.errors import PipelineError

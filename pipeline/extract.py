@@ -257,13 +257,14 @@ def device_batches(bb: Backbone, samples: Sequence[Sample], batch_size: int, wor
 
 
 def forward_batches(bb: Backbone, samples: Sequence[Sample], taps: tuple[str, ...], batch_size: int,
-                    workers: int, progress: bool = False, label: str = "") -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
+                    workers: int, progress: bool = False, label: str = "",
+                    tta: str | None = None) -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
     """Per batch: (indices into ``samples``, float32 features per tap, [(index, error)])."""
     for idx, x, failed in device_batches(bb, samples, batch_size, workers, progress, label):
         feats = {}
         if x is not None:
             with torch.inference_mode():
-                feats = {k: v.cpu().numpy() for k, v in bb.forward(x, taps).items()}
+                feats = {k: v.cpu().numpy() for k, v in bb.forward(x, taps, tta).items()}
         yield idx, feats, failed
 
 

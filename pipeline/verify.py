@@ -1,0 +1,151 @@
+"""Checking a cache: its schema and valid mask, read with plain h5py, and whether a random sample of
+its rows still comes out the same when extracted again (drift in weights, preprocessing, libraries).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .backbones import load_backbone
+from .cache import SCHEMA_VERSION, FeatureCache
+from .data import content_hash, load_source
+from .errors import PipelineError
+from .extract import forward_batches
+
+_ROW_ARRAYS = ("ids", "labels", "splits", "content_hash", "valid")
+_ATTRS = ("schema_version", "backbone", "weights_sha256", "data_config", "dtype", "taps")
+MIN_COSINE = 0.999  # re-extracted rows below this cosine similarity to the stored ones are drift
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: problems (empty means the cache is sound) and the sample it re-extracted."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    checked_rows: int = 0
+    min_cosine: dict[str, float] = field(default_factory=dict)
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sample: int = 16, seed: int = 0,
+           weights: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 16) -> VerifyReport:
+    """Check ``path``'s schema and valid mask, then re-extract ``sample`` random valid rows from the
+    images in ``data`` (the cache's source folder or manifest) and compare them with the stored ones."""
+    report = VerifyReport(Path(path))
+    _check_schema(report)
+    if report.problems or sample <= 0:
+        return report
+    if data is None:
+        report.notes.append("no --data given: rows were not re-extracted")
+        return report
+    with FeatureCache(path) as cache:
+        attrs = cache.attrs
+        valid_rows = np.flatnonzero(cache.valid)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(valid_rows, min(sample, len(valid_rows)), replace=False))
+        ids, hashes = cache.ids[rows], cache.content_hash[rows]
+        stored = {tap: cache.features(tap, rows) for tap in cache.taps}
+    by_id = {s.id: s for s in load_source(data, allow_outside_root=True).samples}
+    samples, keep = [], []
+    for k, (sid, h) in enumerate(zip(ids, hashes)):
+        s = by_id.get(sid)
+        if s is None or not s.path.is_file():
+            report.notes.append(f"{sid}: not in {data}; skipped")
+        elif content_hash(s.path) != h:
+            report.notes.append(f"{sid}: the image changed since it was extracted; skipped")
+        else:
+            samples.append(s)
+            keep.append(k)
+    source = Path(str(attrs.get("weights_source", "")))
+    if weights is None and source.suffix == ".safetensors" and source.is_file():
+        weights = source  # the file the cache was made from, when it is still there
+    bb = load_backbone(attrs["backbone"], weights, device, attrs.get("amp", "off"), channels_last=True)
+    if bb.weights_sha256 != attrs["weights_sha256"]:
+        report.problems.append(
+            f"weights differ: the cache was made with sha256 {attrs['weights_sha256'][:16]}…, "
+            f"{bb.weights_source} has {bb.weights_sha256[:16]}…"
+        )
+    if bb.data_config != attrs["data_config"]:
+        report.problems.append(f"preprocessing differs: cache {attrs['data_config']}, backbone now {bb.data_config}")
+    got: dict[str, list[np.ndarray]] = {t: [] for t in stored}
+    order: list[int] = []
+    tta = attrs.get("tta") or None
+    for idx, feats, failed in forward_batches(bb, samples, tuple(stored), batch_size, workers=0, tta=tta):
+        for i, err in failed:
+            report.problems.append(f"{samples[i].id}: valid in the cache but does not decode now: {err}")
+        order.extend(keep[i] for i in idx)
+        for t in got:
+            got[t].append(feats[t])
+    report.checked_rows = len(order)
+    for tap, arrays in got.items():
+        if not arrays:
+            continue
+        new, old = np.concatenate(arrays), stored[tap][order]
+        cos = (new * old).sum(1) / (np.linalg.norm(new, axis=1) * np.linalg.norm(old, axis=1) + 1e-12)
+        report.min_cosine[tap] = float(cos.min())
+        report.max_abs_diff[tap] = float(np.abs(new - old).max())
+        bad = np.flatnonzero(cos < MIN_COSINE)
+        if len(bad):
+            report.problems.append(
+                f"tap {tap}: {len(bad)} of {len(cos)} re-extracted rows drifted (cosine {cos.min():.4f} < {MIN_COSINE}), "
+                f"e.g. {ids[order[bad[0]]]}"
+            )
+    return report
+
+
+def _check_schema(report: VerifyReport) -> None:
+    """Everything a reader relies on, checked with plain h5py before any of it is used."""
+    p = report.problems
+    try:
+        f = h5py.File(report.path, "r")
+    except OSError as e:
+        raise PipelineError(f"cannot open {report.path} as HDF5: {e}") from e
+    with f:
+        missing = [k for k in (*_ROW_ARRAYS, "features", "failures") if k not in f]
+        missing += [f"attribute {a}" for a in _ATTRS if a not in f.attrs]
+        if missing:
+            p.append(f"missing: {', '.join(missing)}")
+            return
+        if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+            p.append(f"schema version {f.attrs['schema_version']}, this version reads {SCHEMA_VERSION}")
+        n = f["ids"].shape[0]
+        for k in _ROW_ARRAYS:
+            if f[k].shape != (n,):
+                p.append(f"{k} has shape {f[k].shape}, expected ({n},)")
+        if f["valid"].dtype != bool:
+            p.append(f"valid has dtype {f['valid'].dtype}, expected bool")
+        taps = list(f["features"])
+        if json.loads(f.attrs["taps"]) != taps:
+            p.append(f"attribute taps {f.attrs['taps']} does not match the feature datasets {taps}")
+        valid = f["valid"][()] if f["valid"].shape == (n,) else np.zeros(n, bool)
+        for tap in taps:
+            ds = f["features"][tap]
+            if ds.ndim != 2 or ds.shape[0] != n:
+                p.append(f"features/{tap} has shape {ds.shape}, expected ({n}, D)")
+                continue
+            if str(ds.dtype) != str(f.attrs["dtype"]):
+                p.append(f"features/{tap} is {ds.dtype}, the cache says {f.attrs['dtype']}")
+            for start in range(0, n, 65536):  # by chunks: a cache may be larger than memory
+                block = ds[start:start + 65536][valid[start:start + 65536]]
+                if not np.isfinite(block).all():
+                    p.append(f"features/{tap}: a valid row holds NaN or inf (near row {start})")
+                    break
+        ids = set(f["ids"].asstr()[()])
+        failed = {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in f["failures"][()]}
+        if failed - ids:
+            p.append(f"failures name ids the cache does not have, e.g. {sorted(failed - ids)[0]!r}")
+        report.notes.append(f"{int(valid.sum())} of {n} rows valid, {len(failed)} recorded failures")
+        if f.attrs.get("complete") and int(valid.sum()) + len(failed & ids) < n:
+            p.append("marked complete, but some rows are neither valid nor recorded failures")
