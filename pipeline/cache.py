@@ -205,7 +205,16 @@ class CacheWriter:
         except OSError as e:
             raise PipelineError(f"cannot create the cache directory {self.path.parent}: {e.strerror}") from e
         self._lock = _acquire_lock(self.path)
+        self.dtype = meta["dtype"]
         try:
+            if not self.path.exists():
+                # Made whole under a temporary name, so a run killed while creating it leaves no file.
+                with atomic_path(self.path) as tmp:
+                    self._file = h5py.File(tmp, "w")
+                    try:
+                        self._create(meta, tap_dims)
+                    finally:
+                        self._file.close()
             self._file = h5py.File(self.path, "a")
         except OSError as e:
             _release_lock(self._lock)
@@ -217,12 +226,12 @@ class CacheWriter:
                 f"{self.path} was written by a distributed run of {n} processes; run the same command with "
                 f"`torchrun --nproc-per-node {n}` to update it, or use another --cache"
             )
-        self.dtype = meta["dtype"]
-        if "ids" not in self._file:
-            self._create(meta, tap_dims)
-        else:
+        try:
             self._check_matches(meta)
-            self._add_taps(tap_dims)
+        except PipelineError:
+            self.close()
+            raise
+        self._add_taps(tap_dims)
         self.taps = list(self._file["features"].keys())
         self._failures = {r[0].decode(): (r[1].decode(), r[2].decode()) for r in self._file["failures"][()]}
         self._dirty = False

@@ -4,8 +4,10 @@ that the next run completes by computing only the rest."""
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 from conftest import TINY, kill_when_rows, make_many
 from pipeline import FeatureCache, extract
@@ -37,3 +39,31 @@ def test_kill_mid_run_then_resume(tmp_path):
     with FeatureCache(resumed.cache) as c:
         assert c.valid.all() and c.attrs["complete"]
         np.testing.assert_allclose(c.features(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("trigger", ["0.5s", "1.5s", "3s", "first file"])
+def test_kill_at_any_moment_then_resume(tmp_path, trigger):
+    """Killed during imports and model load, while the cache file is being created, or in the first
+    batches: whatever is left opens (or is absent), and the re-run ends with a clean run's features."""
+    data = make_many(tmp_path / "many", 120)
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
+         "--batch-size", "2", "--workers", "0", "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+    )
+    deadline = time.time() + (float(trigger[:-1]) if trigger.endswith("s") else 60)
+    while time.time() < deadline and proc.poll() is None:
+        if trigger == "first file" and cache_dir.is_dir() and any(cache_dir.iterdir()):
+            break
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    for path in cache_dir.glob("*.h5"):
+        with FeatureCache(path) as c:  # whatever was left is a cache that opens
+            assert c.valid.sum() <= 120
+    [resumed] = extract(data, TINY, cache_dir, workers=0, progress=False)
+    [clean] = extract(data, TINY, tmp_path / "clean", workers=0, progress=False)
+    with FeatureCache(resumed.cache) as a, FeatureCache(clean.cache) as b:
+        assert a.valid.all() and a.attrs["complete"] and list(a.ids) == list(b.ids)
+        np.testing.assert_allclose(a.features(), b.features(), rtol=2e-3, atol=2e-3)
