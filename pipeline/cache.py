@@ -80,6 +80,11 @@ class FeatureCache:
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as e:
+            holder = _lock_holder(self.path)
+            if holder:
+                raise PipelineError(
+                    f"cache {self.path} is being written by another process (pid {holder}); read it when that run ends"
+                ) from e
             raise PipelineError(f"cannot open cache {self.path}: {e}") from e
         missing = [k for k in ("ids", "valid", "content_hash", "features") if k not in self._file]
         if missing or self._file.attrs.get("schema_version") is None:
@@ -477,7 +482,7 @@ def _acquire_lock(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        holder = _read_pid(fd)
         os.close(fd)
         raise PipelineError(
             f"cache {path} is being written by another process (pid {holder}); wait for it to finish or use another --cache"
@@ -485,6 +490,25 @@ def _acquire_lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _read_pid(fd: int) -> str:
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _lock_holder(path: Path) -> str | None:
+    """The pid written in ``path``'s lock file while a writer holds it, else None."""
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)
+    return None
 
 
 def _release_lock(fd: int) -> None:

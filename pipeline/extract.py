@@ -129,7 +129,13 @@ def extract(
             writers = [stack.enter_context(CacheWriter(j.write_to, j.meta, j.bb.tap_dims(j.taps))) for j in group]
             plans = [w.sync(samples, hashes, read_errors, retry_failed=retry_failed) for w in writers]
             start = time.perf_counter()
-            done = _run(group, writers, plans, batch_size, workers, tta, jpeg_draft, progress and rank == 0)
+            try:
+                done = _run(group, writers, plans, batch_size, workers, tta, jpeg_draft, progress and rank == 0)
+            except OSError as e:  # disk full, file system gone read-only, ...
+                raise PipelineError(
+                    f"writing to {', '.join(str(w.path) for w in writers)} failed: {e.strerror or e}; the rows "
+                    "written before are kept, so run the same command again once it is fixed"
+                ) from e
             seconds = time.perf_counter() - start
             for job, w, plan, n in zip(group, writers, plans, done):
                 w.finish()

@@ -306,7 +306,7 @@ def test_a_failed_write_stops_the_run_and_keeps_earlier_batches(folder, tmp_path
         real(self, rows, feats)
 
     monkeypatch.setattr(CacheWriter, "write", write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(PipelineError, match="failed: No space left on device; the rows written before are kept"):
         _extract(folder, tmp_path / "cache", batch_size=8)
     [path] = (tmp_path / "cache").glob("*.h5")
     with h5py.File(path, "r") as f:

@@ -9,18 +9,23 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY, kill_when_rows, make_many
+from conftest import TINY, kill_when_rows, make_many, run_cli
 from pipeline import FeatureCache, extract
+
+
+def _start_extract(data, cache_dir, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """`pipeline extract` in a subprocess, in small batches so there are many moments to interrupt."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
+         "--batch-size", "2", "--workers", "0", "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy(),
+    )
 
 
 def test_kill_mid_run_then_resume(tmp_path):
     data = make_many(tmp_path / "many")
     cache_dir = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
-         "--batch-size", "2", "--workers", "0", "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
-    )
+    proc = _start_extract(data, cache_dir, stderr=subprocess.PIPE)
     killed_at = kill_when_rows(proc, lambda: list(cache_dir.glob("*.h5")), 20, lambda: [proc.pid])
     proc.wait()
     assert killed_at is not None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
@@ -47,11 +52,7 @@ def test_kill_at_any_moment_then_resume(tmp_path, trigger):
     batches: whatever is left opens (or is absent), and the re-run ends with a clean run's features."""
     data = make_many(tmp_path / "many", 120)
     cache_dir = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
-         "--batch-size", "2", "--workers", "0", "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
-    )
+    proc = _start_extract(data, cache_dir)
     deadline = time.time() + (float(trigger[:-1]) if trigger.endswith("s") else 60)
     while time.time() < deadline and proc.poll() is None:
         if trigger == "first file" and cache_dir.is_dir() and any(cache_dir.iterdir()):
@@ -67,3 +68,19 @@ def test_kill_at_any_moment_then_resume(tmp_path, trigger):
     with FeatureCache(resumed.cache) as a, FeatureCache(clean.cache) as b:
         assert a.valid.all() and a.attrs["complete"] and list(a.ids) == list(b.ids)
         np.testing.assert_allclose(a.features(), b.features(), rtol=2e-3, atol=2e-3)
+
+
+def test_reader_during_a_write_is_told_who_writes(tmp_path):
+    data = make_many(tmp_path / "many")
+    cache_dir = tmp_path / "cache"
+    proc = _start_extract(data, cache_dir)
+    try:
+        assert kill_when_rows(proc, lambda: list(cache_dir.glob("*.h5")), 4, lambda: []) is not None
+        [path] = cache_dir.glob("*.h5")
+        r = run_cli("cache", "info", path)
+        if proc.poll() is None:  # still writing when the reader looked
+            assert r.returncode == 1 and f"being written by another process (pid {proc.pid})" in r.stderr, r.stderr
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0
+    assert run_cli("cache", "info", path).returncode == 0  # and readable once it is done
