@@ -69,6 +69,54 @@ def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+_ROW_ARRAYS = ("ids", "labels", "splits", "content_hash", "valid")
+_ATTRS = ("schema_version", "backbone", "weights_sha256", "data_config", "dtype", "taps")
+
+
+def schema_problems(f: h5py.File, scan_values: bool = False) -> list[str]:
+    """What in ``f`` does not match the cache schema: datasets, shapes, dtypes, attributes, version.
+    With ``scan_values``, also NaN/inf in valid rows (read by chunks), failures naming unknown ids, and
+    a ``complete`` flag that is not true."""
+    p: list[str] = []
+    missing = [k for k in (*_ROW_ARRAYS, "features", "failures") if k not in f]
+    missing += [f"attribute {a}" for a in _ATTRS if a not in f.attrs]
+    if missing:
+        return [f"missing: {', '.join(missing)}"]
+    if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+        p.append(f"schema version {f.attrs['schema_version']}, this version reads {SCHEMA_VERSION}")
+    n = f["ids"].shape[0]
+    for k in _ROW_ARRAYS:
+        if f[k].shape != (n,):
+            p.append(f"{k} has shape {f[k].shape}, expected ({n},)")
+    if f["valid"].dtype != bool:
+        p.append(f"valid has dtype {f['valid'].dtype}, expected bool")
+    taps = list(f["features"])
+    if json.loads(f.attrs["taps"]) != taps:
+        p.append(f"attribute taps {f.attrs['taps']} does not match the feature datasets {taps}")
+    for tap in taps:
+        ds = f["features"][tap]
+        if ds.ndim != 2 or ds.shape[0] != n:
+            p.append(f"features/{tap} has shape {ds.shape}, expected ({n}, D)")
+        elif str(ds.dtype) != str(f.attrs["dtype"]):
+            p.append(f"features/{tap} is {ds.dtype}, the cache says {f.attrs['dtype']}")
+    if p or not scan_values:
+        return p
+    valid = f["valid"][()]
+    for tap in taps:
+        ds = f["features"][tap]
+        for start in range(0, n, 65536):  # by chunks: a cache may be larger than memory
+            if not np.isfinite(ds[start:start + 65536][valid[start:start + 65536]]).all():
+                p.append(f"features/{tap}: a valid row holds NaN or inf (near row {start})")
+                break
+    ids = set(f["ids"].asstr()[()])
+    failed = {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in f["failures"][()]}
+    if failed - ids:
+        p.append(f"failures name ids the cache does not have, e.g. {sorted(failed - ids)[0]!r}")
+    if f.attrs.get("complete") and int(valid.sum()) + len(failed & ids) < n:
+        p.append("marked complete, but some rows are neither valid nor recorded failures")
+    return p
+
+
 class FeatureCache:
     """Read access to a cache file: ids, labels, splits, valid mask, features per tap, failures.
 
@@ -86,10 +134,10 @@ class FeatureCache:
                     f"cache {self.path} is being written by another process (pid {holder}); read it when that run ends"
                 ) from e
             raise PipelineError(f"cannot open cache {self.path}: {e}") from e
-        missing = [k for k in ("ids", "valid", "content_hash", "features") if k not in self._file]
-        if missing or self._file.attrs.get("schema_version") is None:
+        problems = schema_problems(self._file)  # files from elsewhere are checked before anything is read
+        if problems:
             self._file.close()
-            raise PipelineError(f"{self.path} is not a feature cache (missing {missing or ['schema_version']})")
+            raise PipelineError(f"{self.path} is not a feature cache of this version: {problems[0]}")
         # A missing shard would read as the virtual dataset's fill value, silently: refuse instead.
         lost = [s for s in json.loads(self._file.attrs.get("shards", "[]")) if not (self.path.parent / s).is_file()]
         if lost:

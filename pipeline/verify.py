@@ -13,13 +13,11 @@ import h5py
 import numpy as np
 
 from .backbones import load_backbone
-from .cache import SCHEMA_VERSION, FeatureCache
+from .cache import FeatureCache, schema_problems
 from .data import content_hash, load_source
 from .errors import PipelineError
 from .extract import forward_batches
 
-_ROW_ARRAYS = ("ids", "labels", "splits", "content_hash", "valid")
-_ATTRS = ("schema_version", "backbone", "weights_sha256", "data_config", "dtype", "taps")
 MIN_COSINE = 0.999  # re-extracted rows below this cosine similarity to the stored ones are drift
 
 
@@ -106,46 +104,12 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
 
 
 def _check_schema(report: VerifyReport) -> None:
-    """Everything a reader relies on, checked with plain h5py before any of it is used."""
-    p = report.problems
     try:
         f = h5py.File(report.path, "r")
     except OSError as e:
         raise PipelineError(f"cannot open {report.path} as HDF5: {e}") from e
     with f:
-        missing = [k for k in (*_ROW_ARRAYS, "features", "failures") if k not in f]
-        missing += [f"attribute {a}" for a in _ATTRS if a not in f.attrs]
-        if missing:
-            p.append(f"missing: {', '.join(missing)}")
-            return
-        if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
-            p.append(f"schema version {f.attrs['schema_version']}, this version reads {SCHEMA_VERSION}")
-        n = f["ids"].shape[0]
-        for k in _ROW_ARRAYS:
-            if f[k].shape != (n,):
-                p.append(f"{k} has shape {f[k].shape}, expected ({n},)")
-        if f["valid"].dtype != bool:
-            p.append(f"valid has dtype {f['valid'].dtype}, expected bool")
-        taps = list(f["features"])
-        if json.loads(f.attrs["taps"]) != taps:
-            p.append(f"attribute taps {f.attrs['taps']} does not match the feature datasets {taps}")
-        valid = f["valid"][()] if f["valid"].shape == (n,) else np.zeros(n, bool)
-        for tap in taps:
-            ds = f["features"][tap]
-            if ds.ndim != 2 or ds.shape[0] != n:
-                p.append(f"features/{tap} has shape {ds.shape}, expected ({n}, D)")
-                continue
-            if str(ds.dtype) != str(f.attrs["dtype"]):
-                p.append(f"features/{tap} is {ds.dtype}, the cache says {f.attrs['dtype']}")
-            for start in range(0, n, 65536):  # by chunks: a cache may be larger than memory
-                block = ds[start:start + 65536][valid[start:start + 65536]]
-                if not np.isfinite(block).all():
-                    p.append(f"features/{tap}: a valid row holds NaN or inf (near row {start})")
-                    break
-        ids = set(f["ids"].asstr()[()])
-        failed = {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in f["failures"][()]}
-        if failed - ids:
-            p.append(f"failures name ids the cache does not have, e.g. {sorted(failed - ids)[0]!r}")
-        report.notes.append(f"{int(valid.sum())} of {n} rows valid, {len(failed)} recorded failures")
-        if f.attrs.get("complete") and int(valid.sum()) + len(failed & ids) < n:
-            p.append("marked complete, but some rows are neither valid nor recorded failures")
+        report.problems.extend(schema_problems(f, scan_values=True))
+        if "valid" in f and "failures" in f:
+            report.notes.append(f"{int(f['valid'][()].sum())} of {f['valid'].shape[0]} rows valid, "
+                                f"{f['failures'].shape[0]} recorded failures")

@@ -52,3 +52,18 @@ def test_other_weights_are_drift(folder, tmp_path, tiny_weights_dir):
     save_file(state, str(tmp_path / "other.safetensors"))
     report = verify(path, folder, sample=8, weights=tmp_path / "other.safetensors")
     assert any(p.startswith("weights differ") for p in report.problems)
+
+
+def test_foreign_hdf5_files_are_checked_before_use(folder, tmp_path):
+    path = _cache(folder, tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["features"].create_dataset("extra", data=np.zeros((3, 4), np.float16))  # 3 rows in a 36-row cache
+    r = run_cli("fit", path, "--out", tmp_path / "run")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "is not a feature cache of this version: attribute taps" in r.stderr, r.stderr
+    assert any("features/extra has shape (3, 4), expected (36, D)" in p for p in verify(path).problems)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["data"] = np.arange(3)
+    r = run_cli("cache", "info", other)
+    assert r.returncode == 1 and "is not a feature cache of this version: missing: ids" in r.stderr
