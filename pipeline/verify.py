@@ -4,7 +4,6 @@ its rows still comes out the same when extracted again (drift in weights, prepro
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
