@@ -105,9 +105,10 @@ class Backbone:
         if layers:
             cls = getattr(self.model, "cls_token", None) is not None
             kw = dict(return_prefix_tokens=True) if cls else {}
-            res = self.model.forward_intermediates(x, indices=layers, intermediates_only=not head,
-                                                   **(kw if head else dict(kw, stop_early=True)))
-            final, maps = (None, res) if not head else res
+            if not head:
+                kw.update(intermediates_only=True, stop_early=True)
+            res = self.model.forward_intermediates(x, indices=layers, **kw)
+            final, maps = res if head else (None, res)
             for i, m in zip(layers, maps):
                 inter[f"layer{i}"] = m[1][:, 0] if cls else m.mean((2, 3))
         else:

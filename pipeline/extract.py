@@ -267,11 +267,12 @@ def forward_batches(bb: Backbone, samples: Sequence[Sample], taps: tuple[str, ..
                     tta: str | None = None) -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
     """Per batch: (indices into ``samples``, float32 features per tap, [(index, error)])."""
     for idx, x, failed in device_batches(bb, samples, batch_size, workers, progress, label):
-        feats = {}
-        if x is not None:
-            with torch.inference_mode():
-                feats = {k: v.cpu().numpy() for k, v in bb.forward(x, taps, tta).items()}
-        yield idx, feats, failed
+        yield idx, {} if x is None else _features(bb, x, taps, tta), failed
+
+
+def _features(bb: Backbone, x: torch.Tensor, taps: tuple[str, ...], tta: str | None) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        return {k: v.cpu().numpy() for k, v in bb.forward(x, taps, tta).items()}
 
 
 class _InOrder:
@@ -325,9 +326,7 @@ def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size:
                 sel = [j for j, sid in enumerate(ids) if sid in row_of]
                 if not sel:
                     continue
-                with torch.inference_mode():
-                    out = job.bb.forward(x if len(sel) == len(ids) else x[sel], job.taps, tta)
-                    feats = {t: v.cpu().numpy() for t, v in out.items()}
+                feats = _features(job.bb, x if len(sel) == len(ids) else x[sel], job.taps, tta)
                 background.submit(writer.write, np.array([row_of[ids[j]] for j in sel]), feats)
                 done[k] += len(sel)
     return done

@@ -177,25 +177,26 @@ class _Rows:
         if self.source is None:
             return est.fit(self.data.X[idx], y[idx])
         rng = np.random.default_rng(self.seed)
+        with FeatureCache(self.source[0]) as cache:
 
-        def chunks(epoch: int):
-            for part in self._parts(idx if epoch < 0 else rng.permutation(idx)):
-                yield self._read(part), y[part]
+            def chunks(epoch: int):
+                for part in self._parts(idx if epoch < 0 else rng.permutation(idx)):
+                    yield self._read(cache, part), y[part]
 
-        return fit_by_chunks(est, chunks, np.unique(y))
+            return fit_by_chunks(est, chunks, np.unique(y))
 
     def predict(self, est, idx: np.ndarray) -> np.ndarray:
         if self.source is None:
             return est.predict(self.data.X[idx])
-        return np.concatenate([est.predict(self._read(part)) for part in self._parts(idx)])
+        with FeatureCache(self.source[0]) as cache:
+            return np.concatenate([est.predict(self._read(cache, part)) for part in self._parts(idx)])
 
     def _parts(self, idx: np.ndarray):
         step = self.source[2]
         return (idx[i:i + step] for i in range(0, len(idx), step))
 
-    def _read(self, part: np.ndarray) -> np.ndarray:
-        with FeatureCache(self.source[0]) as cache:
-            return cache.features(self.source[1], self.data.rows[part])
+    def _read(self, cache: FeatureCache, part: np.ndarray) -> np.ndarray:
+        return cache.features(self.source[1], self.data.rows[part])
 
 
 def _fit_one(head: str, seed: int, rows: _Rows, plan: str, cv: int) -> dict:

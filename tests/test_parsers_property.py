@@ -5,6 +5,7 @@ import csv
 import io
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,30 +31,26 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
     return out.getvalue()
 
 
+def _manifest_ok(src) -> bool:
+    return bool(src.samples) and all(s.id for s in src.samples)
+
+
+def _labels_ok(task) -> bool:
+    return len(task.ids) == len(set(task.ids)) > 0
+
+
+@pytest.mark.parametrize("parse, name, ok", [(load_source, "m.csv", _manifest_ok), (read_labels, "labels.csv", _labels_ok)])
 @SETTINGS
 @given(data=content)
-def test_any_bytes_as_manifest_parse_or_fail_cleanly(tmp_path, data):
-    path = tmp_path / "m.csv"
+def test_any_bytes_parse_or_fail_cleanly(tmp_path, parse, name, ok, data):
+    path = tmp_path / name
     path.write_bytes(data)
     try:
-        src = load_source(path)
+        parsed = parse(path)
     except PipelineError as e:
         assert str(path) in str(e)
     else:
-        assert src.samples and all(s.id for s in src.samples)
-
-
-@SETTINGS
-@given(data=content)
-def test_any_bytes_as_labels_parse_or_fail_cleanly(tmp_path, data):
-    path = tmp_path / "labels.csv"
-    path.write_bytes(data)
-    try:
-        task = read_labels(path)
-    except PipelineError as e:
-        assert str(path) in str(e)
-    else:
-        assert len(task.ids) == len(set(task.ids)) > 0
+        assert ok(parsed)
 
 
 @SETTINGS
