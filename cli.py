@@ -106,29 +106,56 @@ def fit(
 def finetune(
     data: Annotated[Path, typer.Argument(help="image folder or CSV manifest with labels (and train/val splits)")],
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm model name")],
-    out: Annotated[Path, typer.Option("--out", help="directory for model.safetensors, config.json, metrics.json")],
-    init: Annotated[Optional[Path], typer.Option("--init", help="a fit run directory: start the classifier from its best linear head (LP-FT)")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=0)] = 2,
-    unfreeze: Annotated[str, typer.Option("--unfreeze", help="top K block groups to train, or 'all'")] = "2",
-    lr: Annotated[Optional[float], typer.Option("--lr", help="classifier learning rate, AdamW with cosine decay (default: 1e-4 with --init, else 1e-3)")] = None,
-    backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="unfrozen blocks train at lr times this")] = 0.1,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    out: Annotated[Path, typer.Option("--out", help="directory for model.safetensors + config.json (best epoch), metrics.json, last.pt (resume state)")],
+    init: Annotated[Optional[Path], typer.Option("--init", help="a fit run directory: start the classifier from its best linear head")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="lp-ft (default with --init): probe head, head epochs, then top blocks; freeze-unfreeze (default without): the same from a fresh head; discriminative: then every block, lr decaying towards the stem")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="all epochs, head-only ones included")] = 5,
+    head_epochs: Annotated[int, typer.Option("--head-epochs", help="first epochs that train the classifier alone")] = 1,
+    unfreeze: Annotated[str, typer.Option("--unfreeze", help="lp-ft/freeze-unfreeze: top K block groups (timm's group_matcher) to train after the head epochs, or 'all'")] = "2",
+    lr: Annotated[Optional[float], typer.Option("--lr", help="classifier learning rate, AdamW (default: 1e-4 with --init, else 1e-3)")] = None,
+    backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="lp-ft/freeze-unfreeze: unfrozen blocks train at lr times this")] = 0.1,
+    layer_decay: Annotated[float, typer.Option("--layer-decay", help="discriminative: each block one step further from the top trains at this times the lr of the one above")] = 0.75,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="linear warmup at the start of each phase (head, blocks), then cosine decay")] = 0.5,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    aug: Annotated[str, typer.Option("--aug", help="training augmentation: light (crop 50-100 %, flip), standard (timm's defaults: crop 8-100 %, flip, colour jitter), none")] = "light",
+    bn: Annotated[str, typer.Option("--bn", help="freeze (default): keep BatchNorm's pretrained running statistics; a few hundred images at batch 32 give noisier ones. train: update them (large data)")] = "freeze",
+    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it, else fp16 with loss scaling; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", help="gradient accumulation: an optimizer step every N batches")] = 1,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="stop after N epochs without a better held-out accuracy (default 3; 0 never stops early)")] = 3,
+    budget_minutes: Annotated[Optional[float], typer.Option("--budget-minutes", help="stop cleanly before this much wall time, keeping the best epoch (continue with --resume)")] = None,
+    checkpoint_minutes: Annotated[float, typer.Option("--checkpoint-minutes", help="save last.pt within an epoch this often (and after every epoch)")] = 1.0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last.pt after a kill or a budget stop")] = False,
+    run: Annotated[Optional[Path], typer.Option("--run", help="fit run directory whose leaderboard gets the row finetune:<strategy> (default: --init)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=0)] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="starting weights file (.safetensors)")] = None,
     device: Annotated[str, _device_option()] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Fine-tune the top of a backbone (LP-FT from a fit run with --init); evaluate on the split fit used."""
-    from pipeline.finetune import finetune as run
+    """Fine-tune a backbone on labelled images, evaluated on the split fit uses, with the best epoch kept."""
+    from pipeline.finetune import finetune as run_finetune
 
-    result = run(data, backbone, out, init=init, epochs=epochs, unfreeze=unfreeze, lr=lr,
-                 backbone_lr_scale=backbone_lr_scale, batch_size=batch_size, workers=workers, weights=weights,
-                 device=device, seed=seed, progress=progress)
+    result = run_finetune(
+        data, backbone, out, init=init, strategy=strategy, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze,
+        lr=lr, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, aug=aug, bn=bn, amp=amp, batch_size=batch_size,
+        accum_steps=accum_steps, patience=patience or None, budget_minutes=budget_minutes,
+        checkpoint_minutes=checkpoint_minutes, resume=resume, run=run, workers=workers, weights=weights,
+        device=device, seed=seed, progress=progress, log=typer.echo,
+    )
     for h in result.history:
         loss = f"{h['train_loss']:.4f}" if h["train_loss"] is not None else "-"
-        typer.echo(f"epoch {h['epoch']}: train loss {loss}, {result.eval_split} accuracy {h['val_accuracy']:.4f}")
+        partial = " (partial epoch)" if h["partial"] else ""
+        typer.echo(f"epoch {h['epoch']} ({h['phase']}){partial}: train loss {loss}, {result.eval_split} accuracy "
+                   f"{h['accuracy']:.4f}, {h['train_seconds']:.1f} s training so far")
+    stop = {"finished": "", "early-stopping": " (stopped early: no better epoch in --patience epochs)",
+            "budget": f" (stopped by --budget-minutes; continue with --resume --out {out})"}[result.stopped]
+    typer.echo(f"best epoch {result.best_epoch}: {result.eval_split} accuracy {result.metrics['accuracy']:.4f}{stop}")
     typer.echo(f"model: {result.out / 'model.safetensors'}  metrics: {result.out / 'metrics.json'}")
+    if result.row is not None:
+        typer.echo(f"leaderboard row {result.row['head']} added to {run or init}")
 
 
 @app.command()

@@ -29,8 +29,6 @@ TAPS = ("pooled", "logits")  # plus layer<i>: intermediate i of timm's forward_i
 _LAYER = re.compile(r"layer(-?\d+)$")
 AMP = ("auto", "off", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Written beside a fine-tuned checkpoint: the backbone it came from and the classes of its head.
-CHECKPOINT_CONFIG = "config.json"
 
 
 @dataclass
@@ -85,14 +83,17 @@ class Backbone:
             out.append(tap)
         return tuple(dict.fromkeys(out))
 
+    def autocast(self) -> torch.autocast:
+        """The autocast context of this backbone's ``amp`` setting (disabled for ``off``)."""
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.amp), enabled=self.amp != "off")
+
     def forward(self, x: torch.Tensor, taps: tuple[str, ...], tta: str | None = None) -> dict[str, torch.Tensor]:
         """Features for each tap, in float32: ``pooled`` is the pre-logits embedding, ``logits`` the
         classifier's output, ``layer<i>`` intermediate i, global-average pooled (the class token for a ViT).
         With ``tta="flip"``, the mean of the image's and its mirror's features."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = self.amp != "off"
-        with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.amp), enabled=amp):
+        with self.autocast():
             out = self._forward(x, taps)
             if tta == "flip":
                 out = {k: (v.float() + w.float()) / 2 for (k, v), w in zip(out.items(), self._forward(x.flip(-1), taps).values())}

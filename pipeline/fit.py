@@ -31,7 +31,7 @@ from .errors import PipelineError
 from .files import atomic_path
 from .heads import create_head, fit_by_chunks, head_spec, list_heads, save_head
 from .progress import progress_bar
-from .report import markdown_table, plot_confusion, write_leaderboard
+from .report import markdown_table, plot_confusion, rank_key, sort_rows, write_leaderboard
 from .tasks import TaskData, cache_task, join_task, read_labels
 
 DEFAULT_HEADS = ("logreg", "mlp", "knn")
@@ -108,7 +108,7 @@ def fit(
             row["head_file"] = str(_save(res["estimator"], out, row, cache_attrs, classes))
         row["_pred"] = (res["y_true"], res["y_pred"], classes)
         rows.append(row)
-    rows.sort(key=lambda r: (r["task"], *(-k for k in _rank(r))))
+    rows = sort_rows(rows)
 
     files = {}
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -134,14 +134,7 @@ def best_row(rows: Sequence[dict], task: str | None = None, linear: bool = False
         and (backbone is None or r["backbone"] == backbone)
         and (not linear or r["head"] in linear_heads)
     ]
-    return max(cands, key=_rank, default=None)
-
-
-def _rank(row: dict) -> tuple[float, float, float]:
-    """Higher is better: accuracy, then balanced accuracy, then the faster fit; failed rows last."""
-    if row.get("accuracy") is None:
-        return (-1.0, -1.0, float("-inf"))
-    return (row["accuracy"], row["balanced_accuracy"], -row["fit_seconds"])
+    return max(cands, key=rank_key, default=None)
 
 
 def _plan(data: TaskData, cv: int, path: Path) -> str:

@@ -17,11 +17,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .backbones import CHECKPOINT_CONFIG, Backbone, load_backbone
+from .backbones import Backbone, load_backbone
 from .cache import FeatureCache
 from .data import Sample, content_hash, list_images
 from .errors import PipelineError
 from .extract import default_workers, forward_batches
+from .finetune import MODEL_FILE, read_checkpoint_config
 from .files import atomic_path
 from .fit import best_row
 from .heads import load_head
@@ -52,9 +53,9 @@ def resolve_model(model: str | os.PathLike, task: str | None = None) -> Model:
         if best is None:
             raise PipelineError(f"{path}: no fitted head for task {task!r} in its leaderboard")
         return resolve_model(best["head_file"])
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        cfg = json.loads((path / CHECKPOINT_CONFIG).read_text())
-        return Model("finetuned", cfg["backbone"], str(path / "model.safetensors"), None, cfg["class_names"], "logits")
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        cfg = read_checkpoint_config(path)
+        return Model("finetuned", cfg["backbone"], str(path / MODEL_FILE), None, cfg["classes"], "logits")
     if path.suffix == ".skops" and path.is_file():
         card_path = path.with_suffix(".json")
         if not card_path.is_file():

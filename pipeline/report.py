@@ -8,7 +8,7 @@ import math
 import os
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,25 @@ def write_leaderboard(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[
 
 def read_leaderboard(run_dir: str | os.PathLike) -> list[dict]:
     return json.loads((Path(run_dir) / "leaderboard.json").read_text())
+
+
+def update_leaderboard(run_dir: str | os.PathLike, rows: Sequence[dict], replace: Callable[[dict], bool]) -> dict[str, Path]:
+    """Add ``rows`` to a run's leaderboard, dropping the existing rows ``replace`` matches (a re-run's)."""
+    path = Path(run_dir) / "leaderboard.json"
+    old = read_leaderboard(run_dir) if path.is_file() else []
+    return write_leaderboard(sort_rows([r for r in old if not replace(r)] + list(rows)), run_dir)
+
+
+def rank_key(row: dict) -> tuple[float, float, float]:
+    """Higher is better: accuracy, then balanced accuracy, then the faster fit; failed rows last."""
+    if row.get("accuracy") is None:
+        return (-1.0, -1.0, float("-inf"))
+    return (row["accuracy"], row["balanced_accuracy"], -row["fit_seconds"])
+
+
+def sort_rows(rows: Sequence[dict]) -> list[dict]:
+    """Grouped by task, best first within each."""
+    return sorted(rows, key=lambda r: (r["task"], *(-k for k in rank_key(r))))
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = SHOWN_COLUMNS) -> str:

@@ -1,25 +1,59 @@
 import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TINY, run_cli
 from pipeline import FeatureCache, PipelineError, best_row, extract, finetune, predict
+from pipeline.report import read_leaderboard
+
+FAST = dict(batch_size=8, workers=0, device="cpu", progress=False)
 
 
-def test_lp_ft_starts_from_the_probe_and_round_trips(tiny_run, tmp_path):
+def _state(path):
+    return torch.load(path / "last.pt", map_location="cpu", weights_only=True)
+
+
+def _n_train(data):
+    return sum(1 for _ in (data / "train").rglob("*.jpg"))
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A writable copy of the shared fit run, since finetune appends its row to the leaderboard."""
+    return shutil.copytree(tiny_run["run"], tmp_path / "run")
+
+
+def test_lp_ft_starts_from_the_probe_and_round_trips(tiny_run, run_copy, tmp_path):
+    import timm
+
     probe = best_row(tiny_run["fit"].rows, linear=True)
-    res = finetune(tiny_run["data"], TINY, tmp_path / "ft", init=tiny_run["run"], epochs=1, unfreeze=1,
-                   batch_size=8, workers=0, device="cpu", progress=False)
-    # the classifier starts as the probe, scaling folded in: same accuracy before any training
-    assert res.history[0]["val_accuracy"] == pytest.approx(probe["accuracy"])
-    assert res.eval_split == "val" and res.classes == ["blue", "red"]
+    res = finetune(tiny_run["data"], TINY, tmp_path / "ft", init=run_copy, epochs=2, unfreeze=1, **FAST)
+    assert res.strategy == "lp-ft" and res.eval_split == "val" and res.classes == ["blue", "red"]
+    # the classifier starts as the probe, scaling folded in: the same accuracy before any training
+    assert res.history[0]["accuracy"] == pytest.approx(probe["accuracy"])
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    assert [h["phase"] for h in res.history] == ["start", "head", "blocks"]
+    assert res.metrics["accuracy"] == max(h["accuracy"] for h in res.history)
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1] and metrics["epochs"][1]["train_loss"] > 0
-    config = json.loads((tmp_path / "ft" / "config.json").read_text())
-    assert config["backbone"] == TINY and config["class_names"] == ["blue", "red"]
+    assert metrics["best_epoch"] == res.best_epoch and metrics["epochs"][1]["train_loss"] > 0
 
-    # the checkpoint is a backbone like any other: a distinct cache, with 2-class logits
+    # the leaderboard of the run gets a row evaluated like the probes
+    rows = read_leaderboard(run_copy)
+    [row] = [r for r in rows if r["head"] == "finetune:lp-ft"]
+    assert row["eval"] == probe["eval"] == "val" and row["n_test"] == probe["n_test"]
+    assert row["accuracy"] == res.metrics["accuracy"] and row["head_file"] == str((tmp_path / "ft").resolve())
+    assert len(rows) == len(tiny_run["fit"].rows) + 1
+
+    # the best checkpoint is a backbone like any other: a distinct cache with 2-class logits ...
     [ext] = extract(tiny_run["data"], TINY, tmp_path / "cache", weights=tmp_path / "ft" / "model.safetensors",
                     taps=("pooled", "logits"), workers=0, progress=False)
     assert ext.cache != tiny_run["cache"] and ext.extracted == 36
@@ -28,35 +62,154 @@ def test_lp_ft_starts_from_the_probe_and_round_trips(tiny_run, tmp_path):
         logits, labels, splits = c.features("logits"), c.labels, c.splits
     val = splits == "val"
     acc = np.mean(np.array(["blue", "red"])[logits[val].argmax(1)] == labels[val])
-    assert acc == pytest.approx(res.history[-1]["val_accuracy"])
-
+    assert acc == pytest.approx(res.metrics["accuracy"])
+    # ... that predict uses directly, and that timm itself loads from the folder
     rows = predict(tmp_path / "ft", [tiny_run["data"] / "val"], workers=0, progress=False)
     assert np.mean([r["prediction"] == r["path"].split("/")[-2] for r in rows]) == pytest.approx(acc)
+    model = timm.create_model(f"local-dir:{tmp_path / 'ft'}", pretrained=True).eval()
+    assert model.pretrained_cfg["label_names"] == ["blue", "red"] and model.num_classes == 2
 
 
-def test_only_the_top_blocks_change(tiny_run, tmp_path, tiny_weights_dir):
+def test_freeze_unfreeze_trains_the_head_then_the_top_blocks(tiny_run, tmp_path, tiny_weights_dir):
     from safetensors.torch import load_file
 
-    finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, unfreeze=1, batch_size=8, workers=0,
-             device="cpu", progress=False)
     before = load_file(str(tiny_weights_dir / f"{TINY}.safetensors"))
-    after = load_file(str(tmp_path / "ft" / "model.safetensors"))
-    assert np.array_equal(before["conv_stem.weight"].numpy(), after["conv_stem.weight"].numpy())
-    assert not np.array_equal(before["conv_head.weight"].numpy(), after["conv_head.weight"].numpy())
+    head_only = finetune(tiny_run["data"], TINY, tmp_path / "head", epochs=1, head_epochs=1, unfreeze=1, **FAST)
+    assert head_only.strategy == "freeze-unfreeze"
+    after = _state(tmp_path / "head")["model"]
+    assert np.array_equal(before["conv_head.weight"], after["conv_head.weight"])
     assert after["classifier.weight"].shape == (2, 256)
 
+    finetune(tiny_run["data"], TINY, tmp_path / "top", epochs=2, head_epochs=1, unfreeze=1, **FAST)
+    after = _state(tmp_path / "top")["model"]
+    assert np.array_equal(before["conv_stem.weight"], after["conv_stem.weight"])
+    assert not np.array_equal(before["conv_head.weight"], after["conv_head.weight"])
+    # BatchNorm statistics are frozen by default, learned with --bn train
+    assert torch.equal(before["bn2.running_mean"], after["bn2.running_mean"])
+    finetune(tiny_run["data"], TINY, tmp_path / "bn", epochs=1, head_epochs=0, unfreeze=1, bn="train", **FAST)
+    assert not torch.equal(before["bn2.running_mean"], _state(tmp_path / "bn")["model"]["bn2.running_mean"])
 
-def test_bad_unfreeze(tiny_run, tmp_path):
-    with pytest.raises(PipelineError, match="--unfreeze takes a number of top blocks or 'all'"):
-        finetune(tiny_run["data"], TINY, tmp_path / "ft", unfreeze="top", progress=False)
+
+def test_discriminative_learning_rates_decay_towards_the_stem(tiny_run, tmp_path, tiny_weights_dir):
+    from safetensors.torch import load_file
+
+    from pipeline.backbones import load_backbone
+    from pipeline.finetune import _param_groups, _prepare
+
+    bb = load_backbone(TINY, device="cpu")
+    model = _prepare(bb, 2, None, None)
+    groups, body = _param_groups(model, "discriminative", None, 0.1, 0.5, 0.05)
+    scale = {n: g["lr_scale"] for g in groups for p in g["params"] for n, q in model.named_parameters() if p is q}
+    assert scale["classifier.weight"] == 1.0
+    assert scale["conv_stem.weight"] < scale["blocks.2.0.conv_exp.weight"] < scale["conv_head.weight"] <= 1.0
+    assert len(body) == len(list(model.parameters())) - 2  # every block trains
+
+    res = finetune(tiny_run["data"], TINY, tmp_path / "ft", strategy="discriminative", epochs=1, head_epochs=0, **FAST)
+    before = load_file(str(tiny_weights_dir / f"{TINY}.safetensors"))
+    assert not np.array_equal(before["conv_stem.weight"], _state(tmp_path / "ft")["model"]["conv_stem.weight"])
+    assert res.strategy == "discriminative"
 
 
-def test_cli_finetune(tiny_run, tmp_path):
-    r = run_cli("finetune", tiny_run["data"], "--backbone", TINY, "--out", tmp_path / "ft", "--epochs", "1",
-                "--unfreeze", "all", "--batch-size", "8", "--workers", "0", "--no-progress")
+def test_accumulation_smoothing_and_standard_augmentation(tiny_run, tmp_path):
+    res = finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=2, accum_steps=2, label_smoothing=0.1,
+                   aug="standard", amp="off", patience=None, **FAST)
+    assert res.steps == 2 * math.ceil(math.ceil(_n_train(tiny_run["data"]) / 8) / 2)
+    # with smoothing 0.1 over 2 classes no prediction scores below the entropy of (0.95, 0.05)
+    assert all(h["train_loss"] > 0.198 for h in res.history[1:])
+
+
+def test_budget_stops_cleanly_and_resume_finishes(tiny_run, tmp_path):
+    n = _n_train(tiny_run["data"])
+    stopped = finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=2, budget_minutes=1e-5, patience=None, **FAST)
+    assert stopped.stopped == "budget" and stopped.steps == 1 and stopped.history[-1]["partial"]
+    assert (tmp_path / "ft" / "model.safetensors").is_file() and (tmp_path / "ft" / "last.pt").is_file()
+    state = _state(tmp_path / "ft")["training"]
+    assert (state["epoch"], state["done"], state["step"]) == (1, 8, 1)
+
+    done = finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=2, patience=None, resume=True, **FAST)
+    assert done.resumed_from == {"epoch": 1, "done": 8, "step": 1}
+    assert done.stopped == "finished" and done.steps == 2 * math.ceil(n / 8)
+    assert [h["epoch"] for h in done.history] == [0, 1, 1, 2]  # the partial evaluation, then the whole epochs
+    with pytest.raises(PipelineError, match="nothing to resume: the run in .* ended \\(finished\\)"):
+        finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=2, patience=None, resume=True, **FAST)
+
+
+def test_kill_mid_epoch_then_resume_continues(tiny_run, tmp_path):
+    """SIGKILL in the middle of an epoch, then --resume: the run continues from its last checkpoint (here
+    saved after every optimizer step) and ends with every step done once."""
+    out = tmp_path / "ft"
+    args = [str(tiny_run["data"]), "--backbone", TINY, "--out", str(out), "--epochs", "2", "--patience", "0",
+            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune", *args, "--checkpoint-minutes", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            training = _state(out)["training"]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            training = None
+        if training and training["done"] >= 4:  # mid-epoch: an end-of-epoch checkpoint has done == 0
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = training
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed is not None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+    at_kill = _state(out)["training"]
+    assert 0 < at_kill["done"] < _n_train(tiny_run["data"])  # mid-epoch
+
+    r = run_cli("finetune", *args, "--resume")
     assert r.returncode == 0, r.stderr
-    assert "epoch 0:" in r.stdout and "epoch 1: train loss" in r.stdout
-    assert (tmp_path / "ft" / "model.safetensors").is_file()
+    assert f"resuming {out / 'last.pt'}: epoch {at_kill['epoch']} of 2, {at_kill['done']} of" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"]["step"] == at_kill["step"] > 0
+    assert metrics["steps"] == 2 * math.ceil(_n_train(tiny_run["data"]) / 2)
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]
+
+
+def test_refuses_to_lose_or_mix_runs(tiny_run, tmp_path):
+    finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, **FAST)
+    with pytest.raises(PipelineError, match="already holds a fine-tuning run .*pass --resume"):
+        finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, **FAST)
+    with pytest.raises(PipelineError, match="nothing to resume: .*last.pt does not exist"):
+        finetune(tiny_run["data"], TINY, tmp_path / "other", epochs=1, resume=True, **FAST)
+    (tmp_path / "ft" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="last.pt is not a readable fine-tuning checkpoint"):
+        finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, resume=True, **FAST)
+    finetune(tiny_run["data"], TINY, tmp_path / "cut", epochs=2, budget_minutes=1e-5, **FAST)
+    with pytest.raises(PipelineError, match="these differ: epochs 2 -> 3"):
+        finetune(tiny_run["data"], TINY, tmp_path / "cut", epochs=3, resume=True, **FAST)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strategy="lp"), "unknown --strategy 'lp'; choose lp-ft, freeze-unfreeze, discriminative"),
+    (dict(strategy="lp-ft"), "--strategy lp-ft starts the classifier from a fit run's linear head: give --init"),
+    (dict(aug="heavy"), "unknown --aug 'heavy'; choose light, standard, none"),
+    (dict(bn="sync"), "unknown --bn 'sync'; choose freeze, train"),
+    (dict(accum_steps=0), "--accum-steps must be at least 1, got 0"),
+    (dict(unfreeze="top"), "--unfreeze takes a number of top blocks or 'all'"),
+    (dict(label_smoothing=1.0), "--label-smoothing must be in \\[0, 1\\), got 1.0"),
+])
+def test_bad_settings_are_named(tiny_run, tmp_path, kwargs, message):
+    with pytest.raises(PipelineError, match=message):
+        finetune(tiny_run["data"], TINY, tmp_path / "ft", progress=False, **kwargs)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_cli_finetune(tiny_run, run_copy, tmp_path):
+    r = run_cli("finetune", tiny_run["data"], "--backbone", TINY, "--init", run_copy, "--out", tmp_path / "ft",
+                "--epochs", "2", "--unfreeze", "all", "--batch-size", "8", "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("estimated ") and "s per epoch with blocks training" in lines[0]
+    assert lines[1].startswith("epoch 0 (start): train loss -, val accuracy")
+    assert lines[2].startswith("epoch 1 (head): train loss") and lines[3].startswith("epoch 2 (blocks)")
+    assert f"leaderboard row finetune:lp-ft added to {run_copy}" in r.stdout
+    r = run_cli("predict", run_copy, tiny_run["data"] / "val", "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr  # the run's best row may now be the fine-tuned network
+
+    r = run_cli("finetune", tiny_run["data"], "--backbone", TINY, "--out", tmp_path / "x", "--strategy", "lp-ft")
+    assert r.returncode == 1 and "give --init RUN_DIR" in r.stderr
 
 
 def test_init_needs_a_linear_head_for_this_task(tiny_run, tmp_path):

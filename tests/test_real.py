@@ -68,10 +68,20 @@ def test_predict_from_run_dir(real, probe):
     assert sum(r["prediction"] == "bees" for r in rows) >= 9
 
 
-def test_lp_ft_one_epoch(real, probe):
-    res = finetune(real["data"], LITE0, real["base"] / "ft", init=real["base"] / "run", epochs=1,
+def test_lp_ft_ends_at_or_above_the_probe_and_round_trips(real, probe):
+    """The issue's check: lp-ft for a few epochs ends at or above the linear probe's val accuracy, on the
+    same split, and its checkpoint goes through extract and predict."""
+    linear = best_row(probe.rows, linear=True)
+    res = finetune(real["data"], LITE0, real["base"] / "ft", init=real["base"] / "run", epochs=3,
                    weights=real["weights"], progress=False)
-    assert res.history[0]["val_accuracy"] == pytest.approx(best_row(probe.rows, linear=True)["accuracy"])
-    assert res.history[1]["val_accuracy"] >= 0.9
+    assert res.strategy == "lp-ft" and res.eval_split == linear["eval"] == "val"
+    assert res.history[0]["accuracy"] == pytest.approx(linear["accuracy"])  # starts as the probe
+    assert res.metrics["accuracy"] >= linear["accuracy"] and res.metrics["n_test"] == linear["n_test"] == 153
+    [ext] = extract(real["data"], LITE0, real["base"] / "ft_cache", weights=real["base"] / "ft" / "model.safetensors",
+                    taps=("logits",), progress=False)
+    with FeatureCache(ext.cache) as c:
+        logits, labels, splits = c.features("logits"), c.labels, c.splits
+    val = splits == "val"
+    assert np.mean(np.array(res.classes)[logits[val].argmax(1)] == labels[val]) == pytest.approx(res.metrics["accuracy"])
     rows = predict(real["base"] / "ft", [real["data"] / "val" / "ants"], progress=False)
     assert np.mean([r["prediction"] == "ants" for r in rows]) >= 0.85
