@@ -77,8 +77,9 @@ def extract(
 def fit(
     caches: Annotated[list[Path], typer.Argument(help="cache files, or directories meaning every *.h5 in them")],
     out: Annotated[Path, typer.Option("--out", help="run directory for the leaderboard, heads and plots")],
-    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split]; repeatable")] = None,
-    heads: Annotated[Optional[list[str]], typer.Option("--heads", help="comma-separated head names (see `pipeline heads`)")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split], or a folder of them (one task per *.csv); repeatable")] = None,
+    heads: Annotated[Optional[list[str]], typer.Option("--heads", help="comma-separated head names (see `pipeline heads`), or module:Class for any scikit-learn classifier")] = None,
+    head_param: Annotated[Optional[list[str]], typer.Option("--head-param", help="key=value for the module:Class heads (Python literal values); repeatable")] = None,
     taps: Annotated[Optional[list[str]], typer.Option("--taps", help="taps to fit on (default: every tap in the cache)")] = None,
     cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -88,10 +89,11 @@ def fit(
 ) -> None:
     """Fit and compare heads on cached features; write a leaderboard, the heads and a confusion matrix."""
     from pipeline.fit import DEFAULT_HEADS, fit as run
+    from pipeline.heads import parse_head_params
 
     result = run(caches, out, labels=labels or [], heads=_split_list(heads) or list(DEFAULT_HEADS),
                  taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
-                 progress=progress)
+                 head_params=parse_head_params(head_param or []), progress=progress)
     typer.echo(result.markdown())
     for row in result.rows:
         if row["accuracy"] is None:
@@ -188,7 +190,7 @@ def heads_cmd() -> None:
     from pipeline.heads import list_heads
 
     for name, doc in list_heads().items():
-        typer.echo(f"{name:10s} {doc}")
+        typer.echo(f"{name:13s} {doc}")
 
 
 @cache_app.command("info")

@@ -24,6 +24,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from scipy.stats import binomtest
 from sklearn.model_selection import StratifiedKFold
 
 from .cache import FeatureCache, find_caches
@@ -59,24 +60,35 @@ def fit(
     seed: int = 0,
     n_jobs: int = -1,
     chunk_rows: int = 65536,
+    head_params: dict | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Fit every head on every (cache, tap, task) and write the leaderboard, heads and a confusion matrix.
 
     Chunked heads read ``chunk_rows`` rows of features at a time from the cache; the others load a
-    task's features whole (when only chunked heads are asked for, no features are loaded at all)."""
+    task's features whole (when only chunked heads are asked for, no features are loaded at all).
+    ``labels`` are label files or folders of them (every ``*.csv``), one task each. ``head_params`` set
+    the parameters of every ``module:Class`` head.
+
+    Each row has a 95 % Wilson interval of its accuracy (``acc_low``, ``acc_high``), the standard
+    deviation over folds for cross-validation (``acc_std``), and an exact McNemar test against its
+    task's best row on the same samples (``p_vs_best``; ``same_as_best`` when p >= 0.05)."""
     paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
     heads = list(dict.fromkeys(heads))
     if not heads:
         raise PipelineError("no heads given; e.g. --heads logreg,mlp,knn")
+    user_heads = [h for h in heads if ":" in h]
+    if head_params and not user_heads:
+        raise PipelineError("--head-param sets parameters of module:Class heads, and --heads names none")
+    params = {h: dict(head_params or {}) for h in user_heads}
     for h in heads:
-        head_spec(h)
+        create_head(h, seed, params.get(h))  # unknown names and bad parameters fail here, before any work
     if cv < 2:
         raise PipelineError(f"--cv must be at least 2, got {cv}")
     if chunk_rows < 1:
         raise PipelineError(f"--chunk-rows must be at least 1, got {chunk_rows}")
     in_memory = any(not head_spec(h).chunked for h in heads)
-    extra_tasks = [read_labels(p) for p in labels]
+    extra_tasks = [read_labels(p) for p in _label_files(labels)]
     out = Path(out)
 
     jobs, meta = [], []
@@ -92,10 +104,11 @@ def fit(
                     plan = _plan(data, cv, path)
                     for head in heads:
                         rows = _Rows(data, (str(path), tap, chunk_rows) if head_spec(head).chunked else None, seed)
-                        jobs.append(delayed(_fit_one)(head, seed, rows, plan, cv))
+                        jobs.append(delayed(_fit_one)(head, params.get(head), seed, rows, plan, cv))
                         meta.append(dict(
                             backbone=cache.backbone, weights=attrs["weights_sha256"][:12], tap=tap,
-                            task=data.task, head=head, eval=plan, cache=str(path.resolve()),
+                            task=data.task, head=_head_label(head, params.get(head)), eval=plan,
+                            cache=str(path.resolve()),
                             _cache_attrs=attrs, _classes=sorted(set(data.y)),
                         ))
 
@@ -106,15 +119,16 @@ def fit(
         row = {**m, **res["metrics"]}
         if res["estimator"] is not None:
             row["head_file"] = str(_save(res["estimator"], out, row, cache_attrs, classes))
-        row["_pred"] = (res["y_true"], res["y_pred"], classes)
+        row["_pred"] = (res["y_true"], res["y_pred"], classes, res["ids"])
         rows.append(row)
     rows = sort_rows(rows)
+    _compare_with_best(rows)
 
     files = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         best = best_row([r for r in rows if r["task"] == task])
         if best is not None:
-            y_true, y_pred, classes = best["_pred"]
+            y_true, y_pred, classes, _ = best["_pred"]
             title = f"{best['backbone']} / {best['tap']} / {best['head']} on {task} ({best['eval']}): acc {best['accuracy']:.3f}"
             files[f"confusion_{task}"] = plot_confusion(y_true, y_pred, classes, out / f"confusion_{_slug(task)}.png", title)
     for r in rows:
@@ -192,19 +206,21 @@ class _Rows:
         return cache.features(self.source[1], self.data.rows[part])
 
 
-def _fit_one(head: str, seed: int, rows: _Rows, plan: str, cv: int) -> dict:
-    est = create_head(head, seed)
+def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, plan: str, cv: int) -> dict:
+    est = create_head(head, seed, params)
     y = rows.data.y
     notes: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            fold_acc = []
             if plan.startswith("cv"):
                 folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
                 y_true, y_pred = y, np.empty(len(y), dtype=object)
                 for tr, te in folds.split(np.zeros((len(y), 1)), y):  # out-of-fold predictions
                     y_pred[te] = rows.predict(rows.fit(clone(est), tr), te)
-                train = np.arange(len(y))
+                    fold_acc.append(accuracy_score(y[te], y_pred[te]))
+                train = test = np.arange(len(y))
             else:
                 train, test = np.flatnonzero(rows.data.splits == "train"), np.flatnonzero(rows.data.splits == plan)
                 y_true = y[test]
@@ -215,16 +231,59 @@ def _fit_one(head: str, seed: int, rows: _Rows, plan: str, cv: int) -> dict:
                 y_pred = rows.predict(est, test)
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
-        return dict(estimator=None, y_true=None, y_pred=None, metrics=dict(
+        return dict(estimator=None, y_true=None, y_pred=None, ids=None, metrics=dict(
             n_train=None, n_test=None, accuracy=None, balanced_accuracy=None, f1_macro=None,
             fit_seconds=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300]))
-    return dict(estimator=est, y_true=y_true, y_pred=y_pred, metrics=dict(
+    correct = int((y_true == y_pred).sum())
+    low, high = binomtest(correct, len(y_true)).proportion_ci(0.95, method="wilson")
+    return dict(estimator=est, y_true=y_true, y_pred=y_pred, ids=rows.data.ids[test], metrics=dict(
         n_train=int(len(train)), n_test=int(len(y_true)),
-        accuracy=float(accuracy_score(y_true, y_pred)),
+        accuracy=correct / len(y_true), acc_low=float(low), acc_high=float(high),
+        acc_std=float(np.std(fold_acc)) if fold_acc else None,
         balanced_accuracy=float(balanced_accuracy_score(y_true, y_pred)),
         f1_macro=float(f1_score(y_true, y_pred, average="macro")),
         fit_seconds=round(seconds, 4), error="; ".join(notes),
     ))
+
+
+def _compare_with_best(rows: list[dict]) -> None:
+    """``p_vs_best`` (exact McNemar test on the samples both rows predicted) and ``same_as_best``."""
+    for task in dict.fromkeys(r["task"] for r in rows):
+        best = best_row([r for r in rows if r["task"] == task])
+        if best is None:
+            continue
+        ref = dict(zip(best["_pred"][3], best["_pred"][0] == best["_pred"][1]))
+        for r in rows:
+            if r["task"] != task or r.get("accuracy") is None:
+                continue
+            if r is best:
+                r["p_vs_best"], r["same_as_best"] = None, True
+                continue
+            mine = dict(zip(r["_pred"][3], r["_pred"][0] == r["_pred"][1]))
+            common = [i for i in mine if i in ref]
+            only_best = sum(ref[i] and not mine[i] for i in common)
+            only_mine = sum(mine[i] and not ref[i] for i in common)
+            p = binomtest(only_best, only_best + only_mine).pvalue if only_best + only_mine else 1.0
+            r["p_vs_best"], r["same_as_best"] = float(p), bool(p >= 0.05)
+
+
+def _label_files(labels: Sequence[str | os.PathLike]) -> list[Path]:
+    """Label files, a folder standing for every ``*.csv`` in it."""
+    files = []
+    for item in map(Path, labels):
+        if item.is_dir():
+            found = sorted(item.glob("*.csv"))
+            if not found:
+                raise PipelineError(f"label folder {item} holds no *.csv label files")
+            files += found
+        else:
+            files.append(item)
+    return files
+
+
+def _head_label(head: str, params: dict | None) -> str:
+    """The leaderboard name of a head: ``module:Class(key=value,...)`` when it has parameters."""
+    return f"{head}({','.join(f'{k}={v}' for k, v in params.items())})" if params else head
 
 
 def _run_jobs(jobs: list, n_jobs: int, progress: bool) -> list[dict]:

@@ -157,4 +157,9 @@ def _probabilities(m: Model, X: np.ndarray) -> np.ndarray:
         return torch.softmax(torch.from_numpy(X), dim=1).numpy()
     head = load_head(m.head_path)
     order = [list(head.classes_).index(c) for c in m.classes]
-    return head.predict_proba(X)[:, order]
+    if hasattr(head, "predict_proba"):
+        return head.predict_proba(X)[:, order]
+    scores = head.decision_function(X)  # linear-svm, ridge: softmax of the margins, not calibrated
+    if scores.ndim == 1:
+        scores = np.stack([-scores / 2, scores / 2], axis=1)
+    return torch.softmax(torch.from_numpy(np.asarray(scores, dtype=np.float64)), dim=1).numpy()[:, order]

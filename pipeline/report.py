@@ -16,9 +16,11 @@ from .files import atomic_path
 
 LEADERBOARD_COLUMNS = (
     "backbone", "weights", "tap", "task", "head", "eval", "n_train", "n_test",
-    "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds", "head_file", "cache", "error",
+    "accuracy", "acc_low", "acc_high", "acc_std", "p_vs_best", "same_as_best",
+    "balanced_accuracy", "f1_macro", "fit_seconds", "head_file", "cache", "error",
 )
-SHOWN_COLUMNS = ("backbone", "weights", "tap", "task", "head", "eval", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds")
+SHOWN_COLUMNS = ("backbone", "weights", "tap", "task", "head", "eval", "accuracy", "acc_low", "acc_high",
+                 "same_as_best", "balanced_accuracy", "f1_macro", "fit_seconds")
 
 
 def write_leaderboard(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -8,7 +8,7 @@ from sklearn.base import clone
 from sklearn.model_selection import cross_val_score
 
 from conftest import TINY, make_folder, run_cli
-from pipeline import FeatureCache, PipelineError, create_head, extract, fit, list_heads, load_head, load_task
+from pipeline import FeatureCache, PipelineError, create_head, extract, fit, list_heads, load_head, load_task, predict
 
 COLUMNS = {"backbone", "tap", "task", "head", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds"}
 
@@ -136,3 +136,65 @@ def test_chunked_head_cross_validates_without_splits(tmp_path):
     [res] = extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
     [row] = fit(res.cache, tmp_path / "run", heads=["sgd"], chunk_rows=7, n_jobs=1, progress=False).rows
     assert row["eval"] == "cv5" and row["n_train"] == 36 and row["accuracy"] is not None
+
+
+def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):
+    res = fit(tiny_run["cache"], tmp_path / "run", heads=["torch-logreg", "linear-svm", "ridge", "centroid",
+                                                          "sklearn.svm:SVC"],
+              head_params={"C": 10, "kernel": "linear"}, n_jobs=1, progress=False)
+    rows = {r["head"]: r for r in res.rows}
+    assert set(rows) == {"torch-logreg", "linear-svm", "ridge", "centroid", "sklearn.svm:SVC(C=10,kernel=linear)"}
+    for r in rows.values():
+        assert r["error"] == "" and r["acc_low"] <= r["accuracy"] <= r["acc_high"] and r["acc_std"] is None
+        assert isinstance(r["same_as_best"], bool) and (r["p_vs_best"] is None) == (r is res.rows[0])
+    svc = load_head(rows["sklearn.svm:SVC(C=10,kernel=linear)"]["head_file"])
+    assert svc.get_params()["C"] == 10 and svc.get_params()["kernel"] == "linear"
+    # heads without predict_proba (ridge: margins) still give one probability row per image
+    preds = predict(rows["ridge"]["head_file"], [tiny_run["data"] / "val"], workers=0, progress=False)
+    assert all(abs(r["prob_blue"] + r["prob_red"] - 1) < 1e-9 for r in preds)
+    assert np.mean([r["prediction"] == r["path"].split("/")[-2] for r in preds]) == pytest.approx(rows["ridge"]["accuracy"])
+
+
+@pytest.mark.parametrize("heads, params, message", [
+    (["sklearn.cluster:KMeans"], None, "head 'sklearn.cluster:KMeans' is not a scikit-learn classifier"),
+    (["sklearn.svm:NoSuch"], None, "cannot import 'NoSuch' from 'sklearn.svm'"),
+    (["sklearn.svm:SVC"], {"Cc": 1}, "--head-param for sklearn.svm:SVC: Invalid parameter 'Cc'"),
+    (["logreg"], {"C": 1}, "--head-param sets parameters of module:Class heads, and --heads names none"),
+])
+def test_bad_heads_are_named(tiny_run, tmp_path, heads, params, message):
+    with pytest.raises(PipelineError, match=message):
+        fit(tiny_run["cache"], tmp_path / "run", heads=heads, head_params=params, progress=False)
+
+
+def test_torch_logreg_matches_sklearn_at_the_same_C():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.linear_probe import TorchLogisticRegression
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 20))
+    y = rng.integers(0, 5, 600)
+    X = (centres[y] + rng.normal(size=(600, 20))).astype(np.float32)
+    ours = TorchLogisticRegression(Cs=(0.1,), tol=1e-6).fit(X[:400], y[:400])
+    ref = LogisticRegression(C=0.1, tol=1e-8, max_iter=5000).fit(X[:400], y[:400])
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=2e-3)
+    np.testing.assert_allclose(ours.predict_proba(X[400:]), ref.predict_proba(X[400:]), atol=1e-3)
+    path = TorchLogisticRegression().fit(X[:400], y[:400])
+    assert [c for c, _ in path.path_] == sorted(c for c, _ in path.path_) and path.C_ in dict(path.path_)
+    assert path.score(X[400:], y[400:]) >= ref.score(X[400:], y[400:]) - 0.02
+
+
+def test_label_folder_is_one_task_per_file(tiny_run, tmp_path):
+    with FeatureCache(tiny_run["cache"]) as c:
+        ids, labels = list(c.ids), list(c.labels)
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, values in (("same", labels), ("coin", rng.choice(["h", "t"], len(ids)))):
+        with open(folder / f"{name}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([("id", "label"), *zip(ids, values)])
+    res = fit(tiny_run["cache"], tmp_path / "run", labels=[folder], heads=["logreg"], n_jobs=1, progress=False)
+    assert sorted(r["task"] for r in res.rows) == ["coin", "same", "shapes"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="holds no \\*.csv label files"):
+        fit(tiny_run["cache"], tmp_path / "run2", labels=[tmp_path / "empty"], heads=["logreg"], progress=False)
