@@ -184,6 +184,28 @@ def predict(
         typer.echo(f"predicted {len(rows) - failed} image(s), {failed} failed; wrote {out}")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a fit run directory")],
+    row: Annotated[int, typer.Option("--row", help="leaderboard row, counted from 1 as in leaderboard.md")] = 1,
+) -> None:
+    """Per-class precision, recall and F1, and the confusion matrix, of one leaderboard row."""
+    from pipeline.report import row_report
+
+    rep = row_report(run_dir, row)
+    r = rep["row"]
+    typer.echo(f"row {row}: {r['backbone']} / {r['tap']} / {r['task']} / {r['head']} on {r['eval']}: "
+               f"accuracy {r['accuracy']:.4f} [{r['acc_low']:.4f}, {r['acc_high']:.4f}]")
+    width = max(len(c) for c in rep["labels"] + ["class"])
+    typer.echo(f"{'class':{width}s}  precision  recall  f1      support")
+    for c, m in rep["per_class"].items():
+        typer.echo(f"{c:{width}s}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1-score']:.4f}  {int(m['support'])}")
+    typer.echo("confusion (rows: true, columns: predicted, in the order above):")
+    for c, counts in zip(rep["labels"], rep["confusion"]):
+        typer.echo(f"{c:{width}s}  " + " ".join(f"{n:5d}" for n in counts))
+    typer.echo(f"plot: {rep['png']}")
+
+
 @app.command("heads")
 def heads_cmd() -> None:
     """List the heads `fit` can train."""

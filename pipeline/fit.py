@@ -32,7 +32,7 @@ from .errors import PipelineError
 from .files import atomic_path
 from .heads import create_head, fit_by_chunks, head_spec, list_heads, save_head
 from .progress import progress_bar
-from .report import markdown_table, plot_confusion, rank_key, sort_rows, write_leaderboard
+from .report import markdown_table, plot_confusion, rank_key, sort_rows, write_leaderboard, write_predictions
 from .tasks import TaskData, cache_task, join_task, read_labels
 
 DEFAULT_HEADS = ("logreg", "mlp", "knn")
@@ -119,6 +119,8 @@ def fit(
         row = {**m, **res["metrics"]}
         if res["estimator"] is not None:
             row["head_file"] = str(_save(res["estimator"], out, row, cache_attrs, classes))
+            row["predictions"] = str(write_predictions(res["ids"], res["y_true"], res["y_pred"],
+                                                       Path(row["head_file"]).with_suffix(".predictions.csv")))
         row["_pred"] = (res["y_true"], res["y_pred"], classes, res["ids"])
         rows.append(row)
     rows = sort_rows(rows)

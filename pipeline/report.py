@@ -12,12 +12,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import PipelineError
 from .files import atomic_path
 
 LEADERBOARD_COLUMNS = (
     "backbone", "weights", "tap", "task", "head", "eval", "n_train", "n_test",
     "accuracy", "acc_low", "acc_high", "acc_std", "p_vs_best", "same_as_best",
-    "balanced_accuracy", "f1_macro", "fit_seconds", "head_file", "cache", "error",
+    "balanced_accuracy", "f1_macro", "fit_seconds", "head_file", "predictions", "cache", "error",
 )
 SHOWN_COLUMNS = ("backbone", "weights", "tap", "task", "head", "eval", "accuracy", "acc_low", "acc_high",
                  "same_as_best", "balanced_accuracy", "f1_macro", "fit_seconds")
@@ -59,6 +60,38 @@ def rank_key(row: dict) -> tuple[float, float, float]:
 def sort_rows(rows: Sequence[dict]) -> list[dict]:
     """Grouped by task, best first within each."""
     return sorted(rows, key=lambda r: (r["task"], *(-k for k in rank_key(r))))
+
+
+def write_predictions(ids: Sequence, y_true: Sequence, y_pred: Sequence, path: str | os.PathLike) -> Path:
+    """The evaluated samples of one row (``id,true,predicted``), for ``row_report``."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("id", "true", "predicted"))
+        writer.writerows(zip(ids, y_true, y_pred))
+    return Path(path)
+
+
+def row_report(run_dir: str | os.PathLike, row: int) -> dict:
+    """Per-class precision, recall, F1 and support, and the confusion matrix, of leaderboard row ``row``
+    (counted from 1 as in ``leaderboard.md``); writes ``confusion_row<N>.png`` into the run."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    rows = read_leaderboard(run_dir)
+    if not 1 <= row <= len(rows):
+        raise PipelineError(f"--row {row} is out of range: {run_dir} has rows 1..{len(rows)}")
+    r = rows[row - 1]
+    if not r.get("predictions") or not Path(r["predictions"]).is_file():
+        raise PipelineError(f"row {row} ({r['head']}) has no saved predictions; per-class reports cover rows "
+                            "written by `pipeline fit`")
+    with open(r["predictions"], newline="") as fh:
+        saved = list(csv.DictReader(fh))
+    y_true, y_pred = [p["true"] for p in saved], [p["predicted"] for p in saved]
+    labels = sorted(set(y_true) | set(y_pred))
+    per_class = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
+    title = f"{r['backbone']} / {r['tap']} / {r['head']} on {r['task']} ({r['eval']}): acc {r['accuracy']:.3f}"
+    png = plot_confusion(y_true, y_pred, labels, Path(run_dir) / f"confusion_row{row}.png", title)
+    return dict(row=r, labels=labels, per_class={c: per_class[c] for c in labels},
+                confusion=confusion_matrix(y_true, y_pred, labels=labels).tolist(), png=png)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = SHOWN_COLUMNS) -> str:

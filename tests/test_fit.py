@@ -198,3 +198,19 @@ def test_label_folder_is_one_task_per_file(tiny_run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="holds no \\*.csv label files"):
         fit(tiny_run["cache"], tmp_path / "run2", labels=[tmp_path / "empty"], heads=["logreg"], progress=False)
+
+
+def test_report_row_per_class_and_confusion(tiny_run, tmp_path):
+    res = fit(tiny_run["cache"], tmp_path / "run", heads=["logreg", "knn"], n_jobs=1, progress=False)
+    from pipeline.report import row_report
+
+    rep = row_report(tmp_path / "run", 2)
+    X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
+    pred = load_head(res.rows[1]["head_file"]).predict(X_test)
+    assert rep["row"]["head"] == res.rows[1]["head"] and rep["labels"] == ["blue", "red"]
+    assert np.trace(rep["confusion"]) == int((pred == y_test).sum()) and np.sum(rep["confusion"]) == len(y_test)
+    assert rep["per_class"]["red"]["support"] == int((y_test == "red").sum())
+    r = run_cli("report", tmp_path / "run", "--row", "2")
+    assert r.returncode == 0 and "confusion (rows: true" in r.stdout and (tmp_path / "run" / "confusion_row2.png").is_file()
+    r = run_cli("report", tmp_path / "run", "--row", "3")
+    assert r.returncode == 1 and "--row 3 is out of range: " in r.stderr and "has rows 1..2" in r.stderr
