@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
@@ -81,10 +82,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         return X @ self.coef_.T + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
-        scores = self.decision_function(X)
-        scores -= scores.max(axis=1, keepdims=True)
-        p = np.exp(scores)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.decision_function(X), axis=1)
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
+from scipy.special import softmax
 
 from .backbones import Backbone, load_backbone
 from .cache import FeatureCache
@@ -154,7 +154,7 @@ def _cached_features(m: Model, samples: list[Sample]) -> dict[int, np.ndarray]:
 
 def _probabilities(m: Model, X: np.ndarray) -> np.ndarray:
     if m.kind == "finetuned":
-        return torch.softmax(torch.from_numpy(X), dim=1).numpy()
+        return softmax(X, axis=1)
     head = load_head(m.head_path)
     order = [list(head.classes_).index(c) for c in m.classes]
     if hasattr(head, "predict_proba"):
@@ -162,4 +162,4 @@ def _probabilities(m: Model, X: np.ndarray) -> np.ndarray:
     scores = head.decision_function(X)  # linear-svm, ridge: softmax of the margins, not calibrated
     if scores.ndim == 1:
         scores = np.stack([-scores / 2, scores / 2], axis=1)
-    return torch.softmax(torch.from_numpy(np.asarray(scores, dtype=np.float64)), dim=1).numpy()[:, order]
+    return softmax(np.asarray(scores, dtype=np.float64), axis=1)[:, order]
