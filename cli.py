@@ -85,16 +85,33 @@ def fit(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1, help="rows read at a time by heads that train by chunks (sgd); the others load a task's features whole")] = 65536,
+    concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
+    shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,
+    draws: Annotated[int, typer.Option("--draws", help="seeded draws of the examples per --shots value (mean ± std over them)")] = 5,
+    backend: Annotated[str, typer.Option("--backend", help="where the fits run: loky (processes), threading, dask or ray (extras: pip install 'pipeline[dask]' / '[ray]')")] = "loky",
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="address of an existing Dask scheduler (tcp://host:8786) or Ray cluster; default: a local one")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Fit and compare heads on cached features; write a leaderboard, the heads and a confusion matrix."""
+    """Fit and compare heads on cached features; write a leaderboard, the heads, plots and report.html."""
     from pipeline.fit import DEFAULT_HEADS, fit as run
     from pipeline.heads import parse_head_params
+    from pipeline.report import fewshot_table
 
     result = run(caches, out, labels=labels or [], heads=_split_list(heads) or list(DEFAULT_HEADS),
                  taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
-                 head_params=parse_head_params(head_param or []), progress=progress)
+                 head_params=parse_head_params(head_param or []), concat=concat, shots=_split_list(shots),
+                 draws=draws, backend=backend, cluster=cluster, progress=progress)
     typer.echo(result.markdown())
+    for task in dict.fromkeys(r["task"] for r in result.fewshot):
+        columns, table = fewshot_table(result.fewshot, task)
+        width = max(len(name) for name, _ in table)
+        typer.echo(f"\nfew-shot accuracy on {task} (mean ± std over draws), by examples per class:")
+        typer.echo(f"{'head / backbone':{width}s}  " + "  ".join(f"{k:>13s}" for k in columns))
+        for name, values in table:
+            typer.echo(f"{name:{width}s}  " + "  ".join(f"{v:>13s}" for v in values))
+    for row in result.fewshot:
+        if row["error"]:
+            typer.echo(f"note: few-shot {row['head']} / {row['backbone']} on {row['task']} at {row['shots']}: {row['error']}", err=True)
     for row in result.rows:
         if row["accuracy"] is None:
             typer.echo(f"warning: {row['head']} on {row['task']}/{row['tap']} failed: {row['error']}", err=True)
@@ -102,6 +119,9 @@ def fit(
     for name, path in result.files.items():
         if name.startswith("confusion_"):
             typer.echo(f"confusion matrix (best row of {name[len('confusion_'):]}): {path}")
+        elif name.startswith("fewshot_") and path.suffix == ".png":
+            typer.echo(f"few-shot plot ({name[len('fewshot_'):]}): {path}")
+    typer.echo(f"report: {result.files['report']}")
 
 
 @app.command()
@@ -187,11 +207,15 @@ def predict(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a fit run directory")],
-    row: Annotated[int, typer.Option("--row", help="leaderboard row, counted from 1 as in leaderboard.md")] = 1,
+    row: Annotated[Optional[int], typer.Option("--row", help="leaderboard row, counted from 1 as in leaderboard.md")] = None,
 ) -> None:
-    """Per-class precision, recall and F1, and the confusion matrix, of one leaderboard row."""
-    from pipeline.report import row_report
+    """Write RUN_DIR/report.html again, or, with --row N, print one row's per-class precision, recall
+    and F1 and its confusion matrix (and add that matrix to the report)."""
+    from pipeline.report import row_report, write_html_report
 
+    if row is None:
+        typer.echo(f"report: {write_html_report(run_dir)}")
+        return
     rep = row_report(run_dir, row)
     r = rep["row"]
     typer.echo(f"row {row}: {r['backbone']} / {r['tap']} / {r['task']} / {r['head']} on {r['eval']}: "
@@ -204,6 +228,7 @@ def report(
     for c, counts in zip(rep["labels"], rep["confusion"]):
         typer.echo(f"{c:{width}s}  " + " ".join(f"{n:5d}" for n in counts))
     typer.echo(f"plot: {rep['png']}")
+    typer.echo(f"report: {write_html_report(run_dir)}")
 
 
 @app.command("heads")
@@ -271,13 +296,17 @@ def cache_verify(
 
 
 def main() -> None:
-    """Console entry point: a PipelineError becomes one line on stderr and exit status 1."""
+    """Console entry point: a PipelineError or an OSError becomes one line on stderr and exit status 1."""
     from pipeline.errors import PipelineError
 
     try:
         app()
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:  # a write the file system refused (full, read-only, gone); outputs are written whole or not at all
+        reason = os.strerror(e.errno) if e.errno else e.strerror or str(e).splitlines()[0]
+        typer.echo(f"error: {reason}" + (f": {e.filename}" if e.filename else ""), err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import errno
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -268,7 +270,10 @@ class CacheWriter:
                         self._create(meta, tap_dims)
                     finally:
                         self._file.close()
-            self._file = h5py.File(self.path, "a")
+            # No chunk cache: each batch's chunks reach the disk inside the write call, so a full disk is
+            # an OSError there, before any row is marked valid. (With a cache, HDF5 reports it at a later
+            # flush or garbage collection, and the process can crash at exit.)
+            self._file = h5py.File(self.path, "a", rdcc_nbytes=0)
         except OSError as e:
             _release_lock(self._lock)
             raise PipelineError(f"cannot open cache {self.path} for writing: {e}") from e
@@ -286,6 +291,8 @@ class CacheWriter:
             raise
         self._add_taps(tap_dims)
         self.taps = list(self._file["features"].keys())
+        self._feature_sets = {tap: self._file["features"][tap] for tap in self.taps}
+        self._valid = self._file["valid"]
         self._failures = {r[0].decode(): (r[1].decode(), r[2].decode()) for r in self._file["failures"][()]}
         self._dirty = False
         self._ids: list[str] = list(self._file["ids"].asstr()[()])
@@ -298,9 +305,20 @@ class CacheWriter:
 
     def close(self) -> None:
         if self._file:
-            self._file.close()
+            try:
+                self._file.close()
+            except (OSError, RuntimeError):
+                pass  # after a failed write (disk full): the rows flushed before it are what the file holds
             self._file = None
             _release_lock(self._lock)
+
+    def _flush(self) -> None:
+        """Flush to disk; a write the file system refuses is an OSError (h5py reports some as RuntimeError)."""
+        try:
+            self._file.flush()
+        except RuntimeError as e:
+            found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
+            raise OSError(*(int(found[1]), found[2]) if found else (errno.EIO, str(e).splitlines()[0])) from e
 
     def _create(self, meta: dict, tap_dims: dict[str, int]) -> None:
         f = self._file
@@ -350,7 +368,7 @@ class CacheWriter:
             self._file["valid"][:] = False
             self._file.attrs["complete"] = False
         self._file.attrs["taps"] = json.dumps(list(group.keys()))
-        self._file.flush()
+        self._flush()
 
     def sync(self, samples: list[Sample], hashes: list[bytes], read_errors: dict[str, str] | None = None,
              retry_failed: bool = False) -> SyncResult:
@@ -380,7 +398,7 @@ class CacheWriter:
         changed_rows = np.sort(rows[changed])
         if len(changed_rows):
             f["valid"][changed_rows] = False
-            f.flush()  # invalid before the new hash goes in
+            self._flush()  # invalid before the new hash goes in
             valid[changed_rows] = False
             for r in changed_rows:
                 self._failures.pop(self._ids[r], None)
@@ -411,7 +429,7 @@ class CacheWriter:
         self._dirty = True
         self._write_failures()
         f.attrs["complete"] = False
-        f.flush()
+        self._flush()
         return SyncResult(
             todo=rows[todo_mask][order],
             samples=[samples[i] for i in np.flatnonzero(todo_mask)[order]],
@@ -427,13 +445,13 @@ class CacheWriter:
         contiguous = rows[-1] - rows[0] + 1 == len(rows)
         sel = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
         for tap in self.taps:
-            self._file["features"][tap][sel] = features[tap][order].astype(self.dtype)
-        self._file.flush()
-        self._file["valid"][sel] = True
+            self._feature_sets[tap][sel] = features[tap][order].astype(self.dtype)
+        self._flush()
+        self._valid[sel] = True
         for r in rows:
             self._dirty |= self._failures.pop(self._ids[r], None) is not None
         self._write_failures()
-        self._file.flush()
+        self._flush()
 
     def record_failures(self, failures: list[tuple[str, str, str]]) -> None:
         """Record (id, stage, reason) for samples that could not be decoded or processed."""
@@ -441,7 +459,7 @@ class CacheWriter:
             self._failures[sid] = (stage, reason)
             self._dirty = True
         self._write_failures()
-        self._file.flush()
+        self._flush()
 
     def failed_ids(self) -> set[str]:
         return set(self._failures)
@@ -450,7 +468,7 @@ class CacheWriter:
         """Mark the cache complete when every row is valid or a recorded failure."""
         valid = self._file["valid"][()]
         self._file.attrs["complete"] = bool(all(v or sid in self._failures for v, sid in zip(valid, self._ids)))
-        self._file.flush()
+        self._flush()
 
     def _write_failures(self) -> None:
         if not self._dirty:

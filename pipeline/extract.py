@@ -133,7 +133,8 @@ def extract(
                 done = _run(group, writers, plans, batch_size, workers, tta, jpeg_draft, progress and rank == 0)
             except OSError as e:  # disk full, file system gone read-only, ...
                 raise PipelineError(
-                    f"writing to {', '.join(str(w.path) for w in writers)} failed: {e.strerror or e}; the rows "
+                    f"writing to {', '.join(str(w.path) for w in writers)} failed: "
+                    f"{os.strerror(e.errno) if e.errno else e.strerror or e}; the rows "
                     "written before are kept, so run the same command again once it is fixed"
                 ) from e
             seconds = time.perf_counter() - start

@@ -45,7 +45,7 @@ from .files import atomic_path
 from .fit import best_row
 from .heads import load_head
 from .progress import progress_bar
-from .report import read_leaderboard, update_leaderboard
+from .report import read_leaderboard, update_leaderboard, write_run_info
 from .tasks import HOLDOUT_SPLITS
 
 STRATEGIES = ("lp-ft", "freeze-unfreeze", "discriminative")
@@ -297,6 +297,7 @@ def finetune(
                    head=f"finetune:{strategy}", eval=split, n_train=n_train, **metrics,
                    fit_seconds=round(t.seconds, 2),
                    head_file=str(out.resolve()), cache="", error="; ".join(note))
+        write_run_info(run, "finetune", settings, time.monotonic() - start_time, append=True)
         update_leaderboard(run, [row], replace=lambda r: r.get("head_file") == row["head_file"])
     return FinetuneResult(out, strategy, classes, split, n_train, t.history, best["epoch"], metrics, stopped, t.step,
                           resumed_from, estimate, row)

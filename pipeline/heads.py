@@ -30,13 +30,32 @@ from .errors import PipelineError
 class StratifiedKFoldUpTo(StratifiedKFold):
     """Stratified k-fold with at most ``n_splits`` folds: fewer when the rarest class is smaller.
 
-    Lets an inner cross-validation (e.g. choosing C) run on few-shot data instead of failing.
+    Lets an inner cross-validation (e.g. choosing C) run on few-shot data instead of failing. With a
+    single example of some class there are no folds: the one split scores on the training rows themselves.
     """
 
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return self.n_splits if y is None else max(1, self._folds(y))
+
     def split(self, X, y, groups=None):
+        folds = self._folds(y)
+        if folds < 2:
+            everything = np.arange(len(y))
+            yield everything, everything
+            return
+        yield from StratifiedKFold(folds, shuffle=self.shuffle, random_state=self.random_state).split(X, y, groups)
+
+    def _folds(self, y) -> int:
         _, counts = np.unique(y, return_counts=True)
-        folds = max(2, min(self.n_splits, int(counts.min())))
-        return StratifiedKFold(folds, shuffle=self.shuffle, random_state=self.random_state).split(X, y, groups)
+        return min(self.n_splits, int(counts.min()))
+
+
+class CappedKNeighborsClassifier(KNeighborsClassifier):
+    """k nearest neighbours with k capped at the number of training rows, so few-shot fits work."""
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        n = min(n_neighbors or self.n_neighbors, self.n_samples_fit_ - (X is None))
+        return super().kneighbors(X, n, return_distance)
 
 
 # What skops may rebuild when loading a head: scikit-learn internals its own check flags, plus ours.
@@ -47,6 +66,7 @@ TRUSTED_TYPES = (
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
     f"{__name__}.StratifiedKFoldUpTo",
+    f"{__name__}.CappedKNeighborsClassifier",
     "pipeline.linear_probe.TorchLogisticRegression",
 )
 
@@ -145,9 +165,9 @@ def _mlp(random_state: int) -> BaseEstimator:
     )
 
 
-@register_head("knn", "k=10 nearest neighbours on cosine distance, distance-weighted votes")
+@register_head("knn", "k=10 nearest neighbours (fewer when there are fewer training rows) on cosine distance, distance-weighted votes")
 def _knn(random_state: int) -> BaseEstimator:
-    return KNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance")
+    return CappedKNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance")
 
 
 @register_head("torch-logreg", "standardise + logistic regression by full-batch L-BFGS in torch (GPU when present), "

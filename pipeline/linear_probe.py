@@ -24,7 +24,9 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
     """Multinomial L2 logistic regression by full-batch L-BFGS in torch, ``C`` chosen along the
     warm-started path ``Cs`` (ascending) on a ``val_size`` stratified hold-out, then refit on all rows.
 
-    A single value in ``Cs`` skips the selection. ``tol`` bounds the largest gradient entry of the
+    A single value in ``Cs`` skips the selection, and so does data too small for a stratified hold-out
+    (a class with one row, or fewer hold-out rows than classes): then C is 1, scikit-learn's default.
+    ``tol`` bounds the largest gradient entry of the
     per-sample objective. ``device="auto"`` is CUDA when present.
     """
 
@@ -50,7 +52,8 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                            else "cpu" if self.device == "auto" else self.device)
         init, self.path_ = None, []
-        if Cs.size > 1:
+        n_val = int(np.ceil(self.val_size * len(y)))
+        if Cs.size > 1 and np.bincount(codes).min() >= 2 and k <= n_val <= len(y) - k:
             tr, va = train_test_split(np.arange(len(y)), test_size=self.val_size, random_state=self.random_state,
                                       stratify=codes)
             Xt, yt = _tensors(X[tr], codes[tr], dev)
@@ -69,7 +72,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
                         break
             self.C_ = best[0]
         else:
-            self.C_ = float(Cs[0])
+            self.C_ = float(Cs[0]) if Cs.size == 1 else 1.0
         Xa, ya = _tensors(X, codes, dev)
         W, b = _lbfgs(Xa, ya, k, self.C_, self.max_iter, self.tol, init)
         self.coef_ = W.T.cpu().numpy().astype(np.float64)

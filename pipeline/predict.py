@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +41,7 @@ class Model:
     tap: str = "pooled"
     head_path: Path | None = None
     cache: Path | None = None
+    parts: list["Model"] = field(default_factory=list)  # a head on concatenated backbones: one per backbone
 
 
 def resolve_model(model: str | os.PathLike, task: str | None = None) -> Model:
@@ -61,14 +62,22 @@ def resolve_model(model: str | os.PathLike, task: str | None = None) -> Model:
         if not card_path.is_file():
             raise PipelineError(f"{path} has no {card_path.name} beside it naming its backbone")
         card = json.loads(card_path.read_text())
-        source = card.get("weights_source", "")
-        weights = source if source and not source.startswith("hub:") and Path(source).is_file() else None
-        return Model("head", card["backbone"], weights, card["weights_sha256"], card["classes"], card["tap"],
-                     path, Path(card["cache"]) if card.get("cache") else None)
+        parts = [_feature_source(part, card["tap"]) for part in card["parts"]]
+        if len(parts) == 1:
+            return Model(**{**parts[0].__dict__, "kind": "head", "classes": card["classes"], "head_path": path})
+        return Model("head", card["backbone"], None, None, card["classes"], card["tap"], path, parts=parts)
     raise PipelineError(
         f"cannot use {path} as a model: give a fit run directory (with leaderboard.json), a .skops head, "
         "or a fine-tuned model directory (with model.safetensors)"
     )
+
+
+def _feature_source(part: dict, tap: str) -> Model:
+    """One backbone a head needs features from, as its card names it."""
+    source = part.get("weights_source", "")
+    weights = source if source and not source.startswith("hub:") and Path(source).is_file() else None
+    return Model("features", part["backbone"], weights, part["weights_sha256"], [], tap,
+                 cache=Path(part["cache"]) if part.get("cache") else None)
 
 
 def predict(
@@ -87,19 +96,12 @@ def predict(
     if not paths:
         raise PipelineError("no images to predict on")
     samples = [Sample(str(p), p) for p in paths]
-    feats: dict[int, np.ndarray] = {}
-    errors: dict[int, str] = {}
-    if m.kind == "head":
-        feats.update(_cached_features(m, samples))
-    todo = [i for i in range(len(samples)) if i not in feats]
-    if todo:
-        bb = _backbone(m, device)
-        batches = forward_batches(bb, [samples[i] for i in todo], (m.tap,), batch_size,
-                                  default_workers() if workers is None else workers, progress, f"predict {m.backbone}")
-        for idx, by_tap, failed in batches:
-            errors.update({todo[i]: err for i, err in failed})
-            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(m.tap, ()))})
-
+    first, *more = m.parts or [m]
+    feats, errors = _features(first, samples, batch_size, workers, device, progress)
+    for part in more:  # a head on concatenated backbones: their features side by side
+        got, failed = _features(part, samples, batch_size, workers, device, progress)
+        errors.update(failed)
+        feats = {i: np.concatenate([feats[i], got[i]]) for i in feats if i in got}
     ok = sorted(feats)
     probs = _probabilities(m, np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(m.classes)))
     rows = []
@@ -117,6 +119,23 @@ def predict(
             writer.writeheader()
             writer.writerows(rows)
     return rows
+
+
+def _features(m: Model, samples: list[Sample], batch_size: int, workers: int | None, device: str,
+              progress: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Features of ``m``'s backbone and tap for each sample (from its cache where the bytes are there),
+    and the reason for each sample that could not be read."""
+    feats: dict[int, np.ndarray] = {} if m.kind == "finetuned" else _cached_features(m, samples)
+    errors: dict[int, str] = {}
+    todo = [i for i in range(len(samples)) if i not in feats]
+    if todo:
+        bb = _backbone(m, device)
+        batches = forward_batches(bb, [samples[i] for i in todo], (m.tap,), batch_size,
+                                  default_workers() if workers is None else workers, progress, f"predict {m.backbone}")
+        for idx, by_tap, failed in batches:
+            errors.update({todo[i]: err for i, err in failed})
+            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(m.tap, ()))})
+    return feats, errors
 
 
 def _backbone(m: Model, device: str) -> Backbone:

@@ -52,6 +52,9 @@ def test_lp_ft_starts_from_the_probe_and_round_trips(tiny_run, run_copy, tmp_pat
     assert row["eval"] == probe["eval"] == "val" and row["n_test"] == probe["n_test"]
     assert row["accuracy"] == res.metrics["accuracy"] and row["head_file"] == str((tmp_path / "ft").resolve())
     assert len(rows) == len(tiny_run["fit"].rows) + 1
+    # ... and its report says so: the row, and the finetune command after fit's
+    assert [r["stage"] for r in json.loads((run_copy / "run.json").read_text())] == ["fit", "finetune"]
+    assert "finetune:lp-ft" in (run_copy / "report.html").read_text()
 
     # the best checkpoint is a backbone like any other: a distinct cache with 2-class logits ...
     [ext] = extract(tiny_run["data"], TINY, tmp_path / "cache", weights=tmp_path / "ft" / "model.safetensors",

@@ -33,8 +33,9 @@ def test_saved_heads_and_cards(tiny_run):
     for row in tiny_run["fit"].rows:
         head = load_head(row["head_file"])
         card = json.loads(Path(row["head_file"]).with_suffix(".json").read_text())
-        assert card["backbone"] == TINY and len(card["weights_sha256"]) == 64
-        assert card["data_config"]["input_size"] == [3, 160, 160] and card["classes"] == ["blue", "red"]
+        (part,) = card["parts"]
+        assert card["backbone"] == part["backbone"] == TINY and len(part["weights_sha256"]) == 64
+        assert part["data_config"]["input_size"] == [3, 160, 160] and card["classes"] == ["blue", "red"]
         X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
         assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row["accuracy"])
 

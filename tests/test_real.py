@@ -85,3 +85,28 @@ def test_lp_ft_ends_at_or_above_the_probe_and_round_trips(real, probe):
     assert np.mean(np.array(res.classes)[logits[val].argmax(1)] == labels[val]) == pytest.approx(res.metrics["accuracy"])
     rows = predict(real["base"] / "ft", [real["data"] / "val" / "ants"], progress=False)
     assert np.mean([r["prediction"] == "ants" for r in rows]) >= 0.85
+
+
+def test_sweep_over_both_backbones_is_complete_and_honest(real):
+    """Both shared backbones, their concatenation, the folder labels and the coin flip, two heads and
+    few-shot draws: every combination has a row, the real task is far above chance, the coin flip is not."""
+    lite2 = "tf_efficientnet_lite2.in1k"
+    weights2 = shared_or_skip("weights", f"{lite2}.safetensors")
+    [res2] = extract(real["data"], lite2, real["base"] / "cache", weights=weights2, progress=False)
+    coin = Path(__file__).resolve().parents[1] / "data" / "hymenoptera_coinflip.csv"
+    out = real["base"] / "sweep"
+    result = fit([real["extract"].cache, res2.cache], out, labels=[coin], heads=["logreg", "knn"], taps=["pooled"],
+                 concat=True, shots=[1, 5, "all"], draws=3, progress=False)
+    both = f"{LITE0}+{lite2}"
+    assert {(r["backbone"], r["task"], r["head"]) for r in result.rows} == {
+        (b, t, h) for b in (LITE0, lite2, both) for t in ("hymenoptera", "hymenoptera_coinflip") for h in ("logreg", "knn")}
+    for r in result.rows:
+        if r["task"] == "hymenoptera":
+            assert r["above_chance"] and r["accuracy"] >= 0.93, r
+        else:
+            assert not r["above_chance"] and r["p_above_chance"] > 0.05, r  # even before adjusting for many rows
+    few = {(r["backbone"], r["task"], r["head"], r["shots"]): r["acc_mean"] for r in result.fewshot}
+    assert len(few) == 3 * 2 * 2 * 3
+    for b in (LITE0, lite2, both):
+        assert few[(b, "hymenoptera", "logreg", 1)] < few[(b, "hymenoptera", "logreg", "all")]
+    assert (out / "report.html").stat().st_size > 50_000

@@ -1,0 +1,142 @@
+"""Few-shot curves: how a head does when only k labelled examples per class are given, over seeded draws.
+
+The examples are drawn from the task's training rows and every fit is scored on the same held-out rows:
+the task's ``val``/``test`` split when it has one, else a seeded stratified 20 % hold-out (``holdout20``).
+Draw ``d`` of ``k`` shots is the same for every head and backbone, so their curves are paired.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PipelineError
+from .files import atomic_path
+from .heads import create_head
+from .tasks import TaskData
+
+ALL = "all"
+
+
+def parse_shots(items: Sequence[str | int]) -> list[int | str]:
+    """``["1", "2", "5", "all"]`` -> ``[1, 2, 5, "all"]``, checked and in increasing order."""
+    shots: list[int | str] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text == ALL:
+            shots.append(ALL)
+            continue
+        try:
+            k = int(text)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise PipelineError(f"--shots takes positive whole numbers or 'all' (e.g. 1,2,5,10,all), got {item!r}")
+        shots.append(k)
+    return sorted(set(shots), key=lambda k: float("inf") if k == ALL else k)
+
+
+def eval_split(data: TaskData, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Indices of the training pool and the held-out rows of ``data``, and the held-out split's name."""
+    split = data.holdout_split
+    if split is not None:
+        return np.flatnonzero(data.splits == "train"), np.flatnonzero(data.splits == split), split
+    from sklearn.model_selection import train_test_split
+
+    pool, test = train_test_split(np.arange(len(data.y)), test_size=0.2, random_state=seed, stratify=data.y)
+    return np.sort(pool), np.sort(test), "holdout20"
+
+
+def draw_shots(y: np.ndarray, pool: np.ndarray, k: int | str, seed: int, draw: int) -> np.ndarray:
+    """``k`` rows of each class from ``pool`` (all of them for ``"all"``), seeded by (seed, k, draw)."""
+    if k == ALL:
+        return pool
+    rng = np.random.default_rng([seed, k, draw])
+    picked = []
+    for c in np.unique(y[pool]):
+        rows = pool[y[pool] == c]
+        if len(rows) < k:
+            raise PipelineError(f"class {str(c)!r} has {len(rows)} training example(s), fewer than {k} shots")
+        picked.append(rng.choice(rows, k, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def fit_draws(head: str, params: dict | None, seed: int, X: np.ndarray, y: np.ndarray, draws: list[np.ndarray],
+              test: np.ndarray) -> dict:
+    """Fit ``head`` on each draw's rows and score it on ``test``: the accuracies, or the first error."""
+    accs = []
+    try:
+        for rows in draws:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = create_head(head, seed, params).fit(X[rows], y[rows])
+            accs.append(float((est.predict(X[test]) == y[test]).mean()))
+    except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
+        return dict(accuracies=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+    return dict(accuracies=accs, error="")
+
+
+def plan_draws(data: TaskData, shots: Sequence[int | str], n_draws: int, seed: int) -> tuple[dict, np.ndarray, str]:
+    """For every k: its draws (a list of row indices), or the reason it cannot be drawn; and the test rows."""
+    pool, test, split = eval_split(data, seed)
+    plans: dict[int | str, list[np.ndarray] | str] = {}
+    for k in shots:
+        try:
+            plans[k] = [draw_shots(data.y, pool, k, seed, d) for d in range(1 if k == ALL else n_draws)]
+        except PipelineError as e:
+            plans[k] = str(e)
+    return plans, test, split
+
+
+def summarise(accuracies: list[float] | None) -> dict:
+    if not accuracies:
+        return dict(acc_mean=None, acc_std=None, acc_min=None, acc_max=None)
+    a = np.asarray(accuracies)
+    return dict(acc_mean=float(a.mean()), acc_std=float(a.std()), acc_min=float(a.min()), acc_max=float(a.max()))
+
+
+def plot_fewshot(rows: Sequence[dict], task: str, path: str | os.PathLike) -> Path:
+    """Accuracy (mean ± std over draws) against shots per class: one panel per head, one line per
+    backbone (and tap, when there are several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["task"] == task]
+    heads = list(dict.fromkeys(r["head"] for r in rows))
+    shots = sorted({r["shots"] for r in rows}, key=lambda k: float("inf") if k == ALL else k)
+    several_taps = len({r["tap"] for r in rows}) > 1
+    cols = min(3, len(heads))
+    n_rows = -(-len(heads) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.2 * n_rows), sharey=True, squeeze=False)
+    for ax, head in zip(axes.flat, heads):
+        lines = {}
+        for r in rows:
+            if r["head"] == head:
+                name = f"{r['backbone']}/{r['tap']}" if several_taps else r["backbone"]
+                lines.setdefault(name, {})[r["shots"]] = r
+        for name, by_k in lines.items():
+            xs = [i for i, k in enumerate(shots) if k in by_k and by_k[k]["acc_mean"] is not None]
+            ax.errorbar(xs, [by_k[shots[i]]["acc_mean"] for i in xs], yerr=[by_k[shots[i]]["acc_std"] for i in xs],
+                        marker="o", capsize=3, label=name)
+        ax.set_title(head, fontsize=10)
+        ax.set_xticks(range(len(shots)), [str(k) for k in shots])
+        ax.set_xlabel("examples per class")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(heads):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(textwrap.shorten(f"few-shot accuracy on {task} (mean ± std over draws)", 90), fontsize=11)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
