@@ -137,19 +137,20 @@ def fit(
     sources = _sources(paths, extra_tasks, taps, load)
     if concat:
         sources += _concatenate(sources, paths)
+    warm = tuple((h, params.get(h)) for h in heads)
     jobs, meta = [], []
     for src in sources:
         plan = _plan(src.data, cv, src.parts[0][0])
         for head in heads:
             chunked = head_spec(head).chunked and len(src.parts) == 1 and src.data.X is None
             rows = _Rows(src.data, (str(src.parts[0][0]), src.tap, chunk_rows) if chunked else None, seed)
-            jobs.append(delayed(_fit_one)(head, params.get(head), seed, rows, plan, cv))
+            jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), seed, rows, plan, cv))
             meta.append(dict(
                 backbone=src.backbone, weights=src.weights, tap=src.tap, task=src.data.task,
                 head=_head_label(head, params.get(head)), eval=plan, cache=src.cache,
                 _parts=src.parts, _classes=sorted(set(src.data.y)),
             ))
-    few_jobs, few_meta = _fewshot_jobs(sources, heads, params, shots, draws, seed)
+    few_jobs, few_meta = _fewshot_jobs(sources, heads, params, shots, draws, seed, warm)
 
     with parallel_backend(backend, cluster, n_jobs):
         results = _run_jobs(jobs + [j for j in few_jobs if j is not None], n_jobs, progress)
@@ -232,7 +233,8 @@ def _concatenate(sources: list[_Source], paths: list[Path]) -> list[_Source]:
     return joined
 
 
-def _fewshot_jobs(sources: list[_Source], heads: list[str], params: dict, shots: list, draws: int, seed: int):
+def _fewshot_jobs(sources: list[_Source], heads: list[str], params: dict, shots: list, draws: int, seed: int,
+                  warm: tuple):
     """A job per (source, head, k) fitting its draws (None where k cannot be drawn), and each job's row."""
     jobs, meta = [], []
     for src in sources:
@@ -246,7 +248,8 @@ def _fewshot_jobs(sources: list[_Source], heads: list[str], params: dict, shots:
                                  draws=0 if isinstance(plan, str) else len(plan), eval=split, n_test=len(test),
                                  _skip=plan if isinstance(plan, str) else ""))
                 jobs.append(None if isinstance(plan, str) else
-                            delayed(fit_draws)(head, params.get(head), seed, src.data.X, src.data.y, plan, test))
+                            delayed(_in_worker)(warm, fit_draws, head, params.get(head), seed, src.data.X, src.data.y,
+                                                plan, test))
     return jobs, meta
 
 
@@ -323,6 +326,16 @@ class _Rows:
 
     def _read(self, cache: FeatureCache, part: np.ndarray) -> np.ndarray:
         return cache.features(self.source[1], self.data.rows[part])
+
+
+def _in_worker(warm: tuple[tuple[str, dict | None], ...], fn, *args):
+    """``fn(*args)`` after building every head of the sweep once, so that a worker's first job loads
+    what any head imports (torch, for torch-logreg). loky takes a worker's memory baseline after its
+    first job and replaces a worker that grows 300 MB beyond it: without this, each later job that first
+    imported torch got its worker replaced, and the next one paid for the import again."""
+    for head, params in warm:
+        create_head(head, 0, params)
+    return fn(*args)
 
 
 def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, plan: str, cv: int) -> dict:

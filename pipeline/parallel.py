@@ -64,9 +64,9 @@ def _ray_session(stack: ExitStack, address: str | None, workers: int) -> None:
         return
     try:
         if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError) as e:
         raise PipelineError(f"--cluster {address}: cannot connect to the Ray cluster ({e})") from None
     stack.callback(ray.shutdown)

@@ -83,9 +83,13 @@ def test_folder_without_splits_is_cross_validated(tmp_path):
     ("id,class\na,b\n", "missing column\\(s\\) label"),
     ("id,label\ntrain/red/red_000.jpg,a\ntrain/red/red_000.jpg,b\n", "labels.csv:3: duplicate id"),
     ("id,label\nnot/there.jpg,a\n", "1 id\\(s\\) not in cache"),
+    ("id,label\ntrain/red/red_000.jpg,\n", "labels.csv:2: empty id or label"),
+    ("id,label\n", "labels.csv: no rows"),
+    ("id,label\ntrain/red/red_000.jpg,caf\xe9\n".encode("latin-1"), "labels.csv: not UTF-8 text .* save it as UTF-8"),
+    ("id,label\ntrain/red/red_000.jpg,a\nval/red/red_000.jpg,a\n", "task 'labels' .*: needs at least 2 classes, found 1"),
 ])
 def test_bad_label_files(tiny_run, tmp_path, text, message):
-    (tmp_path / "labels.csv").write_text(text)
+    (tmp_path / "labels.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(PipelineError, match=message):
         fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "labels.csv"], progress=False)
 

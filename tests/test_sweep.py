@@ -3,6 +3,7 @@ and the joblib backends a sweep can run on."""
 
 import csv
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -156,3 +157,18 @@ def test_unreachable_dask_cluster_is_one_line(tiny_run, tmp_path):
 
 def test_parse_shots_orders_and_dedups():
     assert parse_shots(["all", "5", "1", "5"]) == [1, 5, "all"]
+
+
+def test_sweep_goes_to_a_running_dask_cluster(tiny_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    # two workers: joblib runs a single effective job slot in the calling process instead
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        r = run_cli("fit", tiny_run["cache"], "--out", tmp_path / "run", "--backend", "dask",
+                    "--cluster", cluster.scheduler_address, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        # the fits ran in the cluster's worker processes: they have imported the fit stage
+        ran_there = client.run(lambda: "pipeline.fit" in sys.modules).values()
+    assert any(ran_there)
+    rows = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
+    assert [(x["head"], x["accuracy"]) for x in rows] == [(x["head"], x["accuracy"]) for x in tiny_run["fit"].rows]
