@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,6 @@ import numpy as np
 
 from .errors import PipelineError
 from .files import atomic_path
-from .heads import create_head
 from .tasks import TaskData
 
 ALL = "all"
@@ -64,21 +62,6 @@ def draw_shots(y: np.ndarray, pool: np.ndarray, k: int | str, seed: int, draw: i
             raise PipelineError(f"class {str(c)!r} has {len(rows)} training example(s), fewer than {k} shots")
         picked.append(rng.choice(rows, k, replace=False))
     return np.sort(np.concatenate(picked))
-
-
-def fit_draws(head: str, params: dict | None, seed: int, X: np.ndarray, y: np.ndarray, draws: list[np.ndarray],
-              test: np.ndarray) -> dict:
-    """Fit ``head`` on each draw's rows and score it on ``test``: the accuracies, or the first error."""
-    accs = []
-    try:
-        for rows in draws:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                est = create_head(head, seed, params).fit(X[rows], y[rows])
-            accs.append(float((est.predict(X[test]) == y[test]).mean()))
-    except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
-        return dict(accuracies=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
-    return dict(accuracies=accs, error="")
 
 
 def plan_draws(data: TaskData, shots: Sequence[int | str], n_draws: int, seed: int) -> tuple[dict, np.ndarray, str]:

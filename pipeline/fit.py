@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from .cache import FeatureCache, find_caches
 from .errors import PipelineError
-from .fewshot import fit_draws, parse_shots, plan_draws, plot_fewshot, summarise
+from .fewshot import parse_shots, plan_draws, plot_fewshot, summarise
 from .files import atomic_path
 from .heads import create_head, fit_by_chunks, head_spec, list_heads, save_head
 from .parallel import parallel_backend
@@ -67,6 +67,10 @@ class _Source:
     @property
     def cache(self) -> str:
         return " + ".join(str(p.resolve()) for p, _ in self.parts)
+
+    def rows(self, head: str, chunk_rows: int, seed: int) -> "_Rows":
+        """What ``head`` fits on: the features in memory, or read by chunks for a chunked head."""
+        return _Rows(self.data, (str(self.parts[0][0]), self.tap, chunk_rows) if head_spec(head).chunked else None, seed)
 
 
 def fit(
@@ -142,15 +146,14 @@ def fit(
     for src in sources:
         plan = _plan(src.data, cv, src.parts[0][0])
         for head in heads:
-            chunked = head_spec(head).chunked and len(src.parts) == 1 and src.data.X is None
-            rows = _Rows(src.data, (str(src.parts[0][0]), src.tap, chunk_rows) if chunked else None, seed)
+            rows = src.rows(head, chunk_rows, seed)
             jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), seed, rows, plan, cv))
             meta.append(dict(
                 backbone=src.backbone, weights=src.weights, tap=src.tap, task=src.data.task,
                 head=_head_label(head, params.get(head)), eval=plan, cache=src.cache,
                 _parts=src.parts, _classes=sorted(set(src.data.y)),
             ))
-    few_jobs, few_meta = _fewshot_jobs(sources, heads, params, shots, draws, seed, warm)
+    few_jobs, few_meta = _fewshot_jobs(sources, heads, params, shots, draws, seed, chunk_rows, warm)
 
     with parallel_backend(backend, cluster, n_jobs):
         results = _run_jobs(jobs + [j for j in few_jobs if j is not None], n_jobs, progress)
@@ -234,7 +237,7 @@ def _concatenate(sources: list[_Source], paths: list[Path]) -> list[_Source]:
 
 
 def _fewshot_jobs(sources: list[_Source], heads: list[str], params: dict, shots: list, draws: int, seed: int,
-                  warm: tuple):
+                  chunk_rows: int, warm: tuple):
     """A job per (source, head, k) fitting its draws (None where k cannot be drawn), and each job's row."""
     jobs, meta = [], []
     for src in sources:
@@ -242,14 +245,14 @@ def _fewshot_jobs(sources: list[_Source], heads: list[str], params: dict, shots:
             break
         plans, test, split = plan_draws(src.data, shots, draws, seed)
         for head in heads:
+            rows = src.rows(head, chunk_rows, seed)
             for k, plan in plans.items():
                 meta.append(dict(backbone=src.backbone, weights=src.weights, tap=src.tap, task=src.data.task,
                                  head=_head_label(head, params.get(head)), shots=k,
                                  draws=0 if isinstance(plan, str) else len(plan), eval=split, n_test=len(test),
                                  _skip=plan if isinstance(plan, str) else ""))
                 jobs.append(None if isinstance(plan, str) else
-                            delayed(_in_worker)(warm, fit_draws, head, params.get(head), seed, src.data.X, src.data.y,
-                                                plan, test))
+                            delayed(_in_worker)(warm, _fit_draws, head, params.get(head), seed, rows, plan, test))
     return jobs, meta
 
 
@@ -325,6 +328,8 @@ class _Rows:
         return (idx[i:i + step] for i in range(0, len(idx), step))
 
     def _read(self, cache: FeatureCache, part: np.ndarray) -> np.ndarray:
+        if self.data.X is not None:  # loaded for other heads (or a concatenation): the same rows from memory
+            return self.data.X[part]
         return cache.features(self.source[1], self.data.rows[part])
 
 
@@ -378,6 +383,21 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, plan: str, 
         f1_macro=float(f1_score(y_true, y_pred, average="macro")),
         fit_seconds=round(seconds, 4), error="; ".join(notes),
     ))
+
+
+def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: list[np.ndarray], test: np.ndarray) -> dict:
+    """Fit ``head`` on each few-shot draw's rows as the leaderboard fits it, and score it on ``test``:
+    the accuracies, or the first error."""
+    y, accs = rows.data.y, []
+    try:
+        for idx in draws:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = rows.fit(create_head(head, seed, params), idx)
+            accs.append(float((rows.predict(est, test) == y[test]).mean()))
+    except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
+        return dict(accuracies=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+    return dict(accuracies=accs, error="")
 
 
 def _compare_with_best(rows: list[dict]) -> None:

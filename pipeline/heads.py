@@ -61,6 +61,7 @@ class CappedKNeighborsClassifier(KNeighborsClassifier):
 # What skops may rebuild when loading a head: scikit-learn internals its own check flags, plus ours.
 TRUSTED_TYPES = (
     "sklearn.metrics._classification.log_loss",
+    "sklearn.metrics._scorer._PassthroughScorer",
     "sklearn.metrics._scorer._Scorer",
     "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",

@@ -1,6 +1,8 @@
 """A run killed with SIGKILL mid-extraction leaves a cache that opens, whose valid rows are whole, and
 that the next run completes by computing only the rest."""
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, kill_when_rows, make_many, run_cli
-from pipeline import FeatureCache, extract
+from pipeline import FeatureCache, extract, fit
 
 
 def _start_extract(data, cache_dir, stderr=subprocess.DEVNULL) -> subprocess.Popen:
@@ -84,3 +86,50 @@ def test_reader_during_a_write_is_told_who_writes(tmp_path):
         proc.wait(timeout=120)
     assert proc.returncode == 0
     assert run_cli("cache", "info", path).returncode == 0  # and readable once it is done
+
+
+def _whole(run) -> int:
+    """Every output file of a fit run directory (not the hidden temporaries) parses whole; how many."""
+    from pipeline.heads import load_head
+
+    files = [p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    for p in files:
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".skops":
+            load_head(p)
+        elif p.suffix == ".csv":
+            rows = list(csv.reader(p.open()))
+            assert rows and all(len(r) == len(rows[0]) for r in rows), p
+        elif p.suffix == ".png":
+            assert p.read_bytes()[-8:] == b"IEND\xaeB`\x82", p  # a PNG ends with its IEND chunk
+        elif p.suffix == ".html":
+            assert p.read_text().endswith("</html>"), p
+    return len(files)
+
+
+@pytest.mark.parametrize("trigger", ["first head file", "ten head files", "leaderboard.csv"])
+def test_fit_killed_while_writing_leaves_only_whole_files(tiny_run, tmp_path, trigger):
+    run = tmp_path / "run"
+    heads = "logreg,mlp,knn,torch-logreg,linear-svm,ridge,centroid"
+    args = [sys.executable, "-m", "pipeline", "fit", str(tiny_run["cache"]), "--out", str(run), "--heads", heads,
+            "--n-jobs", "1", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    ready = {
+        "first head file": lambda: len(list(run.glob("heads/*"))) >= 1,
+        "ten head files": lambda: len(list(run.glob("heads/*"))) >= 10,
+        "leaderboard.csv": lambda: (run / "leaderboard.csv").exists(),
+    }[trigger]
+    deadline = time.time() + 120
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    _whole(run)
+    assert not (run / "leaderboard.json").exists() or trigger == "leaderboard.csv"
+    again = run_cli("fit", tiny_run["cache"], "--out", run, "--heads", heads, "--n-jobs", "1", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert _whole(run) >= 7 * 3 + 4  # a head, its card and its predictions per row; leaderboard x3, report
+    rows = json.loads((run / "leaderboard.json").read_text())
+    reference = fit(tiny_run["cache"], tmp_path / "ref", heads=heads.split(","), n_jobs=1, progress=False).rows
+    assert sorted((r["head"], r["accuracy"]) for r in rows) == sorted((r["head"], r["accuracy"]) for r in reference)

@@ -111,6 +111,20 @@ def test_every_head_fits_a_few_shots(k):
         assert set(est.predict(X)) <= {"a", "b", "c"}, name
 
 
+def test_every_head_saves_and_loads_with_the_trusted_types(tmp_path):
+    from pipeline.heads import save_head
+
+    rng = np.random.default_rng(0)
+    y = np.array(["a", "b", "c"] * 20)
+    X = rng.normal(size=(len(y), 8)) + (y == "a")[:, None]
+    for name in list_heads():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = create_head(name, 0).fit(X, y)
+        loaded = load_head(save_head(est, tmp_path / f"{name}.skops"))
+        assert np.array_equal(loaded.predict(X), est.predict(X)), name
+
+
 def test_report_html(sweep):
     page = (sweep["run"] / "report.html").read_text()
     for text in ("Task shapes", "Task coin", "Accuracy by head &times; backbone", "Few-shot",
