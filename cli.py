@@ -40,8 +40,8 @@ def extract(
     cache: Annotated[Path, typer.Option("--cache", help="directory for the cache files (one per backbone)")] = Path("cache"),
     weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file (.safetensors) for a single --backbone; else $PIPELINE_WEIGHTS_DIR/<name>.safetensors, else timm's hub")] = None,
     taps: Annotated[Optional[list[str]], typer.Option("--taps", help="features to keep, comma-separated: pooled (pre-logits embedding), logits, layer<i> (intermediate i of timm's forward_intermediates, average-pooled or a ViT's class token; layer-1 is the last)")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="decode worker processes (default: min(4, cores))")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="decode worker processes (default: min(4, cores))")] = None,
     device: Annotated[str, _device_option()] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
     amp: Annotated[str, typer.Option("--amp", help="autocast dtype of the forward pass: auto (bf16 on GPUs that have it, else fp16; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
@@ -84,15 +84,19 @@ def fit(
     cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
-    chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1, help="rows read at a time by heads that train by chunks (sgd); the others load a task's features whole")] = 65536,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (sgd); the others load a task's features whole")] = 65536,
     concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
     shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,
     draws: Annotated[int, typer.Option("--draws", help="seeded draws of the examples per --shots value (mean ± std over them)")] = 5,
-    backend: Annotated[str, typer.Option("--backend", help="where the fits run: loky (processes), threading, dask or ray (extras: pip install 'pipeline[dask]' / '[ray]')")] = "loky",
+    backend: Annotated[str, typer.Option("--backend", help="where the fits run: loky (processes), threading, dask or ray (extras: pip install 'pipeline\\[dask]' / 'pipeline\\[ray]')")] = "loky",
     cluster: Annotated[Optional[str], typer.Option("--cluster", help="address of an existing Dask scheduler (tcp://host:8786) or Ray cluster; default: a local one")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run whose tasks were evaluated on other images, folds or seed (default: rows are merged into the run by key, and such a run is refused)")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Fit and compare heads on cached features; write a leaderboard, the heads, plots and report.html."""
+    """Fit and compare heads on cached features; write a leaderboard, the heads, plots and report.html.
+
+    Into a run folder that already has rows, the new rows replace those of the same backbone, weights,
+    tap, task and head, and the others (a fine-tune's) stay; every task is ranked and tested again."""
     from pipeline.fit import DEFAULT_HEADS, fit as run
     from pipeline.heads import parse_head_params
     from pipeline.report import fewshot_table
@@ -100,7 +104,7 @@ def fit(
     result = run(caches, out, labels=labels or [], heads=_split_list(heads) or list(DEFAULT_HEADS),
                  taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
                  head_params=parse_head_params(head_param or []), concat=concat, shots=_split_list(shots),
-                 draws=draws, backend=backend, cluster=cluster, progress=progress)
+                 draws=draws, backend=backend, cluster=cluster, overwrite=overwrite, progress=progress)
     typer.echo(result.markdown())
     for task in dict.fromkeys(r["task"] for r in result.fewshot):
         columns, table = fewshot_table(result.fewshot, task)
@@ -113,8 +117,8 @@ def fit(
         if row["error"]:
             typer.echo(f"note: few-shot {row['head']} / {row['backbone']} on {row['task']} at {row['shots']}: {row['error']}", err=True)
     for row in result.rows:
-        if row["accuracy"] is None:
-            typer.echo(f"warning: {row['head']} on {row['task']}/{row['tap']} failed: {row['error']}", err=True)
+        if not row.scored:
+            typer.echo(f"warning: {row.head} on {row.task}/{row.tap} failed: {row.error}", err=True)
     typer.echo(f"\nleaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
     for name, path in result.files.items():
         if name.startswith("confusion_"):
@@ -128,8 +132,10 @@ def fit(
 def finetune(
     data: Annotated[Path, typer.Argument(help="image folder or CSV manifest with labels (and train/val splits)")],
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm model name")],
-    out: Annotated[Path, typer.Option("--out", help="directory for model.safetensors + config.json (best epoch), metrics.json, last.pt (resume state)")],
-    init: Annotated[Optional[Path], typer.Option("--init", help="a fit run directory: start the classifier from its best linear head")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for model.safetensors + config.json (the kept epoch), metrics.json, last.pt (resume state); OUT/fold<k> per fold of a cross-validated task")],
+    init: Annotated[Optional[Path], typer.Option("--init", help="a fit run folder: start the classifier from its best linear head, and score on its protocol")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="fit run folder whose protocol scores the fine-tune and whose leaderboard gets the row finetune:<strategy> (default: --init)")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="train on this label file's task (id,label[,split]) instead of the data's own labels")] = None,
     strategy: Annotated[Optional[str], typer.Option("--strategy", help="lp-ft (default with --init): probe head, head epochs, then top blocks; freeze-unfreeze (default without): the same from a fresh head; discriminative: then every block, lr decaying towards the stem")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="all epochs, head-only ones included")] = 5,
     head_epochs: Annotated[int, typer.Option("--head-epochs", help="first epochs that train the classifier alone")] = 1,
@@ -145,56 +151,73 @@ def finetune(
     amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it, else fp16 with loss scaling; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     accum_steps: Annotated[int, typer.Option("--accum-steps", help="gradient accumulation: an optimizer step every N batches")] = 1,
-    patience: Annotated[Optional[int], typer.Option("--patience", help="stop after N epochs without a better held-out accuracy (default 3; 0 never stops early)")] = 3,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="stop after N epochs without a better selection accuracy (default 3; 0 never stops early)")] = 3,
+    select_fraction: Annotated[float, typer.Option("--select-fraction", help="share of the training images held out of training to choose the epoch (seeded, stratified); 0: keep the last epoch")] = 0.2,
+    cv: Annotated[int, typer.Option("--cv", help="folds for a task without a train/val split that the run does not already hold")] = 5,
     budget_minutes: Annotated[Optional[float], typer.Option("--budget-minutes", help="stop cleanly before this much wall time, keeping the best epoch (continue with --resume)")] = None,
     checkpoint_minutes: Annotated[float, typer.Option("--checkpoint-minutes", help="save last.pt within an epoch this often (and after every epoch)")] = 1.0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last.pt after a kill or a budget stop")] = False,
-    run: Annotated[Optional[Path], typer.Option("--run", help="fit run directory whose leaderboard gets the row finetune:<strategy> (default: --init)")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="starting weights file (.safetensors)")] = None,
     device: Annotated[str, _device_option()] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Fine-tune a backbone on labelled images, evaluated on the split fit uses, with the best epoch kept."""
+    """Fine-tune a backbone on labelled images, scored on the run's protocol like its heads: it never
+    trains on (or chooses its epoch by) the images it is scored on; a cross-validated task is fine-tuned
+    once per fold."""
     from pipeline.finetune import finetune as run_finetune
 
     result = run_finetune(
-        data, backbone, out, init=init, strategy=strategy, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze,
-        lr=lr, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay, weight_decay=weight_decay,
+        data, backbone, out, init, run=run, labels=labels, resume=resume, budget_minutes=budget_minutes,
+        checkpoint_minutes=checkpoint_minutes, workers=workers, weights=weights, device=device, progress=progress,
+        log=typer.echo, strategy=strategy, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze, lr=lr,
+        backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, aug=aug, bn=bn, amp=amp, batch_size=batch_size,
-        accum_steps=accum_steps, patience=patience or None, budget_minutes=budget_minutes,
-        checkpoint_minutes=checkpoint_minutes, resume=resume, run=run, workers=workers, weights=weights,
-        device=device, seed=seed, progress=progress, log=typer.echo,
+        accum_steps=accum_steps, patience=patience or None, select_fraction=select_fraction, cv=cv, seed=seed,
     )
-    for h in result.history:
-        loss = f"{h['train_loss']:.4f}" if h["train_loss"] is not None else "-"
-        partial = " (partial epoch)" if h["partial"] else ""
-        typer.echo(f"epoch {h['epoch']} ({h['phase']}){partial}: train loss {loss}, {result.eval_split} accuracy "
-                   f"{h['accuracy']:.4f}, {h['train_seconds']:.1f} s training so far")
+    for fold in result.folds:
+        name = fold["fold"] or "model"
+        if len(result.folds) > 1:
+            typer.echo(f"{name}: {fold['n_train']} training images, {fold['n_scored']} scored")
+        for h in fold["history"]:
+            loss = f"{h['train_loss']:.4f}" if h["train_loss"] is not None else "-"
+            partial = " (partial epoch)" if h["partial"] else ""
+            chosen = (f"selection accuracy {h['accuracy']:.4f} on {h['n_select']} held-out training images"
+                      if h["accuracy"] is not None else "no selection")
+            typer.echo(f"epoch {h['epoch']} ({h['phase']}){partial}: train loss {loss}, {chosen}, "
+                       f"{h['train_seconds']:.1f} s training so far")
     stop = {"finished": "", "early-stopping": " (stopped early: no better epoch in --patience epochs)",
             "budget": f" (stopped by --budget-minutes; continue with --resume --out {out})"}[result.stopped]
-    typer.echo(f"best epoch {result.best_epoch}: {result.eval_split} accuracy {result.metrics['accuracy']:.4f}{stop}")
+    typer.echo(f"kept epoch {result.best_epoch}{stop}")
+    if result.metrics:
+        m = result.metrics
+        typer.echo(f"scored on {result.eval_split}: accuracy {m['accuracy']:.4f} [{m['acc_low']:.4f}, {m['acc_high']:.4f}] "
+                   f"on {m['n_test']} images (chance {m['chance']:.4f})")
     typer.echo(f"model: {result.out / 'model.safetensors'}  metrics: {result.out / 'metrics.json'}")
     if result.row is not None:
-        typer.echo(f"leaderboard row {result.row['head']} added to {run or init}")
+        typer.echo(f"leaderboard row {result.row.head} added to {run or init}"
+                   + ("" if result.row.comparable else " (scored on fewer images: shown apart, not ranked)"))
 
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="a fit run directory (best row), a .skops head, or a fine-tuned model directory")],
+    model: Annotated[Path, typer.Argument(help="a fit run folder (its best row), a .skops head, or a fine-tuned model folder")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: print CSV to stdout)")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="with a run directory: whose best row to use (default: the first task)")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0)] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="with a run folder: whose best row to use (default: the first task)")] = None,
+    weights: Annotated[Optional[list[Path]], typer.Option("--weights", help="weights file(s) to use when the model's are no longer where they were recorded (matched by sha256); repeatable")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers")] = None,
     device: Annotated[str, _device_option()] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Predict labels and class probabilities for new images, one row per image."""
+    """Predict labels and class probabilities for new images, one row per image, through the feature spec
+    the model was trained on (images in its cache are read from there)."""
     from pipeline.predict import predict as run
 
-    rows = run(model, images, out=out, task=task, batch_size=batch_size, workers=workers, device=device, progress=progress)
+    rows = run(model, images, out=out, task=task, weights=weights or [], batch_size=batch_size, workers=workers,
+               device=device, progress=progress)
     failed = sum(1 for r in rows if r["error"])
     if out is None:
         writer = csv.DictWriter(sys.stdout, list(rows[0]))
@@ -206,29 +229,35 @@ def predict(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a fit run directory")],
+    run_dir: Annotated[Path, typer.Argument(help="a fit run folder")],
     row: Annotated[Optional[int], typer.Option("--row", help="leaderboard row, counted from 1 as in leaderboard.md")] = None,
 ) -> None:
     """Write RUN_DIR/report.html again, or, with --row N, print one row's per-class precision, recall
     and F1 and its confusion matrix (and add that matrix to the report)."""
-    from pipeline.report import row_report, write_html_report
+    from pipeline.report import publish, row_report
+    from pipeline.runs import RunFolder
 
+    run = RunFolder(run_dir)
+    if not run.exists:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"{run_dir} is not a fit run folder (no leaderboard.json)")
     if row is None:
-        typer.echo(f"report: {write_html_report(run_dir)}")
+        typer.echo(f"report: {publish(run)['report']}")
         return
     rep = row_report(run_dir, row)
-    r = rep["row"]
-    typer.echo(f"row {row}: {r['backbone']} / {r['tap']} / {r['task']} / {r['head']} on {r['eval']}: "
-               f"accuracy {r['accuracy']:.4f} [{r['acc_low']:.4f}, {r['acc_high']:.4f}]")
+    r, m = rep["row"], rep["row"].metrics
+    typer.echo(f"row {row}: {r.backbone} / {r.tap} / {r.task} / {r.head} on {r.eval}: "
+               f"accuracy {m['accuracy']:.4f} [{m['acc_low']:.4f}, {m['acc_high']:.4f}]")
     width = max(len(c) for c in rep["labels"] + ["class"])
     typer.echo(f"{'class':{width}s}  precision  recall  f1      support")
-    for c, m in rep["per_class"].items():
-        typer.echo(f"{c:{width}s}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1-score']:.4f}  {int(m['support'])}")
+    for c, pc in rep["per_class"].items():
+        typer.echo(f"{c:{width}s}  {pc['precision']:.4f}     {pc['recall']:.4f}  {pc['f1-score']:.4f}  {int(pc['support'])}")
     typer.echo("confusion (rows: true, columns: predicted, in the order above):")
     for c, counts in zip(rep["labels"], rep["confusion"]):
         typer.echo(f"{c:{width}s}  " + " ".join(f"{n:5d}" for n in counts))
     typer.echo(f"plot: {rep['png']}")
-    typer.echo(f"report: {write_html_report(run_dir)}")
+    typer.echo(f"report: {publish(run)['report']}")
 
 
 @app.command("heads")
@@ -242,37 +271,43 @@ def heads_cmd() -> None:
 
 @cache_app.command("info")
 def cache_info(
-    file: Annotated[Path, typer.Argument(help="a cache file (.h5)")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    files: Annotated[list[Path], typer.Argument(help="cache files (.h5)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (a list, one object per file)")] = False,
 ) -> None:
-    """What is in a cache: backbone, rows valid/failed, taps and dims, size on disk."""
+    """What is in each cache: backbone, rows valid/failed, taps and dims, feature spec, size on disk."""
     from pipeline.cache import FeatureCache
 
-    with FeatureCache(file) as c:
-        info = c.info()
-        failures = c.failures
+    infos = []
+    for file in files:
+        with FeatureCache(file) as c:
+            infos.append({**c.info(), "failures": c.failures})
     if as_json:
-        typer.echo(json.dumps({**info, "failures": failures}, indent=1))
+        typer.echo(json.dumps(infos, indent=1))
         return
-    typer.echo(f"{info['path']}")
-    typer.echo(f"  backbone   {info['backbone']}  (weights sha256 {info['weights_sha256'][:16]}…, {info['weights_source']})")
-    typer.echo(f"  source     {info['source']}")
-    typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed; complete: {info['complete']}")
-    typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
-    dc = info["data_config"]
-    typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}")
-    typer.echo(f"  forward    autocast {info['amp']}; test-time augmentation {info['tta'] or 'none'}"
-               + (f"; virtual over {info['shards']} shard files" if info["shards"] else ""))
-    typer.echo(f"  size       {info['size_bytes'] / 1e6:.2f} MB; schema v{info['schema_version']}; created {info['created']}")
-    for sid, stage, reason in failures:
-        typer.echo(f"  failed     {sid} [{stage}] {reason}")
+    for k, info in enumerate(infos):
+        if k:
+            typer.echo("")
+        spec = info["spec"]
+        typer.echo(f"{info['path']}")
+        typer.echo(f"  backbone   {info['backbone']}  (weights sha256 {info['weights_sha256'][:16]}…, {info['weights_source']})")
+        typer.echo(f"  source     {info['source']}")
+        typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed; complete: {info['complete']}")
+        typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
+        dc = info["data_config"]
+        typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}")
+        typer.echo(f"  forward    autocast {info['amp']}; test-time augmentation {info['tta'] or 'none'}; decode "
+                   f"{spec['decode']}, JPEG draft {'on' if spec['jpeg_draft'] else 'off'}"
+                   + (f"; virtual over {info['shards']} shard files" if info["shards"] else ""))
+        typer.echo(f"  size       {info['size_bytes'] / 1e6:.2f} MB; schema v{info['schema_version']}; created {info['created']}")
+        for sid, stage, reason in info["failures"]:
+            typer.echo(f"  failed     {sid} [{stage}] {reason}")
 
 
 @cache_app.command("verify")
 def cache_verify(
     file: Annotated[Path, typer.Argument(help="a cache file (.h5)")],
     data: Annotated[Optional[Path], typer.Option("--data", help="the cache's image folder or manifest, to re-extract a sample of rows from")] = None,
-    sample: Annotated[int, typer.Option("--sample", min=0, help="rows to re-extract and compare")] = 16,
+    sample: Annotated[int, typer.Option("--sample", help="rows to re-extract and compare")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file, if not where the cache's backbone resolves")] = None,
     device: Annotated[str, _device_option()] = "auto",

@@ -28,6 +28,7 @@ from pipeline.backbones import load_backbone
 from pipeline.cache import CacheWriter
 from pipeline.data import load_image, load_source
 from pipeline.extract import extract
+from pipeline.spec import FeatureSpec
 
 
 def photo_like_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
@@ -74,9 +75,8 @@ def breakdown(bb, data: Path, k: int, jpeg_draft: bool) -> dict[str, float]:
         feats = {k_: v.cpu().numpy() for k_, v in bb.forward(x, ("pooled",)).items()}
         forward = (time.perf_counter() - start) / k
     with tempfile.TemporaryDirectory() as tmp:
-        meta = dict(backbone=bb.name, weights_sha256="x", weights_source="x", data_config=bb.data_config,
-                    dtype="float16", source="bench")
-        with CacheWriter(Path(tmp) / "w.h5", meta, {"pooled": feats["pooled"].shape[1]}) as w:
+        spec = FeatureSpec(bb.name, bb.weights_sha256, bb.data_config)
+        with CacheWriter(Path(tmp) / "w.h5", spec, bb.weights_source, "bench", {"pooled": feats["pooled"].shape[1]}) as w:
             w.sync(list(samples), [bytes(32)] * k)
             start = time.perf_counter()
             for i in range(0, k, 8):

@@ -19,10 +19,16 @@ _EXPORTS = {
     "data": ("ImageSource", "Sample", "load_image", "load_source"),
     "errors": ("PipelineError",),
     "extract": ("ExtractResult", "extract"),
-    "finetune": ("FinetuneResult", "finetune"),
-    "fit": ("FitResult", "best_row", "fit"),
+    "featurizer": ("Featurizer",),
+    "finetune": ("FinetuneConfig", "FinetuneResult", "finetune"),
+    "fit": ("FitConfig", "FitResult", "fit"),
     "heads": ("create_head", "list_heads", "load_head", "register_head", "save_head"),
+    "kinds": ("TaskKind", "register_kind"),
     "predict": ("predict",),
+    "protocol": ("Protocol",),
+    "runs": ("Row", "RunFolder", "best_row"),
+    "spec": ("FeatureSpec",),
+    "strategies": ("register_strategy",),
     "tasks": ("Task", "TaskData", "load_task", "read_labels"),
 }
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
@@ -33,10 +39,16 @@ if TYPE_CHECKING:
     from .data import ImageSource, Sample, load_image, load_source
     from .errors import PipelineError
     from .extract import ExtractResult, extract
-    from .finetune import FinetuneResult, finetune
-    from .fit import FitResult, best_row, fit
+    from .featurizer import Featurizer
+    from .finetune import FinetuneConfig, FinetuneResult, finetune
+    from .fit import FitConfig, FitResult, fit
     from .heads import create_head, list_heads, load_head, register_head, save_head
+    from .kinds import TaskKind, register_kind
     from .predict import predict
+    from .protocol import Protocol
+    from .runs import Row, RunFolder, best_row
+    from .spec import FeatureSpec
+    from .strategies import register_strategy
     from .tasks import Task, TaskData, load_task, read_labels
 
 

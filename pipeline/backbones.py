@@ -13,9 +13,12 @@ import hashlib
 import math
 import os
 import re
+import socket
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -23,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from timm.data import create_transform, resolve_model_data_config
 
 from .errors import PipelineError
+from .modeldir import MODEL_FILE
 
 WEIGHTS_DIR_ENV = "PIPELINE_WEIGHTS_DIR"
 TAPS = ("pooled", "logits")  # plus layer<i>: intermediate i of timm's forward_intermediates, pooled
@@ -83,17 +87,20 @@ class Backbone:
             out.append(tap)
         return tuple(dict.fromkeys(out))
 
-    def autocast(self) -> torch.autocast:
-        """The autocast context of this backbone's ``amp`` setting (disabled for ``off``)."""
-        return torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.amp), enabled=self.amp != "off")
+    def autocast(self, amp: str | None = None) -> torch.autocast:
+        """The autocast context of ``amp`` (default: this backbone's setting; disabled for ``off``)."""
+        amp = amp or self.amp
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(amp), enabled=amp != "off")
 
-    def forward(self, x: torch.Tensor, taps: tuple[str, ...], tta: str | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, taps: tuple[str, ...], tta: str | None = None,
+                amp: str | None = None) -> dict[str, torch.Tensor]:
         """Features for each tap, in float32: ``pooled`` is the pre-logits embedding, ``logits`` the
         classifier's output, ``layer<i>`` intermediate i, global-average pooled (the class token for a ViT).
-        With ``tta="flip"``, the mean of the image's and its mirror's features."""
+        With ``tta="flip"``, the mean of the image's and its mirror's features. ``amp`` overrides the
+        backbone's autocast setting."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
+        with self.autocast(amp):
             out = self._forward(x, taps)
             if tta == "flip":
                 out = {k: (v.float() + w.float()) / 2 for (k, v), w in zip(out.items(), self._forward(x.flip(-1), taps).values())}
@@ -176,9 +183,9 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, device: s
     file = resolve_weights_file(name, weights)
     if file is not None:
         model = _from_file(name, file)
-        sha, source = file_sha256(file), str(file)
+        sha, source = file_sha256(file), str(file.resolve())
     else:
-        model = _from_hub(name, weights_looked_in=_weights_dir_candidates(name))
+        model = _from_hub(name, weights_looked_in=weights_dir_candidates(name))
         sha, source = _state_dict_sha256(model), f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
     dev = resolve_device(device)
     model.eval().requires_grad_(False).to(dev)
@@ -193,11 +200,11 @@ def resolve_weights_file(name: str, weights: str | os.PathLike | None = None) ->
     if weights is not None:
         path = Path(weights)
         if path.is_dir():
-            path = path / "model.safetensors"
+            path = path / MODEL_FILE
         if not path.is_file():
             raise PipelineError(f"weights file not found: {path}")
         return path
-    return next((p for p in _weights_dir_candidates(name) if p.is_file()), None)
+    return next((p for p in weights_dir_candidates(name) if p.is_file()), None)
 
 
 def file_sha256(path: Path) -> str:
@@ -218,7 +225,8 @@ def _full_name(name: str) -> str:
     return f"{arch}.{cfg.tag}" if cfg is not None and not tag and cfg.tag else name
 
 
-def _weights_dir_candidates(name: str) -> list[Path]:
+def weights_dir_candidates(name: str) -> list[Path]:
+    """Where ``$PIPELINE_WEIGHTS_DIR`` would hold ``name``'s weights (with and without its default tag)."""
     directory = os.environ.get(WEIGHTS_DIR_ENV)
     if not directory:
         return []
@@ -254,13 +262,43 @@ def _from_hub(name: str, weights_looked_in: list[Path]) -> torch.nn.Module:
     )
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise PipelineError(f"no pretrained weights for {name!r}: looked in {looked}; timm has none to download")
+    online = _hub_reachable()
     try:
-        return timm.create_model(name, pretrained=True)
+        with nullcontext() if online else _hub_offline():
+            return timm.create_model(name, pretrained=True)
     except Exception as e:  # network, cache and hub errors all mean the same thing here
+        where = "timm's hub cache/download" if online else "timm's hub cache (the hub is unreachable: offline)"
         raise PipelineError(
-            f"no pretrained weights for {name!r}: looked in {looked}, and timm's hub cache/download "
-            f"failed ({type(e).__name__}; offline? set HF_HUB_OFFLINE=1 to fail fast)"
+            f"no pretrained weights for {name!r}: looked in {looked}, and {where} failed ({type(e).__name__})"
         ) from e
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection: offline, a download would retry for about a
+    minute before failing, so it is not tried at all (the local hub cache still is)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode (what ``HF_HUB_OFFLINE=1`` sets) for the calls inside: files come
+    from its local cache or fail at once."""
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _state_dict_sha256(model: torch.nn.Module) -> str:

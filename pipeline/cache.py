@@ -11,9 +11,8 @@ so a writer killed at any point never leaves a row marked valid that does not ho
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import numpy as np
 from .data import HASH_BYTES, Sample
 from .errors import PipelineError
 from .files import atomic_path
+from .spec import FeatureSpec, spec_from_attrs
 
 SCHEMA_VERSION = 1
 DTYPES = ("float16", "float32")
@@ -38,16 +38,9 @@ _CHUNK_ROWS = 256
 UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a file whose bytes could not be read
 
 
-def cache_key(weights_sha256: str, data_config: dict, dtype: str, amp: str = "off", tta: str | None = None) -> str:
-    """Short hash of everything besides the backbone name that determines a cache's features: weights,
-    preprocessing, storage dtype, and (when used) the forward pass's autocast dtype and test-time flip."""
-    extra = [x for x in (amp if amp != "off" else None, tta) if x]
-    blob = json.dumps([SCHEMA_VERSION, weights_sha256, data_config, dtype, *extra], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def cache_path(cache_dir: str | os.PathLike, source_name: str, backbone: str, key: str) -> Path:
-    return Path(cache_dir) / f"{source_name}__{backbone}__{key}.h5"
+def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec) -> Path:
+    """``<source>__<backbone>__<spec key>.h5``: a change to anything that determines the features is a new file."""
+    return Path(cache_dir) / f"{source_name}__{spec.backbone}__{spec.key}.h5"
 
 
 def shard_path(path: Path, rank: int, world: int) -> Path:
@@ -167,6 +160,11 @@ class FeatureCache:
     def backbone(self) -> str:
         return str(self._file.attrs["backbone"])
 
+    @cached_property
+    def spec(self) -> FeatureSpec:
+        """What determines this cache's features (see :mod:`pipeline.spec`)."""
+        return spec_from_attrs(dict(self._file.attrs))
+
     @property
     def taps(self) -> list[str]:
         return list(self._file["features"].keys())
@@ -228,6 +226,7 @@ class FeatureCache:
             "complete": bool(a.get("complete", False)),
             "amp": a.get("amp", "off"),
             "tta": a.get("tta", ""),
+            "spec": self.spec.to_dict(),
             "shards": len(a.get("shards", [])),
             "schema_version": int(a["schema_version"]),
             "created": a.get("created", ""),
@@ -249,25 +248,27 @@ class SyncResult:
 class CacheWriter:
     """Exclusive write access to one cache file (created if absent), held by a lock file.
 
-    ``meta`` holds the attributes that define the cache (backbone, weights_sha256, weights_source,
-    data_config, dtype, source); ``tap_dims`` maps each requested tap to its width.
+    ``spec`` determines the features (a file made with another spec is refused); ``weights_source`` is
+    where the weights were read from and ``source`` the data source's name; ``tap_dims`` maps each
+    requested tap to its width.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: dict, tap_dims: dict[str, int]):
+    def __init__(self, path: str | os.PathLike, spec: FeatureSpec, weights_source: str, source: str,
+                 tap_dims: dict[str, int]):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PipelineError(f"cannot create the cache directory {self.path.parent}: {e.strerror}") from e
         self._lock = _acquire_lock(self.path)
-        self.dtype = meta["dtype"]
+        self.dtype = spec.dtype
         try:
             if not self.path.exists():
                 # Made whole under a temporary name, so a run killed while creating it leaves no file.
                 with atomic_path(self.path) as tmp:
                     self._file = h5py.File(tmp, "w")
                     try:
-                        self._create(meta, tap_dims)
+                        self._create(spec, weights_source, source, tap_dims)
                     finally:
                         self._file.close()
             # No chunk cache: each batch's chunks reach the disk inside the write call, so a full disk is
@@ -285,7 +286,7 @@ class CacheWriter:
                 f"`torchrun --nproc-per-node {n}` to update it, or use another --cache"
             )
         try:
-            self._check_matches(meta)
+            self._check_matches(spec)
         except PipelineError:
             self.close()
             raise
@@ -320,7 +321,7 @@ class CacheWriter:
             found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
             raise OSError(*(int(found[1]), found[2]) if found else (errno.EIO, str(e).splitlines()[0])) from e
 
-    def _create(self, meta: dict, tap_dims: dict[str, int]) -> None:
+    def _create(self, spec: FeatureSpec, weights_source: str, source: str, tap_dims: dict[str, int]) -> None:
         f = self._file
         for name, dtype in (("ids", _STR), ("labels", _STR), ("splits", _STR)):
             f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(4096,))
@@ -329,30 +330,29 @@ class CacheWriter:
         f.create_dataset("failures", (0,), dtype=_FAILURE, maxshape=(None,), chunks=(256,))
         f.create_group("features")
         self._add_taps(tap_dims)
+        # The spec whole, and its facts one by one for readers with plain h5py.
         f.attrs.update(
             schema_version=SCHEMA_VERSION,
-            backbone=meta["backbone"],
-            weights_sha256=meta["weights_sha256"],
-            weights_source=meta["weights_source"],
-            data_config=json.dumps(meta["data_config"], sort_keys=True),
-            dtype=meta["dtype"],
-            source=meta["source"],
-            amp=meta.get("amp", "off"),
-            tta=meta.get("tta") or "",
+            feature_spec=spec.to_json(),
+            backbone=spec.backbone,
+            weights_sha256=spec.weights_sha256,
+            weights_source=weights_source,
+            data_config=json.dumps(spec.data_config, sort_keys=True),
+            dtype=spec.dtype,
+            source=source,
+            amp=spec.amp,
+            tta=spec.tta,
             versions=json.dumps(library_versions()),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             complete=False,
         )
         f.flush()
 
-    def _check_matches(self, meta: dict) -> None:
-        a = self._file.attrs
-        for key, default in (("backbone", None), ("weights_sha256", None), ("dtype", None), ("amp", "off"), ("tta", "")):
-            have, want = str(a.get(key, default)), str(meta.get(key) or default)
-            if have != want:
-                raise PipelineError(f"{self.path} was made with {key}={have!r}, not {want!r}; use another --cache")
-        if json.loads(a["data_config"]) != json.loads(json.dumps(meta["data_config"])):
-            raise PipelineError(f"{self.path} was made with another preprocessing; use another --cache")
+    def _check_matches(self, spec: FeatureSpec) -> None:
+        have = spec_from_attrs(dict(self._file.attrs))
+        if have != spec:
+            raise PipelineError(f"{self.path} was made with another feature spec ({have.describe()}), not "
+                                f"({spec.describe()}); use another --cache")
 
     def _add_taps(self, tap_dims: dict[str, int]) -> None:
         group = self._file["features"]

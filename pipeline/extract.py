@@ -13,7 +13,6 @@ as HDF5 virtual datasets over the shards.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import threading
@@ -23,16 +22,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .backbones import Backbone, check_taps, load_backbone, resolve_device
-from .cache import DTYPES, UNREADABLE, CacheWriter, cache_key, cache_path, check_master, shard_path, write_master
-from .data import Sample, content_hash, load_image, load_source
+from .backbones import check_taps, resolve_device
+from .batches import default_workers
+from .cache import DTYPES, UNREADABLE, CacheWriter, cache_path, check_master, shard_path, write_master
+from .data import Sample, content_hash, load_source
 from .errors import PipelineError
-from .progress import progress_bar
+from .featurizer import Featurizer
+from .validation import at_least, check, one_of, optional
 
 
 @dataclass
@@ -51,10 +52,6 @@ class ExtractResult:
     @property
     def images_per_s(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
 
 
 TTA = ("flip",)
@@ -80,24 +77,18 @@ def extract(
 ) -> list[ExtractResult]:
     """Extract features of every image in ``source`` with each backbone into ``cache_dir``.
 
-    Each backbone gets its own HDF5 file, named ``<source>__<backbone>__<key>.h5`` where the key hashes
-    the weights, the preprocessing, the dtype, the autocast dtype and ``tta``, so changing any of them
-    makes a new cache. Run under ``torchrun``, the ranks split the images between them.
+    Each backbone gets its own HDF5 file, named ``<source>__<backbone>__<key>.h5`` where the key is its
+    feature spec's (weights, preprocessing, dtype, autocast dtype, ``tta``, JPEG draft, decoder), so
+    changing any of them makes a new cache. Run under ``torchrun``, the ranks split the images between them.
     """
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     if not names:
         raise PipelineError("no backbone given; pass --backbone NAME (e.g. tf_efficientnet_lite0.in1k)")
     if weights is not None and len(names) > 1:
         raise PipelineError("--weights names one file, so give exactly one --backbone with it")
-    if dtype not in DTYPES:
-        raise PipelineError(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
-    if batch_size < 1:
-        raise PipelineError(f"--batch-size must be at least 1, got {batch_size}")
-    if tta is not None and tta not in TTA:
-        raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA)}")
+    check(dict(dtype=dtype, batch_size=batch_size, tta=tta, workers=workers),
+          dict(dtype=one_of(*DTYPES), batch_size=at_least(1), tta=optional(one_of(*TTA)), workers=optional(at_least(0))))
     workers = default_workers() if workers is None else workers
-    if workers < 0:
-        raise PipelineError(f"--workers must be 0 or more, got {workers}")
     taps = check_taps(taps)
     src = load_source(source, allow_outside_root)
     rank, world, own_group = _distributed()
@@ -109,28 +100,25 @@ def extract(
 
     jobs = []
     for name in names:
-        bb = load_backbone(name, weights, str(dev), amp, channels_last)
-        job_taps = bb.resolve_taps(taps)
-        key = cache_key(bb.weights_sha256, bb.data_config, dtype, bb.amp, tta)
-        path = cache_path(cache_dir, src.name, name, key)
+        fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft)
+        path = cache_path(cache_dir, src.name, fz.spec)
         if world > 1:
             check_master(path, world)
-        meta = dict(backbone=name, weights_sha256=bb.weights_sha256, weights_source=bb.weights_source,
-                    data_config=bb.data_config, dtype=dtype, source=src.name, amp=bb.amp, tta=tta)
-        jobs.append(_Job(bb, job_taps, path, shard_path(path, rank, world) if world > 1 else path, meta))
+        jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, shard_path(path, rank, world) if world > 1 else path))
 
     present = {s.id for s in samples}
     groups: dict[str, list[_Job]] = {}
     for job in jobs:
-        groups.setdefault(json.dumps(job.bb.data_config, sort_keys=True), []).append(job)
+        groups.setdefault(job.fz.spec.decode_key, []).append(job)
     results = []
     for group in groups.values():
         with ExitStack() as stack:
-            writers = [stack.enter_context(CacheWriter(j.write_to, j.meta, j.bb.tap_dims(j.taps))) for j in group]
+            writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, src.name,
+                                                       j.fz.backbone.tap_dims(j.taps))) for j in group]
             plans = [w.sync(samples, hashes, read_errors, retry_failed=retry_failed) for w in writers]
             start = time.perf_counter()
             try:
-                done = _run(group, writers, plans, batch_size, workers, tta, jpeg_draft, progress and rank == 0)
+                done = _run(group, writers, plans, batch_size, workers, progress and rank == 0)
             except OSError as e:  # disk full, file system gone read-only, ...
                 raise PipelineError(
                     f"writing to {', '.join(str(w.path) for w in writers)} failed: "
@@ -140,7 +128,7 @@ def extract(
             seconds = time.perf_counter() - start
             for job, w, plan, n in zip(group, writers, plans, done):
                 w.finish()
-                results.append(ExtractResult(job.bb.name, job.path, n, plan.reused, plan.changed, plan.new,
+                results.append(ExtractResult(job.fz.spec.backbone, job.path, n, plan.reused, plan.changed, plan.new,
                                              len(w.failed_ids() & present), seconds))
     if world > 1:
         results = _gather(results, jobs, rank, world)
@@ -153,11 +141,10 @@ def extract(
 
 @dataclass
 class _Job:
-    bb: Backbone
+    fz: Featurizer
     taps: tuple[str, ...]
     path: Path  # the cache a user reads
     write_to: Path  # the same, or this rank's shard of it
-    meta: dict
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -215,67 +202,6 @@ def _hash_files(samples: Sequence[Sample]) -> tuple[list[bytes], dict[str, str]]
         return list(pool.map(one, samples)), errors
 
 
-class _ImageRows(torch.utils.data.Dataset):
-    """Decoded, transformed images; a sample that fails yields its error instead of a tensor."""
-
-    def __init__(self, samples: Sequence[Sample], transform: Callable, min_side: int | None):
-        self.samples = samples
-        self.transform = transform
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return i, self.transform(load_image(self.samples[i].path, min_side=self.min_side)), ""
-        except Exception as e:  # any decode error is that image's failure, never the run's
-            return i, None, " ".join(f"{type(e).__name__}: {e}".split())
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, t) for i, t, _ in batch if t is not None]
-    failed = [(i, err) for i, t, err in batch if t is None]
-    x = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], x, failed
-
-
-def image_batches(samples: Sequence[Sample], transform: Callable, batch_size: int, workers: int,
-                  pin_memory: bool = False, min_side: int | None = None):
-    """Batches of (indices into ``samples``, image tensor or None, [(index, error)]), decoded in workers
-    (JPEGs at reduced scale down to ``min_side``, see ``load_image``)."""
-    return torch.utils.data.DataLoader(
-        _ImageRows(samples, transform, min_side), batch_size=batch_size, num_workers=workers,
-        collate_fn=_collate, pin_memory=pin_memory,
-    )
-
-
-def device_batches(bb: Backbone, samples: Sequence[Sample], batch_size: int, workers: int, progress: bool = False,
-                   label: str = "", jpeg_draft: bool = True) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """``image_batches`` for ``bb``'s preprocessing, on ``bb``'s device, with a progress bar over ``samples``."""
-    cuda = bb.device.type == "cuda"
-    loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=cuda,
-                           min_side=bb.decode_size if jpeg_draft else None)
-    with progress_bar(progress) as bar:
-        task = bar.add_task(label, total=len(samples))
-        for idx, x, failed in loader:
-            yield idx, None if x is None else x.to(bb.device, non_blocking=cuda), failed
-            bar.advance(task, len(idx) + len(failed))
-
-
-def forward_batches(bb: Backbone, samples: Sequence[Sample], taps: tuple[str, ...], batch_size: int,
-                    workers: int, progress: bool = False, label: str = "",
-                    tta: str | None = None) -> Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]]:
-    """Per batch: (indices into ``samples``, float32 features per tap, [(index, error)])."""
-    for idx, x, failed in device_batches(bb, samples, batch_size, workers, progress, label):
-        yield idx, {} if x is None else _features(bb, x, taps, tta), failed
-
-
-def _features(bb: Backbone, x: torch.Tensor, taps: tuple[str, ...], tta: str | None) -> dict[str, np.ndarray]:
-    with torch.inference_mode():
-        return {k: v.cpu().numpy() for k, v in bb.forward(x, taps, tta).items()}
-
-
 class _InOrder:
     """Runs calls in order on one background thread with at most ``depth`` waiting, so HDF5 writes
     overlap the next forward pass while memory stays bounded. An error in a call is raised in the caller
@@ -311,14 +237,14 @@ class _InOrder:
 
 
 def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size: int, workers: int,
-         tta: str | None, jpeg_draft: bool, progress: bool) -> list[int]:
-    """One decode pass over the images any backbone of ``group`` (same preprocessing) still needs."""
+         progress: bool) -> list[int]:
+    """One decode pass over the images any backbone of ``group`` (same decode) still needs."""
     rows = [dict(zip((s.id for s in plan.samples), plan.todo.tolist())) for plan in plans]
     todo = list({s.id: s for plan in plans for s in plan.samples}.values())
     done = [0] * len(group)
-    label = "extract " + ", ".join(j.bb.name for j in group)
+    label = "extract " + ", ".join(j.fz.spec.backbone for j in group)
     with _InOrder() as background:
-        for idx, x, failed in device_batches(group[0].bb, todo, batch_size, workers, progress, label, jpeg_draft):
+        for idx, x, failed in group[0].fz.device_batches(todo, batch_size, workers, progress, label):
             ids = [todo[i].id for i in idx]
             for k, (job, writer, row_of) in enumerate(zip(group, writers, rows)):
                 lost = [(todo[i].id, "decode", err) for i, err in failed if todo[i].id in row_of]
@@ -327,7 +253,7 @@ def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size:
                 sel = [j for j, sid in enumerate(ids) if sid in row_of]
                 if not sel:
                     continue
-                feats = _features(job.bb, x if len(sel) == len(ids) else x[sel], job.taps, tta)
+                feats = job.fz.features(x if len(sel) == len(ids) else x[sel], job.taps)
                 background.submit(writer.write, np.array([row_of[ids[j]] for j in sel]), feats)
                 done[k] += len(sel)
     return done

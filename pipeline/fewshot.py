@@ -1,8 +1,8 @@
 """Few-shot curves: how a head does when only k labelled examples per class are given, over seeded draws.
 
-The examples are drawn from the task's training rows and every fit is scored on the same held-out rows:
-the task's ``val``/``test`` split when it has one, else a seeded stratified 20 % hold-out (``holdout20``).
-Draw ``d`` of ``k`` shots is the same for every head and backbone, so their curves are paired.
+The examples are drawn from the training rows of the task's protocol and every fit is scored on its
+scored rows: the ``val``/``test`` split, or the first fold of a cross-validated task. Draw ``d`` of
+``k`` shots is the same for every head and backbone, so their curves are paired.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import PipelineError
 from .files import atomic_path
-from .tasks import TaskData
+from .protocol import Protocol
 
 ALL = "all"
 
@@ -39,17 +39,6 @@ def parse_shots(items: Sequence[str | int]) -> list[int | str]:
     return sorted(set(shots), key=lambda k: float("inf") if k == ALL else k)
 
 
-def eval_split(data: TaskData, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Indices of the training pool and the held-out rows of ``data``, and the held-out split's name."""
-    split = data.holdout_split
-    if split is not None:
-        return np.flatnonzero(data.splits == "train"), np.flatnonzero(data.splits == split), split
-    from sklearn.model_selection import train_test_split
-
-    pool, test = train_test_split(np.arange(len(data.y)), test_size=0.2, random_state=seed, stratify=data.y)
-    return np.sort(pool), np.sort(test), "holdout20"
-
-
 def draw_shots(y: np.ndarray, pool: np.ndarray, k: int | str, seed: int, draw: int) -> np.ndarray:
     """``k`` rows of each class from ``pool`` (all of them for ``"all"``), seeded by (seed, k, draw)."""
     if k == ALL:
@@ -64,16 +53,18 @@ def draw_shots(y: np.ndarray, pool: np.ndarray, k: int | str, seed: int, draw: i
     return np.sort(np.concatenate(picked))
 
 
-def plan_draws(data: TaskData, shots: Sequence[int | str], n_draws: int, seed: int) -> tuple[dict, np.ndarray, str]:
-    """For every k: its draws (a list of row indices), or the reason it cannot be drawn; and the test rows."""
-    pool, test, split = eval_split(data, seed)
+def plan_draws(protocol: Protocol, shots: Sequence[int | str], n_draws: int) -> tuple[dict, np.ndarray, str]:
+    """For every k: its draws (lists of indices into the protocol's samples), or the reason it cannot be
+    drawn; the scored indices; and their name."""
+    pool, test = protocol.splits()[0]
+    name = f"{protocol.eval} fold 0" if protocol.cross_validated else protocol.eval
     plans: dict[int | str, list[np.ndarray] | str] = {}
     for k in shots:
         try:
-            plans[k] = [draw_shots(data.y, pool, k, seed, d) for d in range(1 if k == ALL else n_draws)]
+            plans[k] = [draw_shots(protocol.y, pool, k, protocol.seed, d) for d in range(1 if k == ALL else n_draws)]
         except PipelineError as e:
             plans[k] = str(e)
-    return plans, test, split
+    return plans, test, name
 
 
 def summarise(accuracies: list[float] | None) -> dict:

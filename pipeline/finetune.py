@@ -1,19 +1,24 @@
 """The fine-tune stage: go back into the network where a probe is not enough, and show whether it paid.
 
-Strategies (``strategy``):
+A fine-tune is scored like every other row of its task: on the images of the task's evaluation
+protocol (:mod:`pipeline.protocol`), taken from the run (``--run``, default ``--init``) so they are the
+probes' images. Three rules keep its row honest:
 
-- ``lp-ft``: the classifier starts from the best linear head ``fit`` found (its standardisation folded
-  into the weights), trains alone for ``head_epochs``, then the top ``unfreeze`` block groups join at
-  ``lr * backbone_lr_scale`` (Kumar et al. 2022, "Fine-tuning can distort pretrained features").
-- ``freeze-unfreeze``: the same two phases from a fresh classifier (or from ``init`` when given).
-- ``discriminative``: after the head epochs every block trains, at ``lr * layer_decay ** depth`` with
-  depth counted from the top (timm's layer-wise decay groups).
+- **It never learns from the images it is scored on.** With a ``val``/``test`` split the network trains
+  on ``train``; a cross-validated task is fine-tuned once per fold (``OUT/fold<k>``, trained on the other
+  folds), the out-of-fold predictions make its row, and ``OUT`` itself holds a final model trained on
+  every image, as a cross-validated head is refit on every image.
+- **Its start never saw them either.** ``lp-ft`` starts the classifier from the run's best linear head
+  for this task, backbone and weights (its standardisation folded in), refit from the cache on exactly
+  the images the network learns from in that fold.
+- **Its epoch is chosen without them.** ``select_fraction`` of the training images (seeded, stratified)
+  are held out of training and score each epoch; the best of those is kept (``0``: no selection, the
+  last epoch is kept and every training image trains).
 
-Each phase has a linear warmup and a cosine decay (timm's scheduler, per optimizer step). The held-out
-split is evaluated before training and after every epoch with ``fit``'s metrics; the best epoch's
-weights are ``model.safetensors`` with timm's ``config.json`` beside it (so ``timm.create_model
-("local-dir:OUT")`` loads it too). ``last.pt`` holds the latest model and optimizer state, loaded
-with ``weights_only=True`` by ``resume`` after a kill or a budget stop.
+Strategies come from :mod:`pipeline.strategies`. Each phase (head only, then blocks) has a linear warmup
+and a cosine decay. The kept weights are ``model.safetensors`` with timm's ``config.json`` (see
+:mod:`pipeline.modeldir`); ``last.pt`` holds the latest state, loaded with ``weights_only=True`` by
+``resume`` after a kill or a budget stop.
 """
 
 from __future__ import annotations
@@ -23,289 +28,302 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from safetensors.torch import load_file, save_file
+from sklearn.base import clone
 from timm.data import create_transform
-from timm.models import group_parameters
-from timm.models._hub import save_config_for_hf
-from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
 
-from .backbones import Backbone, load_backbone
+from .backbones import AMP, Backbone, file_sha256, load_backbone
+from .batches import default_workers, image_batches
+from .cache import FeatureCache
 from .data import Sample, load_source
 from .errors import PipelineError
-from .extract import default_workers, forward_batches, image_batches
+from .featurizer import Featurizer
 from .files import atomic_path
-from .fit import best_row
 from .heads import load_head
+from .kinds import get_kind
+from .modeldir import MODEL_FILE, write_config
 from .progress import progress_bar
-from .report import read_leaderboard, update_leaderboard, write_run_info
-from .tasks import HOLDOUT_SPLITS
+from .protocol import TRAIN_ONLY, Protocol, decide
+from .report import publish
+from .runs import Row, RunFolder, best_row
+from .spec import FeatureSpec
+from .strategies import get_strategy, parse_unfreeze
+from .tasks import read_labels
+from .validation import at_least, between, check, one_of, optional, positive
 
-STRATEGIES = ("lp-ft", "freeze-unfreeze", "discriminative")
 AUGMENTATIONS = ("light", "standard", "none")
 BN_MODES = ("freeze", "train")
-MODEL_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE = "model.safetensors", "config.json", "last.pt", "metrics.json"
+STATE_FILE, METRICS_FILE = "last.pt", "metrics.json"
 _BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
-# Settings that may change between a killed run and its --resume; every other one must match.
-_RESUMABLE = ("budget_minutes", "checkpoint_minutes", "workers", "device", "progress")
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune. ``strategy`` None means ``lp-ft`` with ``--init``, else ``freeze-unfreeze``;
+    ``lr`` None means 1e-4 with ``--init`` (the classifier starts trained; a large step would undo it)
+    and 1e-3 without. ``epochs`` counts all epochs, the first ``head_epochs`` training the classifier
+    alone. The effective batch is ``batch_size * accum_steps``. ``patience`` epochs without a better
+    selection accuracy stop early (None: never). ``cv`` and ``seed`` make the protocol of a task the run
+    does not hold yet, ``seed`` also the selection split and the shuffling."""
+
+    strategy: str | None = None
+    epochs: int = 5
+    head_epochs: int = 1
+    unfreeze: str | int = 2
+    lr: float | None = None
+    backbone_lr_scale: float = 0.1
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    aug: str = "light"
+    bn: str = "freeze"
+    amp: str = "auto"
+    batch_size: int = 32
+    accum_steps: int = 1
+    patience: int | None = 3
+    select_fraction: float = 0.2
+    cv: int = 5
+    seed: int = 0
+
+    RULES = dict(
+        epochs=at_least(1), head_epochs=at_least(0), lr=optional(positive()), backbone_lr_scale=positive(),
+        layer_decay=between(0, 1, low_open=True), weight_decay=at_least(0), warmup_epochs=at_least(0),
+        label_smoothing=between(0, 1, high_open=True), aug=one_of(*AUGMENTATIONS), bn=one_of(*BN_MODES),
+        amp=one_of(*AMP), batch_size=at_least(1), accum_steps=at_least(1), patience=optional(at_least(1)),
+        select_fraction=between(0, 0.5, high_open=True), cv=at_least(2),
+    )
+
+    def resolved(self, init: str | os.PathLike | None) -> "FinetuneConfig":
+        """Checked, with the defaults that depend on ``init`` filled in."""
+        strategy = get_strategy(self.strategy or ("lp-ft" if init is not None else "freeze-unfreeze"))
+        if strategy.needs_init and init is None:
+            raise PipelineError(f"--strategy {strategy.name} starts the classifier from a fit run's linear head: "
+                                "give --init RUN_DIR, or use --strategy freeze-unfreeze")
+        check(asdict(self), self.RULES)
+        parse_unfreeze(self.unfreeze)
+        return replace(self, strategy=strategy.name, unfreeze=str(self.unfreeze),
+                       lr=self.lr if self.lr is not None else (1e-4 if init is not None else 1e-3))
 
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tuning run produced; ``metrics`` are the best epoch's, on ``eval_split``."""
+    """What a fine-tune produced. ``metrics`` are its row's, on the protocol's scored images (out of fold
+    for a cross-validated task); ``history`` is the deployed model's training (epoch 0 is the start,
+    ``accuracy`` there is on the selection images); ``folds`` summarises each fold's training."""
 
     out: Path
     strategy: str
     classes: list[str]
     eval_split: str
     n_train: int = 0
-    history: list[dict] = field(default_factory=list)  # one entry per evaluation; epoch 0 is before training
+    history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     metrics: dict = field(default_factory=dict)
     stopped: str = "finished"  # finished, early-stopping or budget
     steps: int = 0
     resumed_from: dict | None = None
     estimate: dict | None = None
-    row: dict | None = None  # the leaderboard row written to ``run``
+    row: Row | None = None  # the leaderboard row written to ``run``
+    folds: list[dict] = field(default_factory=list)
+    n_select: int = 0
 
 
-def finetune(
-    data: str | os.PathLike,
-    backbone: str,
-    out: str | os.PathLike,
-    init: str | os.PathLike | None = None,
-    strategy: str | None = None,
-    epochs: int = 5,
-    head_epochs: int = 1,
-    unfreeze: str | int = 2,
-    lr: float | None = None,
-    backbone_lr_scale: float = 0.1,
-    layer_decay: float = 0.75,
-    weight_decay: float = 0.05,
-    warmup_epochs: float = 0.5,
-    label_smoothing: float = 0.0,
-    aug: str = "light",
-    bn: str = "freeze",
-    amp: str = "auto",
-    batch_size: int = 32,
-    accum_steps: int = 1,
-    patience: int | None = 3,
-    budget_minutes: float | None = None,
-    checkpoint_minutes: float = 1.0,
-    resume: bool = False,
-    run: str | os.PathLike | None = None,
-    workers: int | None = None,
-    weights: str | os.PathLike | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> FinetuneResult:
-    """Fine-tune ``backbone`` on the labels of ``data`` with ``strategy`` (default ``lp-ft`` with
-    ``init``, else ``freeze-unfreeze``) and write the best checkpoint to ``out``.
+@dataclass
+class _Control:
+    """What governs a run but not its result: may change between a killed run and its ``resume``."""
 
-    ``epochs`` counts all epochs, the first ``head_epochs`` of them training the classifier alone.
-    ``lr=None`` means 1e-4 with ``init`` (the classifier starts trained; a large step would undo it) and
-    1e-3 without. The effective batch is ``batch_size * accum_steps``. Training stops early after
-    ``patience`` epochs without a better held-out accuracy, and cleanly (resumable) when
-    ``budget_minutes`` would be exceeded. The result is appended to the leaderboard of ``run`` (default:
-    ``init``) as the row ``finetune:<strategy>``. ``log`` receives the lines a user should see (the time
-    estimate, a resume).
-    """
-    start_time = time.monotonic()
-    log = log or (lambda message: None)
-    strategy = strategy or ("lp-ft" if init is not None else "freeze-unfreeze")
-    top = _check_settings(strategy, init, epochs, head_epochs, unfreeze, lr, backbone_lr_scale, layer_decay,
-                          weight_decay, warmup_epochs, label_smoothing, aug, bn, batch_size, accum_steps, patience,
-                          budget_minutes, checkpoint_minutes)
+    deadline: float
+    checkpoint_minutes: float
+    workers: int
+    progress: bool
+    log: Callable[[str], None]
+    device: str
+    weights: str | os.PathLike | None
+
+
+@dataclass
+class _Fold:
+    """One training: ``folder`` (``OUT`` or ``OUT/fold<k>``), the protocol indices the network learns
+    from (selection images included) and those it is scored on (none for a final model)."""
+
+    name: str
+    train: np.ndarray
+    scored: np.ndarray
+
+
+def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, init: str | os.PathLike | None = None, *,
+             run: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
+             config: FinetuneConfig | None = None, resume: bool = False, budget_minutes: float | None = None,
+             checkpoint_minutes: float = 1.0, workers: int | None = None, weights: str | os.PathLike | None = None,
+             device: str = "auto", progress: bool = True, log: Callable[[str], None] | None = None,
+             **settings) -> FinetuneResult:
+    """Fine-tune ``backbone`` on the labels of ``data`` (or of the label file ``labels``) and write the
+    kept model to ``out``; its row goes into ``run`` (default ``init``), scored under that run's protocol.
+
+    Settings are :class:`FinetuneConfig`'s fields, as keywords or a whole ``config``. Training stops
+    cleanly (resumable) when ``budget_minutes`` would be exceeded; ``last.pt`` is saved after every epoch
+    and every ``checkpoint_minutes`` within one. ``log`` receives the lines a user should see."""
+    started = time.monotonic()
+    cfg = replace(config or FinetuneConfig(), **settings).resolved(init)
+    check(dict(budget_minutes=budget_minutes, checkpoint_minutes=checkpoint_minutes, workers=workers),
+          dict(budget_minutes=optional(positive()), checkpoint_minutes=at_least(0), workers=optional(at_least(0))))
     out = Path(out)
-    run = run if run is not None else init
-    lr = lr if lr is not None else (1e-4 if init is not None else 1e-3)
-    settings = dict(
-        data=str(Path(data).resolve()), backbone=backbone, init=str(Path(init).resolve()) if init else None,
-        strategy=strategy, epochs=epochs, head_epochs=head_epochs, unfreeze=str(unfreeze), lr=lr,
-        backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, aug=aug, bn=bn, amp=amp,
-        batch_size=batch_size, accum_steps=accum_steps, patience=patience, seed=seed,
-    )
-    state = _load_state(out, settings) if resume else _check_fresh(out)
-
-    torch.manual_seed(seed)
-    src = load_source(data)
-    train, held, split = _split(list(src.samples), seed)
-    bb = load_backbone(backbone, weights, device, amp=amp, channels_last=True)
-    if state is not None and state["base_weights_sha256"] != bb.weights_sha256:
-        raise PipelineError(f"{out / STATE_FILE} was trained from other {backbone} weights "
-                            f"({state['base_weights_sha256'][:12]}, now {bb.weights_sha256[:12]}); --resume needs the same")
-    if init is not None:
-        classes, weight, bias = _linear_init(init, src.name, backbone, bb.weights_sha256)
-    else:
-        classes, weight, bias = sorted({s.label for s in train}), None, None
-    unknown = sorted({s.label for s in train + held} - set(classes))
+    run_dir = Path(run if run is not None else init) if (run or init) is not None else None
+    identity = dict(data=str(Path(data).resolve()), backbone=backbone, init=str(Path(init).resolve()) if init else None,
+                    labels=str(Path(labels).resolve()) if labels else None, **asdict(cfg))
+    if not resume:
+        _check_fresh(out)
+    ctl = _Control(started + 60 * budget_minutes if budget_minutes else math.inf, checkpoint_minutes,
+                   default_workers() if workers is None else workers, progress, log or (lambda message: None), device,
+                   weights)
+    task_name, by_id = _task(data, labels)
+    protocol = _protocol(task_name, by_id, run_dir, cfg)
+    folds = _folds(protocol)
+    if resume:
+        _check_resumable(out, folds)
+    samples = [by_id[i] for i in protocol.ids]
+    bb = load_backbone(backbone, weights, device, cfg.amp, channels_last=True)
+    probe = _Probe(init, protocol, backbone, bb.weights_sha256) if init is not None else None
+    classes = probe.classes if probe else sorted(set(map(str, protocol.y)))
+    unknown = sorted(set(map(str, protocol.y)) - set(classes))
     if unknown:
         raise PipelineError(f"labels {unknown} are not classes of the --init head ({classes})")
-    index = {c: i for i, c in enumerate(classes)}
-    base_sha = bb.weights_sha256
-    model = _prepare(bb, len(classes), weight, bias)
-    groups, body = _param_groups(model, strategy, top, backbone_lr_scale, layer_decay, weight_decay)
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    cuda = bb.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and bb.amp == "fp16")
-    batches = math.ceil(len(train) / batch_size)
-    steps_per_epoch = math.ceil(batches / accum_steps)
-    workers = default_workers() if workers is None else workers
-    train_tf = _train_transform(bb, aug)
+    spec = probe.spec if probe else FeatureSpec(backbone, bb.weights_sha256, bb.data_config, "float32", bb.amp)
 
-    t = _Training(epoch=1, done=0, step=0, loss_sum=0.0, loss_n=0, history=[], best=None, bad_epochs=0, seconds=0.0)
-    resumed_from = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        t = _Training(**state["training"])
-        if t.finished:
-            raise PipelineError(f"nothing to resume: the run in {out} ended ({t.finished}); its best model is "
-                                f"{out / MODEL_FILE}")
-        resumed_from = dict(epoch=t.epoch, done=t.done, step=t.step)
-        log(f"resuming {out / STATE_FILE}: epoch {t.epoch} of {epochs}, {t.done} of {len(train)} images done, "
-            f"step {t.step} of {epochs * steps_per_epoch}")
-    else:
-        _write_config(model, out, backbone, classes, base_sha, bb.data_config, settings)
+    done = []
+    for k, fold in enumerate(folds):
+        if k:
+            bb = load_backbone(backbone, weights, device, cfg.amp, channels_last=True)  # every fold starts afresh
+        training = _FoldTraining(fold, out, bb, cfg, protocol, samples, classes, spec, identity, ctl)
+        done.append(training.run(probe, resume, len(folds) if k == 0 else 0))
+        if done[-1]["stopped"] == "budget":
+            break
+    last = done[-1]
+    result = FinetuneResult(out, cfg.strategy, classes, protocol.eval, last["n_train"], last["history"],
+                            last["best_epoch"], {}, last["stopped"], last["steps"],
+                            next((d["resumed_from"] for d in done if d["resumed_from"]), None),
+                            next((d["estimate"] for d in done if d["estimate"]), None), None, done, last["n_select"])
+    if len(done) >= sum(1 for f in folds if len(f.scored)):  # every scored image has a prediction
+        result.row, scored = _row(protocol, {i: p for d in done for i, p in d["predictions"].items()}, result,
+                                  backbone, bb.weights_sha256)
+        result.metrics = {**result.row.metrics, "n_test": result.row.n_test}
+        if run_dir is not None:
+            result.row = _add_row(RunFolder(run_dir), result.row, scored, out, identity, time.monotonic() - started)
+    return result
 
-    def save_state() -> None:
-        with atomic_path(out / STATE_FILE) as tmp:
-            torch.save(dict(
-                model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                torch_rng=torch.get_rng_state(), training=t.__dict__, settings=settings,
-                base_weights_sha256=base_sha,
-            ), tmp)
 
-    def evaluate(epoch: int, partial: bool = False) -> None:
-        model.eval()
-        begin = time.perf_counter()
-        metrics = _evaluate(bb, held, index, batch_size, workers)
-        entry = dict(epoch=epoch, phase=_phase(epoch, head_epochs), partial=partial,
-                     train_loss=t.loss_sum / t.loss_n if t.loss_n else None, **metrics,
-                     eval_seconds=round(time.perf_counter() - begin, 2), train_seconds=round(t.seconds, 2))
-        t.history.append(entry)
-        if t.best is None or entry["accuracy"] > t.best["accuracy"]:
-            t.best, t.bad_epochs = entry, 0
-            state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            with atomic_path(out / MODEL_FILE) as tmp:
-                save_file(state_dict, str(tmp))
-        elif not partial:
-            t.bad_epochs += 1
+def _task(data: str | os.PathLike, labels: str | os.PathLike | None) -> tuple[str, dict[str, Sample]]:
+    """The task's name and its labelled samples by id: the data's own labels and splits, or a label
+    file's (its split column, else the data's splits)."""
+    src = load_source(data)
+    if labels is None:
+        return src.name, {s.id: s for s in src.samples if s.label}
+    table = read_labels(labels)
+    if get_kind(table.kind).name != "classification":
+        raise PipelineError(f"{labels}: fine-tuning trains {table.kind} tasks with no loss yet; give a label column")
+    by_id = {s.id: s for s in src.samples}
+    missing = [i for i in table.ids if i not in by_id]
+    if missing:
+        raise PipelineError(f"{labels}: {len(missing)} id(s) not in {data}, e.g. {missing[0]!r}")
+    splits = table.splits if table.splits is not None else [by_id[i].split for i in table.ids]
+    return table.name, {i: replace(by_id[i], label=str(y), split=s) for i, y, s in zip(table.ids, table.labels, splits)}
 
-    if not t.history:
-        evaluate(0)
-    eval_seconds = t.history[-1]["eval_seconds"]
-    estimate = None
-    if t.epoch <= epochs:
-        estimate = _estimate(model, bb, train, train_tf, body, batch_size, accum_steps, label_smoothing, bn,
-                             head_epochs, epochs, t.epoch, eval_seconds, len(held))
-        log(estimate["message"])
-        if budget_minutes is not None and estimate["total_seconds"] > 60 * budget_minutes:
-            log(f"--budget-minutes {budget_minutes:g} is less than that: training will stop cleanly when it runs "
-                f"out, keeping the best epoch so far (continue with --resume)")
 
-    deadline = start_time + 60 * budget_minutes if budget_minutes is not None else math.inf
-    last_save = time.monotonic()
-    stopped = "finished"
-    with progress_bar(progress) as bar:
-        while t.epoch <= epochs and stopped == "finished":
-            epoch = t.epoch
-            blocks = epoch > head_epochs
-            for p in body:
-                p.requires_grad_(blocks)
-            sched = _scheduler(opt, lr, head_epochs, epochs, steps_per_epoch, warmup_epochs, epoch, t.step)
-            order = _epoch_order(len(train), seed, epoch)
-            todo = [train[i] for i in order[t.done:]]
-            task = bar.add_task(f"epoch {epoch}/{epochs} ({_phase(epoch, head_epochs)})", total=len(train),
-                                completed=t.done)
-            _train_mode(model, bn)
-            loader = image_batches(todo, train_tf, batch_size, workers, pin_memory=cuda)
-            pending = 0
-            began = time.monotonic()
-            for idx, x, failed in loader:
-                if x is not None:
-                    y = torch.tensor([index[todo[i].label] for i in idx], device=bb.device)
-                    loss = _loss(model, bb, x.to(bb.device, non_blocking=cuda), y, label_smoothing)
-                    scaler.scale(loss / accum_steps).backward()
-                    t.loss_sum, t.loss_n = t.loss_sum + loss.item() * len(idx), t.loss_n + len(idx)
-                    pending += 1
-                t.done += len(idx) + len(failed)
-                bar.update(task, completed=t.done,
-                           description=f"epoch {epoch}/{epochs} ({_phase(epoch, head_epochs)}) loss {t.loss_sum / max(t.loss_n, 1):.4f}")
-                if pending == accum_steps or (t.done == len(train) and pending):
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    pending = 0
-                    t.step += 1
-                    sched.step_update(t.step - _phase_start(epoch, head_epochs, steps_per_epoch))
-                    now = time.monotonic()
-                    if t.done < len(train) and now + eval_seconds > deadline:
-                        stopped = "budget"
-                        break
-                    if t.done < len(train) and now - last_save >= 60 * checkpoint_minutes:
-                        t.seconds += now - began
-                        began = now
-                        save_state()
-                        last_save = time.monotonic()
-            t.seconds += time.monotonic() - began
-            if stopped == "budget":
-                evaluate(epoch, partial=True)
-                break
-            evaluate(epoch)
-            bar.update(task, description=f"epoch {epoch}/{epochs} ({_phase(epoch, head_epochs)}) "
-                                         f"loss {t.history[-1]['train_loss'] or 0:.4f} {split} acc {t.history[-1]['accuracy']:.4f}")
-            t.epoch, t.done, t.loss_sum, t.loss_n = epoch + 1, 0, 0.0, 0
-            if patience is not None and t.bad_epochs >= patience and t.epoch <= epochs:
-                stopped = "early-stopping"
-            elif t.epoch <= epochs and time.monotonic() + eval_seconds > deadline:
-                stopped = "budget"
-            if t.epoch <= epochs and stopped == "finished":
-                save_state()
-                last_save = time.monotonic()
-    t.finished = stopped if stopped != "budget" else None
-    save_state()
-    best = t.best
-    metrics = {k: best[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "n_test")}
-    n_train = len(train)
-    with atomic_path(out / METRICS_FILE) as tmp:
-        tmp.write_text(json.dumps(dict(
-            strategy=strategy, eval_split=split, n_train=n_train, n_eval=len(held), classes=classes,
-            best_epoch=best["epoch"], best=metrics, stopped=stopped, steps=t.step, resumed_from=resumed_from,
-            estimate=estimate, epochs=t.history, settings=settings,
-        ), indent=1))
-    row = None
-    if run is not None:
-        note = [f"best epoch {best['epoch']} of {len(t.history) - 1}"]
-        if best["epoch"] == 0:
-            note.append("no gain over the start")
-        if stopped != "finished":
-            note.append(f"stopped by {stopped}")
-        row = dict(backbone=backbone, weights=base_sha[:12], tap="finetuned", task=src.name,
-                   head=f"finetune:{strategy}", eval=split, n_train=n_train, **metrics,
-                   fit_seconds=round(t.seconds, 2),
-                   head_file=str(out.resolve()), cache="", error="; ".join(note))
-        write_run_info(run, "finetune", settings, time.monotonic() - start_time, append=True)
-        update_leaderboard(run, [row], replace=lambda r: r.get("head_file") == row["head_file"])
-    return FinetuneResult(out, strategy, classes, split, n_train, t.history, best["epoch"], metrics, stopped, t.step,
-                          resumed_from, estimate, row)
+def _protocol(task: str, by_id: dict[str, Sample], run_dir: Path | None, cfg: FinetuneConfig) -> Protocol:
+    """The run's protocol of ``task`` (checked against the data), or a new one decided as ``fit`` decides
+    (and stored in the run, so the row is ranked with the heads a later fit adds)."""
+    run = RunFolder(run_dir) if run_dir is not None else None
+    stored = run.protocol(task) if run is not None else None
+    if stored is None:
+        ids = list(by_id)
+        protocol = decide(task, get_kind("classification"), ids, [by_id[i].label for i in ids],
+                          [by_id[i].split for i in ids], cfg.cv, cfg.seed)
+        if run is not None:
+            run.save_protocol(protocol)
+        return protocol
+    missing = [i for i in stored.ids if i not in by_id]
+    if missing:
+        raise PipelineError(f"{run_dir}: task {task!r} is scored on {len(stored.ids)} images, {len(missing)} of them "
+                            f"not labelled in the data, e.g. {missing[0]!r}")
+    differ = [i for i, y in zip(stored.ids, stored.y) if by_id[i].label != y]
+    if differ:
+        raise PipelineError(f"{run_dir}: task {task!r} labels {differ[0]!r} {dict(zip(stored.ids, stored.y))[differ[0]]!r}, "
+                            f"the data {by_id[differ[0]].label!r}")
+    return stored
+
+
+def _folds(protocol: Protocol) -> list[_Fold]:
+    """One training for a split; for cross-validation one per fold, then the final one on every image."""
+    if not protocol.cross_validated:
+        train, scored = protocol.splits()[0]
+        return [_Fold("", train, scored)]
+    folds = [_Fold(f"fold{k}", train, scored) for k, (train, scored) in enumerate(protocol.splits())]
+    return folds + [_Fold("", protocol.refit(), np.array([], np.int64))]
+
+
+class _Probe:
+    """The run's best linear head on pooled features for this task, backbone and weights: where ``lp-ft``
+    starts its classifier, and whose cache's feature spec scores the fine-tune."""
+
+    def __init__(self, run_dir: str | os.PathLike, protocol: Protocol, backbone: str, weights_sha256: str):
+        run = RunFolder(run_dir)
+        rows = [r for r in run.rows() if r.tap == "pooled"]
+        row = best_row(rows, protocol.task, linear=True, backbone=backbone, weights=weights_sha256[:12])
+        if row is None:
+            raise PipelineError(
+                f"{run_dir}: no linear head for task {protocol.task!r} fit on {backbone} with these weights; "
+                "run `pipeline fit` on this data's cache first")
+        self.path = run.resolve(row.head_file)
+        card = json.loads(self.path.with_suffix(".json").read_text())
+        part = card["parts"][0]
+        self.spec = FeatureSpec.from_dict(part["spec"])
+        self.caches = [self.path.parent / part["cache"], Path(part["cache_abs"])]
+        self.head = load_head(self.path)
+        self.classes = [str(c) for c in _linear(self.head)[1].classes_]
+
+    def start(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax weights on raw features of the probe's head refit (same hyperparameter search) from
+        the cache on exactly the images the network will learn from: it has seen neither the scored
+        images nor those that choose the epoch, so epoch 0 is scored as fairly as the others."""
+        head = clone(self.head).fit(self._features([s.id for s in samples]), np.array([s.label for s in samples], dtype=object))
+        return _fold_standardisation(*_linear(head))
+
+    def _features(self, ids: list[str]) -> np.ndarray:
+        path = next((c for c in self.caches if c.is_file()), None)
+        if path is None:
+            raise PipelineError(f"lp-ft refits the probe from its cache on the images the network learns from, "
+                                f"and the cache is gone: {', '.join(map(str, self.caches))}")
+        with FeatureCache(path) as cache:
+            where = {sid: r for r, (sid, ok) in enumerate(zip(cache.ids, cache.valid)) if ok}
+            return cache.features("pooled", np.array([where[i] for i in ids]))
+
+
+def _linear(head) -> tuple:
+    pipe = getattr(head, "best_estimator_", head)
+    return pipe[0], pipe[-1]
+
+
+def _fold_standardisation(scaler, clf) -> tuple[np.ndarray, np.ndarray]:
+    """``W' = W / scale``, ``b' = b - W' @ mean``; a binary head's single row ``w`` becomes the two rows
+    ``-w/2, w/2``, which give the same probabilities under softmax."""
+    w = clf.coef_ / scaler.scale_
+    b = clf.intercept_ - w @ scaler.mean_
+    if w.shape[0] == 1:
+        w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
+    return w.astype(np.float32), b.astype(np.float32)
 
 
 @dataclass
 class _Training:
-    """Where training stands; saved in ``last.pt`` so a killed run continues from here."""
+    """Where a fold's training stands; saved in ``last.pt`` so a killed run continues from here."""
 
     epoch: int  # the epoch in progress (1-based)
     done: int  # images of it already trained on
@@ -319,118 +337,303 @@ class _Training:
     finished: str | None = None  # why it ended (finished, early-stopping); None while it can be resumed
 
 
-def _check_settings(strategy, init, epochs, head_epochs, unfreeze, lr, backbone_lr_scale, layer_decay, weight_decay,
-                    warmup_epochs, label_smoothing, aug, bn, batch_size, accum_steps, patience, budget_minutes,
-                    checkpoint_minutes) -> int | None:
-    """Validate every setting before anything is loaded; returns the parsed ``unfreeze``."""
-    if strategy not in STRATEGIES:
-        raise PipelineError(f"unknown --strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
-    if strategy == "lp-ft" and init is None:
-        raise PipelineError("--strategy lp-ft starts the classifier from a fit run's linear head: give --init RUN_DIR, "
-                            "or use --strategy freeze-unfreeze")
-    if aug not in AUGMENTATIONS:
-        raise PipelineError(f"unknown --aug {aug!r}; choose {', '.join(AUGMENTATIONS)}")
-    if bn not in BN_MODES:
-        raise PipelineError(f"unknown --bn {bn!r}; choose {', '.join(BN_MODES)}")
-    checks = [
-        (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
-        (head_epochs >= 0, f"--head-epochs must be 0 or more, got {head_epochs}"),
-        (lr is None or lr > 0, f"--lr must be positive, got {lr}"),
-        (backbone_lr_scale > 0, f"--backbone-lr-scale must be positive, got {backbone_lr_scale}"),
-        (0 < layer_decay <= 1, f"--layer-decay must be in (0, 1], got {layer_decay}"),
-        (weight_decay >= 0, f"--weight-decay must be 0 or more, got {weight_decay}"),
-        (warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {warmup_epochs}"),
-        (0 <= label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {label_smoothing}"),
-        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
-        (accum_steps >= 1, f"--accum-steps must be at least 1, got {accum_steps}"),
-        (patience is None or patience >= 1, f"--patience must be at least 1, got {patience}"),
-        (budget_minutes is None or budget_minutes > 0, f"--budget-minutes must be positive, got {budget_minutes}"),
-        (checkpoint_minutes >= 0, f"--checkpoint-minutes must be 0 or more, got {checkpoint_minutes}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise PipelineError(message)
-    return _parse_unfreeze(unfreeze)
+class _FoldTraining:
+    """One fold's training, from its start to its kept model and that model's predictions."""
+
+    def __init__(self, fold: _Fold, out: Path, bb: Backbone, cfg: FinetuneConfig, protocol: Protocol,
+                 samples: list[Sample], classes: list[str], spec: FeatureSpec, identity: dict, ctl: _Control):
+        self.fold, self.folder, self.bb, self.cfg, self.ctl = fold, out / fold.name, bb, cfg, ctl
+        self.identity = identity
+        parts = protocol.subsplit(fold.train, cfg.select_fraction) if cfg.select_fraction > 0 else None
+        learn, select = parts if parts is not None else (fold.train, np.array([], np.int64))
+        self.train = [samples[i] for i in learn]
+        self.select = [samples[i] for i in select]
+        self.scored = [samples[i] for i in fold.scored]
+        self.classes, self.index = classes, {c: i for i, c in enumerate(classes)}
+        self.eval = Featurizer(spec, bb)
+        self.spec = spec
+        self.model: torch.nn.Module | None = None
+
+    def run(self, probe: "_Probe | None", resume: bool, estimate_folds: int) -> dict:
+        """Train (or continue, or skip when finished), then score the kept model; the fold's summary."""
+        if resume and _finished(self.folder):
+            return json.loads((self.folder / METRICS_FILE).read_text())
+        state = _load_state(self.folder, self.identity) if resume and (self.folder / STATE_FILE).is_file() else None
+        cfg, bb = self.cfg, self.bb
+        if state is not None and state["base_weights_sha256"] != bb.weights_sha256:
+            raise PipelineError(f"{self.folder / STATE_FILE} was trained from other {bb.name} weights "
+                                f"({state['base_weights_sha256'][:12]}, now {bb.weights_sha256[:12]}); --resume needs the same")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.base_sha = bb.weights_sha256
+        start = probe.start(self.train) if probe is not None and state is None else (None, None)
+        self.model = _prepare(bb, len(self.classes), *start)
+        groups, self.body = get_strategy(cfg.strategy).param_groups(self.model, cfg)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=bb.device.type == "cuda" and bb.amp == "fp16")
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train) / cfg.batch_size) / cfg.accum_steps)
+        t = _Training(epoch=1, done=0, step=0, loss_sum=0.0, loss_n=0, history=[], best=None, bad_epochs=0, seconds=0.0)
+        resumed_from = None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            t = _Training(**state["training"])
+            resumed_from = dict(epoch=t.epoch, done=t.done, step=t.step)
+            self.ctl.log(f"resuming {self.folder / STATE_FILE}: epoch {t.epoch} of {cfg.epochs}, {t.done} of "
+                         f"{len(self.train)} images done, step {t.step} of {cfg.epochs * self.steps_per_epoch}")
+        else:
+            write_config(self.model, self.folder, self.classes, self._config(self.base_sha))
+        self.t = t
+        if not t.history:
+            self._evaluate(0)
+        estimate = None
+        if estimate_folds and t.epoch <= cfg.epochs:
+            estimate = self._estimate(estimate_folds)
+        stopped = self._train()
+        t.finished = stopped if stopped != "budget" else None
+        self._save_state()
+        return self._finish(stopped, resumed_from, estimate)
+
+    def _train(self) -> str:
+        cfg, bb, t = self.cfg, self.bb, self.t
+        cuda = bb.device.type == "cuda"
+        transform = _train_transform(bb, cfg.aug)
+        last_save = time.monotonic()
+        eval_seconds = t.history[-1]["eval_seconds"]
+        with progress_bar(self.ctl.progress) as bar:
+            while t.epoch <= cfg.epochs:
+                epoch, head_epochs = t.epoch, cfg.head_epochs
+                for p in self.body:
+                    p.requires_grad_(epoch > head_epochs)
+                sched = _scheduler(self.opt, cfg, self.steps_per_epoch, epoch, t.step)
+                todo = [self.train[i] for i in _epoch_order(len(self.train), cfg.seed, epoch)[t.done:]]
+                label = f"{self.fold.name or 'model'} epoch {epoch}/{cfg.epochs} ({_phase(epoch, head_epochs)})"
+                task = bar.add_task(label, total=len(self.train), completed=t.done)
+                _train_mode(self.model, cfg.bn)
+                pending, began = 0, time.monotonic()
+                for idx, x, failed in image_batches(todo, transform, cfg.batch_size, self.ctl.workers, pin_memory=cuda):
+                    if x is not None:
+                        y = torch.tensor([self.index[todo[i].label] for i in idx], device=bb.device)
+                        loss = _loss(self.model, bb, x.to(bb.device, non_blocking=cuda), y, cfg.label_smoothing)
+                        self.scaler.scale(loss / cfg.accum_steps).backward()
+                        t.loss_sum, t.loss_n = t.loss_sum + loss.item() * len(idx), t.loss_n + len(idx)
+                        pending += 1
+                    t.done += len(idx) + len(failed)
+                    bar.update(task, completed=t.done, description=f"{label} loss {t.loss_sum / max(t.loss_n, 1):.4f}")
+                    if pending == cfg.accum_steps or (t.done == len(self.train) and pending):
+                        self._step(sched, epoch)
+                        pending = 0
+                        now = time.monotonic()
+                        if t.done < len(self.train) and now + eval_seconds > self.ctl.deadline:
+                            t.seconds += now - began
+                            self._evaluate(epoch, partial=True)
+                            return "budget"
+                        if t.done < len(self.train) and now - last_save >= 60 * self.ctl.checkpoint_minutes:
+                            t.seconds, began = t.seconds + now - began, now
+                            self._save_state()
+                            last_save = time.monotonic()
+                t.seconds += time.monotonic() - began
+                self._evaluate(epoch)
+                t.epoch, t.done, t.loss_sum, t.loss_n = epoch + 1, 0, 0.0, 0
+                if t.epoch > cfg.epochs:
+                    break
+                if cfg.patience is not None and self.select and t.bad_epochs >= cfg.patience:
+                    return "early-stopping"
+                if time.monotonic() + eval_seconds > self.ctl.deadline:
+                    return "budget"
+                self._save_state()
+                last_save = time.monotonic()
+        return "finished"
+
+    def _step(self, sched: CosineLRScheduler, epoch: int) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.t.step += 1
+        sched.step_update(self.t.step - _phase_start(epoch, self.cfg.head_epochs, self.steps_per_epoch))
+
+    def _evaluate(self, epoch: int, partial: bool = False) -> None:
+        """Score the selection images; keep the weights when they are the best so far (every epoch's when
+        there is no selection: the last is kept)."""
+        t = self.t
+        self.model.eval()
+        begin = time.perf_counter()
+        accuracy = None
+        if self.select:
+            pred = self._predict(self.select)
+            accuracy = float(np.mean([pred.get(s.id) == s.label for s in self.select]))
+        entry = dict(epoch=epoch, phase=_phase(epoch, self.cfg.head_epochs), partial=partial,
+                     train_loss=t.loss_sum / t.loss_n if t.loss_n else None, accuracy=accuracy,
+                     n_select=len(self.select), eval_seconds=round(time.perf_counter() - begin, 2),
+                     train_seconds=round(t.seconds, 2))
+        t.history.append(entry)
+        if t.best is None or accuracy is None or accuracy > t.best["accuracy"]:
+            t.best, t.bad_epochs = entry, 0
+            state_dict = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            with atomic_path(self.folder / MODEL_FILE) as tmp:
+                save_file(state_dict, str(tmp))
+        elif not partial:
+            t.bad_epochs += 1
+
+    def _predict(self, samples: list[Sample]) -> dict[str, str]:
+        """Predicted class per sample id, through the evaluation feature spec (images that fail are left out)."""
+        out = {}
+        for idx, feats, _ in self.eval.batches(samples, ("logits",), self.cfg.batch_size, self.ctl.workers):
+            out.update({samples[i].id: self.classes[k] for i, k in zip(idx, feats.get("logits", np.zeros((0, 1))).argmax(1))})
+        return out
+
+    def _finish(self, stopped: str, resumed_from: dict | None, estimate: dict | None) -> dict:
+        """Load the kept weights, predict the scored images, write the model's config and ``metrics.json``."""
+        kept = self.folder / MODEL_FILE
+        self.model.load_state_dict(load_file(str(kept)))
+        self.model.eval()
+        predictions = self._predict(self.scored) if self.scored else {}
+        write_config(self.model, self.folder, self.classes, self._config(self.base_sha, file_sha256(kept)))
+        t = self.t
+        summary = dict(fold=self.fold.name, n_train=len(self.train), n_select=len(self.select), n_scored=len(self.scored),
+                       best_epoch=t.best["epoch"], stopped=stopped, steps=t.step, seconds=round(t.seconds, 2),
+                       resumed_from=resumed_from, estimate=estimate, history=t.history, predictions=predictions,
+                       ids=dict(train=[s.id for s in self.train], select=[s.id for s in self.select],
+                                scored=[s.id for s in self.scored]),
+                       settings=self.identity)
+        with atomic_path(self.folder / METRICS_FILE) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _config(self, base_sha: str, weights_sha: str | None = None) -> dict:
+        return dict(backbone=self.bb.name, base_weights_sha256=base_sha, task_kind="classification",
+                    feature_spec=self.spec.with_weights(weights_sha or base_sha).to_dict(), settings=self.identity)
+
+    def _save_state(self) -> None:
+        with atomic_path(self.folder / STATE_FILE) as tmp:
+            torch.save(dict(
+                model=self.model.state_dict(), optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
+                torch_rng=torch.get_rng_state(), training=self.t.__dict__, settings=self.identity,
+                base_weights_sha256=self.base_sha,
+            ), tmp)
+
+    def _estimate(self, folds: int) -> dict:
+        """Seconds per epoch, from forward+backward timed on one real batch with the blocks unfrozen (two
+        timed passes after a warm-up, no optimizer step, BatchNorm buffers restored) and the start's
+        evaluation time; logged with the total for ``folds`` trainings like this one."""
+        cfg, bb, model = self.cfg, self.bb, self.model
+        x = next(iter(image_batches(self.train[:cfg.batch_size], _train_transform(bb, cfg.aug), cfg.batch_size, 0)))[1]
+        if x is None:
+            raise PipelineError("the first training images failed to load; check the data with `pipeline extract`")
+        y = torch.zeros(len(x), dtype=torch.long, device=bb.device)
+        x = x.to(bb.device)
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        flags = [p.requires_grad for p in self.body]
+        for p in self.body:
+            p.requires_grad_(True)
+        _train_mode(model, cfg.bn)
+        timings = []
+        for _ in range(3):
+            begin = time.perf_counter()
+            _loss(model, bb, x, y, cfg.label_smoothing).backward()
+            if bb.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - begin)
+        model.zero_grad(set_to_none=True)
+        for p, flag in zip(self.body, flags):
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        eval_seconds = self.t.history[-1]["eval_seconds"]
+        per_batch = float(np.median(timings[1:])) * len(self.train[:cfg.batch_size]) / len(x)
+        batches = math.ceil(len(self.train) / cfg.batch_size)
+        blocks_epoch = batches * per_batch + eval_seconds
+        head_epoch = len(self.train) / max(len(self.select), 1) * eval_seconds + eval_seconds  # forward only
+        left = range(self.t.epoch, cfg.epochs + 1)
+        total = folds * sum(head_epoch if e <= cfg.head_epochs else blocks_epoch for e in left)
+        trainings = f" x {folds} trainings (one per fold, then the final model)" if folds > 1 else ""
+        message = (f"estimated {blocks_epoch:.1f} s per epoch with blocks training ({batches} batches x {per_batch:.2f} s "
+                   f"forward+backward, measured on one batch, + {eval_seconds:.1f} s evaluation), {head_epoch:.1f} s per "
+                   f"head-only epoch; {len(left)} epoch(s){trainings} ~ {total / 60:.1f} min")
+        self.ctl.log(message)
+        if total > self.ctl.deadline - time.monotonic():
+            self.ctl.log("--budget-minutes is less than that: training will stop cleanly when it runs out, keeping "
+                         "the best epoch so far (continue with --resume)")
+        return dict(seconds_per_batch=round(per_batch, 3), blocks_epoch_seconds=round(blocks_epoch, 1),
+                    head_epoch_seconds=round(head_epoch, 1), total_seconds=round(total, 1), message=message)
 
 
-def _parse_unfreeze(unfreeze: str | int) -> int | None:
-    """``all`` -> None (everything), else the number of top block groups to train."""
-    if str(unfreeze) == "all":
-        return None
+def _row(protocol: Protocol, predictions: dict[str, str], result: FinetuneResult, backbone: str,
+         weights_sha256: str) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The fine-tune's row, scored like every other row of the task (on fewer images, and then not
+    ranked with them, only when some could not be decoded), and its (ids, true, predicted)."""
+    keep = (protocol.folds == TRAIN_ONLY) | np.array([i in predictions for i in protocol.ids], bool)
+    scored_on = protocol if keep.all() else protocol.restricted(keep)
+    ids = scored_on.ids[scored_on.scored]
+    y_pred = np.array([predictions[i] for i in ids], dtype=object)
+    note = [f"best epoch {result.best_epoch} of {len(result.history) - 1}"
+            + (f" (chosen on {result.n_select} training images held out)" if result.n_select else " (the last)")]
+    if result.best_epoch == 0:
+        note.append("no gain over the start")
+    if result.stopped != "finished":
+        note.append(f"stopped by {result.stopped}")
+    if protocol.cross_validated:
+        note.append(f"{len(result.folds) - 1} fold trainings + a final model on every image")
+    metrics = scored_on.score(y_pred)
+    n_test = metrics.pop("n_test")
+    metrics.pop("n_train")
+    row = Row(backbone=backbone, weights=weights_sha256[:12], tap="finetuned", task=protocol.task,
+              head=f"finetune:{result.strategy}", eval=protocol.eval, protocol=scored_on.id, stage="finetune",
+              task_kind=protocol.kind, n_train=result.n_train, n_test=n_test, metrics=metrics,
+              fit_seconds=round(sum(f["seconds"] for f in result.folds), 2), error="; ".join(note))
+    return row, (ids, scored_on.y[scored_on.scored], y_pred)
+
+
+def _add_row(run: RunFolder, row: Row, scored: tuple, out: Path, identity: dict, seconds: float) -> Row:
+    """Merge the row into ``run`` (its predictions saved there), rank and test the task again."""
+    row.head_file = run.relative(out)
+    run.write_predictions(row, *scored)
+    run.record("finetune", identity, seconds)
+    rows = run.add_rows([row])
+    publish(run)
+    return next(r for r in rows if r.key == row.key)
+
+
+def _finished(folder: Path) -> str | None:
+    """Why the training in ``folder`` ended (finished, early-stopping), or None when it can go on."""
     try:
-        k = int(unfreeze)
-    except ValueError:
-        raise PipelineError(f"--unfreeze takes a number of top blocks or 'all', got {unfreeze!r}") from None
-    if k < 0:
-        raise PipelineError(f"--unfreeze must be 0 or more, got {k}")
-    return k
+        stopped = json.loads((folder / METRICS_FILE).read_text())["stopped"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return stopped if stopped != "budget" else None
+
+
+def _check_resumable(out: Path, folds: list[_Fold]) -> None:
+    if not any((out / f.name / STATE_FILE).is_file() for f in folds):
+        done = " (it finished: its model is there)" if (out / MODEL_FILE).is_file() else ""
+        raise PipelineError(f"nothing to resume: {out / STATE_FILE} does not exist{done}")
+    if all(_finished(out / f.name) for f in folds):
+        raise PipelineError(f"nothing to resume: the run in {out} ended ({_finished(out / folds[-1].name)}); its "
+                            f"best model is {out / MODEL_FILE}")
 
 
 def _check_fresh(out: Path) -> None:
-    """Refuse to train over an earlier run's checkpoint: nothing is lost by a repeated command."""
-    for name in (STATE_FILE, MODEL_FILE):
+    """Refuse to train over an earlier run's checkpoints: nothing is lost by a repeated command."""
+    for name in (STATE_FILE, MODEL_FILE, f"fold0/{STATE_FILE}"):
         if (out / name).exists():
             raise PipelineError(f"{out} already holds a fine-tuning run ({name}); pass --resume to continue it "
                                 "if it was interrupted, or choose another --out")
 
 
-def _load_state(out: Path, settings: dict) -> dict:
+def _load_state(folder: Path, identity: dict) -> dict:
     """``last.pt``, loaded without executing code (``weights_only``), after checking it is this run's."""
-    path = out / STATE_FILE
-    if not path.is_file():
-        done = " (it finished: its model is there)" if (out / MODEL_FILE).is_file() else ""
-        raise PipelineError(f"nothing to resume: {path} does not exist{done}")
+    path = folder / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file
         raise PipelineError(f"{path} is not a readable fine-tuning checkpoint: {type(e).__name__}: {e}") from e
-    diff = [f"{k} {state['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
-            if k not in _RESUMABLE and state["settings"].get(k) != v]
+    diff = [f"{k} {state['settings'].get(k)!r} -> {v!r}" for k, v in identity.items() if state["settings"].get(k) != v]
     if diff:
         raise PipelineError(f"--resume continues {path} with the settings it started with; these differ: "
                             + ", ".join(diff))
     return state
-
-
-def _split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[Sample], str]:
-    """Train on ``train`` and evaluate on ``val`` (else ``test``), as ``fit`` does; data without splits
-    gets a seeded stratified 20 % hold-out."""
-    labelled = [s for s in samples if s.label]
-    if len({s.label for s in labelled}) < 2:
-        raise PipelineError("fine-tuning needs labelled images of at least 2 classes")
-    train = [s for s in labelled if s.split == "train"]
-    for split in HOLDOUT_SPLITS:
-        held = [s for s in labelled if s.split == split]
-        if train and held:
-            return train, held, split
-    from sklearn.model_selection import train_test_split
-
-    tr, te = train_test_split(labelled, test_size=0.2, random_state=seed, stratify=[s.label for s in labelled])
-    return list(tr), list(te), "holdout20"
-
-
-def _linear_init(run_dir: str | os.PathLike, task: str, backbone: str, weights_sha256: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The best linear head of ``run_dir`` for this task and backbone, as softmax weights on raw features.
-
-    The head's standardisation is folded in: ``W' = W / scale``, ``b' = b - W' @ mean``. A binary
-    logistic regression's single row ``w`` becomes the two rows ``-w/2, w/2``, which give the same
-    probabilities under softmax.
-    """
-    rows = [r for r in read_leaderboard(run_dir) if r["weights"] == weights_sha256[:12]]
-    best = best_row(rows, task=task, linear=True, backbone=backbone)
-    if best is None:
-        raise PipelineError(
-            f"{run_dir}: no linear head for task {task!r} fit on {backbone} with these weights; "
-            "run `pipeline fit` on this data's cache first"
-        )
-    head = load_head(best["head_file"])
-    pipe = getattr(head, "best_estimator_", head)
-    scaler, clf = pipe[0], pipe[-1]
-    w = clf.coef_ / scaler.scale_
-    b = clf.intercept_ - w @ scaler.mean_
-    if w.shape[0] == 1:
-        w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
-    return [str(c) for c in clf.classes_], w.astype(np.float32), b.astype(np.float32)
 
 
 def _prepare(bb: Backbone, n_classes: int, weight: np.ndarray | None, bias: np.ndarray | None) -> torch.nn.Module:
@@ -444,45 +647,18 @@ def _prepare(bb: Backbone, n_classes: int, weight: np.ndarray | None, bias: np.n
     return model
 
 
-def _param_groups(model: torch.nn.Module, strategy: str, top: int | None, backbone_lr_scale: float,
-                  layer_decay: float, weight_decay: float) -> tuple[list[dict], list[torch.nn.Parameter]]:
-    """Optimizer groups with timm's ``lr_scale`` (applied by its scheduler), and the body parameters
-    that train once the head epochs are over.
-
-    ``discriminative``: every parameter, scaled ``layer_decay ** depth`` by timm's fine-grained block
-    groups. Otherwise: the classifier at scale 1 and the top ``top`` coarse block groups (all when None)
-    at ``backbone_lr_scale``."""
-    head = list(model.get_classifier().parameters())
-    head_ids = {id(p) for p in head}
-    model.requires_grad_(False)
-    if strategy == "discriminative":
-        model.requires_grad_(True)
-        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
-    else:
-        named = dict(model.named_parameters())
-        blocks = group_parameters(model, model.group_matcher(coarse=True))
-        body = [[named[n] for n in names if id(named[n]) not in head_ids] for _, names in sorted(blocks.items())]
-        body = [g for g in body if g]
-        chosen = [p for g in (body if top is None else body[len(body) - top:] if top else []) for p in g]
-        for p in head + chosen:
-            p.requires_grad_(True)
-        groups = [dict(params=head, lr_scale=1.0)] + ([dict(params=chosen, lr_scale=backbone_lr_scale)] if chosen else [])
-    trainable_body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return groups, trainable_body
-
-
-def _scheduler(opt: torch.optim.Optimizer, lr: float, head_epochs: int, epochs: int, steps_per_epoch: int,
-               warmup_epochs: float, epoch: int, step: int) -> CosineLRScheduler:
+def _scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_epoch: int, epoch: int,
+               step: int) -> CosineLRScheduler:
     """Warmup then cosine decay over the phase ``epoch`` is in (head only, then blocks), so the blocks
     join at a warmed-up small learning rate, not at the head's peak; set to global ``step``."""
-    length = head_epochs if epoch <= head_epochs else epochs - head_epochs
+    length = cfg.head_epochs if epoch <= cfg.head_epochs else cfg.epochs - cfg.head_epochs
     for g in opt.param_groups:
-        g["initial_lr"] = lr  # the base the scheduler scales by each group's lr_scale
+        g["initial_lr"] = cfg.lr  # the base the scheduler scales by each group's lr_scale
     steps = max(1, length * steps_per_epoch)
-    warmup = min(round(warmup_epochs * steps_per_epoch), steps - 1)
-    sched = CosineLRScheduler(opt, t_initial=steps, lr_min=lr * 0.01, warmup_t=warmup, warmup_lr_init=lr * 0.01,
-                              t_in_epochs=False)
-    sched.step_update(step - _phase_start(epoch, head_epochs, steps_per_epoch))
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), steps - 1)
+    sched = CosineLRScheduler(opt, t_initial=steps, lr_min=cfg.lr * 0.01, warmup_t=warmup,
+                              warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    sched.step_update(step - _phase_start(epoch, cfg.head_epochs, steps_per_epoch))
     return sched
 
 
@@ -528,78 +704,3 @@ def _loss(model: torch.nn.Module, bb: Backbone, x: torch.Tensor, y: torch.Tensor
     with bb.autocast():
         logits = model(x)
     return torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-
-
-def _estimate(model, bb, train, train_tf, body, batch_size, accum_steps, label_smoothing, bn, head_epochs, epochs,
-              first_epoch, eval_seconds, n_held) -> dict:
-    """Seconds per epoch, from forward+backward timed on one real batch with the blocks unfrozen (two
-    timed passes after a warm-up, no optimizer step, BatchNorm buffers restored) and the start's
-    evaluation time."""
-    x = next(iter(image_batches(train[:batch_size], train_tf, batch_size, 0)))[1]
-    if x is None:
-        raise PipelineError("the first training images failed to load; check the data with `pipeline extract`")
-    y = torch.zeros(len(x), dtype=torch.long, device=bb.device)
-    x = x.to(bb.device)
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    flags = [p.requires_grad for p in body]
-    for p in body:
-        p.requires_grad_(True)
-    _train_mode(model, bn)
-    timings = []
-    for _ in range(3):
-        begin = time.perf_counter()
-        _loss(model, bb, x, y, label_smoothing).backward()
-        if bb.device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - begin)
-    model.zero_grad(set_to_none=True)
-    for p, flag in zip(body, flags):
-        p.requires_grad_(flag)
-    with torch.no_grad():
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])
-    per_batch = float(np.median(timings[1:])) * len(train[:batch_size]) / len(x)
-    batches = math.ceil(len(train) / batch_size)
-    blocks_epoch = batches * per_batch + eval_seconds
-    head_epoch = len(train) / max(n_held, 1) * eval_seconds + eval_seconds  # forward only: like evaluation
-    left = range(first_epoch, epochs + 1)
-    total = sum(head_epoch if e <= head_epochs else blocks_epoch for e in left)
-    message = (f"estimated {blocks_epoch:.1f} s per epoch with blocks training ({batches} batches x {per_batch:.2f} s "
-               f"forward+backward, measured on one batch, + {eval_seconds:.1f} s evaluation), {head_epoch:.1f} s per "
-               f"head-only epoch; {len(left)} epoch(s) ~ {total / 60:.1f} min")
-    return dict(seconds_per_batch=round(per_batch, 3), blocks_epoch_seconds=round(blocks_epoch, 1),
-                head_epoch_seconds=round(head_epoch, 1), total_seconds=round(total, 1), message=message)
-
-
-def _evaluate(bb: Backbone, samples: list[Sample], index: dict[str, int], batch_size: int, workers: int) -> dict:
-    """``fit``'s metrics on ``samples`` (images that fail to load are left out, as in a cache)."""
-    y_true, y_pred = [], []
-    for idx, out, _ in forward_batches(bb, samples, ("logits",), batch_size, workers):
-        if idx:
-            y_true += [index[samples[i].label] for i in idx]
-            y_pred += out["logits"].argmax(1).tolist()
-    if not y_true:
-        raise PipelineError("no held-out image could be loaded, so nothing can be evaluated")
-    return dict(accuracy=float(accuracy_score(y_true, y_pred)),
-                balanced_accuracy=float(balanced_accuracy_score(y_true, y_pred)),
-                f1_macro=float(f1_score(y_true, y_pred, average="macro")), n_test=len(y_true))
-
-
-def _write_config(model: torch.nn.Module, out: Path, backbone: str, classes: list[str], base_sha: str,
-                  data_config: dict, settings: dict) -> None:
-    """timm's ``config.json`` (architecture, pretrained config, ``label_names``) plus a ``pipeline``
-    section naming the backbone and weights it came from."""
-    extra = dict(label_names=classes, pipeline=dict(backbone=backbone, base_weights_sha256=base_sha,
-                                                    data_config=data_config, settings=settings))
-    with atomic_path(out / CONFIG_FILE) as tmp:
-        save_config_for_hf(model, str(tmp), model_config=extra)
-
-
-def read_checkpoint_config(path: str | os.PathLike) -> dict:
-    """The ``pipeline`` section of a fine-tuned model directory's ``config.json``, with its ``classes``."""
-    file = Path(path) / CONFIG_FILE
-    try:
-        cfg = json.loads(file.read_text())
-        return dict(cfg["pipeline"], classes=list(cfg["label_names"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"{file} is not a fine-tuned model's config ({type(e).__name__}: {e})") from e

@@ -110,6 +110,11 @@ def head_spec(name: str) -> HeadSpec:
     return _REGISTRY[name]
 
 
+def is_linear(name: str) -> bool:
+    """Whether ``name`` is a registered linear head (one ``finetune --init`` can start its classifier from)."""
+    return name in _REGISTRY and _REGISTRY[name].linear
+
+
 def create_head(name: str, random_state: int = 0, params: dict | None = None) -> BaseEstimator:
     """A new, unfitted head: a registry name, or ``module:Class`` naming any scikit-learn classifier,
     built with ``params`` (``--head-param key=value``; for a registry head, ``set_params`` names)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.special import softmax
+from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
@@ -21,13 +21,15 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 
 class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
-    """Multinomial L2 logistic regression by full-batch L-BFGS in torch, ``C`` chosen along the
-    warm-started path ``Cs`` (ascending) on a ``val_size`` stratified hold-out, then refit on all rows.
+    """L2 logistic regression by full-batch L-BFGS in torch, ``C`` chosen along the warm-started path
+    ``Cs`` (ascending) on a ``val_size`` stratified hold-out, then refit on all rows. Two classes are one
+    logit (binary log loss), more are multinomial, as in scikit-learn's ``LogisticRegression``.
 
     A single value in ``Cs`` skips the selection, and so does data too small for a stratified hold-out
     (a class with one row, or fewer hold-out rows than classes): then C is 1, scikit-learn's default.
-    ``tol`` bounds the largest gradient entry of the
-    per-sample objective. ``device="auto"`` is CUDA when present.
+    ``tol`` bounds the largest gradient entry of the per-sample objective. ``device="auto"`` is CUDA
+    when present. Learned: ``classes_``, ``coef_``, ``intercept_``, ``C_``, ``path_`` (C, held-out loss)
+    and ``n_iter_`` (L-BFGS iterations of the final fit).
     """
 
     def __init__(self, Cs=tuple(np.logspace(-4, 2, 13)), val_size: float = 0.2, max_iter: int = 300,
@@ -45,7 +47,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         self.classes_, codes = np.unique(y, return_inverse=True)
         k = len(self.classes_)
         if k < 2:
-            raise ValueError(f"needs at least 2 classes, got {k}")
+            raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {self.classes_[0]!r}")
         Cs = np.sort(np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
         if Cs.size == 0 or (Cs <= 0).any():
             raise ValueError(f"Cs must be positive values, got {self.Cs!r}")
@@ -62,7 +64,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             for C in Cs:
                 params = _lbfgs(Xt, yt, k, C, self.max_iter, self.tol, params)
                 with torch.no_grad():
-                    loss = float(torch.nn.functional.cross_entropy(Xv @ params[0] + params[1], yv))
+                    loss = float(_log_loss(Xv @ params[0] + params[1], yv))
                 self.path_.append((float(C), loss))
                 if best is None or loss < best[1]:
                     best, init, rises = (float(C), loss), params, 0
@@ -74,34 +76,50 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         else:
             self.C_ = float(Cs[0]) if Cs.size == 1 else 1.0
         Xa, ya = _tensors(X, codes, dev)
-        W, b = _lbfgs(Xa, ya, k, self.C_, self.max_iter, self.tol, init)
+        W, b, n_iter = _lbfgs(Xa, ya, k, self.C_, self.max_iter, self.tol, init)
         self.coef_ = W.T.cpu().numpy().astype(np.float64)
         self.intercept_ = b.cpu().numpy().astype(np.float64)
+        self.n_iter_ = np.array([n_iter])
         return self
 
     def decision_function(self, X) -> np.ndarray:
+        """Logits: one column per class, or for two classes one value (positive means ``classes_[1]``)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
-        return X @ self.coef_.T + self.intercept_
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
 
     def predict_proba(self, X) -> np.ndarray:
-        return softmax(self.decision_function(X), axis=1)
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            p = expit(scores)
+            return np.stack([1 - p, p], axis=1)
+        return softmax(scores, axis=1)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        scores = self.decision_function(X)
+        return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)]
 
 
 def _tensors(X: np.ndarray, codes: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.as_tensor(np.ascontiguousarray(X), dtype=torch.float32, device=device),
-            torch.as_tensor(codes, dtype=torch.long, device=device))
+    return (torch.tensor(X, dtype=torch.float32, device=device), torch.as_tensor(codes, dtype=torch.long, device=device))
+
+
+def _log_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean log loss: binary on one logit column, multinomial on several."""
+    if logits.shape[1] == 1:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+    return torch.nn.functional.cross_entropy(logits, y)
 
 
 def _lbfgs(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int, tol: float,
-           init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise ``mean log loss + ||W||^2 / (2 C n)`` from ``init`` (else zeros)."""
+           init: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Minimise ``mean log loss + ||W||^2 / (2 C n)`` from ``init`` (else zeros); the weights, the bias
+    and the L-BFGS iterations taken. Two classes have one logit."""
     n, d = X.shape
-    W = torch.zeros((d, n_classes), device=X.device) if init is None else init[0].clone()
-    b = torch.zeros(n_classes, device=X.device) if init is None else init[1].clone()
+    outputs = 1 if n_classes == 2 else n_classes
+    W = torch.zeros((d, outputs), device=X.device) if init is None else init[0].clone()
+    b = torch.zeros(outputs, device=X.device) if init is None else init[1].clone()
     W.requires_grad_(True)
     b.requires_grad_(True)
     penalty = 1.0 / (2.0 * C * n)
@@ -110,9 +128,9 @@ def _lbfgs(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter:
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(X @ W + b, y) + penalty * W.pow(2).sum()
+        loss = _log_loss(X @ W + b, y) + penalty * W.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return W.detach(), b.detach()
+    return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))

@@ -11,6 +11,7 @@ from typing import Iterator
 from joblib import parallel_config
 
 from .errors import PipelineError
+from .validation import check, one_of
 
 BACKENDS = ("loky", "threading", "dask", "ray")
 
@@ -24,8 +25,7 @@ def parallel_backend(backend: str = "loky", address: str | None = None, n_jobs: 
     with ``ray.init(address)``. Both are optional extras (``pip install 'pipeline[dask]'`` / ``[ray]``);
     their workers need this package installed and, for heads that read the cache by chunks, the cache
     files at the same paths."""
-    if backend not in BACKENDS:
-        raise PipelineError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    check(dict(backend=backend), dict(backend=one_of(*BACKENDS)))
     if address and backend not in ("dask", "ray"):
         raise PipelineError(f"--cluster names a Dask or Ray cluster; it does not apply to --backend {backend}")
     workers = (os.cpu_count() or 1) if n_jobs < 0 else n_jobs

@@ -1,8 +1,10 @@
-"""The predict stage: a saved model (a fit run's best head, one saved head, or a fine-tuned network) on
-new images, one row per image with the predicted label and class probabilities.
+"""The predict stage: a saved model (a run's best row, one saved head, or a fine-tuned model folder) on
+new images, one row per image with the prediction and its scores.
 
-For a head, features of images already in the cache it was fit on (same bytes) are read from there;
-only the others go through the backbone.
+Every feature goes through the feature spec the model was trained on (weights, preprocessing, autocast,
+test-time augmentation, decoding): images already in the cache it was fit on (same bytes, same spec)
+are read from there, the others run through a backbone built from that spec, so both give the same
+prediction.
 """
 
 from __future__ import annotations
@@ -17,102 +19,98 @@ from typing import Sequence
 import numpy as np
 from scipy.special import softmax
 
-from .backbones import Backbone, load_backbone
+from .batches import default_workers
 from .cache import FeatureCache
 from .data import Sample, content_hash, list_images
 from .errors import PipelineError
-from .extract import default_workers, forward_batches
-from .finetune import MODEL_FILE, read_checkpoint_config
+from .featurizer import Featurizer
 from .files import atomic_path
-from .fit import best_row
 from .heads import load_head
-from .report import read_leaderboard
+from .kinds import get_kind
+from .modeldir import MODEL_FILE, is_model_dir, read_config
+from .runs import RunFolder
+from .spec import FeatureSpec
+from .validation import at_least, check, optional
+
+
+@dataclass
+class Part:
+    """Features a model needs: a spec and tap, where the weights were, and caches that may hold them."""
+
+    spec: FeatureSpec
+    tap: str
+    weights_source: str = ""
+    caches: list[Path] = field(default_factory=list)
 
 
 @dataclass
 class Model:
-    """What predict runs: a backbone reference and either a scikit-learn head or the network's own classifier."""
+    """What predict runs: the parts whose features it concatenates, then a scikit-learn head, or (for a
+    fine-tuned network, ``head_path`` None) its own classifier's logits."""
 
-    kind: str  # "head" or "finetuned"
-    backbone: str
-    weights: str | None
-    weights_sha256: str | None
     classes: list[str]
-    tap: str = "pooled"
+    parts: list[Part]
+    task_kind: str = "classification"
     head_path: Path | None = None
-    cache: Path | None = None
-    parts: list["Model"] = field(default_factory=list)  # a head on concatenated backbones: one per backbone
+    extra_weights: list[Path] = field(default_factory=list)  # a model folder's own weights file
 
 
 def resolve_model(model: str | os.PathLike, task: str | None = None) -> Model:
-    """A fit run directory (its best row, of ``task`` if given), a ``.skops`` head, or a fine-tuned model dir."""
+    """A fit run folder (its best row, of ``task`` if given), a ``.skops`` head, or a fine-tuned model folder."""
     path = Path(model)
-    if path.is_dir() and (path / "leaderboard.json").is_file():
-        rows = read_leaderboard(path)
-        task = task or (rows[0]["task"] if rows else None)
-        best = best_row(rows, task=task)
-        if best is None:
-            raise PipelineError(f"{path}: no fitted head for task {task!r} in its leaderboard")
-        return resolve_model(best["head_file"])
-    if path.is_dir() and (path / MODEL_FILE).is_file():
-        cfg = read_checkpoint_config(path)
-        return Model("finetuned", cfg["backbone"], str(path / MODEL_FILE), None, cfg["classes"], "logits")
+    run = RunFolder(path)
+    if path.is_dir() and run.exists:
+        best = run.best_row(task)
+        found = run.resolve(best.head_file)
+        if not found.exists():
+            raise PipelineError(f"{path}: its best row for task {best.task!r} ({best.head}) is at {best.head_file}, "
+                                f"relative to the run, and {found} does not exist; copy it along with the run")
+        return resolve_model(found)
+    if path.is_dir() and is_model_dir(path):
+        cfg = read_config(path)
+        weights = path / MODEL_FILE
+        spec = FeatureSpec.from_dict(cfg["feature_spec"])
+        return Model(cfg["classes"], [Part(spec, "logits", str(weights.resolve()))], cfg.get("task_kind", "classification"),
+                     extra_weights=[weights])
     if path.suffix == ".skops" and path.is_file():
         card_path = path.with_suffix(".json")
         if not card_path.is_file():
-            raise PipelineError(f"{path} has no {card_path.name} beside it naming its backbone")
+            raise PipelineError(f"{path} has no {card_path.name} beside it naming its feature specs")
         card = json.loads(card_path.read_text())
-        parts = [_feature_source(part, card["tap"]) for part in card["parts"]]
-        if len(parts) == 1:
-            return Model(**{**parts[0].__dict__, "kind": "head", "classes": card["classes"], "head_path": path})
-        return Model("head", card["backbone"], None, None, card["classes"], card["tap"], path, parts=parts)
+        parts = [Part(FeatureSpec.from_dict(p["spec"]), card["tap"], p.get("weights_source", ""),
+                      [path.parent / p["cache"], Path(p["cache_abs"])]) for p in card["parts"]]
+        return Model(card["classes"], parts, card.get("task_kind", "classification"), path)
     raise PipelineError(
-        f"cannot use {path} as a model: give a fit run directory (with leaderboard.json), a .skops head, "
-        "or a fine-tuned model directory (with model.safetensors)"
+        f"cannot use {path} as a model: give a fit run folder (with leaderboard.json), a .skops head, "
+        "or a fine-tuned model folder (with model.safetensors and config.json)"
     )
 
 
-def _feature_source(part: dict, tap: str) -> Model:
-    """One backbone a head needs features from, as its card names it."""
-    source = part.get("weights_source", "")
-    weights = source if source and not source.startswith("hub:") and Path(source).is_file() else None
-    return Model("features", part["backbone"], weights, part["weights_sha256"], [], tap,
-                 cache=Path(part["cache"]) if part.get("cache") else None)
-
-
-def predict(
-    model: str | os.PathLike,
-    images: Sequence[str | os.PathLike],
-    out: str | os.PathLike | None = None,
-    task: str | None = None,
-    batch_size: int = 32,
-    workers: int | None = None,
-    device: str = "auto",
-    progress: bool = True,
-) -> list[dict]:
-    """Predict a label and class probabilities for every image (files or folders) in ``images``."""
+def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+            task: str | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
+            workers: int | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
+    """Predict every image (files or folders) in ``images``: one dict per image with ``path``,
+    ``prediction``, ``error`` and the task kind's score columns. ``weights`` are weights files to use
+    when those the model was trained with are not where they were (each is matched by its sha256)."""
+    check(dict(batch_size=batch_size, workers=workers), dict(batch_size=at_least(1), workers=optional(at_least(0))))
     m = resolve_model(model, task)
     paths = list_images(list(images))
     if not paths:
         raise PipelineError("no images to predict on")
     samples = [Sample(str(p), p) for p in paths]
-    first, *more = m.parts or [m]
-    feats, errors = _features(first, samples, batch_size, workers, device, progress)
-    for part in more:  # a head on concatenated backbones: their features side by side
-        got, failed = _features(part, samples, batch_size, workers, device, progress)
+    workers = default_workers() if workers is None else workers
+    feats, errors = None, {}
+    for part in m.parts:  # a head on concatenated backbones: their features side by side
+        got, failed = _features(part, samples, [*m.extra_weights, *map(Path, weights)], batch_size, workers, device, progress)
         errors.update(failed)
-        feats = {i: np.concatenate([feats[i], got[i]]) for i in feats if i in got}
+        feats = got if feats is None else {i: np.concatenate([feats[i], got[i]]) for i in feats if i in got}
     ok = sorted(feats)
-    probs = _probabilities(m, np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(m.classes)))
-    rows = []
-    by_index = dict(zip(ok, probs))
-    for i, s in enumerate(samples):
-        row = {"path": str(s.path), "prediction": "", "error": errors.get(i, "")}
-        p = by_index.get(i)
-        if p is not None:
-            row["prediction"] = m.classes[int(np.argmax(p))]
-        row.update({f"prob_{c}": (float(p[k]) if p is not None else "") for k, c in enumerate(m.classes)})
-        rows.append(row)
+    kind = get_kind(m.task_kind)
+    scores = _scores(m, np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(m.classes)))
+    columns = dict(zip(ok, kind.predict_columns(m.classes, scores)))
+    blank = dict.fromkeys(kind.predict_columns(m.classes, np.zeros((1, len(m.classes))))[0], "")
+    rows = [{"path": str(s.path), "prediction": "", "error": errors.get(i, ""), **blank, **columns.get(i, {})}
+            for i, s in enumerate(samples)]
     if out is not None:
         with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, list(rows[0]))
@@ -121,42 +119,31 @@ def predict(
     return rows
 
 
-def _features(m: Model, samples: list[Sample], batch_size: int, workers: int | None, device: str,
+def _features(part: Part, samples: list[Sample], weights: list[Path], batch_size: int, workers: int, device: str,
               progress: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Features of ``m``'s backbone and tap for each sample (from its cache where the bytes are there),
-    and the reason for each sample that could not be read."""
-    feats: dict[int, np.ndarray] = {} if m.kind == "finetuned" else _cached_features(m, samples)
+    """Features of ``part`` for each sample, from a cache with the same spec where it holds the same
+    bytes, else computed through the spec; and the reason for each sample that could not be read."""
+    feats = _cached_features(part, samples)
     errors: dict[int, str] = {}
     todo = [i for i in range(len(samples)) if i not in feats]
     if todo:
-        bb = _backbone(m, device)
-        batches = forward_batches(bb, [samples[i] for i in todo], (m.tap,), batch_size,
-                                  default_workers() if workers is None else workers, progress, f"predict {m.backbone}")
-        for idx, by_tap, failed in batches:
+        fz = Featurizer.load(part.spec, weights, part.weights_source, device)
+        for idx, by_tap, failed in fz.batches([samples[i] for i in todo], (part.tap,), batch_size, workers, progress,
+                                              f"predict {part.spec.backbone}"):
             errors.update({todo[i]: err for i, err in failed})
-            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(m.tap, ()))})
+            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(part.tap, ()))})
     return feats, errors
 
 
-def _backbone(m: Model, device: str) -> Backbone:
-    bb = load_backbone(m.backbone, m.weights, device, amp="auto", channels_last=True)
-    if m.weights_sha256 and bb.weights_sha256 != m.weights_sha256:
-        raise PipelineError(
-            f"the head was fit on {m.backbone} weights {m.weights_sha256[:12]}, but the weights found are "
-            f"{bb.weights_sha256[:12]} ({bb.weights_source}); point PIPELINE_WEIGHTS_DIR at the right file"
-        )
-    return bb
-
-
-def _cached_features(m: Model, samples: list[Sample]) -> dict[int, np.ndarray]:
-    """Features of images whose bytes are already in the head's cache, by content hash."""
-    if m.cache is None or not m.cache.is_file():
+def _cached_features(part: Part, samples: list[Sample]) -> dict[int, np.ndarray]:
+    """Features of images whose bytes are in a cache made with the part's spec, by content hash."""
+    cache_file = next((c for c in part.caches if c.is_file()), None)
+    if cache_file is None:
         return {}
-    with FeatureCache(m.cache) as cache:
-        if cache.attrs["weights_sha256"] != m.weights_sha256 or m.tap not in cache.taps:
+    with FeatureCache(cache_file) as cache:
+        if cache.spec != part.spec or part.tap not in cache.taps:
             return {}
-        valid = cache.valid
-        stored = {h: r for r, (h, v) in enumerate(zip(cache.content_hash, valid)) if v}
+        stored = {h: r for r, (h, v) in enumerate(zip(cache.content_hash, cache.valid)) if v}
         hits = {}
         for i, s in enumerate(samples):
             try:
@@ -167,15 +154,16 @@ def _cached_features(m: Model, samples: list[Sample]) -> dict[int, np.ndarray]:
                 hits[i] = row
         if not hits:
             return {}
-        rows = cache.features(m.tap, np.array(list(hits.values())))
+        rows = cache.features(part.tap, np.array(list(hits.values())))
     return dict(zip(hits, rows))
 
 
-def _probabilities(m: Model, X: np.ndarray) -> np.ndarray:
-    if m.kind == "finetuned":
+def _scores(m: Model, X: np.ndarray) -> np.ndarray:
+    """Class probabilities, columns in ``m.classes`` order."""
+    if m.head_path is None:
         return softmax(X, axis=1)
     head = load_head(m.head_path)
-    order = [list(head.classes_).index(c) for c in m.classes]
+    order = [list(map(str, head.classes_)).index(c) for c in m.classes]
     if hasattr(head, "predict_proba"):
         return head.predict_proba(X)[:, order]
     scores = head.decision_function(X)  # linear-svm, ridge: softmax of the margins, not calibrated

@@ -1,7 +1,8 @@
-"""Tasks: label tables (``id,label[,split]``) joined to a cache by sample id.
+"""Tasks: label tables (``id,<kind column>[,split]``) joined to a cache by sample id.
 
 The cache's own labels (from the folder layout or the manifest) are the default task; every label file
-is one more task over the same features, at no extraction cost.
+is one more task over the same features, at no extraction cost. The header's label column names the
+task's kind (``label``: classification; see :mod:`pipeline.kinds`), which reads the cells.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import numpy as np
 
 from .cache import FeatureCache
 from .errors import PipelineError
-
-HOLDOUT_SPLITS = ("val", "test")
+from .kinds import get_kind, kind_of_columns
+from .protocol import eval_split
 
 
 @dataclass
 class Task:
-    """A named label table; ``splits`` is None when the table has no split column (the cache's are used)."""
+    """A named label table of one kind; ``splits`` is None when the table has no split column (the
+    cache's are used)."""
 
     name: str
     ids: np.ndarray
     labels: np.ndarray
     splits: np.ndarray | None = None
+    kind: str = "classification"
 
 
 @dataclass
@@ -43,10 +46,8 @@ class TaskData:
 
     @property
     def holdout_split(self) -> str | None:
-        """The split evaluated on: ``val`` (else ``test``) when there are also ``train`` rows; None means CV."""
-        if not (self.splits == "train").any():
-            return None
-        return next((s for s in HOLDOUT_SPLITS if (self.splits == s).any()), None)
+        """The split evaluated on (see :func:`pipeline.protocol.eval_split`); None means cross-validation."""
+        return eval_split(self.splits)
 
     def holdout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``X_train, y_train, X_test, y_test`` for the task's train and held-out split."""
@@ -58,7 +59,8 @@ class TaskData:
 
 
 def read_labels(path: str | os.PathLike) -> Task:
-    """Read a label table: a CSV with ``id`` and ``label`` columns and an optional ``split`` column."""
+    """Read a label table: a CSV with an ``id`` column, the label column of its kind (``label``) and an
+    optional ``split`` column."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -69,21 +71,22 @@ def read_labels(path: str | os.PathLike) -> Task:
         raise PipelineError(f"label file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
-    missing = [c for c in ("id", "label") if c not in columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; a label file is id,label[,split]")
+    if "id" not in columns:
+        raise PipelineError(f"{path}: missing column(s) id; a label file is id,label[,split]")
+    kind = kind_of_columns(columns, str(path))
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         sid = (row["id"] or "").strip()
-        if not sid or not (row["label"] or "").strip():
-            raise PipelineError(f"{path}:{line}: empty id or label")
+        if not sid:
+            raise PipelineError(f"{path}:{line}: empty id")
         if sid in seen:
             raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {seen[sid]})")
         seen[sid] = line
     if not rows:
         raise PipelineError(f"{path}: no rows")
     col = lambda c: np.array([(r.get(c) or "").strip() for r in rows], dtype=object)  # noqa: E731
-    return Task(path.stem, col("id"), col("label"), col("split") if "split" in columns else None)
+    labels = kind.parse([r.get(kind.column) or "" for r in rows], [f"{path}:{line}" for line in range(2, len(rows) + 2)])
+    return Task(path.stem, col("id"), labels, col("split") if "split" in columns else None, kind.name)
 
 
 def cache_task(cache: FeatureCache) -> Task:
@@ -91,7 +94,7 @@ def cache_task(cache: FeatureCache) -> Task:
     ids, labels = cache.ids, cache.labels
     has = labels != ""
     name = str(cache.attrs.get("source") or "labels")
-    return Task(name, ids[has], labels[has], cache.splits[has])
+    return Task(name, ids[has], labels[has], cache.splits[has], get_kind("classification").name)
 
 
 def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool = True) -> TaskData:

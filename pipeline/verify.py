@@ -15,9 +15,8 @@ from .backbones import load_backbone
 from .cache import FeatureCache, schema_problems
 from .data import content_hash, load_source
 from .errors import PipelineError
-from .extract import forward_batches
-
-MIN_COSINE = 0.999  # re-extracted rows below this cosine similarity to the stored ones are drift
+from .featurizer import Featurizer
+from .spec import SAME_SPEC_MIN_COSINE as MIN_COSINE
 
 
 @dataclass
@@ -39,7 +38,9 @@ class VerifyReport:
 def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sample: int = 16, seed: int = 0,
            weights: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 16) -> VerifyReport:
     """Check ``path``'s schema and valid mask, then re-extract ``sample`` random valid rows from the
-    images in ``data`` (the cache's source folder or manifest) and compare them with the stored ones."""
+    images in ``data`` (the cache's source folder or manifest) through the cache's own feature spec and
+    compare them with the stored ones. ``weights`` replaces the weights the spec names (a mismatch is
+    a problem); without it they are found as ``predict`` finds them."""
     report = VerifyReport(Path(path))
     _check_schema(report)
     if report.problems or sample <= 0:
@@ -48,7 +49,7 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
         report.notes.append("no --data given: rows were not re-extracted")
         return report
     with FeatureCache(path) as cache:
-        attrs = cache.attrs
+        attrs, spec = cache.attrs, cache.spec
         valid_rows = np.flatnonzero(cache.valid)
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(valid_rows, min(sample, len(valid_rows)), replace=False))
@@ -65,21 +66,14 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
         else:
             samples.append(s)
             keep.append(k)
-    source = Path(str(attrs.get("weights_source", "")))
-    if weights is None and source.suffix == ".safetensors" and source.is_file():
-        weights = source  # the file the cache was made from, when it is still there
-    bb = load_backbone(attrs["backbone"], weights, device, attrs.get("amp", "off"), channels_last=True)
-    if bb.weights_sha256 != attrs["weights_sha256"]:
-        report.problems.append(
-            f"weights differ: the cache was made with sha256 {attrs['weights_sha256'][:16]}…, "
-            f"{bb.weights_source} has {bb.weights_sha256[:16]}…"
-        )
-    if bb.data_config != attrs["data_config"]:
-        report.problems.append(f"preprocessing differs: cache {attrs['data_config']}, backbone now {bb.data_config}")
+    if weights is None:
+        fz = Featurizer.load(spec, recorded=str(attrs.get("weights_source", "")), device=device)
+    else:
+        fz = Featurizer(spec, load_backbone(spec.backbone, weights, device, spec.amp, channels_last=True))
+        report.problems += _spec_problems(spec, fz)
     got: dict[str, list[np.ndarray]] = {t: [] for t in stored}
     order: list[int] = []
-    tta = attrs.get("tta") or None
-    for idx, feats, failed in forward_batches(bb, samples, tuple(stored), batch_size, workers=0, tta=tta):
+    for idx, feats, failed in fz.batches(samples, tuple(stored), batch_size, workers=0):
         for i, err in failed:
             report.problems.append(f"{samples[i].id}: valid in the cache but does not decode now: {err}")
         order.extend(keep[i] for i in idx)
@@ -100,6 +94,16 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
                 f"e.g. {ids[order[bad[0]]]}"
             )
     return report
+
+
+def _spec_problems(spec, fz: Featurizer) -> list[str]:
+    bb, problems = fz.backbone, []
+    if bb.weights_sha256 != spec.weights_sha256:
+        problems.append(f"weights differ: the cache was made with sha256 {spec.weights_sha256[:16]}…, "
+                        f"{bb.weights_source} has {bb.weights_sha256[:16]}…")
+    if bb.data_config != spec.data_config:
+        problems.append(f"preprocessing differs: cache {spec.data_config}, backbone now {bb.data_config}")
+    return problems
 
 
 def _check_schema(report: VerifyReport) -> None:

@@ -44,8 +44,25 @@ def test_offline_without_weights_names_the_three_places(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "--weights (not given)" in msg
     assert str(tmp_path / "resnet10t.c3_in1k.safetensors") in msg
-    assert "hub cache/download failed" in msg
+    assert "timm's hub cache (the hub is unreachable: offline) failed" in msg
     assert "\n" not in msg
+
+
+def test_an_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that does not answer is not retried for a minute: the hub's local
+    cache is tried at once, offline, and the error names where the weights were looked for."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("PIPELINE_WEIGHTS_DIR")
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="PIPELINE_WEIGHTS_DIR \\(not set\\), and timm's hub cache \\(the hub is unreachable"):
+        load_backbone("resnet10t.c3_in1k")
+    assert time.monotonic() - start < 10
+    assert constants.HF_HUB_OFFLINE is False  # offline only for that call
 
 
 def test_unknown_backbone_suggests_names():

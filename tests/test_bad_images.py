@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import pytest
+
 from conftest import TINY, run_cli
 from pipeline import FeatureCache
 from pipeline.data import load_image
@@ -69,6 +71,7 @@ def _write_corpus(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_every_kind_of_bad_file_is_recorded_or_read_right(tmp_path):
     expected = _write_corpus(tmp_path / "data")
     good = tmp_path / "clean" / "bad"

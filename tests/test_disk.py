@@ -12,6 +12,8 @@ import pytest
 
 from conftest import TINY, make_many, run_cli
 
+pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
+
 
 @contextmanager
 def tmpfs(path: Path, size: str):

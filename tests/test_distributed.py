@@ -14,6 +14,8 @@ import pytest
 from conftest import TINY, kill_when_rows, make_many, run_cli, valid_rows
 from pipeline import FeatureCache, PipelineError, extract
 
+pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
+
 
 def _torchrun(*args: str, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -133,15 +133,15 @@ def test_dtype_and_taps(folder, tmp_path):
 def test_second_writer_is_refused(folder, tmp_path):
     first = _extract(folder, tmp_path / "cache")
     with FeatureCache(first.cache) as c:
-        meta = {k: c.attrs[k] for k in ("backbone", "weights_sha256", "weights_source", "data_config", "dtype", "source", "amp")}
-    with CacheWriter(first.cache, meta, {"pooled": 1}):
+        spec, attrs = c.spec, c.attrs
+    with CacheWriter(first.cache, spec, attrs["weights_source"], attrs["source"], {"pooled": 1}):
         with pytest.raises(PipelineError, match=r"being written by another process \(pid \d+\)"):
             _extract(folder, tmp_path / "cache")
     assert _extract(folder, tmp_path / "cache").reused == 36
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(dtype="int8"), "unknown dtype 'int8'"),
+    (dict(dtype="int8"), "--dtype must be one of float16, float32, got 'int8'"),
     (dict(taps=("block9",)), "unknown tap 'block9'"),
     (dict(batch_size=0), "--batch-size must be at least 1"),
 ])
@@ -150,6 +150,7 @@ def test_bad_arguments(folder, tmp_path, kw, message):
         _extract(folder, tmp_path / "cache", **kw)
 
 
+@pytest.mark.slow
 def test_cli_extract_and_cache_info(folder, tmp_path):
     r = run_cli("extract", folder, "--backbone", TINY, "--cache", tmp_path / "cache", "--workers", "1")
     assert r.returncode == 0, r.stderr
@@ -162,8 +163,9 @@ def test_cli_extract_and_cache_info(folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["extract", "no/such/folder", "--backbone", TINY], "error: data source not found: no/such/folder"),
     (["extract", "{folder}", "--backbone", "not_a_model"], "error: unknown backbone 'not_a_model'"),
-    (["extract", "{folder}", "--backbone", TINY, "--dtype", "float8"], "error: unknown dtype 'float8'"),
+    (["extract", "{folder}", "--backbone", TINY, "--dtype", "float8"], "error: --dtype must be one of float16, float32, got 'float8'"),
 ])
+@pytest.mark.slow
 def test_cli_fatal_errors_are_one_line(folder, tmp_path, args, message):
     r = run_cli(*[a.format(folder=folder) for a in args], "--cache", tmp_path / "c")
     assert r.returncode == 1
@@ -171,11 +173,13 @@ def test_cli_fatal_errors_are_one_line(folder, tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_usage_error_exit_code(folder):
     r = run_cli("extract", folder, "--backbone", TINY, "--batch-size", "zero")
     assert r.returncode == 2 and "batch-size" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_several_backbones_each_get_a_cache(folder, tmp_path):
     r = run_cli("extract", folder, "-b", TINY, "-b", TINY_VIT, "--cache", tmp_path / "cache", "--workers", "0")
     assert r.returncode == 0, r.stderr
@@ -224,7 +228,7 @@ def test_layer_taps(folder, tmp_path):
         _, [(_, prefix)] = vbb.model.forward_intermediates(x, indices=[2], return_prefix_tokens=True)
         np.testing.assert_allclose(c.features("layer2")[0], prefix[0, 0], rtol=2e-3, atol=2e-3)
     fit_rows = fit(res.cache, tmp_path / "run", heads=["knn"], n_jobs=1, progress=False).rows
-    assert sorted(r["tap"] for r in fit_rows) == ["layer0", "layer4", "pooled"]  # one leaderboard row per tap
+    assert sorted(r.tap for r in fit_rows) == ["layer0", "layer4", "pooled"]  # one leaderboard row per tap
     with pytest.raises(PipelineError, match=r"has layers 0\.\.4; 'layer5' is out of range"):
         _extract(folder, tmp_path / "cache", taps=("layer5",))
 
@@ -268,7 +272,7 @@ def test_jpeg_draft_stays_within_resampling_tolerance(tmp_path):
 
 
 def test_backbones_with_one_preprocessing_share_one_decode(folder, tmp_path, monkeypatch):
-    module = importlib.import_module("pipeline.extract")
+    module = importlib.import_module("pipeline.batches")
     calls = []
     real = module.load_image
     monkeypatch.setattr(module, "load_image", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))

@@ -30,14 +30,19 @@ def test_leaderboard_has_every_head(tiny_run):
 
 
 def test_saved_heads_and_cards(tiny_run):
+    run = tiny_run["run"]
+    with FeatureCache(tiny_run["cache"]) as c:
+        spec = c.spec
     for row in tiny_run["fit"].rows:
-        head = load_head(row["head_file"])
-        card = json.loads(Path(row["head_file"]).with_suffix(".json").read_text())
+        assert not Path(row.head_file).is_absolute() and row.head_file.startswith("heads/")
+        head = load_head(run / row.head_file)
+        card = json.loads((run / row.head_file).with_suffix(".json").read_text())
         (part,) = card["parts"]
-        assert card["backbone"] == part["backbone"] == TINY and len(part["weights_sha256"]) == 64
-        assert part["data_config"]["input_size"] == [3, 160, 160] and card["classes"] == ["blue", "red"]
+        assert card["backbone"] == part["spec"]["backbone"] == TINY and len(part["spec"]["weights_sha256"]) == 64
+        assert part["spec"]["data_config"]["input_size"] == [3, 160, 160] and card["classes"] == ["blue", "red"]
+        assert part["spec"] == spec.to_dict()  # the cache's feature spec travels into every head card
         X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
-        assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row["accuracy"])
+        assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row.metrics["accuracy"])
 
 
 def test_heads_are_sklearn_estimators(tiny_run):
@@ -50,8 +55,8 @@ def test_heads_are_sklearn_estimators(tiny_run):
 
 def test_logreg_learns_a_separable_task(tiny_run):
     """Red vs blue is easy even for random conv features; a probe below 90 % means a broken pipeline."""
-    row = next(r for r in tiny_run["fit"].rows if r["head"] == "logreg")
-    assert row["accuracy"] >= 0.9
+    row = next(r for r in tiny_run["fit"].rows if r.head == "logreg")
+    assert row.metrics["accuracy"] >= 0.9
 
 
 def test_label_file_task_and_cross_validation(tiny_run, tmp_path):
@@ -65,28 +70,28 @@ def test_label_file_task_and_cross_validation(tiny_run, tmp_path):
         f"{i},{'even' if k % 2 else 'odd'},{'train' if k < 30 else 'test'}\n" for k, i in enumerate(ids)))
     res = fit(tiny_run["cache"], tmp_path / "run", labels=[labels, split_file], heads=["logreg"], cv=3,
               n_jobs=2, progress=False)
-    by_task = {r["task"]: r for r in res.rows}
+    by_task = {r.task: r for r in res.rows}
     assert set(by_task) == {"shapes", "shuffled", "parity"}
-    assert by_task["shuffled"]["eval"] == "val"  # no split column: the cache's splits apply
-    assert by_task["parity"]["eval"] == "test" and by_task["parity"]["n_test"] == 6
+    assert by_task["shuffled"].eval == "val"  # no split column: the cache's splits apply
+    assert by_task["parity"].eval == "test" and by_task["parity"].n_test == 6
 
 
 def test_folder_without_splits_is_cross_validated(tmp_path):
     [res] = extract(make_folder(tmp_path / "flat", n_train=8, n_val=2, splits=False), TINY, tmp_path / "cache",
                     workers=0, progress=False)
     out = fit(res.cache, tmp_path / "run", heads=["logreg", "knn"], cv=4, n_jobs=1, progress=False)
-    assert {r["eval"] for r in out.rows} == {"cv4"}
-    assert all(r["n_test"] == 20 and r["n_train"] == 20 for r in out.rows)  # out-of-fold on all, refit on all
+    assert {r.eval for r in out.rows} == {"cv4"}
+    assert all(r.n_test == 20 and r.n_train == 20 for r in out.rows)  # out-of-fold on all, refit on all
 
 
 @pytest.mark.parametrize("text, message", [
     ("id,class\na,b\n", "missing column\\(s\\) label"),
     ("id,label\ntrain/red/red_000.jpg,a\ntrain/red/red_000.jpg,b\n", "labels.csv:3: duplicate id"),
     ("id,label\nnot/there.jpg,a\n", "1 id\\(s\\) not in cache"),
-    ("id,label\ntrain/red/red_000.jpg,\n", "labels.csv:2: empty id or label"),
+    ("id,label\ntrain/red/red_000.jpg,\n", "labels.csv:2: empty label"),
     ("id,label\n", "labels.csv: no rows"),
     ("id,label\ntrain/red/red_000.jpg,caf\xe9\n".encode("latin-1"), "labels.csv: not UTF-8 text .* save it as UTF-8"),
-    ("id,label\ntrain/red/red_000.jpg,a\nval/red/red_000.jpg,a\n", "task 'labels' .*: needs at least 2 classes, found 1"),
+    ("id,label\ntrain/red/red_000.jpg,a\nval/red/red_000.jpg,a\n", "task 'labels': needs at least 2 classes, found 1"),
 ])
 def test_bad_label_files(tiny_run, tmp_path, text, message):
     (tmp_path / "labels.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -108,6 +113,7 @@ def test_unknown_head(tiny_run, tmp_path):
         fit(tiny_run["cache"], tmp_path / "run", heads=["forest"], progress=False)
 
 
+@pytest.mark.slow
 def test_cli_fit_prints_markdown(tiny_run, tmp_path):
     r = run_cli("fit", tiny_run["cache"].parent, "--out", tmp_path / "run", "--heads", "knn,logreg", "--n-jobs", "1")
     assert r.returncode == 0, r.stderr
@@ -127,37 +133,38 @@ def test_chunked_head_reads_features_by_chunks(tiny_run, tmp_path, monkeypatch):
     result = fit(tiny_run["cache"], tmp_path / "run", heads=["sgd"], chunk_rows=5, n_jobs=1, progress=False)
     assert reads and None not in reads and max(reads) <= 5  # never the whole task at once
     [row] = result.rows
-    assert (row["n_train"], row["n_test"], row["error"]) == (24, 12, "")
+    assert (row.n_train, row.n_test, row.error) == (24, 12, "")
     monkeypatch.setattr(FeatureCache, "features", real)
     X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
-    head = load_head(row["head_file"])
-    assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row["accuracy"])
+    head = load_head(result.out / row.head_file)
+    assert np.mean(head.predict(X_test) == y_test) == pytest.approx(row.metrics["accuracy"])
     logreg = fit(tiny_run["cache"], tmp_path / "lr", heads=["logreg"], n_jobs=1, progress=False).rows[0]
-    assert row["accuracy"] >= logreg["accuracy"] - 0.1
+    assert row.metrics["accuracy"] >= logreg.metrics["accuracy"] - 0.1
 
 
 def test_chunked_head_cross_validates_without_splits(tmp_path):
     data = make_folder(tmp_path / "flat", splits=False)
     [res] = extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
     [row] = fit(res.cache, tmp_path / "run", heads=["sgd"], chunk_rows=7, n_jobs=1, progress=False).rows
-    assert row["eval"] == "cv5" and row["n_train"] == 36 and row["accuracy"] is not None
+    assert row.eval == "cv5" and row.n_train == 36 and row.metrics["accuracy"] is not None
 
 
 def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):
     res = fit(tiny_run["cache"], tmp_path / "run", heads=["torch-logreg", "linear-svm", "ridge", "centroid",
                                                           "sklearn.svm:SVC"],
               head_params={"C": 10, "kernel": "linear"}, n_jobs=1, progress=False)
-    rows = {r["head"]: r for r in res.rows}
+    rows = {r.head: r for r in res.rows}
     assert set(rows) == {"torch-logreg", "linear-svm", "ridge", "centroid", "sklearn.svm:SVC(C=10,kernel=linear)"}
     for r in rows.values():
-        assert r["error"] == "" and r["acc_low"] <= r["accuracy"] <= r["acc_high"] and r["acc_std"] is None
-        assert isinstance(r["same_as_best"], bool) and (r["p_vs_best"] is None) == (r is res.rows[0])
-    svc = load_head(rows["sklearn.svm:SVC(C=10,kernel=linear)"]["head_file"])
+        m = r.metrics
+        assert r.error == "" and m["acc_low"] <= m["accuracy"] <= m["acc_high"] and m["acc_std"] is None
+        assert isinstance(r.same_as_best, bool) and (r.p_vs_best is None) == (r is res.rows[0])
+    svc = load_head(res.out / rows["sklearn.svm:SVC(C=10,kernel=linear)"].head_file)
     assert svc.get_params()["C"] == 10 and svc.get_params()["kernel"] == "linear"
     # heads without predict_proba (ridge: margins) still give one probability row per image
-    preds = predict(rows["ridge"]["head_file"], [tiny_run["data"] / "val"], workers=0, progress=False)
+    preds = predict(res.out / rows["ridge"].head_file, [tiny_run["data"] / "val"], workers=0, progress=False)
     assert all(abs(r["prob_blue"] + r["prob_red"] - 1) < 1e-9 for r in preds)
-    assert np.mean([r["prediction"] == r["path"].split("/")[-2] for r in preds]) == pytest.approx(rows["ridge"]["accuracy"])
+    assert np.mean([r["prediction"] == r["path"].split("/")[-2] for r in preds]) == pytest.approx(rows["ridge"].metrics["accuracy"])
 
 
 @pytest.mark.parametrize("heads, params, message", [
@@ -199,20 +206,21 @@ def test_label_folder_is_one_task_per_file(tiny_run, tmp_path):
         with open(folder / f"{name}.csv", "w", newline="") as fh:
             csv.writer(fh).writerows([("id", "label"), *zip(ids, values)])
     res = fit(tiny_run["cache"], tmp_path / "run", labels=[folder], heads=["logreg"], n_jobs=1, progress=False)
-    assert sorted(r["task"] for r in res.rows) == ["coin", "same", "shapes"]
+    assert sorted(r.task for r in res.rows) == ["coin", "same", "shapes"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="holds no \\*.csv label files"):
         fit(tiny_run["cache"], tmp_path / "run2", labels=[tmp_path / "empty"], heads=["logreg"], progress=False)
 
 
+@pytest.mark.slow
 def test_report_row_per_class_and_confusion(tiny_run, tmp_path):
     res = fit(tiny_run["cache"], tmp_path / "run", heads=["logreg", "knn"], n_jobs=1, progress=False)
     from pipeline.report import row_report
 
     rep = row_report(tmp_path / "run", 2)
     X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
-    pred = load_head(res.rows[1]["head_file"]).predict(X_test)
-    assert rep["row"]["head"] == res.rows[1]["head"] and rep["labels"] == ["blue", "red"]
+    pred = load_head(res.out / res.rows[1].head_file).predict(X_test)
+    assert rep["row"].head == res.rows[1].head and rep["labels"] == ["blue", "red"]
     assert np.trace(rep["confusion"]) == int((pred == y_test).sum()) and np.sum(rep["confusion"]) == len(y_test)
     assert rep["per_class"]["red"]["support"] == int((y_test == "red").sum())
     r = run_cli("report", tmp_path / "run", "--row", "2")

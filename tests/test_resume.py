@@ -14,6 +14,8 @@ import pytest
 from conftest import TINY, kill_when_rows, make_many, run_cli
 from pipeline import FeatureCache, extract, fit
 
+pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
+
 
 def _start_extract(data, cache_dir, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     """`pipeline extract` in a subprocess, in small batches so there are many moments to interrupt."""
@@ -132,4 +134,4 @@ def test_fit_killed_while_writing_leaves_only_whole_files(tiny_run, tmp_path, tr
     assert _whole(run) >= 7 * 3 + 4  # a head, its card and its predictions per row; leaderboard x3, report
     rows = json.loads((run / "leaderboard.json").read_text())
     reference = fit(tiny_run["cache"], tmp_path / "ref", heads=heads.split(","), n_jobs=1, progress=False).rows
-    assert sorted((r["head"], r["accuracy"]) for r in rows) == sorted((r["head"], r["accuracy"]) for r in reference)
+    assert sorted((r["head"], r["accuracy"]) for r in rows) == sorted((r.head, r.metrics["accuracy"]) for r in reference)

@@ -34,35 +34,35 @@ def sweep(tiny_run, tmp_path_factory):
 
 def test_every_backbone_task_and_head_has_a_row(sweep):
     rows = sweep["result"].rows
-    combos = {(r["backbone"], r["task"], r["head"]) for r in rows}
+    combos = {(r.backbone, r.task, r.head) for r in rows}
     assert combos == {(b, t, h) for b in (TINY, TINY_VIT, BOTH) for t in ("shapes", "coin") for h in ("logreg", "centroid")}
-    assert len(rows) == 12 and all(r["accuracy"] is not None for r in rows)
-    concat = next(r for r in rows if r["backbone"] == BOTH and r["task"] == "shapes" and r["head"] == "logreg")
-    assert concat["weights"].count("+") == 1 and concat["cache"].count(" + ") == 1
+    assert len(rows) == 12 and all(r.scored and r.comparable for r in rows)
+    concat = next(r for r in rows if r.backbone == BOTH and r.task == "shapes" and r.head == "logreg")
+    assert concat.weights.count("+") == 1 and concat.cache.count(" + ") == 1
 
 
 def test_concatenated_head_uses_both_feature_sets(sweep):
-    row = next(r for r in sweep["result"].rows if r["backbone"] == BOTH and r["task"] == "shapes" and r["head"] == "logreg")
+    row = next(r for r in sweep["result"].rows if r.backbone == BOTH and r.task == "shapes" and r.head == "logreg")
     a, b = (load_task(c) for c in sweep["caches"])
     assert list(a.ids) == list(b.ids)
-    head = load_head(row["head_file"])
+    head = load_head(sweep["run"] / row.head_file)
     assert head.n_features_in_ == a.X.shape[1] + b.X.shape[1]
     test = a.splits == "val"
     X = np.hstack([a.X, b.X])[test]
-    assert np.mean(head.predict(X) == a.y[test]) == pytest.approx(row["accuracy"])
+    assert np.mean(head.predict(X) == a.y[test]) == pytest.approx(row.metrics["accuracy"])
     # predict runs both backbones (or reads both caches) and puts the features side by side
     images = sorted((sweep["data"] / "val").rglob("*.jpg"))
-    got = predict(row["head_file"], images, progress=False, workers=0)
+    got = predict(sweep["run"] / row.head_file, images, progress=False, workers=0)
     by_id = dict(zip(a.ids[test], head.predict(X)))
     assert [g["prediction"] for g in got] == [by_id[str(p.relative_to(sweep["data"]))] for p in images]
 
 
 def test_random_labels_are_not_above_chance(sweep):
     for r in sweep["result"].rows:
-        assert 0 <= r["chance"] <= 1 and 0 <= r["p_above_chance"] <= 1
-        if r["task"] == "coin":
-            assert not r["above_chance"], r
-    assert all(r["above_chance"] for r in sweep["result"].rows if r["task"] == "shapes" and r["head"] == "logreg")
+        assert 0 <= r.metrics["chance"] <= 1 and 0 <= r.p_above_chance <= 1
+        if r.task == "coin":
+            assert not r.above_chance, r
+    assert all(r.above_chance for r in sweep["result"].rows if r.task == "shapes" and r.head == "logreg")
 
 
 def test_fewshot_rows_and_files(sweep):
@@ -78,7 +78,7 @@ def test_fewshot_rows_and_files(sweep):
     for task in ("shapes", "coin"):
         assert (run / f"fewshot_{task}.png").read_bytes()[:4] == b"\x89PNG"
     # "all" is the same fit as the leaderboard's on the same split
-    full = {(r["backbone"], r["head"]): r["accuracy"] for r in sweep["result"].rows if r["task"] == "shapes"}
+    full = {(r.backbone, r.head): r.metrics["accuracy"] for r in sweep["result"].rows if r.task == "shapes"}
     for r in few:
         if r["task"] == "shapes" and r["shots"] == "all":
             assert r["acc_mean"] == pytest.approx(full[(r["backbone"], r["head"])])
@@ -125,6 +125,7 @@ def test_every_head_saves_and_loads_with_the_trusted_types(tmp_path):
         assert np.array_equal(loaded.predict(X), est.predict(X)), name
 
 
+@pytest.mark.slow
 def test_report_html(sweep):
     page = (sweep["run"] / "report.html").read_text()
     for text in ("Task shapes", "Task coin", "Accuracy by head &times; backbone", "Few-shot",
@@ -137,6 +138,7 @@ def test_report_html(sweep):
     assert r.returncode == 0 and r.stdout.strip() == f"report: {sweep['run'] / 'report.html'}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["threading", "dask", "ray"])
 def test_backends_give_the_loky_results(tiny_run, tmp_path, backend):
     if backend != "threading":
@@ -145,12 +147,12 @@ def test_backends_give_the_loky_results(tiny_run, tmp_path, backend):
               backend=backend, progress=False)
     loky = fit(tiny_run["cache"], tmp_path / "loky", heads=["logreg", "knn"], shots=[2], draws=2, n_jobs=2,
                progress=False)
-    assert [(r["head"], r["accuracy"]) for r in res.rows] == [(r["head"], r["accuracy"]) for r in loky.rows]
+    assert [(r.head, r.metrics) for r in res.rows] == [(r.head, r.metrics) for r in loky.rows]
     assert [r["accuracies"] for r in res.fewshot] == [r["accuracies"] for r in loky.fewshot]
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(backend="spark"), "--backend 'spark' is not one of loky, threading, dask, ray"),
+    (dict(backend="spark"), "--backend must be one of loky, threading, dask, ray, got 'spark'"),
     (dict(cluster="tcp://127.0.0.1:8786"), "--cluster names a Dask or Ray cluster"),
     (dict(concat=True), "--concat joins the features of several caches, and 1 was given"),
     (dict(shots=["0"]), "--shots takes positive whole numbers or 'all'"),
@@ -162,6 +164,7 @@ def test_bad_sweep_settings(tiny_run, tmp_path, kwargs, message):
         fit(tiny_run["cache"], tmp_path / "run", heads=["knn"], n_jobs=1, progress=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_unreachable_dask_cluster_is_one_line(tiny_run, tmp_path):
     pytest.importorskip("distributed")
     r = run_cli("fit", tiny_run["cache"], "--out", tmp_path / "run", "--heads", "knn", "--backend", "dask",
@@ -173,6 +176,7 @@ def test_parse_shots_orders_and_dedups():
     assert parse_shots(["all", "5", "1", "5"]) == [1, 5, "all"]
 
 
+@pytest.mark.slow
 def test_sweep_goes_to_a_running_dask_cluster(tiny_run, tmp_path):
     distributed = pytest.importorskip("distributed")
     # two workers: joblib runs a single effective job slot in the calling process instead
@@ -185,4 +189,4 @@ def test_sweep_goes_to_a_running_dask_cluster(tiny_run, tmp_path):
         ran_there = client.run(lambda: "pipeline.fit" in sys.modules).values()
     assert any(ran_there)
     rows = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
-    assert [(x["head"], x["accuracy"]) for x in rows] == [(x["head"], x["accuracy"]) for x in tiny_run["fit"].rows]
+    assert [(x["head"], x["accuracy"]) for x in rows] == [(x.head, x.metrics["accuracy"]) for x in tiny_run["fit"].rows]

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+import pytest
+
 from conftest import TINY, run_cli
 from pipeline import extract
 from pipeline.verify import verify
@@ -16,6 +18,7 @@ def _cache(folder, tmp_path):
     return res.cache
 
 
+@pytest.mark.slow
 def test_a_sound_cache_verifies(folder, tmp_path):
     report = verify(_cache(folder, tmp_path), folder, sample=8)
     assert report.ok and report.checked_rows == 8 and report.min_cosine["pooled"] > 0.999
@@ -23,6 +26,7 @@ def test_a_sound_cache_verifies(folder, tmp_path):
     assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_tampered_rows_are_found(folder, tmp_path):
     path = _cache(folder, tmp_path)
     with h5py.File(path, "r+") as f:
@@ -54,6 +58,7 @@ def test_other_weights_are_drift(folder, tmp_path, tiny_weights_dir):
     assert any(p.startswith("weights differ") for p in report.problems)
 
 
+@pytest.mark.slow
 def test_foreign_hdf5_files_are_checked_before_use(folder, tmp_path):
     path = _cache(folder, tmp_path)
     with h5py.File(path, "r+") as f:

@@ -1,0 +1,113 @@
+"""The one path from an image file to its features, built from a :class:`FeatureSpec`.
+
+decode (Pillow, JPEG draft as the spec says) -> the backbone's timm eval transform -> forward pass with
+the spec's autocast and test-time augmentation -> rounded to the spec's storage dtype. ``extract``
+creates a featurizer and writes its spec into the cache; ``predict``, ``cache verify`` and
+``finetune``'s evaluation load one from a stored spec, so they compute what the cache holds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import Backbone, WEIGHTS_DIR_ENV, file_sha256, load_backbone, resolve_weights_file, weights_dir_candidates
+from .batches import image_batches
+from .data import Sample
+from .errors import PipelineError
+from .progress import progress_bar
+from .spec import FeatureSpec
+
+Batch = tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]
+
+
+class Featurizer:
+    """A loaded backbone and the spec it computes."""
+
+    def __init__(self, spec: FeatureSpec, backbone: Backbone):
+        self.spec = spec
+        self.backbone = backbone
+
+    @classmethod
+    def create(cls, name: str, weights: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
+               channels_last: bool = True, dtype: str = "float16", tta: str | None = None,
+               jpeg_draft: bool = True) -> "Featurizer":
+        """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute."""
+        bb = load_backbone(name, weights, device, amp, channels_last)
+        spec = FeatureSpec(backbone=name, weights_sha256=bb.weights_sha256, data_config=bb.data_config, dtype=dtype,
+                           amp=bb.amp, tta=tta or "", jpeg_draft=jpeg_draft)
+        return cls(spec, bb)
+
+    @classmethod
+    def load(cls, spec: FeatureSpec, weights: Sequence[str | os.PathLike] = (), recorded: str | None = None,
+             device: str = "auto", channels_last: bool = True) -> "Featurizer":
+        """The backbone ``spec`` names with weights whose sha256 is the spec's, found among ``weights``
+        (files the user gave), ``recorded`` (where they were when the spec was made), then
+        ``$PIPELINE_WEIGHTS_DIR``, then the hub (only for weights that came from it)."""
+        file = find_weights(spec, weights, recorded)
+        bb = load_backbone(spec.backbone, file, device, spec.amp, channels_last)
+        if bb.weights_sha256 != spec.weights_sha256:
+            raise PipelineError(f"{spec.backbone}: the weights found ({bb.weights_source}) have sha256 "
+                                f"{bb.weights_sha256[:12]}, not {spec.weights_sha256[:12]}; pass --weights FILE")
+        if bb.data_config != spec.data_config:
+            raise PipelineError(f"{spec.backbone}: timm now preprocesses with {bb.data_config}, not "
+                                f"{spec.data_config} as recorded; its features would differ")
+        return cls(spec, bb)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def device_batches(self, samples: Sequence[Sample], batch_size: int, workers: int, progress: bool = False,
+                       label: str = "") -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+        """Decoded and transformed image batches on the backbone's device (None where all failed)."""
+        bb = self.backbone
+        cuda = bb.device.type == "cuda"
+        loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=cuda,
+                               min_side=bb.decode_size if self.spec.jpeg_draft else None)
+        with progress_bar(progress) as bar:
+            task = bar.add_task(label, total=len(samples))
+            for idx, x, failed in loader:
+                yield idx, None if x is None else x.to(bb.device, non_blocking=cuda), failed
+                bar.advance(task, len(idx) + len(failed))
+
+    def features(self, x: torch.Tensor, taps: Sequence[str]) -> dict[str, np.ndarray]:
+        """Float32 features per tap of an image batch, as the cache would store them (rounded to its dtype)."""
+        with torch.inference_mode():
+            out = self.backbone.forward(x, tuple(taps), self.spec.tta or None, self.spec.amp)
+        return {k: v.cpu().numpy().astype(self.spec.dtype).astype(np.float32) for k, v in out.items()}
+
+    def batches(self, samples: Sequence[Sample], taps: Sequence[str], batch_size: int, workers: int,
+                progress: bool = False, label: str = "") -> Iterator[Batch]:
+        """Per batch: (indices into ``samples``, features per tap, [(index, error)])."""
+        for idx, x, failed in self.device_batches(samples, batch_size, workers, progress, label):
+            yield idx, {} if x is None else self.features(x, taps), failed
+
+
+def find_weights(spec: FeatureSpec, given: Sequence[str | os.PathLike] = (), recorded: str | None = None) -> Path | None:
+    """The first weights file whose sha256 is ``spec``'s, or None when they came from the hub; an error
+    naming every place looked in when there is none (at once: a file's weights cannot be downloaded)."""
+    looked: list[str] = []
+    from_hub = (recorded or "").startswith("hub:")
+    candidates = [*map(Path, given), *([Path(recorded)] if recorded and not from_hub else []),
+                  *weights_dir_candidates(spec.backbone)]
+    for path in dict.fromkeys(candidates):
+        try:
+            file = resolve_weights_file(spec.backbone, path)
+        except PipelineError:
+            looked.append(f"{path} (missing)")
+            continue
+        sha = file_sha256(file)
+        if sha == spec.weights_sha256:
+            return file
+        looked.append(f"{file} (other weights, sha256 {sha[:12]})")
+    if from_hub:
+        return None
+    if not os.environ.get(WEIGHTS_DIR_ENV):
+        looked.append(f"${WEIGHTS_DIR_ENV} (not set)")
+    raise PipelineError(f"no weights for {spec.backbone} with sha256 {spec.weights_sha256[:12]}: looked in "
+                        f"{', '.join(looked)}; pass --weights FILE")

@@ -1,0 +1,201 @@
+"""The evaluation protocol: for one task, which images train and which are scored, and how rows are
+scored, tested and ranked. Decided once per task, written into the run folder, and asked by every stage
+that produces a row (``fit``, few-shot curves, ``finetune``) and by ``predict`` when it picks a row.
+
+- **Which images**: the task's ``val`` (else ``test``) split when it also has ``train`` rows; otherwise
+  ``k`` seeded folds (stratified for classes) over every labelled image. Stored as one fold number per
+  sample id (``-1``: trains only), so every stage scores exactly the same images.
+- **Scores**: the task kind's metrics and interval on the out-of-sample predictions (out-of-fold for
+  cross-validation), the chance baseline scored on the same images, a paired test against the task's
+  best row and a test against chance, both decided at 5 % after a Benjamini-Hochberg adjustment.
+- **Ranking**: only rows evaluated on the protocol's images are ranked against each other (their
+  ``protocol`` is the task's); a row scored on other images is kept and shown apart, never picked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.stats import false_discovery_control
+
+from .errors import PipelineError
+from .files import atomic_path
+from .kinds import TaskKind, get_kind
+
+HOLDOUT_SPLITS = ("val", "test")
+TRAIN_ONLY = -1
+
+
+def eval_split(splits: np.ndarray) -> str | None:
+    """The split a task is scored on: ``val`` (else ``test``) when there are also ``train`` rows; None
+    means cross-validation."""
+    splits = np.asarray(splits)
+    if not (splits == "train").any():
+        return None
+    return next((s for s in HOLDOUT_SPLITS if (splits == s).any()), None)
+
+
+@dataclass
+class Protocol:
+    """One task's evaluation: its samples (``ids``, ``y``), the fold each is scored in (``-1``: trains
+    only), how the folds were made (``eval``: ``val``, ``test`` or ``cv<k>``; ``seed``) and the kind."""
+
+    task: str
+    kind: str
+    eval: str
+    seed: int
+    ids: np.ndarray
+    y: np.ndarray
+    folds: np.ndarray
+
+    @property
+    def id(self) -> str:
+        """A fingerprint of everything above: rows with the same one were scored on the same images, folds
+        and labels, and may be ranked against each other."""
+        blob = json.dumps([self.task, self.kind, self.eval, self.seed, list(map(str, self.ids)),
+                           list(map(str, self.y)), self.folds.tolist()])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def task_kind(self) -> TaskKind:
+        return get_kind(self.kind)
+
+    @property
+    def cross_validated(self) -> bool:
+        return self.eval.startswith("cv")
+
+    @property
+    def scored(self) -> np.ndarray:
+        """Indices of the samples that are scored, in ``ids`` order."""
+        return np.flatnonzero(self.folds != TRAIN_ONLY)
+
+    def splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(train, scored) indices of each fold; one pair for a held-out split."""
+        folds = range(int(self.folds.max()) + 1)
+        if self.cross_validated:
+            return [(np.flatnonzero(self.folds != f), np.flatnonzero(self.folds == f)) for f in folds]
+        train = np.flatnonzero(self.folds == TRAIN_ONLY)
+        return [(train, np.flatnonzero(self.folds == f)) for f in folds]
+
+    def refit(self) -> np.ndarray:
+        """Indices a saved model trains on: all samples after cross-validation, the train split otherwise."""
+        return np.arange(len(self.ids)) if self.cross_validated else np.flatnonzero(self.folds == TRAIN_ONLY)
+
+    def restricted(self, keep: np.ndarray) -> "Protocol":
+        """The same protocol on the samples ``keep`` marks (images a cache could not decode are left out);
+        its id differs unless every sample is kept."""
+        keep = np.asarray(keep, bool)
+        return Protocol(self.task, self.kind, self.eval, self.seed, self.ids[keep], self.y[keep], self.folds[keep])
+
+    def score(self, y_pred: np.ndarray) -> dict:
+        """The kind's metrics for predictions of the scored samples (in ``scored`` order), with the chance
+        baseline of each fold predicted from that fold's training labels, and ``n_train``, ``n_test``."""
+        kind, scored = self.task_kind, self.scored
+        chance = np.empty(len(scored), dtype=object)
+        for train, test in self.splits():
+            where = np.searchsorted(scored, test)
+            chance[where] = list(kind.chance_prediction(self.y[train], len(test)))
+        metrics = kind.score(self.y[scored], np.asarray(y_pred), chance, self.folds[scored])
+        return dict(n_train=int(len(self.refit())), n_test=int(len(scored)), **metrics)
+
+    def subsplit(self, idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """``idx`` split into (kept, held) with ``fraction`` held out by the kind's splitter (seeded), to
+        choose something (a fine-tune's epoch) without looking at the scored images; None when too small."""
+        parts = self.task_kind.subsplit(self.y[idx], fraction, self.seed)
+        return None if parts is None else (idx[parts[0]], idx[parts[1]])
+
+    def to_dict(self) -> dict:
+        return dict(task=self.task, kind=self.kind, eval=self.eval, seed=self.seed, id=self.id,
+                    ids=list(map(str, self.ids)), y=list(map(str, self.y)), folds=self.folds.tolist())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Protocol":
+        return cls(d["task"], d["kind"], d["eval"], int(d["seed"]), np.array(d["ids"], dtype=object),
+                   np.array(d["y"], dtype=object), np.array(d["folds"], dtype=np.int64))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict()))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Protocol":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def describe(self) -> str:
+        return f"{self.eval} (seed {self.seed}) on {len(self.ids)} images, {len(self.scored)} scored"
+
+
+def decide(task: str, kind: TaskKind, ids: Sequence[str], y: Sequence, splits: Sequence[str], cv: int,
+           seed: int) -> Protocol:
+    """The protocol of a task from its labelled samples: the ``val``/``test`` split when there is one
+    beside ``train`` (other splits left out), else ``cv`` seeded folds over all of them."""
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    ids, y, splits = (np.asarray(a, dtype=object)[order] for a in (ids, y, splits))
+    split = eval_split(splits)
+    if split is not None:
+        keep = (splits == "train") | (splits == split)
+        ids, y, splits = ids[keep], y[keep], splits[keep]
+        kind.check(y[splits == "train"], task, None)
+        kind.check(y, task, None)
+        folds = np.where(splits == "train", TRAIN_ONLY, 0)
+        return Protocol(task, kind.name, split, seed, ids, y, folds.astype(np.int64))
+    kind.check(y, task, cv)
+    return Protocol(task, kind.name, f"cv{cv}", seed, ids, y, kind.folds(y, cv, seed))
+
+
+def rank_and_test(rows: list, main: dict[str, str], outcomes: Callable[[object], dict[str, object]]) -> list:
+    """Rank each task's rows and run its tests, in place; returns the rows best first within each task.
+
+    ``main[task]`` is the task's protocol id: rows with it are ``comparable``, ranked, and get ``p_vs_best``
+    (the kind's paired test against the task's best row, on the same samples) and ``same_as_best``.
+    Every scored row gets ``p_above_chance`` and ``above_chance``. Both decisions are at 5 % after a
+    Benjamini-Hochberg adjustment over the task's rows. ``outcomes(row)`` maps sample id -> the kind's
+    per-sample outcome."""
+    ordered = []
+    for task in dict.fromkeys(r.task for r in rows):
+        mine = [r for r in rows if r.task == task]
+        for r in mine:
+            r.comparable = r.protocol == main.get(task)
+            r.p_vs_best = r.same_as_best = r.p_above_chance = r.above_chance = None
+        scored = [r for r in mine if r.scored]
+        kind = get_kind(scored[0].task_kind) if scored else None
+        if scored:
+            ps = [kind.p_above_chance({**r.metrics, "n_test": r.n_test}) for r in scored]
+            for r, p, adj in zip(scored, ps, false_discovery_control(ps)):
+                r.p_above_chance, r.above_chance = p, bool(adj < 0.05)
+        ranked = sorted([r for r in scored if r.comparable], key=lambda r: r.rank_key(), reverse=True)
+        if ranked:
+            best = outcomes(ranked[0])
+            for r in ranked[1:]:
+                got = outcomes(r)
+                common = [i for i in got if i in best]
+                r.p_vs_best = kind.p_same(np.array([got[i] for i in common]), np.array([best[i] for i in common]))
+            adjusted = false_discovery_control([r.p_vs_best for r in ranked[1:]]) if len(ranked) > 1 else []
+            for r, p in zip(ranked[1:], adjusted):
+                r.same_as_best = bool(p >= 0.05)
+            ranked[0].same_as_best = True
+        apart = sorted([r for r in scored if not r.comparable], key=lambda r: r.rank_key(), reverse=True)
+        ordered += ranked + apart + [r for r in mine if not r.scored]
+    return ordered
+
+
+def check_same(stored: Protocol, proposed: Protocol, where: str) -> None:
+    """Refuse to score a task on other images or folds than the run already holds."""
+    if stored.id == proposed.id:
+        return
+    reasons = [f"{name} {a} -> {b}" for name, a, b in (
+        ("evaluation", stored.eval, proposed.eval), ("seed", stored.seed, proposed.seed),
+        ("images", len(stored.ids), len(proposed.ids))) if a != b]
+    if not reasons:
+        reasons = ["the labels or the images differ"]
+    raise PipelineError(
+        f"{where} holds task {stored.task!r} evaluated as {stored.describe()}; this one would be "
+        f"{proposed.describe()} ({', '.join(reasons)}), so its rows could not be compared; pass --overwrite "
+        "to replace the run, or use another --out")
