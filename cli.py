@@ -187,9 +187,9 @@ def finetune(
                       if h["accuracy"] is not None else "no selection")
             typer.echo(f"epoch {h['epoch']} ({h['phase']}){partial}: train loss {loss}, {chosen}, "
                        f"{h['train_seconds']:.1f} s training so far")
-    stop = {"finished": "", "early-stopping": " (stopped early: no better epoch in --patience epochs)",
-            "budget": f" (stopped by --budget-minutes; continue with --resume --out {out})"}[result.stopped]
-    typer.echo(f"kept epoch {result.best_epoch}{stop}")
+        stop = {"finished": "", "early-stopping": " (stopped early: no better epoch in --patience epochs)",
+                "budget": f" (stopped by --budget-minutes; continue with --resume --out {out})"}[fold["stopped"]]
+        typer.echo(f"kept epoch {fold['best_epoch']}{stop}")
     if result.metrics:
         m = result.metrics
         typer.echo(f"scored on {result.eval_split}: accuracy {m['accuracy']:.4f} [{m['acc_low']:.4f}, {m['acc_high']:.4f}] "

@@ -213,7 +213,7 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
                             next((d["estimate"] for d in done if d["estimate"]), None), None, done, last["n_select"])
     if len(done) >= sum(1 for f in folds if len(f.scored)):  # every scored image has a prediction
         result.row, scored = _row(protocol, {i: p for d in done for i, p in d["predictions"].items()}, result,
-                                  backbone, bb.weights_sha256)
+                                  backbone, spec)
         result.metrics = {**result.row.metrics, "n_test": result.row.n_test}
         if run_dir is not None:
             result.row = _add_row(RunFolder(run_dir), result.row, scored, out, identity, time.monotonic() - started)
@@ -561,7 +561,7 @@ class _FoldTraining:
 
 
 def _row(protocol: Protocol, predictions: dict[str, str], result: FinetuneResult, backbone: str,
-         weights_sha256: str) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+         spec: FeatureSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The fine-tune's row, scored like every other row of the task (on fewer images, and then not
     ranked with them, only when some could not be decoded), and its (ids, true, predicted)."""
     keep = (protocol.folds == TRAIN_ONLY) | np.array([i in predictions for i in protocol.ids], bool)
@@ -579,7 +579,7 @@ def _row(protocol: Protocol, predictions: dict[str, str], result: FinetuneResult
     metrics = scored_on.score(y_pred)
     n_test = metrics.pop("n_test")
     metrics.pop("n_train")
-    row = Row(backbone=backbone, weights=weights_sha256[:12], tap="finetuned", task=protocol.task,
+    row = Row(backbone=backbone, weights=spec.weights_sha256[:12], spec=spec.key, tap="finetuned", task=protocol.task,
               head=f"finetune:{result.strategy}", eval=protocol.eval, protocol=scored_on.id, stage="finetune",
               task_kind=protocol.kind, n_train=result.n_train, n_test=n_test, metrics=metrics,
               fit_seconds=round(sum(f["seconds"] for f in result.folds), 2), error="; ".join(note))

@@ -102,6 +102,7 @@ class _Source:
 
     backbone: str
     weights: str
+    spec: str
     tap: str
     data: TaskData
     protocol: Protocol
@@ -203,8 +204,8 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
             for tap in cfg.taps or cache.taps:
                 task_data = TaskData(task=name, ids=protocol.ids, X=cache.features(tap, rows) if load else None,
                                      y=protocol.y, splits=np.full(len(rows), ""), dropped=data.dropped, rows=rows)
-                sources.append(_Source(cache.backbone, cache.spec.weights_sha256[:12], tap, task_data, protocol,
-                                       [(path, cache)]))
+                sources.append(_Source(cache.backbone, cache.spec.weights_sha256[:12], cache.spec.key, tap, task_data,
+                                       protocol, [(path, cache)]))
     return protocols, sources
 
 
@@ -229,8 +230,8 @@ def _concatenate(sources: list[_Source], n_caches: int) -> list[_Source]:
             continue
         first = group[0]
         data = replace(first.data, X=np.hstack([s.data.X for s in group]))
-        joined.append(_Source("+".join(s.backbone for s in group), "+".join(s.weights for s in group), tap, data,
-                              first.protocol, [p for s in group for p in s.parts]))
+        joined.append(_Source("+".join(s.backbone for s in group), "+".join(s.weights for s in group),
+                              "+".join(s.spec for s in group), tap, data, first.protocol, [p for s in group for p in s.parts]))
     if not joined:
         raise PipelineError("--concat: no tap and task is in every cache")
     return joined
@@ -351,7 +352,7 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
 def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict) -> Row:
     """The leaderboard row of one fit; its head, card and predictions saved into the run."""
     protocol = src.protocol
-    row = Row(backbone=src.backbone, weights=src.weights, tap=src.tap, task=protocol.task,
+    row = Row(backbone=src.backbone, weights=src.weights, spec=src.spec, tap=src.tap, task=protocol.task,
               head=_head_label(head, params), eval=protocol.eval, protocol=protocol.id, task_kind=protocol.kind,
               cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"])
     if res["estimator"] is None:

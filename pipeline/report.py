@@ -23,7 +23,7 @@ from .runs import LEADERBOARD, REPORT_FILE, Row, RunFolder, slug
 
 FEWSHOT_COLUMNS = ("backbone", "weights", "tap", "task", "head", "shots", "draws", "eval", "n_test",
                    "acc_mean", "acc_std", "acc_min", "acc_max", "accuracies", "error")
-SHOWN_COLUMNS = ("backbone", "weights", "tap", "task", "head", "eval", "accuracy", "acc_low", "acc_high",
+SHOWN_COLUMNS = ("backbone", "weights", "spec", "tap", "task", "head", "eval", "accuracy", "acc_low", "acc_high",
                  "same_as_best", "chance", "above_chance", "balanced_accuracy", "f1_macro", "fit_seconds")
 
 

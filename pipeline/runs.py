@@ -11,8 +11,8 @@ and used from any directory)::
                                 is wherever ``finetune --out`` put it; the row points at it)
     RUN/run.json                every stage that wrote here: command, parameters, versions, machine
 
-Writing rows into a run that has some merges by row key (a row of the same backbone, weights, tap,
-task and head is replaced; the others stay) and ranks and tests every task again. Rows are only merged
+Writing rows into a run that has some merges by row key (a row of the same backbone, feature spec,
+tap, task and head is replaced; the others stay) and ranks and tests every task again. Rows are only merged
 under the same protocol: a task evaluated on other images is refused unless the run is overwritten.
 """
 
@@ -49,7 +49,8 @@ class Row:
     ``stage`` is ``fit`` (a scikit-learn head on cached features) or ``finetune`` (a fine-tuned network);
     ``head_file`` is the head, or the fine-tuned model's folder, relative to the run folder; ``metrics``
     are the task kind's columns (``accuracy``, ``acc_low``, ... for classification); ``protocol`` is the
-    id of the protocol the row was scored under, and ``comparable`` says whether it is the task's.
+    id of the protocol the row was scored under, and ``comparable`` says whether it is the task's;
+    ``spec`` is the key of the feature spec the features came through (``+``-joined when concatenated).
     """
 
     backbone: str
@@ -58,6 +59,7 @@ class Row:
     task: str
     head: str
     eval: str
+    spec: str = ""
     protocol: str = ""
     stage: str = "fit"
     task_kind: str = "classification"
@@ -77,8 +79,9 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        """What a re-run replaces: the same model of the same task (a fine-tune: the same model folder)."""
-        return (self.stage, self.backbone, self.weights, self.tap, self.task, self.head,
+        """What a re-run replaces: the same model of the same task on the same features (a fine-tune: the
+        same model folder)."""
+        return (self.stage, self.backbone, self.spec, self.tap, self.task, self.head,
                 self.head_file if self.stage == "finetune" else "")
 
     @property
@@ -107,7 +110,7 @@ class Row:
 def columns(kinds: Sequence[str]) -> list[str]:
     """The leaderboard's columns: identity, the kinds' metric columns, tests, files."""
     metric_cols = list(dict.fromkeys(c for k in kinds for c in get_kind(k).columns))
-    return ["backbone", "weights", "tap", "task", "head", "eval", "n_train", "n_test", *metric_cols,
+    return ["backbone", "weights", "spec", "tap", "task", "head", "eval", "n_train", "n_test", *metric_cols,
             "p_vs_best", "same_as_best", "p_above_chance", "above_chance", "fit_seconds", "comparable", "protocol",
             "stage", "task_kind", "head_file", "predictions", "cache", "error"]
 

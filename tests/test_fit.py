@@ -25,7 +25,7 @@ def test_leaderboard_has_every_head(tiny_run):
     accs = [float(r["accuracy"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
     md = (run / "leaderboard.md").read_text()
-    assert md.startswith("| backbone | weights | tap | task | head |") and md.count("\n") == 5
+    assert md.startswith("| backbone | weights | spec | tap | task | head |") and md.count("\n") == 5
     assert (run / "confusion_shapes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -117,7 +117,7 @@ def test_unknown_head(tiny_run, tmp_path):
 def test_cli_fit_prints_markdown(tiny_run, tmp_path):
     r = run_cli("fit", tiny_run["cache"].parent, "--out", tmp_path / "run", "--heads", "knn,logreg", "--n-jobs", "1")
     assert r.returncode == 0, r.stderr
-    assert "| backbone | weights | tap | task | head |" in r.stdout and "| knn |" in r.stdout
+    assert "| backbone | weights | spec | tap | task | head |" in r.stdout and "| knn |" in r.stdout
     assert (tmp_path / "run" / "leaderboard.csv").is_file()
 
 

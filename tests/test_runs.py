@@ -60,6 +60,12 @@ def test_another_protocol_is_refused_unless_overwritten(tmp_path):
         Path(new.rows[0].head_file).with_suffix(s).name for s in (".skops", ".json", ".predictions.csv"))
 
 
+def test_caches_of_one_backbone_with_other_specs_keep_their_own_rows(tiny_run, tmp_path):
+    [f32] = extract(tiny_run["data"], TINY, tmp_path / "cache", dtype="float32", workers=0, progress=False)
+    res = fit([tiny_run["cache"], f32.cache], tmp_path / "run", heads=["knn", "centroid"], n_jobs=1, progress=False)
+    assert len(res.rows) == 4 and len({r.spec for r in res.rows}) == 2 and len({r.key for r in res.rows}) == 4
+
+
 def test_a_failed_fit_creates_nothing(tiny_run, tmp_path):
     bad = tmp_path / "labels.csv"
     bad.write_text("id,label\nnot/there.jpg,a\n")
