@@ -77,8 +77,8 @@ def extract(
 def fit(
     caches: Annotated[list[Path], typer.Argument(help="cache files, or directories meaning every *.h5 in them")],
     out: Annotated[Path, typer.Option("--out", help="run directory for the leaderboard, heads and plots")],
-    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split], or a folder of them (one task per *.csv); repeatable")] = None,
-    heads: Annotated[Optional[list[str]], typer.Option("--heads", help="comma-separated head names (see `pipeline heads`), or module:Class for any scikit-learn classifier")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split] (classification), id,labels[,split] (tags separated by |) or id,target[,split] (a number); or a folder of them (one task per *.csv); repeatable")] = None,
+    heads: Annotated[Optional[list[str]], typer.Option("--heads", help="comma-separated head names (see `pipeline heads`), or module:Class for any scikit-learn classifier (regressor for a regression task); default: each task kind's own (classification: logreg,mlp,knn; multilabel: logreg,ridge,knn; regression: ridge,knn,mlp)")] = None,
     head_param: Annotated[Optional[list[str]], typer.Option("--head-param", help="key=value for the module:Class heads (Python literal values); repeatable")] = None,
     taps: Annotated[Optional[list[str]], typer.Option("--taps", help="taps to fit on (default: every tap in the cache)")] = None,
     cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
@@ -97,11 +97,11 @@ def fit(
 
     Into a run folder that already has rows, the new rows replace those of the same backbone, weights,
     tap, task and head, and the others (a fine-tune's) stay; every task is ranked and tested again."""
-    from pipeline.fit import DEFAULT_HEADS, fit as run
+    from pipeline.fit import fit as run
     from pipeline.heads import parse_head_params
     from pipeline.report import fewshot_table
 
-    result = run(caches, out, labels=labels or [], heads=_split_list(heads) or list(DEFAULT_HEADS),
+    result = run(caches, out, labels=labels or [], heads=_split_list(heads) or None,
                  taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
                  head_params=parse_head_params(head_param or []), concat=concat, shots=_split_list(shots),
                  draws=draws, backend=backend, cluster=cluster, overwrite=overwrite, progress=progress)
@@ -119,6 +119,8 @@ def fit(
     for row in result.rows:
         if not row.scored:
             typer.echo(f"warning: {row.head} on {row.task}/{row.tap} failed: {row.error}", err=True)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"\nleaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
     for name, path in result.files.items():
         if name.startswith("confusion_"):
@@ -183,19 +185,21 @@ def finetune(
         for h in fold["history"]:
             loss = f"{h['train_loss']:.4f}" if h["train_loss"] is not None else "-"
             partial = " (partial epoch)" if h["partial"] else ""
-            chosen = (f"selection accuracy {h['accuracy']:.4f} on {h['n_select']} held-out training images"
-                      if h["accuracy"] is not None else "no selection")
+            chosen = (f"selection {h['metric']} {h['score']:.4f} on {h['n_select']} held-out training images"
+                      if h["score"] is not None else "no selection")
             typer.echo(f"epoch {h['epoch']} ({h['phase']}){partial}: train loss {loss}, {chosen}, "
                        f"{h['train_seconds']:.1f} s training so far")
         stop = {"finished": "", "early-stopping": " (stopped early: no better epoch in --patience epochs)",
                 "budget": f" (stopped by --budget-minutes; continue with --resume --out {out})"}[fold["stopped"]]
         typer.echo(f"kept epoch {fold['best_epoch']}{stop}")
-    if result.metrics:
-        m = result.metrics
-        typer.echo(f"scored on {result.eval_split}: accuracy {m['accuracy']:.4f} [{m['acc_low']:.4f}, {m['acc_high']:.4f}] "
-                   f"on {m['n_test']} images (chance {m['chance']:.4f})")
-    typer.echo(f"model: {result.out / 'model.safetensors'}  metrics: {result.out / 'metrics.json'}")
     if result.row is not None:
+        r = result.row
+        metric = next(iter(r.metrics))  # the kind's primary metric, then its interval
+        low, high = (r.metrics.get(k) for k in list(r.metrics)[1:3])
+        typer.echo(f"scored on {result.eval_split}: {metric} {r.metrics[metric]:.4f} [{low:.4f}, {high:.4f}] "
+                   f"on {r.n_test} images (chance {r.metrics['chance']:.4f})")
+    typer.echo(f"model: {result.out / 'model.safetensors'}  metrics: {result.out / 'metrics.json'}")
+    if result.row is not None and (run or init) is not None:
         typer.echo(f"leaderboard row {result.row.head} added to {run or init}"
                    + ("" if result.row.comparable else " (scored on fewer images: shown apart, not ranked)"))
 
@@ -262,11 +266,14 @@ def report(
 
 @app.command("heads")
 def heads_cmd() -> None:
-    """List the heads `fit` can train."""
+    """List the heads `fit` can train, per task kind."""
     from pipeline.heads import list_heads
+    from pipeline.kinds import list_kinds
 
-    for name, doc in list_heads().items():
-        typer.echo(f"{name:13s} {doc}")
+    for kind in list_kinds().values():
+        typer.echo(f"{kind.name} (label column {kind.column!r}; default {','.join(kind.default_heads)}):")
+        for name, doc in list_heads(kind.name).items():
+            typer.echo(f"  {name:13s} {doc}")
 
 
 @cache_app.command("info")

@@ -47,7 +47,7 @@ from .errors import PipelineError
 from .featurizer import Featurizer
 from .files import atomic_path
 from .heads import load_head
-from .kinds import get_kind
+from .kinds import TaskKind, get_kind
 from .modeldir import MODEL_FILE, write_config
 from .progress import progress_bar
 from .protocol import TRAIN_ONLY, Protocol, decide
@@ -184,18 +184,15 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
     ctl = _Control(started + 60 * budget_minutes if budget_minutes else math.inf, checkpoint_minutes,
                    default_workers() if workers is None else workers, progress, log or (lambda message: None), device,
                    weights)
-    task_name, by_id = _task(data, labels)
-    protocol = _protocol(task_name, by_id, run_dir, cfg)
+    task_name, kind, by_id = _task(data, labels)
+    protocol = _protocol(task_name, kind, by_id, run_dir, cfg)
     folds = _folds(protocol)
     if resume:
         _check_resumable(out, folds)
-    samples = [by_id[i] for i in protocol.ids]
+    samples = [by_id[i][0] for i in protocol.ids]
     bb = load_backbone(backbone, weights, device, cfg.amp, channels_last=True)
     probe = _Probe(init, protocol, backbone, bb.weights_sha256) if init is not None else None
-    classes = probe.classes if probe else sorted(set(map(str, protocol.y)))
-    unknown = sorted(set(map(str, protocol.y)) - set(classes))
-    if unknown:
-        raise PipelineError(f"labels {unknown} are not classes of the --init head ({classes})")
+    classes = protocol.names
     spec = probe.spec if probe else FeatureSpec(backbone, bb.weights_sha256, bb.data_config, "float32", bb.amp)
 
     done = []
@@ -220,32 +217,34 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
     return result
 
 
-def _task(data: str | os.PathLike, labels: str | os.PathLike | None) -> tuple[str, dict[str, Sample]]:
-    """The task's name and its labelled samples by id: the data's own labels and splits, or a label
-    file's (its split column, else the data's splits)."""
+def _task(data: str | os.PathLike, labels: str | os.PathLike | None) -> tuple[str, TaskKind, dict[str, tuple[Sample, object]]]:
+    """The task's name, kind, and labelled samples by id with their label values: the data's own labels
+    and splits (classification), or a label file's (its split column, else the data's splits)."""
     src = load_source(data)
     if labels is None:
-        return src.name, {s.id: s for s in src.samples if s.label}
+        return src.name, get_kind("classification"), {s.id: (s, s.label) for s in src.samples if s.label}
     table = read_labels(labels)
-    if get_kind(table.kind).name != "classification":
-        raise PipelineError(f"{labels}: fine-tuning trains {table.kind} tasks with no loss yet; give a label column")
     by_id = {s.id: s for s in src.samples}
     missing = [i for i in table.ids if i not in by_id]
     if missing:
         raise PipelineError(f"{labels}: {len(missing)} id(s) not in {data}, e.g. {missing[0]!r}")
     splits = table.splits if table.splits is not None else [by_id[i].split for i in table.ids]
-    return table.name, {i: replace(by_id[i], label=str(y), split=s) for i, y, s in zip(table.ids, table.labels, splits)}
+    return table.name, get_kind(table.kind), {i: (replace(by_id[i], split=s), y)
+                                             for i, y, s in zip(table.ids, table.labels, splits)}
 
 
-def _protocol(task: str, by_id: dict[str, Sample], run_dir: Path | None, cfg: FinetuneConfig) -> Protocol:
+def _protocol(task: str, kind: TaskKind, by_id: dict[str, tuple[Sample, object]], run_dir: Path | None,
+              cfg: FinetuneConfig) -> Protocol:
     """The run's protocol of ``task`` (checked against the data), or a new one decided as ``fit`` decides
     (and stored in the run, so the row is ranked with the heads a later fit adds)."""
     run = RunFolder(run_dir) if run_dir is not None else None
     stored = run.protocol(task) if run is not None else None
     if stored is None:
         ids = list(by_id)
-        protocol = decide(task, get_kind("classification"), ids, [by_id[i].label for i in ids],
-                          [by_id[i].split for i in ids], cfg.cv, cfg.seed)
+        y = np.empty(len(ids), dtype=object)
+        y[:] = [by_id[i][1] for i in ids]
+        protocol = decide(task, kind, ids, y if kind.name != "regression" else y.astype(np.float64),
+                          [by_id[i][0].split for i in ids], cfg.cv, cfg.seed)
         if run is not None:
             run.save_protocol(protocol)
         return protocol
@@ -253,10 +252,11 @@ def _protocol(task: str, by_id: dict[str, Sample], run_dir: Path | None, cfg: Fi
     if missing:
         raise PipelineError(f"{run_dir}: task {task!r} is scored on {len(stored.ids)} images, {len(missing)} of them "
                             f"not labelled in the data, e.g. {missing[0]!r}")
-    differ = [i for i, y in zip(stored.ids, stored.y) if by_id[i].label != y]
+    cells = dict(zip(stored.ids, kind.format(stored.y)))
+    differ = [i for i in stored.ids if kind.format(np.array([by_id[i][1]], dtype=object))[0] != cells[i]]
     if differ:
-        raise PipelineError(f"{run_dir}: task {task!r} labels {differ[0]!r} {dict(zip(stored.ids, stored.y))[differ[0]]!r}, "
-                            f"the data {by_id[differ[0]].label!r}")
+        raise PipelineError(f"{run_dir}: task {task!r} labels {differ[0]!r} {cells[differ[0]]!r}, the data "
+                            f"{by_id[differ[0]][1]!r}")
     return stored
 
 
@@ -287,14 +287,14 @@ class _Probe:
         self.spec = FeatureSpec.from_dict(part["spec"])
         self.caches = [self.path.parent / part["cache"], Path(part["cache_abs"])]
         self.head = load_head(self.path)
-        self.classes = [str(c) for c in _linear(self.head)[1].classes_]
+        self.kind, self.names = protocol.task_kind, protocol.names
 
-    def start(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax weights on raw features of the probe's head refit (same hyperparameter search) from
-        the cache on exactly the images the network will learn from: it has seen neither the scored
+    def start(self, ids: list[str], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Last-layer weights on raw features from the probe's head refit (same hyperparameter search)
+        from the cache on exactly the images the network will learn from: it has seen neither the scored
         images nor those that choose the epoch, so epoch 0 is scored as fairly as the others."""
-        head = clone(self.head).fit(self._features([s.id for s in samples]), np.array([s.label for s in samples], dtype=object))
-        return _fold_standardisation(*_linear(head))
+        head = clone(self.head).fit(self._features(ids), self.kind.target(y, self.names))
+        return self.kind.linear_start(head, self.names)
 
     def _features(self, ids: list[str]) -> np.ndarray:
         path = next((c for c in self.caches if c.is_file()), None)
@@ -304,21 +304,6 @@ class _Probe:
         with FeatureCache(path) as cache:
             where = {sid: r for r, (sid, ok) in enumerate(zip(cache.ids, cache.valid)) if ok}
             return cache.features("pooled", np.array([where[i] for i in ids]))
-
-
-def _linear(head) -> tuple:
-    pipe = getattr(head, "best_estimator_", head)
-    return pipe[0], pipe[-1]
-
-
-def _fold_standardisation(scaler, clf) -> tuple[np.ndarray, np.ndarray]:
-    """``W' = W / scale``, ``b' = b - W' @ mean``; a binary head's single row ``w`` becomes the two rows
-    ``-w/2, w/2``, which give the same probabilities under softmax."""
-    w = clf.coef_ / scaler.scale_
-    b = clf.intercept_ - w @ scaler.mean_
-    if w.shape[0] == 1:
-        w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
-    return w.astype(np.float32), b.astype(np.float32)
 
 
 @dataclass
@@ -349,7 +334,9 @@ class _FoldTraining:
         self.train = [samples[i] for i in learn]
         self.select = [samples[i] for i in select]
         self.scored = [samples[i] for i in fold.scored]
-        self.classes, self.index = classes, {c: i for i, c in enumerate(classes)}
+        self.kind, self.classes = protocol.task_kind, classes
+        self.y = dict(zip(protocol.ids, protocol.y))
+        self.scale = self.kind.loss_scale(self._labels(self.train))
         self.eval = Featurizer(spec, bb)
         self.spec = spec
         self.model: torch.nn.Module | None = None
@@ -365,8 +352,11 @@ class _FoldTraining:
                                 f"({state['base_weights_sha256'][:12]}, now {bb.weights_sha256[:12]}); --resume needs the same")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.base_sha = bb.weights_sha256
-        start = probe.start(self.train) if probe is not None and state is None else (None, None)
-        self.model = _prepare(bb, len(self.classes), *start)
+        if probe is not None and state is None:
+            start = probe.start([s.id for s in self.train], self._labels(self.train))
+        else:
+            start = (None, self.kind.initial_bias(self._labels(self.train), self.classes))
+        self.model = _prepare(bb, self.kind.outputs(self.classes), *start)
         groups, self.body = get_strategy(cfg.strategy).param_groups(self.model, cfg)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=bb.device.type == "cuda" and bb.amp == "fp16")
@@ -414,8 +404,8 @@ class _FoldTraining:
                 pending, began = 0, time.monotonic()
                 for idx, x, failed in image_batches(todo, transform, cfg.batch_size, self.ctl.workers, pin_memory=cuda):
                     if x is not None:
-                        y = torch.tensor([self.index[todo[i].label] for i in idx], device=bb.device)
-                        loss = _loss(self.model, bb, x.to(bb.device, non_blocking=cuda), y, cfg.label_smoothing)
+                        y = self.kind.targets([self.y[todo[i].id] for i in idx], self.classes).to(bb.device)
+                        loss = self._loss(x.to(bb.device, non_blocking=cuda), y)
                         self.scaler.scale(loss / cfg.accum_steps).backward()
                         t.loss_sum, t.loss_n = t.loss_sum + loss.item() * len(idx), t.loss_n + len(idx)
                         pending += 1
@@ -459,16 +449,17 @@ class _FoldTraining:
         t = self.t
         self.model.eval()
         begin = time.perf_counter()
-        accuracy = None
+        score = None
         if self.select:
             pred = self._predict(self.select)
-            accuracy = float(np.mean([pred.get(s.id) == s.label for s in self.select]))
+            kept = [s for s in self.select if s.id in pred]
+            score = self.kind.primary_score(self._labels(kept), np.array([pred[s.id] for s in kept]), self.classes)
         entry = dict(epoch=epoch, phase=_phase(epoch, self.cfg.head_epochs), partial=partial,
-                     train_loss=t.loss_sum / t.loss_n if t.loss_n else None, accuracy=accuracy,
+                     train_loss=t.loss_sum / t.loss_n if t.loss_n else None, metric=self.kind.primary, score=score,
                      n_select=len(self.select), eval_seconds=round(time.perf_counter() - begin, 2),
                      train_seconds=round(t.seconds, 2))
         t.history.append(entry)
-        if t.best is None or accuracy is None or accuracy > t.best["accuracy"]:
+        if t.best is None or score is None or score > t.best["score"]:
             t.best, t.bad_epochs = entry, 0
             state_dict = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             with atomic_path(self.folder / MODEL_FILE) as tmp:
@@ -476,19 +467,35 @@ class _FoldTraining:
         elif not partial:
             t.bad_epochs += 1
 
-    def _predict(self, samples: list[Sample]) -> dict[str, str]:
-        """Predicted class per sample id, through the evaluation feature spec (images that fail are left out)."""
+    def _predict(self, samples: list[Sample]) -> dict[str, object]:
+        """The prediction per sample id, in the task kind's form, through the evaluation feature spec
+        (images that fail are left out)."""
         out = {}
         for idx, feats, _ in self.eval.batches(samples, ("logits",), self.cfg.batch_size, self.ctl.workers):
-            out.update({samples[i].id: self.classes[k] for i, k in zip(idx, feats.get("logits", np.zeros((0, 1))).argmax(1))})
+            if idx:
+                out.update(zip((samples[i].id for i in idx), self.kind.from_logits(feats["logits"], self.classes)))
         return out
+
+    def _labels(self, samples: list[Sample]) -> np.ndarray:
+        y = np.empty(len(samples), dtype=object)
+        y[:] = [self.y[s.id] for s in samples]
+        return y if self.kind.name != "regression" else y.astype(np.float64)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bb = self.bb
+        if bb.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with bb.autocast():
+            logits = self.model(x)
+        return self.kind.loss(logits, y, self.scale, self.cfg.label_smoothing)
 
     def _finish(self, stopped: str, resumed_from: dict | None, estimate: dict | None) -> dict:
         """Load the kept weights, predict the scored images, write the model's config and ``metrics.json``."""
         kept = self.folder / MODEL_FILE
         self.model.load_state_dict(load_file(str(kept)))
         self.model.eval()
-        predictions = self._predict(self.scored) if self.scored else {}
+        predicted = self._predict(self.scored) if self.scored else {}
+        predictions = dict(zip(predicted, self.kind.format_predictions(np.array(list(predicted.values())), self.classes)))
         write_config(self.model, self.folder, self.classes, self._config(self.base_sha, file_sha256(kept)))
         t = self.t
         summary = dict(fold=self.fold.name, n_train=len(self.train), n_select=len(self.select), n_scored=len(self.scored),
@@ -502,7 +509,7 @@ class _FoldTraining:
         return summary
 
     def _config(self, base_sha: str, weights_sha: str | None = None) -> dict:
-        return dict(backbone=self.bb.name, base_weights_sha256=base_sha, task_kind="classification",
+        return dict(backbone=self.bb.name, base_weights_sha256=base_sha, task_kind=self.kind.name,
                     feature_spec=self.spec.with_weights(weights_sha or base_sha).to_dict(), settings=self.identity)
 
     def _save_state(self) -> None:
@@ -521,7 +528,7 @@ class _FoldTraining:
         x = next(iter(image_batches(self.train[:cfg.batch_size], _train_transform(bb, cfg.aug), cfg.batch_size, 0)))[1]
         if x is None:
             raise PipelineError("the first training images failed to load; check the data with `pipeline extract`")
-        y = torch.zeros(len(x), dtype=torch.long, device=bb.device)
+        y = self.kind.targets(self._labels(self.train[:len(x)]), self.classes).to(bb.device)
         x = x.to(bb.device)
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         flags = [p.requires_grad for p in self.body]
@@ -531,7 +538,7 @@ class _FoldTraining:
         timings = []
         for _ in range(3):
             begin = time.perf_counter()
-            _loss(model, bb, x, y, cfg.label_smoothing).backward()
+            self._loss(x, y).backward()
             if bb.device.type == "cuda":
                 torch.cuda.synchronize()
             timings.append(time.perf_counter() - begin)
@@ -567,7 +574,7 @@ def _row(protocol: Protocol, predictions: dict[str, str], result: FinetuneResult
     keep = (protocol.folds == TRAIN_ONLY) | np.array([i in predictions for i in protocol.ids], bool)
     scored_on = protocol if keep.all() else protocol.restricted(keep)
     ids = scored_on.ids[scored_on.scored]
-    y_pred = np.array([predictions[i] for i in ids], dtype=object)
+    y_pred = protocol.task_kind.parse_predictions([predictions[i] for i in ids], protocol.names)
     note = [f"best epoch {result.best_epoch} of {len(result.history) - 1}"
             + (f" (chosen on {result.n_select} training images held out)" if result.n_select else " (the last)")]
     if result.best_epoch == 0:
@@ -577,12 +584,13 @@ def _row(protocol: Protocol, predictions: dict[str, str], result: FinetuneResult
     if protocol.cross_validated:
         note.append(f"{len(result.folds) - 1} fold trainings + a final model on every image")
     metrics = scored_on.score(y_pred)
-    n_test = metrics.pop("n_test")
+    n_test, p_above_chance = metrics.pop("n_test"), metrics.pop("p_above_chance")
     metrics.pop("n_train")
     row = Row(backbone=backbone, weights=spec.weights_sha256[:12], spec=spec.key, tap="finetuned", task=protocol.task,
               head=f"finetune:{result.strategy}", eval=protocol.eval, protocol=scored_on.id, stage="finetune",
               task_kind=protocol.kind, n_train=result.n_train, n_test=n_test, metrics=metrics,
-              fit_seconds=round(sum(f["seconds"] for f in result.folds), 2), error="; ".join(note))
+              fit_seconds=round(sum(f["seconds"] for f in result.folds), 2), p_above_chance=p_above_chance,
+              error="; ".join(note))
     return row, (ids, scored_on.y[scored_on.scored], y_pred)
 
 
@@ -636,13 +644,15 @@ def _load_state(folder: Path, identity: dict) -> dict:
     return state
 
 
-def _prepare(bb: Backbone, n_classes: int, weight: np.ndarray | None, bias: np.ndarray | None) -> torch.nn.Module:
+def _prepare(bb: Backbone, outputs: int, weight: np.ndarray | None, bias: np.ndarray | None) -> torch.nn.Module:
+    """The network with a new last layer of ``outputs`` units, starting from ``weight`` and ``bias`` where given."""
     model = bb.model
-    model.reset_classifier(n_classes)
+    model.reset_classifier(outputs)
     head = model.get_classifier().to(bb.device)
-    if weight is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if weight is not None:
             head.weight.copy_(torch.from_numpy(weight))
+        if bias is not None:
             head.bias.copy_(torch.from_numpy(bias))
     return model
 
@@ -697,10 +707,3 @@ def _train_mode(model: torch.nn.Module, bn: str) -> None:
             if isinstance(m, _BATCHNORMS):
                 m.eval()
 
-
-def _loss(model: torch.nn.Module, bb: Backbone, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    if bb.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with bb.autocast():
-        logits = model(x)
-    return torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)

@@ -30,8 +30,8 @@ from .cache import FeatureCache, find_caches
 from .errors import PipelineError
 from .fewshot import parse_shots, plan_draws, plot_fewshot, summarise
 from .files import atomic_path
-from .heads import create_head, fit_by_chunks, head_spec, save_head
-from .kinds import get_kind
+from .heads import check_head_name, create_head, fit_by_chunks, has_head, head_spec, is_chunked, list_heads, save_head
+from .kinds import TaskKind, get_kind
 from .parallel import parallel_backend
 from .progress import progress_bar
 from .protocol import Protocol, decide
@@ -40,17 +40,18 @@ from .runs import Row, RunFolder, slug
 from .tasks import Task, TaskData, cache_task, join_task, read_labels
 from .validation import at_least, check
 
-DEFAULT_HEADS = ("logreg", "mlp", "knn")
+DEFAULT_HEADS = get_kind("classification").default_heads
 
 
 @dataclass
 class FitConfig:
-    """How ``fit`` fits: the heads (registry names or ``module:Class`` with ``head_params``), the taps
-    (default: every tap of each cache), the folds and seed of a task without a split, the parallel jobs
-    and where they run, the row chunk of chunked heads, the concatenation of all caches as one more
-    backbone, few-shot ``shots`` x ``draws``, and ``overwrite`` (replace a run evaluated otherwise)."""
+    """How ``fit`` fits: the heads (registry names or ``module:Class`` with ``head_params``; None: each
+    task kind's defaults), the taps (default: every tap of each cache), the folds and seed of a task
+    without a split, the parallel jobs and where they run, the row chunk of chunked heads, the
+    concatenation of all caches as one more backbone, few-shot ``shots`` x ``draws`` (classification),
+    and ``overwrite`` (replace a run evaluated otherwise)."""
 
-    heads: Sequence[str] = DEFAULT_HEADS
+    heads: Sequence[str] | None = None
     taps: Sequence[str] | None = None
     cv: int = 5
     seed: int = 0
@@ -66,19 +67,27 @@ class FitConfig:
 
     RULES = dict(cv=at_least(2), chunk_rows=at_least(1), draws=at_least(1))
 
-    def checked(self) -> tuple[list[str], dict[str, dict]]:
-        """Validate; the heads (each once) and the parameters of each ``module:Class`` head."""
+    def checked(self) -> tuple[list[str] | None, dict[str, dict]]:
+        """Validate; the heads (each once; None for the kinds' defaults) and the parameters of each
+        ``module:Class`` head."""
         check(asdict(self), self.RULES)
-        heads = list(dict.fromkeys(self.heads))
-        if not heads:
+        heads = None if self.heads is None else list(dict.fromkeys(self.heads))
+        if heads == []:
             raise PipelineError("no heads given; e.g. --heads logreg,mlp,knn")
-        user_heads = [h for h in heads if ":" in h]
+        user_heads = [h for h in heads or () if ":" in h]
         if self.head_params and not user_heads:
             raise PipelineError("--head-param sets parameters of module:Class heads, and --heads names none")
-        params = {h: dict(self.head_params or {}) for h in user_heads}
-        for h in heads:
-            create_head(h, self.seed, params.get(h))  # unknown names and bad parameters fail here, before any work
-        return heads, params
+        for h in heads or ():
+            check_head_name(h)  # unknown names fail here, before any work
+        return heads, {h: dict(self.head_params or {}) for h in user_heads}
+
+    def heads_for(self, kind: TaskKind, heads: list[str] | None, params: dict[str, dict]) -> list[str]:
+        """The heads a task of ``kind`` is fit with: those asked for that the kind has (all its defaults
+        when none were asked for); a ``module:Class`` head and its parameters are checked here."""
+        chosen = list(kind.default_heads) if heads is None else [h for h in heads if has_head(h, kind.name)]
+        for h in chosen:
+            create_head(h, self.seed, params.get(h), kind.name)
+        return chosen
 
 
 @dataclass
@@ -90,6 +99,7 @@ class FitResult:
     out: Path
     files: dict[str, Path]
     fewshot: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not fit, and why
 
     def markdown(self) -> str:
         return markdown_table(self.rows)
@@ -110,8 +120,10 @@ class _Source:
 
     def rows(self, head: str, chunk_rows: int, seed: int) -> "_Rows":
         """What ``head`` fits on: the features in memory, or read by chunks for a chunked head."""
-        chunked = head_spec(head).chunked
-        return _Rows(self.data, (str(self.parts[0][0]), self.tap, chunk_rows) if chunked else None, seed)
+        kind = self.protocol.kind
+        chunked = head_spec(head, kind).chunked
+        return _Rows(self.data, (str(self.parts[0][0]), self.tap, chunk_rows) if chunked else None, seed, kind,
+                     self.protocol.names)
 
 
 def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -137,22 +149,26 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     extra_tasks = [read_labels(p) for p in _label_files(labels)]
     run = RunFolder(out)
     _check_writable(run.path)
-    load = cfg.concat or bool(shots) or any(not head_spec(h).chunked for h in heads)
+    load = cfg.concat or bool(shots) or heads is None or any(not is_chunked(h) for h in heads)
 
     with ExitStack() as stack:
         opened = [(p, stack.enter_context(FeatureCache(p))) for p in paths]
         protocols, sources = _sources(opened, extra_tasks, cfg, run, load)
         if cfg.concat:
             sources += _concatenate(sources, len(paths))
-        warm = tuple((h, params.get(h)) for h in heads)
+        by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
+        notes = _skipped(heads, by_kind, protocols)
+        warm = tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs)
         jobs, meta = [], []
         for src in sources:
             splits, refit = src.protocol.splits(), src.protocol.refit() if src.protocol.cross_validated else None
-            for head in heads:
+            for head in by_kind[src.protocol.kind]:
                 rows = src.rows(head, cfg.chunk_rows, cfg.seed)
                 jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit))
                 meta.append((src, head))
-        few_jobs, few_meta = _fewshot_jobs(sources, heads, params, shots, cfg, warm)
+        few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
+        if shots and any(not get_kind(p.kind).fewshot for p in protocols.values()):
+            notes.append("few-shot curves are drawn for classification tasks only")
         with parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
             results = _run_jobs(jobs + [j for j in few_jobs if j is not None], cfg.n_jobs, progress)
 
@@ -174,7 +190,21 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         for task in dict.fromkeys(r["task"] for r in fewshot):
             files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.path / f"fewshot_{slug(task)}.png")
     files.update(publish(run))
-    return FitResult(all_rows, run.path, files, fewshot)
+    return FitResult(all_rows, run.path, files, fewshot, notes)
+
+
+def _skipped(heads: list[str] | None, by_kind: dict[str, list[str]], protocols: dict[str, Protocol]) -> list[str]:
+    """A note per task kind that was asked for heads it does not have."""
+    notes = []
+    for kind, chosen in by_kind.items():
+        missing = [h for h in heads or () if h not in chosen]
+        tasks = ", ".join(t for t, p in protocols.items() if p.kind == kind)
+        if missing:
+            notes.append(f"{', '.join(missing)}: no {kind} version, not fit on {tasks}")
+        if not chosen:
+            raise PipelineError(f"none of --heads {','.join(heads)} fits {kind} tasks ({tasks}); "
+                                f"{kind} heads: {', '.join(list_heads(kind))}")
+    return notes
 
 
 def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], cfg: FitConfig, run: RunFolder,
@@ -237,14 +267,16 @@ def _concatenate(sources: list[_Source], n_caches: int) -> list[_Source]:
     return joined
 
 
-def _fewshot_jobs(sources: list[_Source], heads: list[str], params: dict, shots: list, cfg: FitConfig, warm: tuple):
-    """A job per (source, head, k) fitting its draws (None where k cannot be drawn), and each job's row."""
+def _fewshot_jobs(sources: list[_Source], by_kind: dict[str, list[str]], params: dict, shots: list, cfg: FitConfig,
+                  warm: tuple):
+    """A job per (source, head, k) fitting its draws (None where k cannot be drawn), and each job's row;
+    for the task kinds that draw few-shot curves."""
     jobs, meta = [], []
     for src in sources:
-        if not shots:
-            break
+        if not shots or not get_kind(src.protocol.kind).fewshot:
+            continue
         plans, test, split = plan_draws(src.protocol, shots, cfg.draws)
-        for head in heads:
+        for head in by_kind[src.protocol.kind]:
             rows = src.rows(head, cfg.chunk_rows, cfg.seed)
             for k, plan in plans.items():
                 meta.append(dict(backbone=src.backbone, weights=src.weights, tap=src.tap, task=src.data.task,
@@ -266,11 +298,11 @@ class _Rows:
     """Fit and predict on index sets of a task's rows: features from memory, or, for a chunked head,
     read from the cache file ``chunk_rows`` rows at a time (``source = (path, tap, chunk_rows)``)."""
 
-    def __init__(self, data: TaskData, source: tuple[str, str, int] | None, seed: int):
-        self.data, self.source, self.seed = data, source, seed
+    def __init__(self, data: TaskData, source: tuple[str, str, int] | None, seed: int, kind: str, names: list[str]):
+        self.data, self.source, self.seed, self.kind, self.names = data, source, seed, kind, names
 
     def fit(self, est, idx: np.ndarray):
-        y = self.data.y
+        y = get_kind(self.kind).target(self.data.y, self.names)
         if self.source is None:
             return est.fit(self.data.X[idx], y[idx])
         rng = np.random.default_rng(self.seed)
@@ -283,10 +315,12 @@ class _Rows:
             return fit_by_chunks(est, chunks, np.unique(y))
 
     def predict(self, est, idx: np.ndarray) -> np.ndarray:
+        """Predictions in the task kind's form (classes, tag probabilities, numbers)."""
+        kind = get_kind(self.kind)
         if self.source is None:
-            return est.predict(self.data.X[idx])
+            return kind.predict(est, self.data.X[idx], self.names)
         with FeatureCache(self.source[0]) as cache:
-            return np.concatenate([est.predict(self._read(cache, part)) for part in self._parts(idx)])
+            return np.concatenate([kind.predict(est, self._read(cache, part), self.names) for part in self._parts(idx)])
 
     def _parts(self, idx: np.ndarray):
         step = self.source[2]
@@ -298,13 +332,13 @@ class _Rows:
         return cache.features(self.source[1], self.data.rows[part])
 
 
-def _in_worker(warm: tuple[tuple[str, dict | None], ...], fn, *args):
+def _in_worker(warm: tuple[tuple[str, dict | None, str], ...], fn, *args):
     """``fn(*args)`` after building every head of the sweep once, so that a worker's first job loads
     what any head imports (torch, for torch-logreg). loky takes a worker's memory baseline after its
     first job and replaces a worker that grows 300 MB beyond it: without this, each later job that first
     imported torch got its worker replaced, and the next one paid for the import again."""
-    for head, params in warm:
-        create_head(head, 0, params)
+    for head, params, kind in warm:
+        create_head(head, 0, params, kind)
     return fn(*args)
 
 
@@ -313,9 +347,9 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
     """Fit ``head`` on each split's training rows and predict its scored rows; then, after
     cross-validation, fit it once more on ``refit`` (all rows) for saving. Returns the model to save, the
     predictions of the scored rows in sample order, and the seconds the saved model took to fit."""
-    est = create_head(head, seed, params)
-    y_pred = np.empty(len(rows.data.y), dtype=object)
+    est = create_head(head, seed, params, rows.kind)
     scored = np.concatenate([test for _, test in splits])
+    preds = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -323,7 +357,7 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
                 start = time.perf_counter()
                 model = rows.fit(clone(est), train)
                 seconds = time.perf_counter() - start
-                y_pred[test] = rows.predict(model, test)
+                preds.append(rows.predict(model, test))
             if refit is not None:
                 start = time.perf_counter()
                 model = rows.fit(clone(est), refit)
@@ -331,7 +365,8 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
-    return dict(estimator=model, y_pred=y_pred[np.sort(scored)], seconds=round(seconds, 4), error="; ".join(notes))
+    y_pred = np.concatenate(preds)[np.argsort(scored, kind="stable")]  # in sample order, as the protocol scores
+    return dict(estimator=model, y_pred=y_pred, seconds=round(seconds, 4), error="; ".join(notes))
 
 
 def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: list[np.ndarray], test: np.ndarray) -> dict:
@@ -342,7 +377,7 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
         for idx in draws:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                est = rows.fit(create_head(head, seed, params), idx)
+                est = rows.fit(create_head(head, seed, params, rows.kind), idx)
             accs.append(float((rows.predict(est, test) == y[test]).mean()))
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
         return dict(accuracies=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
@@ -359,6 +394,7 @@ def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict
         return row
     row.metrics = protocol.score(res["y_pred"])
     row.n_train, row.n_test = row.metrics.pop("n_train"), row.metrics.pop("n_test")
+    row.p_above_chance = row.metrics.pop("p_above_chance")
     row.fit_seconds = res["seconds"]
     row.head_file = run.relative(_save(run, res["estimator"], row, src))
     scored = protocol.scored
@@ -372,7 +408,7 @@ def _save(run: RunFolder, estimator, row: Row, src: _Source) -> Path:
     path = run.head_path(f"{'+'.join(p.stem for p, _ in src.parts)}__{row.tap}__{row.task}__{row.head}")
     with atomic_path(path) as tmp:
         save_head(estimator, tmp)
-    card = dict(head=row.head, task=row.task, task_kind=row.task_kind, tap=row.tap, classes=sorted(set(map(str, src.protocol.y))),
+    card = dict(head=row.head, task=row.task, task_kind=row.task_kind, tap=row.tap, classes=src.protocol.names,
                 backbone=row.backbone, eval=row.eval, protocol=row.protocol,
                 parts=[dict(spec=cache.spec.to_dict(), weights_source=str(cache.attrs.get("weights_source", "")),
                             cache=Path(os.path.relpath(p.resolve(), path.parent.resolve())).as_posix(),

@@ -1,8 +1,11 @@
-"""Heads: scikit-learn estimators picked by name from a registry, each with the preprocessing it needs.
+"""Heads: scikit-learn estimators picked by name (and task kind) from a registry, each with the
+preprocessing it needs.
 
 Every head is a plain scikit-learn estimator (often a ``Pipeline``), so a user can put it in their own
-``cross_val_score`` or ``GridSearchCV``. Fitted heads are saved with skops; loading checks the file's
-types against the list this project trusts instead of passing everything through.
+``cross_val_score`` or ``GridSearchCV``. A name may have a version per task kind: ``ridge`` is a ridge
+classifier, a multi-output ridge classifier for tags and ridge regression for targets. Fitted heads
+are saved with skops; loading checks the file's types against the list this project trusts instead of
+passing everything through.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from sklearn.base import BaseEstimator, is_classifier
-from sklearn.linear_model import LogisticRegression, RidgeClassifierCV, SGDClassifier
+from sklearn.base import BaseEstimator, is_classifier, is_regressor
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.linear_model import LogisticRegression, RidgeClassifierCV, RidgeCV, SGDClassifier
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
-from sklearn.neural_network import MLPClassifier
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestCentroid
+from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
@@ -50,12 +55,20 @@ class StratifiedKFoldUpTo(StratifiedKFold):
         return min(self.n_splits, int(counts.min()))
 
 
-class CappedKNeighborsClassifier(KNeighborsClassifier):
+class _CappedNeighbours:
     """k nearest neighbours with k capped at the number of training rows, so few-shot fits work."""
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         n = min(n_neighbors or self.n_neighbors, self.n_samples_fit_ - (X is None))
         return super().kneighbors(X, n, return_distance)
+
+
+class CappedKNeighborsClassifier(_CappedNeighbours, KNeighborsClassifier):
+    __doc__ = _CappedNeighbours.__doc__
+
+
+class CappedKNeighborsRegressor(_CappedNeighbours, KNeighborsRegressor):
+    __doc__ = _CappedNeighbours.__doc__
 
 
 # What skops may rebuild when loading a head: scikit-learn internals its own check flags, plus ours.
@@ -66,59 +79,86 @@ TRUSTED_TYPES = (
     "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.multiclass._ConstantPredictor",
     f"{__name__}.StratifiedKFoldUpTo",
     f"{__name__}.CappedKNeighborsClassifier",
+    f"{__name__}.CappedKNeighborsRegressor",
     "pipeline.linear_probe.TorchLogisticRegression",
+    "pipeline.linear_probe.TorchRidge",
 )
 
 
 @dataclass(frozen=True)
 class HeadSpec:
     name: str
+    kind: str  # the task kind it predicts (pipeline.kinds)
     build: Callable[[int], BaseEstimator]
     doc: str
-    linear: bool = False
+    linear: bool = False  # a scaler then a linear model: ``finetune --init`` can start a network's last layer from it
     chunked: bool = False  # trains by row chunks (``fit_by_chunks``), so the features need not fit in memory
 
 
-_REGISTRY: dict[str, HeadSpec] = {}
+_REGISTRY: dict[tuple[str, str], HeadSpec] = {}
 
 
-def register_head(name: str, doc: str, linear: bool = False, chunked: bool = False):
-    """Register ``build(random_state) -> estimator`` under ``name`` (decorator). A ``chunked`` head is
-    a ``Pipeline`` of a scaler and a classifier that both have ``partial_fit``."""
+def register_head(name: str, doc: str, kind: str = "classification", linear: bool = False, chunked: bool = False):
+    """Register ``build(random_state) -> estimator`` under ``name`` for task kind ``kind`` (decorator). A
+    name may have a version per kind (``ridge`` classifies, tags and regresses). A ``chunked`` head is a
+    ``Pipeline`` of a scaler and a classifier that both have ``partial_fit``."""
 
     def wrap(build: Callable[[int], BaseEstimator]) -> Callable[[int], BaseEstimator]:
-        _REGISTRY[name] = HeadSpec(name, build, doc, linear, chunked)
+        _REGISTRY[(kind, name)] = HeadSpec(name, kind, build, doc, linear, chunked)
         return build
 
     return wrap
 
 
-def list_heads() -> dict[str, str]:
-    """Registered head names and their one-line descriptions."""
-    return {name: spec.doc for name, spec in _REGISTRY.items()}
+def list_heads(kind: str = "classification") -> dict[str, str]:
+    """The head names registered for ``kind`` and their one-line descriptions."""
+    return {name: spec.doc for (k, name), spec in _REGISTRY.items() if k == kind}
 
 
-def head_spec(name: str) -> HeadSpec:
-    """The registry entry of ``name``; ``module:Class`` gets one built by importing that class."""
+def has_head(name: str, kind: str) -> bool:
+    """Whether ``name`` can be fit on a task of ``kind`` (``module:Class`` always can be tried)."""
+    return ":" in name or (kind, name) in _REGISTRY
+
+
+def head_spec(name: str, kind: str = "classification") -> HeadSpec:
+    """The registry entry of ``name`` for ``kind``; ``module:Class`` gets one built by importing that class."""
     if ":" in name:
-        cls = _import_estimator(name)
-        return HeadSpec(name, lambda random_state: cls(), f"{cls.__module__}.{cls.__name__}")
-    if name not in _REGISTRY:
-        raise PipelineError(f"unknown head {name!r}; choose from {', '.join(_REGISTRY)} or give module:Class")
-    return _REGISTRY[name]
+        cls = _import_estimator(name, kind)
+        return HeadSpec(name, kind, lambda random_state: cls(), f"{cls.__module__}.{cls.__name__}")
+    if (kind, name) not in _REGISTRY:
+        known = sorted({n for _, n in _REGISTRY})
+        if name not in known:
+            raise PipelineError(f"unknown head {name!r}; choose from {', '.join(list_heads())} or give module:Class "
+                                f"(every head: {', '.join(known)})")
+        raise PipelineError(f"head {name!r} has no {kind} version; {kind} heads: {', '.join(list_heads(kind))}")
+    return _REGISTRY[(kind, name)]
 
 
-def is_linear(name: str) -> bool:
-    """Whether ``name`` is a registered linear head (one ``finetune --init`` can start its classifier from)."""
-    return name in _REGISTRY and _REGISTRY[name].linear
+def check_head_name(name: str) -> None:
+    """Fail on a name no kind registers (before any work)."""
+    if ":" not in name and all(n != name for _, n in _REGISTRY):
+        head_spec(name)
 
 
-def create_head(name: str, random_state: int = 0, params: dict | None = None) -> BaseEstimator:
-    """A new, unfitted head: a registry name, or ``module:Class`` naming any scikit-learn classifier,
-    built with ``params`` (``--head-param key=value``; for a registry head, ``set_params`` names)."""
-    est = head_spec(name).build(random_state)
+def is_chunked(name: str) -> bool:
+    """Whether ``name`` trains by row chunks in every kind that has it (then no features are loaded whole)."""
+    specs = [spec for (_, n), spec in _REGISTRY.items() if n == name]
+    return bool(specs) and all(spec.chunked for spec in specs)
+
+
+def is_linear(name: str, kind: str = "classification") -> bool:
+    """Whether ``name`` is a registered linear head of ``kind`` (one ``finetune --init`` can start from)."""
+    return (kind, name) in _REGISTRY and _REGISTRY[(kind, name)].linear
+
+
+def create_head(name: str, random_state: int = 0, params: dict | None = None, kind: str = "classification") -> BaseEstimator:
+    """A new, unfitted head of ``kind``: a registry name, or ``module:Class`` naming any scikit-learn
+    classifier (a regressor for regression), built with ``params`` (``--head-param key=value``; for a
+    registry head, ``set_params`` names)."""
+    est = head_spec(name, kind).build(random_state)
     if params:
         try:
             est.set_params(**params)
@@ -127,14 +167,15 @@ def create_head(name: str, random_state: int = 0, params: dict | None = None) ->
     return est
 
 
-def _import_estimator(name: str) -> type:
+def _import_estimator(name: str, kind: str) -> type:
     module, _, attr = name.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise PipelineError(f"head {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
-    if not (isinstance(cls, type) and hasattr(cls, "get_params") and is_classifier(cls())):
-        raise PipelineError(f"head {name!r} is not a scikit-learn classifier")
+    wanted, test = ("regressor", is_regressor) if kind == "regression" else ("classifier", is_classifier)
+    if not (isinstance(cls, type) and hasattr(cls, "get_params") and test(cls())):
+        raise PipelineError(f"head {name!r} is not a scikit-learn {wanted}")
     return cls
 
 
@@ -210,6 +251,54 @@ SGD_EPOCHS = 10
                "trains by row chunks, so the cache need not fit in memory", linear=True, chunked=True)
 def _sgd(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), SGDClassifier(loss="log_loss", alpha=1e-4, random_state=random_state))
+
+
+@register_head("logreg", "one-vs-rest: per tag, standardise + L2 logistic regression, C by 5-fold CV (log loss)",
+               kind="multilabel", linear=True)
+def _logreg_tags(random_state: int) -> BaseEstimator:
+    return OneVsRestClassifier(_logreg(random_state))
+
+
+@register_head("ridge", "standardise + multi-output ridge classifier, alpha by efficient leave-one-out CV",
+               kind="multilabel", linear=True)
+def _ridge_tags(random_state: int) -> BaseEstimator:
+    return _ridge(random_state)
+
+
+@register_head("knn", "k=10 nearest neighbours on cosine distance, distance-weighted, per tag", kind="multilabel")
+def _knn_tags(random_state: int) -> BaseEstimator:
+    return _knn(random_state)
+
+
+@register_head("mlp", "standardise + one hidden layer of 512 ReLU units, a sigmoid per tag", kind="multilabel")
+def _mlp_tags(random_state: int) -> BaseEstimator:
+    return _mlp(random_state)
+
+
+@register_head("ridge", "standardise + ridge regression, alpha by efficient leave-one-out CV", kind="regression", linear=True)
+def _ridge_target(random_state: int) -> BaseEstimator:
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 13)))
+
+
+@register_head("knn", "k=10 nearest neighbours on cosine distance, distance-weighted mean", kind="regression")
+def _knn_target(random_state: int) -> BaseEstimator:
+    return CappedKNeighborsRegressor(n_neighbors=10, metric="cosine", weights="distance")
+
+
+@register_head("mlp", "standardise features and target + one hidden layer of 512 ReLU units (Adam, L2 1e-3)",
+               kind="regression")
+def _mlp_target(random_state: int) -> BaseEstimator:
+    return TransformedTargetRegressor(
+        make_pipeline(StandardScaler(), MLPRegressor((512,), alpha=1e-3, max_iter=500, random_state=random_state)),
+        transformer=StandardScaler())
+
+
+@register_head("torch-linear", "standardise + ridge regression solved in torch (GPU when present), alpha from a "
+               "path scored on a 20 % hold-out: the linear probe with a squared loss", kind="regression", linear=True)
+def _torch_linear(random_state: int) -> BaseEstimator:
+    from .linear_probe import TorchRidge
+
+    return make_pipeline(StandardScaler(), TorchRidge(random_state=random_state))
 
 
 def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],

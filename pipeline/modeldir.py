@@ -24,18 +24,19 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def write_config(model: torch.nn.Module, folder: str | os.PathLike, classes: list[str], pipeline: dict) -> Path:
-    """timm's ``config.json`` for ``model`` with ``label_names`` and the ``pipeline`` section."""
+    """timm's ``config.json`` for ``model`` with ``label_names`` (the classes or tags; none for a
+    regression) and the ``pipeline`` section, which holds them too."""
     path = Path(folder) / CONFIG_FILE
+    extra = dict(pipeline={**pipeline, "classes": classes}, **({"label_names": classes} if classes else {}))
     with atomic_path(path) as tmp:
-        save_config_for_hf(model, str(tmp), model_config=dict(label_names=classes, pipeline=pipeline))
+        save_config_for_hf(model, str(tmp), model_config=extra)
     return path
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    """The ``pipeline`` section of a model folder's ``config.json``, with its ``classes``."""
+    """The ``pipeline`` section of a model folder's ``config.json`` (feature spec, classes, task kind, ...)."""
     file = Path(folder) / CONFIG_FILE
     try:
-        cfg = json.loads(file.read_text())
-        return dict(cfg["pipeline"], classes=list(cfg["label_names"]))
+        return dict(json.loads(file.read_text())["pipeline"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{file} is not a fine-tuned model's config ({type(e).__name__}: {e})") from e

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from scipy.special import softmax
 
 from .batches import default_workers
 from .cache import FeatureCache
@@ -108,7 +107,7 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: 
     kind = get_kind(m.task_kind)
     scores = _scores(m, np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(m.classes)))
     columns = dict(zip(ok, kind.predict_columns(m.classes, scores)))
-    blank = dict.fromkeys(kind.predict_columns(m.classes, np.zeros((1, len(m.classes))))[0], "")
+    blank = dict.fromkeys(["prediction", *(f"prob_{c}" for c in m.classes)], "")
     rows = [{"path": str(s.path), "prediction": "", "error": errors.get(i, ""), **blank, **columns.get(i, {})}
             for i, s in enumerate(samples)]
     if out is not None:
@@ -159,14 +158,8 @@ def _cached_features(part: Part, samples: list[Sample]) -> dict[int, np.ndarray]
 
 
 def _scores(m: Model, X: np.ndarray) -> np.ndarray:
-    """Class probabilities, columns in ``m.classes`` order."""
+    """What the task kind reports: class or tag probabilities (columns in ``m.classes`` order), or numbers."""
+    kind = get_kind(m.task_kind)
     if m.head_path is None:
-        return softmax(X, axis=1)
-    head = load_head(m.head_path)
-    order = [list(map(str, head.classes_)).index(c) for c in m.classes]
-    if hasattr(head, "predict_proba"):
-        return head.predict_proba(X)[:, order]
-    scores = head.decision_function(X)  # linear-svm, ridge: softmax of the margins, not calibrated
-    if scores.ndim == 1:
-        scores = np.stack([-scores / 2, scores / 2], axis=1)
-    return softmax(np.asarray(scores, dtype=np.float64), axis=1)[:, order]
+        return kind.logit_scores(X)
+    return kind.scores(load_head(m.head_path), X, m.classes)

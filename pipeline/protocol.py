@@ -59,12 +59,17 @@ class Protocol:
         """A fingerprint of everything above: rows with the same one were scored on the same images, folds
         and labels, and may be ranked against each other."""
         blob = json.dumps([self.task, self.kind, self.eval, self.seed, list(map(str, self.ids)),
-                           list(map(str, self.y)), self.folds.tolist()])
+                           self.task_kind.format(self.y), self.folds.tolist()])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
     def task_kind(self) -> TaskKind:
         return get_kind(self.kind)
+
+    @property
+    def names(self) -> list[str]:
+        """The classes or tags a model of this task predicts over (none for regression)."""
+        return self.task_kind.names(self.y)
 
     @property
     def cross_validated(self) -> bool:
@@ -95,13 +100,15 @@ class Protocol:
 
     def score(self, y_pred: np.ndarray) -> dict:
         """The kind's metrics for predictions of the scored samples (in ``scored`` order), with the chance
-        baseline of each fold predicted from that fold's training labels, and ``n_train``, ``n_test``."""
-        kind, scored = self.task_kind, self.scored
-        chance = np.empty(len(scored), dtype=object)
+        baseline of each fold predicted from that fold's training labels, ``p_above_chance``, and
+        ``n_train``, ``n_test``."""
+        kind, scored, names = self.task_kind, self.scored, self.names
+        parts = {}
         for train, test in self.splits():
-            where = np.searchsorted(scored, test)
-            chance[where] = list(kind.chance_prediction(self.y[train], len(test)))
-        metrics = kind.score(self.y[scored], np.asarray(y_pred), chance, self.folds[scored])
+            for i, c in zip(test, kind.chance(self.y[train], len(test), names)):
+                parts[i] = c
+        chance = np.array([parts[i] for i in scored])
+        metrics = kind.score(self.y[scored], np.asarray(y_pred), chance, self.folds[scored], names)
         return dict(n_train=int(len(self.refit())), n_test=int(len(scored)), **metrics)
 
     def subsplit(self, idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -112,12 +119,14 @@ class Protocol:
 
     def to_dict(self) -> dict:
         return dict(task=self.task, kind=self.kind, eval=self.eval, seed=self.seed, id=self.id,
-                    ids=list(map(str, self.ids)), y=list(map(str, self.y)), folds=self.folds.tolist())
+                    ids=list(map(str, self.ids)), y=self.task_kind.format(self.y), folds=self.folds.tolist())
 
     @classmethod
     def from_dict(cls, d: dict) -> "Protocol":
-        return cls(d["task"], d["kind"], d["eval"], int(d["seed"]), np.array(d["ids"], dtype=object),
-                   np.array(d["y"], dtype=object), np.array(d["folds"], dtype=np.int64))
+        kind = get_kind(d["kind"])
+        y = kind.parse(d["y"], [f"protocol of {d['task']!r}"] * len(d["y"]))
+        return cls(d["task"], d["kind"], d["eval"], int(d["seed"]), np.array(d["ids"], dtype=object), y,
+                   np.array(d["folds"], dtype=np.int64))
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -137,7 +146,8 @@ def decide(task: str, kind: TaskKind, ids: Sequence[str], y: Sequence, splits: S
     """The protocol of a task from its labelled samples: the ``val``/``test`` split when there is one
     beside ``train`` (other splits left out), else ``cv`` seeded folds over all of them."""
     order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
-    ids, y, splits = (np.asarray(a, dtype=object)[order] for a in (ids, y, splits))
+    ids, splits = (np.asarray(a, dtype=object)[order] for a in (ids, splits))
+    y = np.asarray(y)[order]
     split = eval_split(splits)
     if split is not None:
         keep = (splits == "train") | (splits == split)
@@ -150,40 +160,46 @@ def decide(task: str, kind: TaskKind, ids: Sequence[str], y: Sequence, splits: S
     return Protocol(task, kind.name, f"cv{cv}", seed, ids, y, kind.folds(y, cv, seed))
 
 
-def rank_and_test(rows: list, main: dict[str, str], outcomes: Callable[[object], dict[str, object]]) -> list:
+def rank_and_test(rows: list, protocols: dict[str, "Protocol"], predictions: Callable) -> list:
     """Rank each task's rows and run its tests, in place; returns the rows best first within each task.
 
-    ``main[task]`` is the task's protocol id: rows with it are ``comparable``, ranked, and get ``p_vs_best``
-    (the kind's paired test against the task's best row, on the same samples) and ``same_as_best``.
-    Every scored row gets ``p_above_chance`` and ``above_chance``. Both decisions are at 5 % after a
-    Benjamini-Hochberg adjustment over the task's rows. ``outcomes(row)`` maps sample id -> the kind's
-    per-sample outcome."""
+    Rows whose ``protocol`` is their task's are ``comparable``: they are ranked and get ``p_vs_best`` (the
+    kind's paired test against the task's best row, on the samples both scored) and ``same_as_best``.
+    Every scored row gets ``above_chance`` from its ``p_above_chance``. Both decisions are at 5 % after a
+    Benjamini-Hochberg adjustment over the task's rows. ``predictions(row)`` gives (ids, true, predicted)."""
     ordered = []
     for task in dict.fromkeys(r.task for r in rows):
         mine = [r for r in rows if r.task == task]
+        protocol = protocols.get(task)
         for r in mine:
-            r.comparable = r.protocol == main.get(task)
-            r.p_vs_best = r.same_as_best = r.p_above_chance = r.above_chance = None
+            r.comparable = protocol is not None and r.protocol == protocol.id
+            r.p_vs_best = r.same_as_best = r.above_chance = None
         scored = [r for r in mine if r.scored]
-        kind = get_kind(scored[0].task_kind) if scored else None
         if scored:
-            ps = [kind.p_above_chance({**r.metrics, "n_test": r.n_test}) for r in scored]
-            for r, p, adj in zip(scored, ps, false_discovery_control(ps)):
-                r.p_above_chance, r.above_chance = p, bool(adj < 0.05)
+            adjusted = false_discovery_control([r.p_above_chance for r in scored])
+            for r, p in zip(scored, adjusted):
+                r.above_chance = bool(p < 0.05)
         ranked = sorted([r for r in scored if r.comparable], key=lambda r: r.rank_key(), reverse=True)
         if ranked:
-            best = outcomes(ranked[0])
-            for r in ranked[1:]:
-                got = outcomes(r)
-                common = [i for i in got if i in best]
-                r.p_vs_best = kind.p_same(np.array([got[i] for i in common]), np.array([best[i] for i in common]))
-            adjusted = false_discovery_control([r.p_vs_best for r in ranked[1:]]) if len(ranked) > 1 else []
-            for r, p in zip(ranked[1:], adjusted):
-                r.same_as_best = bool(p >= 0.05)
-            ranked[0].same_as_best = True
+            _test_against_best(ranked, protocol, predictions)
         apart = sorted([r for r in scored if not r.comparable], key=lambda r: r.rank_key(), reverse=True)
         ordered += ranked + apart + [r for r in mine if not r.scored]
     return ordered
+
+
+def _test_against_best(ranked: list, protocol: Protocol, predictions: Callable) -> None:
+    kind, names = protocol.task_kind, protocol.names
+    ids, y_true, best = predictions(ranked[0])
+    where = {i: k for k, i in enumerate(ids)}
+    for r in ranked[1:]:
+        got_ids, _, got = predictions(r)
+        pairs = [(where[i], k) for k, i in enumerate(got_ids) if i in where]
+        mine_rows, best_rows = [k for _, k in pairs], [j for j, _ in pairs]
+        r.p_vs_best = kind.p_same(y_true[best_rows], got[mine_rows], best[best_rows], names)
+    adjusted = false_discovery_control([r.p_vs_best for r in ranked[1:]]) if len(ranked) > 1 else []
+    for r, p in zip(ranked[1:], adjusted):
+        r.same_as_best = bool(p >= 0.05)
+    ranked[0].same_as_best = True
 
 
 def check_same(stored: Protocol, proposed: Protocol, where: str) -> None:

@@ -19,12 +19,19 @@ import numpy as np
 
 from .errors import PipelineError
 from .files import atomic_path
+from .kinds import get_kind
 from .runs import LEADERBOARD, REPORT_FILE, Row, RunFolder, slug
 
 FEWSHOT_COLUMNS = ("backbone", "weights", "tap", "task", "head", "shots", "draws", "eval", "n_test",
                    "acc_mean", "acc_std", "acc_min", "acc_max", "accuracies", "error")
-SHOWN_COLUMNS = ("backbone", "weights", "spec", "tap", "task", "head", "eval", "accuracy", "acc_low", "acc_high",
-                 "same_as_best", "chance", "above_chance", "balanced_accuracy", "f1_macro", "fit_seconds")
+IDENTITY_COLUMNS = ("backbone", "weights", "spec", "tap", "task", "head", "eval")
+TEST_COLUMNS = ("same_as_best", "above_chance", "fit_seconds")
+
+
+def shown_columns(rows: Sequence[Row]) -> list[str]:
+    """The Markdown leaderboard's columns: identity, the metric columns of the rows' task kinds, tests."""
+    metrics = dict.fromkeys(c for kind in dict.fromkeys(r.task_kind for r in rows) for c in get_kind(kind).columns)
+    return [*IDENTITY_COLUMNS, *metrics, *TEST_COLUMNS]
 
 
 def publish(run: RunFolder) -> dict[str, Path]:
@@ -71,9 +78,11 @@ def write_html_report(run: RunFolder) -> Path:
     e = html.escape
     body = [f"<h1>Run {e(run.path.name)}</h1>",
             f"<p>{len(rows)} leaderboard rows; written {e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}. Rows marked "
-            "&#9679; (shaded) are not distinguishable from their task's best (exact McNemar test). <i>chance</i> is "
-            "the accuracy of always predicting the majority training class; <i>&gt; chance</i> says whether the "
-            "row beats it (one-sided exact binomial test). Both tests are at 5 % after a Benjamini-Hochberg "
+            "&#9679; (shaded) are not distinguishable from their task's best (exact McNemar test for classes, a "
+            "paired bootstrap for tags and numbers). <i>chance</i> is the score of a baseline that ignores the "
+            "image: the majority training class, each tag's training prevalence, the training mean; <i>&gt; "
+            "chance</i> says whether the row beats it (one-sided exact binomial test for classes, bootstrap "
+            "otherwise). Both tests are at 5 % after a Benjamini-Hochberg "
             "adjustment over the task's rows. Only rows scored on the task's protocol (the same images and "
             "folds) are ranked; rows scored on other images are listed apart. Row numbers are those of "
             "<code>pipeline report RUN_DIR --row N</code>.</p>"]
@@ -83,23 +92,26 @@ def write_html_report(run: RunFolder) -> Path:
         body.append(f"<h2>Task {e(task)}</h2>")
         if protocol is not None:
             body.append(f"<p>Protocol {e(protocol.id)}: {e(protocol.describe())}.</p>")
+        kind = get_kind(numbered[0][1].task_kind)
+        metric, low, high = kind.columns[:3]
         best = next((r for _, r in numbered if r.comparable and r.scored), None)
         if best is not None:
             m = best.metrics
-            body.append(f"<p>Best: <b>{e(best.backbone)} / {e(best.tap)} / {e(best.head)}</b>, accuracy "
-                        f"{_fmt(m['accuracy'])} (95 % CI {_fmt(m.get('acc_low'))}&ndash;{_fmt(m.get('acc_high'))}) "
+            body.append(f"<p>Best: <b>{e(best.backbone)} / {e(best.tap)} / {e(best.head)}</b>, {metric} "
+                        f"{_fmt(m[metric])} (95 % CI {_fmt(m.get(low))}&ndash;{_fmt(m.get(high))}) "
                         f"on {e(best.eval)}, n = {best.n_test}.</p>")
-        body.append("<h3>Leaderboard</h3>" + _html_leaderboard([(i, r) for i, r in numbered if r.comparable]))
+        body.append("<h3>Leaderboard</h3>" + _html_leaderboard([(i, r) for i, r in numbered if r.comparable], kind))
         apart = [(i, r) for i, r in numbered if not r.comparable]
         if apart:
-            body.append("<h3>Scored on other images (not ranked)</h3>" + _html_leaderboard(apart))
-        body.append("<h3>Accuracy by head &times; backbone</h3>" + _html_grid([r for _, r in numbered if r.comparable]))
+            body.append("<h3>Scored on other images (not ranked)</h3>" + _html_leaderboard(apart, kind))
+        body.append(f"<h3>{e(metric)} by head &times; backbone</h3>" + _html_grid([r for _, r in numbered if r.comparable]))
         if any(r["task"] == task for r in fewshot):
             shots, table = fewshot_table(fewshot, task)
             body.append("<h3>Few-shot: accuracy against labelled examples per class</h3>")
             body.append(_html_image(run.path / f"fewshot_{slug(task)}.png"))
             body.append(_html_table(["head / backbone"] + shots, [[name] + vals for name, vals in table]))
-        body.append("<h3>Confusion matrix of the best row</h3>" + _html_image(run.path / f"confusion_{slug(task)}.png"))
+        if kind.name == "classification":
+            body.append("<h3>Confusion matrix of the best row</h3>" + _html_image(run.path / f"confusion_{slug(task)}.png"))
     extra = sorted(run.path.glob("confusion_row*.png"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
     if extra:
         body.append("<h2>Confusion matrices of other rows</h2>" + "".join(_html_image(p) for p in extra))
@@ -124,30 +136,32 @@ td.err{color:#a33;text-align:left;font-size:12px;max-width:420px}img{max-width:1
 pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}h2{border-bottom:2px solid #ddd;margin-top:32px}"""
 
 
-def _html_leaderboard(numbered: list[tuple[int, Row]]) -> str:
+def _html_leaderboard(numbered: list[tuple[int, Row]], kind) -> str:
+    """The rows of one task with its kind's metric columns (the primary metric's interval in one cell)."""
     e = html.escape
-    head = ["#", "backbone", "tap", "head", "eval", "n", "accuracy", "95 % CI", "CV std", "p vs best", "",
-            "chance", "&gt; chance", "balanced acc", "macro F1", "fit s", "note"]
-    out = ["<table><tr>" + "".join(f"<th class='l'>{h}</th>" if i in (1, 2, 3, 16) else f"<th>{h}</th>"
+    metric, low, high, *others = kind.columns
+    head = ["#", "backbone", "tap", "head", "eval", "n", e(metric), "95 % CI", *map(e, others), "p vs best", "",
+            "&gt; chance", "fit s", "note"]
+    left = {1, 2, 3, len(head) - 1}
+    out = ["<table><tr>" + "".join(f"<th class='l'>{h}</th>" if i in left else f"<th>{h}</th>"
                                    for i, h in enumerate(head)) + "</tr>"]
     first = True
     for n, r in numbered:
         m = r.metrics
         cls = "best same" if first and r.comparable and r.scored else "same" if r.same_as_best else ""
         first = False
-        ci = f"{_fmt(m.get('acc_low'))}&ndash;{_fmt(m.get('acc_high'))}" if m.get("acc_low") is not None else ""
+        ci = f"{_fmt(m.get(low))}&ndash;{_fmt(m.get(high))}" if m.get(low) is not None else ""
         cells = [str(n), f"<td class='l'>{e(r.backbone)}", f"<td class='l'>{e(r.tap)}",
-                 f"<td class='l'>{e(r.head)}", e(r.eval), _fmt(r.n_test), _fmt(m.get("accuracy")), ci,
-                 _fmt(m.get("acc_std")), _fmt(r.p_vs_best), "&#9679;" if r.same_as_best else "",
-                 _fmt(m.get("chance")), {True: "yes", False: "<b>no</b>"}.get(r.above_chance, ""),
-                 _fmt(m.get("balanced_accuracy")), _fmt(m.get("f1_macro")), _fmt(r.fit_seconds),
+                 f"<td class='l'>{e(r.head)}", e(r.eval), _fmt(r.n_test), _fmt(m.get(metric)), ci,
+                 *(_fmt(m.get(c)) for c in others), _fmt(r.p_vs_best), "&#9679;" if r.same_as_best else "",
+                 {True: "yes", False: "<b>no</b>"}.get(r.above_chance, ""), _fmt(r.fit_seconds),
                  f"<td class='err'>{e(r.error)}"]
         out.append(f"<tr class='{cls}'>" + "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells) + "</tr>")
     return "".join(out) + "</table>"
 
 
 def _html_grid(rows: list[Row]) -> str:
-    """Heads down, backbones (and taps) across, cells shaded from the lowest accuracy to the highest."""
+    """Heads down, backbones (and taps) across, cells shaded from the lowest primary metric to the highest."""
     e = html.escape
     several_taps = len({r.tap for r in rows}) > 1
     col = lambda r: f"{r.backbone} / {r.tap}" if several_taps else r.backbone  # noqa: E731
@@ -189,7 +203,7 @@ def _html_image(path: Path) -> str:
 def plot_best_confusions(run: RunFolder) -> dict[str, Path]:
     """``confusion_<task>.png`` of each task's best row, from its saved predictions."""
     files = {}
-    for task in dict.fromkeys(r.task for r in run.rows()):
+    for task in dict.fromkeys(r.task for r in run.rows() if r.task_kind == "classification"):
         try:
             best = run.best_row(task)
         except PipelineError:
@@ -211,6 +225,8 @@ def row_report(run_dir: str | os.PathLike, row: int) -> dict:
     if not 1 <= row <= len(rows):
         raise PipelineError(f"--row {row} is out of range: {run_dir} has rows 1..{len(rows)}")
     r = rows[row - 1]
+    if r.task_kind != "classification":
+        raise PipelineError(f"row {row} is of a {r.task_kind} task; per-class reports are for classification rows")
     _, y_true, y_pred = run.read_predictions(r)
     labels = sorted(set(y_true) | set(y_pred))
     per_class = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
@@ -220,8 +236,9 @@ def row_report(run_dir: str | os.PathLike, row: int) -> dict:
                 confusion=confusion_matrix(y_true, y_pred, labels=labels).tolist(), png=png)
 
 
-def markdown_table(rows: Sequence[Row], columns: Sequence[str] = SHOWN_COLUMNS) -> str:
+def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
     """The rows as a Markdown table; rows scored on other images than their task's protocol are marked."""
+    columns = columns or shown_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     for r in rows:
         d = r.to_dict()

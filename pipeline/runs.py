@@ -120,6 +120,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._protocols: dict[str, Protocol | None] = {}
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -135,13 +136,16 @@ class RunFolder:
         return [Row.from_dict(d) for d in json.loads(path.read_text())]
 
     def protocol(self, task: str) -> Protocol | None:
-        path = self._protocol_path(task)
-        return Protocol.load(path) if path.is_file() else None
+        if task not in self._protocols:
+            path = self._protocol_path(task)
+            self._protocols[task] = Protocol.load(path) if path.is_file() else None
+        return self._protocols[task]
 
     def protocols(self) -> dict[str, Protocol]:
         folder = self.path / PROTOCOLS
         found = (Protocol.load(p) for p in sorted(folder.glob("*.json"))) if folder.is_dir() else ()
-        return {p.task: p for p in found}
+        self._protocols.update({p.task: p for p in found})
+        return {t: p for t, p in self._protocols.items() if p is not None}
 
     def check_protocol(self, proposed: Protocol) -> Protocol:
         """The run's protocol of ``proposed.task``: the stored one when it is the same, ``proposed`` when
@@ -153,6 +157,7 @@ class RunFolder:
 
     def save_protocol(self, protocol: Protocol) -> None:
         protocol.save(self._protocol_path(protocol.task))
+        self._protocols[protocol.task] = protocol
 
     def head_path(self, name: str) -> Path:
         return self.path / HEADS / f"{slug(name)}.skops"
@@ -169,29 +174,33 @@ class RunFolder:
     def resolve(self, stored: str) -> Path:
         return self.path / stored
 
-    def write_predictions(self, row: Row, ids: Sequence, y_true: Sequence, y_pred: Sequence) -> None:
-        """The scored samples of ``row`` (``id,true,predicted``); sets ``row.predictions``."""
+    def write_predictions(self, row: Row, ids: Sequence, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        """The scored samples of ``row`` (``id,true,predicted``, in the task kind's cells); sets
+        ``row.predictions``."""
+        kind, names = get_kind(row.task_kind), self._names(row)
         path = self.predictions_path(row)
         with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(("id", "true", "predicted"))
-            writer.writerows(zip(ids, y_true, y_pred))
+            writer.writerows(zip(ids, kind.format(y_true), kind.format_predictions(y_pred, names)))
         row.predictions = self.relative(path)
 
-    def read_predictions(self, row: Row) -> tuple[list[str], list[str], list[str]]:
+    def read_predictions(self, row: Row) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """A row's scored samples: ids, true values and predictions, in the task kind's form."""
         path = self.resolve(row.predictions)
         if not row.predictions or not path.is_file():
             raise PipelineError(f"row {row.head} of task {row.task!r} has no saved predictions ({path})")
         with open(path, newline="") as fh:
             saved = list(csv.DictReader(fh))
-        return [p["id"] for p in saved], [p["true"] for p in saved], [p["predicted"] for p in saved]
+        kind = get_kind(row.task_kind)
+        true = kind.parse([p["true"] for p in saved], [str(path)] * len(saved))
+        return [p["id"] for p in saved], true, kind.parse_predictions([p["predicted"] for p in saved], self._names(row))
 
     def add_rows(self, new: Sequence[Row]) -> list[Row]:
         """Merge ``new`` into the run's rows by key, rank and test every task again, write the leaderboard."""
         keys = {r.key for r in new}
         rows = [r for r in self.rows() if r.key not in keys] + list(new)
-        main = {task: p.id for task, p in self.protocols().items()}
-        rows = rank_and_test(rows, main, self._outcomes)
+        rows = rank_and_test(rows, self.protocols(), self.read_predictions)
         self._write_leaderboard(rows)
         return rows
 
@@ -207,6 +216,7 @@ class RunFolder:
 
     def clear(self) -> None:
         """Remove what the run folder owns (``--overwrite``); files it does not own stay."""
+        self._protocols.clear()
         for name in (HEADS, PROTOCOLS, FINETUNE):
             shutil.rmtree(self.path / name, ignore_errors=True)
         for pattern in (f"{LEADERBOARD}.*", RUN_FILE, REPORT_FILE, "confusion_*.png", "fewshot*"):
@@ -231,10 +241,9 @@ class RunFolder:
         path = self.path / RUN_FILE
         return json.loads(path.read_text()) if path.is_file() else []
 
-    def _outcomes(self, row: Row) -> dict[str, object]:
-        ids, y_true, y_pred = self.read_predictions(row)
-        outcome = get_kind(row.task_kind).outcome(y_true, y_pred)
-        return dict(zip(ids, outcome))
+    def _names(self, row: Row) -> list[str]:
+        protocol = self.protocol(row.task)
+        return protocol.names if protocol is not None else []
 
     def _protocol_path(self, task: str) -> Path:
         return self.path / PROTOCOLS / f"{slug(task)}.json"
@@ -259,7 +268,7 @@ def best_row(rows: Sequence[Row], task: str | None = None, linear: bool = False,
 
     return next((r for r in rows if r.comparable and r.scored and r.head_file
                  and (task is None or r.task == task) and (backbone is None or r.backbone == backbone)
-                 and (weights is None or r.weights == weights) and (not linear or is_linear(r.head))), None)
+                 and (weights is None or r.weights == weights) and (not linear or is_linear(r.head, r.task_kind))), None)
 
 
 def slug(text: str) -> str:

@@ -54,7 +54,7 @@ def test_lp_ft_starts_from_the_probe_and_round_trips(tiny_run, run_copy, tmp_pat
     where = {i: k for k, i in enumerate(task.ids)}
     learn, sel = [where[i] for i in ids["train"]], [where[i] for i in ids["select"]]
     head = clone(load_head(tiny_run["run"] / probe.head_file)).fit(task.X[learn], task.y[learn])
-    assert res.history[0]["accuracy"] == pytest.approx(np.mean(head.predict(task.X[sel]) == task.y[sel]))
+    assert res.history[0]["score"] == pytest.approx(np.mean(head.predict(task.X[sel]) == task.y[sel]))
 
     # the run gets a row scored like the probes: same protocol, interval, chance and tests
     rows = RunFolder(run_copy).rows()

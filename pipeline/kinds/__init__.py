@@ -1,10 +1,17 @@
-"""Task kinds: what a label column means, picked by name from a registry like timm's models.
+"""Task kinds: what a label column means, picked by the label file's header from a registry like
+timm's models.
 
-A kind owns every decision that depends on what the labels are: how a label cell is read, how rows are
-split into folds, which metrics score a prediction (with their interval), what chance scores and how a
-row is tested against it and against the best row, how rows are ranked, and what ``predict`` writes.
-The evaluation protocol (:mod:`pipeline.protocol`) asks the task's kind for each of them. Adding a kind
-is one module with a :class:`TaskKind` subclass and ``@register_kind``.
+A kind owns every decision that depends on what the labels are: how a label cell is read and written,
+how rows are split into folds, what a head fits on and what it predicts, which metrics score those
+predictions (with their interval), what chance predicts and how a row is tested against it and against
+the best row, how rows are ranked, the columns ``predict`` writes, the default heads, and the loss a
+fine-tune trains with. The evaluation protocol (:mod:`pipeline.protocol`) and the stages ask the task's
+kind for each of them. Adding a kind is one module with a :class:`TaskKind` subclass and
+``@register_kind``.
+
+Predictions travel as one array per kind: class names (classification), a score matrix with a column
+per tag (multi-label), numbers (regression). ``names`` are the classes or tags a model predicts over,
+in a fixed order (none for regression).
 """
 
 from __future__ import annotations
@@ -16,59 +23,117 @@ import numpy as np
 from ..errors import PipelineError
 
 _KINDS: dict[str, "TaskKind"] = {}
+BOOTSTRAP_DRAWS = 1000
 
 
 class TaskKind:
-    """The interface of a task kind; see :class:`pipeline.kinds.classification.Classification`."""
+    """The interface of a task kind (see the built-in ones in this package)."""
 
     name: str
     column: str  # the label file's column that says a table is of this kind
     primary: str  # the metric rows are ranked by first
     columns: tuple[str, ...]  # the metric columns of a leaderboard row, in order
+    default_heads: tuple[str, ...]
+    fewshot: bool = False  # whether few-shot curves (k examples per class) apply
 
-    def parse(self, values: Sequence[str], where: Sequence[str]) -> np.ndarray:
+    def parse(self, cells: Sequence[str], where: Sequence[str]) -> np.ndarray:
         """Label cells as the kind's values; ``where[i]`` names the cell (``file:line``) for errors."""
         raise NotImplementedError
 
+    def format(self, y: np.ndarray) -> list[str]:
+        """Values back to label cells (``parse`` reads them again)."""
+        raise NotImplementedError
+
+    def names(self, y: np.ndarray) -> list[str]:
+        """The classes or tags a model of these labels predicts over, sorted (none for regression)."""
+        raise NotImplementedError
+
     def check(self, y: np.ndarray, task: str, n_folds: int | None) -> None:
-        """Raise when ``y`` cannot be evaluated (too few classes, a class smaller than the folds, ...)."""
+        """Raise when ``y`` cannot be evaluated (too few classes or rows, a class smaller than the folds)."""
         raise NotImplementedError
 
     def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-        """The fold each row is evaluated in, for cross-validation."""
+        """The fold each row is scored in, for cross-validation."""
         raise NotImplementedError
 
     def subsplit(self, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Row indices (keep, held) with ``fraction`` held out, or None when ``y`` is too small to split."""
+        """Row indices (kept, held) with ``fraction`` held out, or None when ``y`` is too small to split."""
         raise NotImplementedError
 
-    def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray) -> dict:
-        """The metric columns of a row from its out-of-sample predictions; ``y_chance`` is what the chance
-        baseline predicts for the same rows and ``folds`` the fold of each."""
+    def target(self, y: np.ndarray, names: list[str]) -> np.ndarray:
+        """What a scikit-learn head fits on."""
         raise NotImplementedError
 
-    def chance_prediction(self, y_train: np.ndarray, n: int) -> np.ndarray:
+    def predict(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
+        """A fitted head's predictions of ``X``, in the kind's form."""
+        raise NotImplementedError
+
+    def scores(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
+        """What ``predict`` reports of a fitted head (class probabilities, tag probabilities, numbers)."""
+        raise NotImplementedError
+
+    def chance(self, y_train: np.ndarray, n: int, names: list[str]) -> np.ndarray:
         """What the chance baseline predicts for ``n`` rows after seeing ``y_train``."""
         raise NotImplementedError
 
-    def outcome(self, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-        """A per-row outcome (correct or not, an error) that paired tests compare between rows."""
+    def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
+              names: list[str]) -> dict:
+        """The metric columns of a row (``chance`` among them) and ``p_above_chance``, the one-sided
+        p-value that the row beats the chance baseline on the same rows."""
         raise NotImplementedError
 
-    def p_same(self, mine: np.ndarray, best: np.ndarray) -> float:
-        """Two-sided p-value that two rows' paired outcomes on the same samples are equally good."""
+    def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
+        """The ``primary`` metric alone (a fine-tune's epoch is chosen by it)."""
         raise NotImplementedError
 
-    def p_above_chance(self, metrics: dict) -> float:
-        """One-sided p-value that a row beats its chance baseline."""
+    def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
+        """Two-sided p-value that two rows' predictions of the same samples are equally good."""
         raise NotImplementedError
 
     def rank_key(self, metrics: dict, fit_seconds: float | None) -> tuple:
         """Higher is better."""
         raise NotImplementedError
 
-    def predict_columns(self, classes: Sequence[str], scores: np.ndarray) -> list[dict]:
-        """``predict``'s columns for each row of ``scores`` (one column per class)."""
+    def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
+        """Predictions as text cells (a run's ``*.predictions.csv``); ``parse_predictions`` reads them."""
+        raise NotImplementedError
+
+    def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
+        """``predict``'s columns for each row of ``scores``: ``prediction`` first, then any scores."""
+        raise NotImplementedError
+
+    # fine-tuning: the network's last layer has ``outputs(names)`` units trained with ``loss``
+    def outputs(self, names: list[str]) -> int:
+        raise NotImplementedError
+
+    def loss(self, logits, target, scale: float, label_smoothing: float = 0.0):
+        """The training loss of a batch (torch tensors); ``scale`` is ``loss_scale`` of the training labels."""
+        raise NotImplementedError
+
+    def loss_scale(self, y: np.ndarray) -> float:
+        return 1.0
+
+    def targets(self, y: Sequence, names: list[str]):
+        """A batch's labels as the tensor ``loss`` compares the logits with."""
+        raise NotImplementedError
+
+    def from_logits(self, logits: np.ndarray, names: list[str]) -> np.ndarray:
+        """The network's outputs as predictions in the kind's form."""
+        raise NotImplementedError
+
+    def logit_scores(self, logits: np.ndarray) -> np.ndarray:
+        """The network's outputs as what ``predict`` reports (``scores``' form)."""
+        raise NotImplementedError
+
+    def initial_bias(self, y: np.ndarray, names: list[str]) -> np.ndarray | None:
+        """The bias a fresh last layer starts with (None: zeros)."""
+        return None
+
+    def linear_start(self, head, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """A fitted linear head (a scaler then a linear model) as last-layer weights on raw features."""
         raise NotImplementedError
 
 
@@ -84,6 +149,10 @@ def get_kind(name: str) -> TaskKind:
     return _KINDS[name]
 
 
+def list_kinds() -> dict[str, TaskKind]:
+    return dict(_KINDS)
+
+
 def kind_of_columns(columns: Sequence[str], where: str) -> TaskKind:
     """The kind a label table's header names (``label`` -> classification, ...)."""
     found = [k for k in _KINDS.values() if k.column in columns]
@@ -96,4 +165,30 @@ def kind_of_columns(columns: Sequence[str], where: str) -> TaskKind:
     return found[0]
 
 
-from . import classification  # noqa: E402,F401  (registers the built-in kinds)
+def bootstrap(n: int, seed: int = 0, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+    """``draws`` resamples of ``n`` rows as weights (how often each row is drawn), seeded: the same
+    resamples for every row of a task, so paired comparisons see the same draws."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95 % percentile interval of bootstrap values (NaN draws left out)."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def p_greater(diffs: np.ndarray) -> float:
+    """One-sided bootstrap p-value that a difference is above 0 (with the +1 that keeps it above 0)."""
+    diffs = diffs[np.isfinite(diffs)]
+    return float((np.sum(diffs <= 0) + 1) / (len(diffs) + 1))
+
+
+def p_two_sided(diffs: np.ndarray) -> float:
+    return min(1.0, 2 * min(p_greater(diffs), p_greater(-diffs)))
+
+
+from . import classification, multilabel, regression  # noqa: E402,F401  (registers the built-in kinds)
