@@ -40,7 +40,7 @@ UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a file whose bytes could n
 
 def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec) -> Path:
     """``<source>__<backbone>__<spec key>.h5``: a change to anything that determines the features is a new file."""
-    return Path(cache_dir) / f"{source_name}__{spec.backbone}__{spec.key}.h5"
+    return Path(cache_dir) / f"{source_name}__{re.sub(r'[^A-Za-z0-9._=-]+', '_', spec.backbone)}__{spec.key}.h5"
 
 
 def shard_path(path: Path, rank: int, world: int) -> Path:

@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone, WEIGHTS_DIR_ENV, file_sha256, load_backbone, resolve_weights_file, weights_dir_candidates
+from .backbones import Backbone, file_sha256, load_backbone
+from .model_sources.timm import WEIGHTS_DIR_ENV, resolve_weights_file, weights_dir_candidates
 from .batches import image_batches
 from .data import Sample
 from .errors import PipelineError
@@ -38,8 +39,8 @@ class Featurizer:
                jpeg_draft: bool = True) -> "Featurizer":
         """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute."""
         bb = load_backbone(name, weights, device, amp, channels_last)
-        spec = FeatureSpec(backbone=name, weights_sha256=bb.weights_sha256, data_config=bb.data_config, dtype=dtype,
-                           amp=bb.amp, tta=tta or "", jpeg_draft=jpeg_draft)
+        spec = FeatureSpec(backbone=bb.name, weights_sha256=bb.weights_sha256, data_config=bb.data_config, dtype=dtype,
+                           amp=bb.amp, tta=tta or "", jpeg_draft=jpeg_draft, source=bb.source)
         return cls(spec, bb)
 
     @classmethod
@@ -50,6 +51,8 @@ class Featurizer:
         ``$PIPELINE_WEIGHTS_DIR``, then the hub (only for weights that came from it)."""
         file = find_weights(spec, weights, recorded)
         bb = load_backbone(spec.backbone, file, device, spec.amp, channels_last)
+        if bb.source != spec.source:
+            raise PipelineError(f"{spec.backbone} now loads from model source {bb.source!r}, not {spec.source!r} as recorded")
         if bb.weights_sha256 != spec.weights_sha256:
             raise PipelineError(f"{spec.backbone}: the weights found ({bb.weights_source}) have sha256 "
                                 f"{bb.weights_sha256[:12]}, not {spec.weights_sha256[:12]}; pass --weights FILE")
@@ -89,8 +92,13 @@ class Featurizer:
 
 
 def find_weights(spec: FeatureSpec, given: Sequence[str | os.PathLike] = (), recorded: str | None = None) -> Path | None:
-    """The first weights file whose sha256 is ``spec``'s, or None when they came from the hub; an error
-    naming every place looked in when there is none (at once: a file's weights cannot be downloaded)."""
+    """Where ``spec``'s weights are. For timm: the first weights file whose sha256 is the spec's, or None
+    when they came from the hub; an error naming every place looked in when there is none (at once: a
+    file's weights cannot be downloaded). For other sources: the first file or folder given, else the
+    recorded one (the loaded weights' hash is checked by the caller)."""
+    if spec.source != "timm":
+        local = [Path(w) for w in given] or ([Path(recorded)] if recorded and Path(recorded).exists() else [])
+        return local[0] if local else None
     looked: list[str] = []
     from_hub = (recorded or "").startswith("hub:")
     candidates = [*map(Path, given), *([Path(recorded)] if recorded and not from_hub else []),

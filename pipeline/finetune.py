@@ -191,6 +191,9 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
         _check_resumable(out, folds)
     samples = [by_id[i][0] for i in protocol.ids]
     bb = load_backbone(backbone, weights, device, cfg.amp, channels_last=True)
+    if bb.source != "timm":
+        raise PipelineError(f"fine-tuning needs a timm backbone (its classifier and block groups); {backbone} is "
+                            f"from {bb.source}: extract it and fit heads on its features instead")
     probe = _Probe(init, protocol, backbone, bb.weights_sha256) if init is not None else None
     classes = protocol.names
     spec = probe.spec if probe else FeatureSpec(backbone, bb.weights_sha256, bb.data_config, "float32", bb.amp)

@@ -44,7 +44,7 @@ def test_offline_without_weights_names_the_three_places(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "--weights (not given)" in msg
     assert str(tmp_path / "resnet10t.c3_in1k.safetensors") in msg
-    assert "timm's hub cache (the hub is unreachable: offline) failed" in msg
+    assert "the hub's local cache (the hub is unreachable: offline) failed" in msg
     assert "\n" not in msg
 
 
@@ -59,7 +59,7 @@ def test_an_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.delenv("PIPELINE_WEIGHTS_DIR")
     start = time.monotonic()
-    with pytest.raises(PipelineError, match="PIPELINE_WEIGHTS_DIR \\(not set\\), and timm's hub cache \\(the hub is unreachable"):
+    with pytest.raises(PipelineError, match="PIPELINE_WEIGHTS_DIR \\(not set\\), and the hub's local cache \\(the hub is unreachable"):
         load_backbone("resnet10t.c3_in1k")
     assert time.monotonic() - start < 10
     assert constants.HF_HUB_OFFLINE is False  # offline only for that call

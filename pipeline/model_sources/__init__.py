@@ -1,0 +1,55 @@
+"""Model sources: where a backbone comes from, picked by the name's prefix from a registry.
+
+- ``timm``: a timm model name (``tf_efficientnet_lite0.in1k``), and timm's own ``hf-hub:ORG/NAME`` and
+  ``local-dir:FOLDER`` forms;
+- ``hf``: ``hf:FOLDER`` or ``hf:ORG/NAME``, a Hugging Face ``transformers`` vision model (its vision
+  tower for CLIP and SigLIP) with its ``AutoImageProcessor``'s preprocessing;
+- ``module``: ``package.module:function``, a user's own ``torch.nn.Module`` with its data config.
+
+Each returns a :class:`~pipeline.model_sources.base.Backbone`; the feature spec records the source, so
+caches and heads from different sources never mix. Adding a source is one module with a loader and
+``@register_model_source``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .base import Backbone
+
+Loader = Callable[[str, "Path | None"], Backbone]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    doc: str
+    claims: Callable[[str], bool]  # whether a backbone name is this source's
+    load: Loader  # (name, weights file or folder, or None) -> a Backbone on the CPU, in eval mode
+
+
+_REGISTRY: list[ModelSource] = []
+
+
+def register_model_source(name: str, doc: str, claims: Callable[[str], bool]):
+    """Register ``load(name, weights) -> Backbone`` (decorator); sources are asked in registration order."""
+
+    def wrap(load: Loader) -> Loader:
+        _REGISTRY.append(ModelSource(name, doc, claims, load))
+        return load
+
+    return wrap
+
+
+def model_source(name: str) -> ModelSource:
+    """The source whose names ``name`` looks like."""
+    return next(s for s in _REGISTRY if s.claims(name))
+
+
+def list_model_sources() -> dict[str, str]:
+    return {s.name: s.doc for s in _REGISTRY}
+
+
+from . import hf, timm, module  # noqa: E402,F401  (registers the built-in sources; module last: it takes any "a:b")
