@@ -264,6 +264,20 @@ def report(
     typer.echo(f"report: {publish(run)['report']}")
 
 
+@app.command("run")
+def run_study(
+    study: Annotated[Path, typer.Argument(help="a study file (TOML): data, backbones, taps, label files, heads, shots, fine-tunes, output folders")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (each stage: run or skip, and why) and do nothing")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Run every stage of a study that its caches and run folder do not already hold."""
+    from pipeline.study import run
+
+    steps = run(study, dry_run=dry_run, progress=progress, log=typer.echo)
+    done = sum(s.needed for s in steps)
+    typer.echo(f"{'would run' if dry_run else 'ran'} {done} of {len(steps)} steps")
+
+
 @app.command("heads")
 def heads_cmd() -> None:
     """List the heads `fit` can train, per task kind."""

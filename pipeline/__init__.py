@@ -29,6 +29,7 @@ _EXPORTS = {
     "runs": ("Row", "RunFolder", "best_row"),
     "spec": ("FeatureSpec",),
     "strategies": ("register_strategy",),
+    "study": ("run",),
     "tasks": ("Task", "TaskData", "load_task", "read_labels"),
 }
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .runs import Row, RunFolder, best_row
     from .spec import FeatureSpec
     from .strategies import register_strategy
+    from .study import run
     from .tasks import Task, TaskData, load_task, read_labels
 
 

@@ -1,0 +1,197 @@
+"""A whole study from one TOML file: the data, backbones, taps, label files, heads, few-shot curves and
+fine-tunes, and where the caches and the run folder go. ``run`` does every stage the caches and the run
+folder do not already hold, so editing the file and running again costs only what changed; ``dry_run``
+says what it would do. Paths in the file are relative to the file's folder.
+
+    data = "images"                      # a folder or CSV manifest
+    backbones = ["tf_efficientnet_lite0.in1k"]
+    out = "runs/study"                   # the run folder
+    cache = "cache"                      # default "cache"
+    labels = ["tags.csv"]                # label files or folders (optional)
+    heads = ["logreg", "knn"]            # default: each task kind's own
+    [extract]                            # extract()'s settings: taps, dtype, amp, tta, jpeg_draft, batch_size, workers, device
+    [fit]                                # fit()'s settings: cv, seed, shots, draws, concat, n_jobs, backend, ...
+    [[finetune]]                         # one table per fine-tune: out, backbone (default: the first), and
+    out = "ft"                           # finetune()'s settings; it starts from the run (init) unless init = false
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+from .cache import FeatureCache, cache_path
+from .data import content_hash, load_source
+from .errors import PipelineError
+from .extract import extract
+from .featurizer import Featurizer
+from .finetune import FinetuneConfig, finetune
+from .fit import FitConfig, fit
+from .runs import RunFolder
+
+_EXTRACT = ("taps", "dtype", "amp", "tta", "jpeg_draft", "batch_size", "workers", "device", "channels_last")
+_FINETUNE_OWN = ("out", "backbone", "init", "labels", "weights", "budget_minutes", "workers", "device")
+
+
+@dataclass
+class Study:
+    """A study file, read and checked; paths resolved against the file's folder."""
+
+    path: Path
+    data: Path
+    backbones: list[str]
+    out: Path
+    cache: Path
+    labels: list[Path] = field(default_factory=list)
+    heads: list[str] | None = None
+    extract: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)
+    finetune: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Study":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PipelineError(f"study file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise PipelineError(f"{path}: not valid TOML ({e})") from None
+        known = {f.name for f in fields(cls)} - {"path"}
+        unknown = sorted(set(raw) - known)
+        missing = [k for k in ("data", "backbones", "out") if k not in raw]
+        if unknown or missing:
+            raise PipelineError(f"{path}: " + "; ".join(
+                ([f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"] if unknown else [])
+                + ([f"missing {', '.join(missing)}"] if missing else [])))
+        here = path.resolve().parent
+        study = cls(path=path, data=(here / raw["data"]).resolve(), backbones=list(raw["backbones"]),
+                    out=(here / raw["out"]).resolve(), cache=(here / raw.get("cache", "cache")).resolve(),
+                    labels=[(here / p).resolve() for p in raw.get("labels", [])],
+                    heads=raw.get("heads"), extract=dict(raw.get("extract", {})), fit=dict(raw.get("fit", {})),
+                    finetune=[dict(t) for t in raw.get("finetune", [])])
+        study._check(here)
+        return study
+
+    def _check(self, here: Path) -> None:
+        bad = [f"[extract] {k}" for k in self.extract if k not in _EXTRACT]
+        bad += [f"[fit] {k}" for k in self.fit if k not in {f.name for f in fields(FitConfig)} - {"heads"}]
+        tune = {f.name for f in fields(FinetuneConfig)} | set(_FINETUNE_OWN)
+        for i, t in enumerate(self.finetune):
+            bad += [f"[[finetune]] #{i + 1} {k}" for k in t if k not in tune]
+            if "out" not in t:
+                bad.append(f"[[finetune]] #{i + 1} has no out")
+            t["out"] = (here / t.get("out", "")).resolve()
+            for key in ("labels", "weights"):
+                if key in t:
+                    t[key] = (here / t[key]).resolve()
+        if not self.backbones:
+            bad.append("backbones is empty")
+        if bad:
+            raise PipelineError(f"{self.path}: " + "; ".join(bad))
+
+
+@dataclass
+class Step:
+    """One thing the study does, or found already done."""
+
+    stage: str
+    what: str
+    needed: bool
+    reason: str
+    action: Callable[[], object] | None = None
+
+    def line(self) -> str:
+        return f"{self.stage:9s} {'run ' if self.needed else 'skip'}  {self.what}: {self.reason}"
+
+
+def run(study: str | os.PathLike, dry_run: bool = False, progress: bool = True,
+        log: Callable[[str], None] | None = None) -> list[Step]:
+    """Plan the study and, unless ``dry_run``, do every step that is needed, in order; the steps.
+    ``log`` receives each step's line as it starts."""
+    log = log or (lambda line: None)
+    s = Study.read(study)
+    extracts, caches = _extract_steps(s, progress)
+    steps = extracts + [_fit_step(s, caches, any(e.needed for e in extracts), progress)]
+    steps += [_finetune_step(s, t, progress) for t in s.finetune]
+    for step in steps:
+        log(step.line())
+        if step.needed and not dry_run:
+            step.action()
+    return steps
+
+
+def _extract_steps(s: Study, progress: bool) -> tuple[list[Step], list[Path]]:
+    """A step per backbone, skipped when its cache (found by the feature spec's key) already holds every
+    image of the data with the same bytes; and the caches."""
+    src = load_source(s.data)
+    hashes = {x.id: content_hash(x.path) for x in src.samples}
+    settings = {k: v for k, v in s.extract.items() if k != "taps"}
+    taps = tuple(s.extract.get("taps", ("pooled",)))
+    steps, paths = [], []
+    for name in s.backbones:
+        fz = Featurizer.create(name, device=settings.get("device", "auto"), amp=settings.get("amp", "auto"),
+                               dtype=settings.get("dtype", "float16"), tta=settings.get("tta"),
+                               jpeg_draft=settings.get("jpeg_draft", True))
+        path = cache_path(s.cache, src.name, fz.spec)
+        paths.append(path)
+        todo = _pending(path, hashes, fz.backbone.resolve_taps(taps))
+        steps.append(Step("extract", f"{name} -> {path.name}", todo > 0,
+                          f"{todo} of {len(hashes)} images to compute" if todo else f"the cache holds all {len(hashes)} images",
+                          lambda name=name: extract(s.data, name, s.cache, taps=taps, progress=progress, **settings)))
+    return steps, paths
+
+
+def _pending(path: Path, hashes: dict[str, bytes], taps: tuple[str, ...]) -> int:
+    """How many images a cache still lacks (absent, changed, or not yet computed, failures aside)."""
+    if not path.is_file():
+        return len(hashes)
+    with FeatureCache(path) as c:
+        if not set(taps) <= set(c.taps):
+            return len(hashes)
+        failed = {f[0] for f in c.failures}
+        done = {i: h for i, h, v in zip(c.ids, c.content_hash, c.valid) if v or i in failed}
+    return sum(done.get(i) != h for i, h in hashes.items())
+
+
+def _fit_step(s: Study, caches: list[Path], extracting: bool, progress: bool) -> Step:
+    """Skipped when the run folder's last fit had these caches, label files and settings, and no cache
+    changed since."""
+    action = lambda: fit(caches, s.out, labels=s.labels, heads=s.heads, progress=progress, **s.fit)  # noqa: E731
+    run_folder = RunFolder(s.out)
+    if not run_folder.exists:
+        return Step("fit", str(s.out), True, "no run folder yet", action)
+    if extracting:
+        return Step("fit", str(s.out), True, "its caches are being extracted", action)
+    last = next((h["parameters"] for h in reversed(run_folder.history()) if h["stage"] == "fit"), {})
+    want = dict(vars(FitConfig(heads=s.heads, **s.fit)), caches=[str(c) for c in caches],
+                labels=[str(x) for x in s.labels])
+    changed = [k for k, v in want.items() if k not in ("n_jobs", "backend", "cluster", "overwrite")
+               and json.loads(json.dumps(v, default=str)) != last.get(k)]
+    if changed:
+        return Step("fit", str(s.out), True, f"{', '.join(changed)} differ from the run's last fit", action)
+    built = (s.out / "leaderboard.json").stat().st_mtime
+    if any(c.stat().st_mtime > built for c in caches):
+        return Step("fit", str(s.out), True, "a cache changed since the last fit", action)
+    return Step("fit", str(s.out), False, f"the run holds {len(run_folder.rows())} rows of these caches and settings", action)
+
+
+def _finetune_step(s: Study, t: dict, progress: bool) -> Step:
+    """Skipped when its folder holds a finished fine-tune; resumed when it holds an interrupted one."""
+    out = t["out"]
+    settings = {k: v for k, v in t.items() if k not in _FINETUNE_OWN}
+    backbone = t.get("backbone", s.backbones[0])
+    init = s.out if t.get("init", True) else None
+    own = {k: t[k] for k in ("labels", "weights", "budget_minutes", "workers", "device") if k in t}
+    metrics = out / "metrics.json"
+    state = json.loads(metrics.read_text()).get("stopped") if metrics.is_file() else None
+    finished = state in ("finished", "early-stopping")
+    resume = (out / "last.pt").is_file() and not finished
+    action = lambda: finetune(s.data, backbone, out, init, run=s.out, resume=resume, progress=progress,  # noqa: E731
+                              **own, **settings)
+    reason = "finished" if finished else "interrupted: it resumes" if resume else "not trained yet"
+    return Step("finetune", f"{backbone} -> {out}", not finished, reason, action)

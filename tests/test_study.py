@@ -1,0 +1,73 @@
+"""A whole study from one file: every stage it needs, nothing the caches and run folder already hold."""
+
+import pytest
+
+from conftest import TINY, TINY_VIT, run_cli
+from pipeline import PipelineError, RunFolder, run
+
+
+@pytest.fixture
+def study(tmp_path, folder):
+    (tmp_path / "coin.csv").write_text("id,label\n" + "".join(
+        f"{p.relative_to(folder)},{'h' if k % 2 else 't'}\n" for k, p in enumerate(sorted(folder.rglob("*.jpg")))))
+    path = tmp_path / "study.toml"
+    path.write_text(f"""
+data = "{folder.name}"
+backbones = ["{TINY}", "{TINY_VIT}"]
+out = "runs/s"
+labels = ["coin.csv"]
+heads = ["knn", "logreg"]
+[extract]
+workers = 0
+[fit]
+n_jobs = 1
+concat = true
+[[finetune]]
+out = "ft"
+backbone = "{TINY}"
+epochs = 1
+batch_size = 8
+workers = 0
+""")
+    return path
+
+
+def test_a_study_runs_what_it_needs_and_then_nothing(study, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # paths are the study file's, whatever the working directory
+    first = run(study, progress=False)
+    assert [(s.stage, s.needed) for s in first] == [("extract", True), ("extract", True), ("fit", True), ("finetune", True)]
+    rows = RunFolder(tmp_path / "runs" / "s").rows()
+    assert len(rows) == 3 * 2 * 2 + 1 and sum(r.stage == "finetune" for r in rows) == 1
+    again = run(study, progress=False)
+    assert not any(s.needed for s in again), [s.line() for s in again]
+    # an edit costs only what it changes: another head refits, nothing is extracted or fine-tuned again
+    study.write_text(study.read_text().replace('heads = ["knn", "logreg"]', 'heads = ["knn", "logreg", "centroid"]'))
+    plan = run(study, dry_run=True)
+    assert [(s.stage, s.needed) for s in plan] == [("extract", False), ("extract", False), ("fit", True), ("finetune", False)]
+    assert "heads differ" in plan[2].reason
+    run(study, progress=False)
+    rows = RunFolder(tmp_path / "runs" / "s").rows()
+    assert len(rows) == 3 * 2 * 3 + 1  # the fine-tune's row kept
+
+
+@pytest.mark.slow
+def test_cli_dry_run_prints_the_plan(study):
+    r = run_cli("run", study, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("extract   run   test_efficientnet.r160_in1k -> ") and "36 of 36 images to compute" in lines[0]
+    assert lines[2].startswith("fit       run ") and lines[-1] == "would run 4 of 4 steps"
+    assert not (study.parent / "runs").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('backbones = ["x"]\nout = "r"\n', "missing data"),
+    ('data = "d"\nbackbones = ["x"]\nout = "r"\nhead = ["knn"]\n', "unknown key\\(s\\) head"),
+    ('data = "d"\nbackbones = ["x"]\nout = "r"\n[fit]\nfolds = 3\n', "\\[fit\\] folds"),
+    ('data = "d"\nbackbones = ["x"]\nout = "r"\n[[finetune]]\nepochs = 1\n', "#1 has no out"),
+    ('data = "d"\nbackbones = [\n', "not valid TOML"),
+])
+def test_bad_study_files_are_named(tmp_path, text, message):
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(PipelineError, match=message):
+        run(tmp_path / "s.toml", dry_run=True)
