@@ -187,7 +187,9 @@ class FeatureCache:
 
     @cached_property
     def content_hash(self) -> np.ndarray:
-        return self._file["content_hash"][()]
+        """Each row's sha256 as the 32 bytes ``data.content_hash`` returns (numpy's fixed-width bytes drop
+        trailing zero bytes, which would make one digest in 256 compare unequal)."""
+        return np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in self._file["content_hash"][()]], dtype=object)
 
     def features(self, tap: str = "pooled", rows: np.ndarray | None = None) -> np.ndarray:
         """Features of ``tap`` as float32 (scikit-learn would copy float16 to float64), all rows or ``rows``."""
