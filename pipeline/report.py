@@ -237,7 +237,11 @@ def row_report(run_dir: str | os.PathLike, row: int) -> dict:
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
-    """The rows as a Markdown table; rows scored on other images than their task's protocol are marked."""
+    """The rows as Markdown, one table per task kind (each with its own metric columns); rows scored on
+    other images than their task's protocol are marked."""
+    if columns is None and len({r.task_kind for r in rows}) > 1:
+        kinds = dict.fromkeys(r.task_kind for r in rows)
+        return "\n\n".join(markdown_table([r for r in rows if r.task_kind == k]) for k in kinds)
     columns = columns or shown_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     for r in rows:
