@@ -9,6 +9,7 @@ silent random initialisation.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import math
 import os
@@ -23,7 +24,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
-from timm.data import create_transform, resolve_model_data_config
+from timm.data import create_transform, resolve_data_config, resolve_model_data_config
 
 from .errors import PipelineError
 from .modeldir import MODEL_FILE
@@ -191,8 +192,18 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, device: s
     model.eval().requires_grad_(False).to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_model_data_config(model).items()}
-    return Backbone(name, model, sha, source, data_config, resolve_amp(amp, dev), channels_last)
+    return Backbone(name, model, sha, source, _as_lists(resolve_model_data_config(model)), resolve_amp(amp, dev), channels_last)
+
+
+def pretrained_data_config(name: str) -> dict | None:
+    """The preprocessing ``load_backbone`` will record for ``name``, from timm's pretrained config alone,
+    without building the model; None for a name timm has no pretrained config of."""
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    return None if cfg is None else _as_lists(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+
+
+def _as_lists(data_config: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
 
 
 def resolve_weights_file(name: str, weights: str | os.PathLike | None = None) -> Path | None:
@@ -208,6 +219,13 @@ def resolve_weights_file(name: str, weights: str | os.PathLike | None = None) ->
 
 
 def file_sha256(path: Path) -> str:
+    st = os.stat(path)
+    return _sha256(Path(path).resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """Hashed once per process while the file is unchanged (the size and mtime are part of the key)."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
