@@ -101,7 +101,7 @@ def lock_cache(path: str | os.PathLike) -> CacheLock:
         os.close(fd)
         if e.errno not in NO_LOCKS:
             raise
-        _said_no_locks(path.parent, f"flock: {os.strerror(e.errno)}")
+        _said_no_locks(path.resolve().parent, f"flock: {os.strerror(e.errno)}")
         return CacheLock(path, None, _claim_writer_file(path))
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -156,7 +156,9 @@ def _serve(job: Job, conn: Any, parent: int) -> None:
             out = _Failed(f"{type(e).__name__}: {e}")
         try:
             conn.send(out)
-        except Exception as e:  # a result that cannot be sent (pickling)
+        except OSError:  # the supervisor is gone
+            return
+        except Exception as e:  # a result that cannot be pickled
             conn.send(_Failed(f"{type(e).__name__}: {e}"))
 
 
