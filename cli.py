@@ -41,7 +41,8 @@ def extract(
     weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file (.safetensors) for a single --backbone; else $PIPELINE_WEIGHTS_DIR/<name>.safetensors, else timm's hub")] = None,
     taps: Annotated[Optional[list[str]], typer.Option("--taps", help="features to keep, comma-separated: pooled (pre-logits embedding), logits, layer<i> (intermediate i of timm's forward_intermediates, average-pooled or a ViT's class token; layer-1 is the last)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="decode worker processes (default: min(4, cores))")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="decode worker processes (default: min(4, cores)); a decoder that crashes or hangs one costs only its image; 0 decodes in this process, without that protection")] = None,
+    decode_timeout: Annotated[float, typer.Option("--decode-timeout", help="seconds a worker may take over a batch; an image that takes longer alone is a recorded failure")] = 60.0,
     device: Annotated[str, _device_option()] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
     amp: Annotated[str, typer.Option("--amp", help="autocast dtype of the forward pass: auto (bf16 on GPUs that have it, else fp16; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
@@ -62,7 +63,7 @@ def extract(
     results = run(data, backbone, cache, weights=weights, taps=_split_list(taps) or ["pooled"], batch_size=batch_size,
                   workers=workers, device=device, dtype=dtype, amp=amp, channels_last=channels_last, tta=tta,
                   jpeg_draft=jpeg_draft, retry_failed=retry_failed, allow_outside_root=allow_outside_root,
-                  progress=progress)
+                  progress=progress, decode_timeout=decode_timeout)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for all
     for r in results:

@@ -12,7 +12,6 @@ so a writer killed at any point never leaves a row marked valid that does not ho
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
@@ -28,7 +27,9 @@ import numpy as np
 from .data import HASH_BYTES, Sample
 from .errors import PipelineError
 from .files import atomic_path
+from .locks import CacheLock, lock_cache, lock_holder, open_h5
 from .spec import FeatureSpec, spec_from_attrs
+from .workers import private_fd, release_fd
 
 SCHEMA_VERSION = 1
 DTYPES = ("float16", "float32")
@@ -121,22 +122,21 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self._file = h5py.File(self.path, "r")
+            # Checked first: where HDF5's locking is off (no file locks), only the lock file tells.
+            self._refuse_while_written()
+            self._file = open_h5(self.path, "r")
         except OSError as e:
-            holder = _lock_holder(self.path)
-            if holder:
-                raise PipelineError(
-                    f"cache {self.path} is being written by another process (pid {holder}); read it when that run ends"
-                ) from e
+            self._refuse_while_written()
             raise PipelineError(f"cannot open cache {self.path}: {e}") from e
+        self._fd = private_fd(self._file.id.get_vfd_handle())
         problems = schema_problems(self._file)  # files from elsewhere are checked before anything is read
         if problems:
-            self._file.close()
+            self.close()
             raise PipelineError(f"{self.path} is not a feature cache of this version: {problems[0]}")
         # A missing shard would read as the virtual dataset's fill value, silently: refuse instead.
         lost = [s for s in json.loads(self._file.attrs.get("shards", "[]")) if not (self.path.parent / s).is_file()]
         if lost:
-            self._file.close()
+            self.close()
             raise PipelineError(f"{self.path} presents shard files that are missing: {', '.join(lost)}")
 
     def __enter__(self) -> "FeatureCache":
@@ -146,7 +146,13 @@ class FeatureCache:
         self.close()
 
     def close(self) -> None:
+        release_fd(self._fd)
         self._file.close()
+
+    def _refuse_while_written(self) -> None:
+        holder = lock_holder(self.path)
+        if holder:
+            raise PipelineError(f"cache {self.path} is being written by another process ({holder}); read it when that run ends")
 
     @property
     def attrs(self) -> dict:
@@ -248,27 +254,25 @@ class SyncResult:
 
 
 class CacheWriter:
-    """Exclusive write access to one cache file (created if absent), held by a lock file.
+    """Exclusive write access to one cache file (created if absent), held by its lock (``pipeline.locks``).
 
     ``spec`` determines the features (a file made with another spec is refused); ``weights_source`` is
     where the weights were read from and ``source`` the data source's name; ``tap_dims`` maps each
-    requested tap to its width.
+    requested tap to its width. ``lock``: the file's lock, taken by the caller (who releases it), else
+    taken here.
     """
 
     def __init__(self, path: str | os.PathLike, spec: FeatureSpec, weights_source: str, source: str,
-                 tap_dims: dict[str, int]):
+                 tap_dims: dict[str, int], lock: CacheLock | None = None):
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PipelineError(f"cannot create the cache directory {self.path.parent}: {e.strerror}") from e
-        self._lock = _acquire_lock(self.path)
+        self._own_lock = lock is None
+        self._lock = lock_cache(self.path) if lock is None else lock
         self.dtype = spec.dtype
         try:
             if not self.path.exists():
                 # Made whole under a temporary name, so a run killed while creating it leaves no file.
                 with atomic_path(self.path) as tmp:
-                    self._file = h5py.File(tmp, "w")
+                    self._file = open_h5(tmp, "w")
                     try:
                         self._create(spec, weights_source, source, tap_dims)
                     finally:
@@ -276,10 +280,11 @@ class CacheWriter:
             # No chunk cache: each batch's chunks reach the disk inside the write call, so a full disk is
             # an OSError there, before any row is marked valid. (With a cache, HDF5 reports it at a later
             # flush or garbage collection, and the process can crash at exit.)
-            self._file = h5py.File(self.path, "a", rdcc_nbytes=0)
+            self._file = open_h5(self.path, "a", rdcc_nbytes=0)
         except OSError as e:
-            _release_lock(self._lock)
+            self._release_lock()
             raise PipelineError(f"cannot open cache {self.path} for writing: {e}") from e
+        self._fd = private_fd(self._file.id.get_vfd_handle())
         if "shards" in self._file.attrs:
             n = len(json.loads(self._file.attrs["shards"]))
             self.close()
@@ -308,12 +313,17 @@ class CacheWriter:
 
     def close(self) -> None:
         if self._file:
+            release_fd(self._fd)
             try:
                 self._file.close()
             except (OSError, RuntimeError):
                 pass  # after a failed write (disk full): the rows flushed before it are what the file holds
             self._file = None
-            _release_lock(self._lock)
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._own_lock:
+            self._lock.release()
 
     def _flush(self) -> None:
         """Flush to disk; a write the file system refuses is an OSError (h5py reports some as RuntimeError)."""
@@ -488,7 +498,7 @@ def check_master(path: Path, world: int) -> None:
     if not path.exists():
         return
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "r") as f:
             shards = json.loads(f.attrs.get("shards", "null"))
     except OSError as e:
         raise PipelineError(f"cannot read cache {path}: {e}") from e
@@ -507,7 +517,7 @@ def write_master(path: Path, shards: list[Path]) -> None:
     parts = {k: [] for k in ("ids", "labels", "splits", "content_hash", "valid", "failures")}
     sizes, dims, attrs, dtypes = [], {}, {}, {}
     for shard in shards:
-        with h5py.File(shard, "r") as f:
+        with open_h5(shard, "r") as f:
             for k in parts:
                 parts[k].append(f[k][()])
                 dtypes[k] = f[k].dtype
@@ -515,7 +525,7 @@ def write_master(path: Path, shards: list[Path]) -> None:
             dims = {t: (ds.shape[1], ds.dtype) for t, ds in f["features"].items()}
             attrs = {**dict(f.attrs), "complete": bool(attrs.get("complete", True) and f.attrs.get("complete", False))}
     rel = [os.path.relpath(s, path.parent) for s in shards]
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
         for k, arrays in parts.items():
             f.create_dataset(k, data=np.concatenate(arrays), dtype=dtypes[k], maxshape=(None,))
         group = f.create_group("features")
@@ -539,46 +549,3 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "unknown"
     return out
-
-
-def _acquire_lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise PipelineError(f"cannot write in the cache directory {path.parent}: {e.strerror}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_pid(fd)
-        os.close(fd)
-        raise PipelineError(
-            f"cache {path} is being written by another process (pid {holder}); wait for it to finish or use another --cache"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def _read_pid(fd: int) -> str:
-    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-
-
-def _lock_holder(path: Path) -> str | None:
-    """The pid written in ``path``'s lock file while a writer holds it, else None."""
-    try:
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_pid(fd)
-    finally:
-        os.close(fd)
-    return None
-
-
-def _release_lock(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)

@@ -57,12 +57,21 @@ def load_source(source: str | os.PathLike, allow_outside_root: bool = False) -> 
     A manifest's paths are relative to its folder; one that leaves it (absolute, or through ``..``) is
     an error unless ``allow_outside_root``, so a manifest from elsewhere cannot point at any file."""
     path = Path(source)
+    name = source_name(path)
+    if path.is_dir():
+        return ImageSource(name, path, tuple(_list_folder(path)))
+    return ImageSource(name, path.parent, tuple(_read_manifest(path, allow_outside_root)))
+
+
+def source_name(source: str | os.PathLike) -> str:
+    """A source's short name (its folder's, or its manifest's without ``.csv``), known without listing it."""
+    path = Path(source)
     if not path.exists():
         raise PipelineError(f"data source not found: {path} (give an image folder or a CSV manifest)")
     if path.is_dir():
-        return ImageSource(path.resolve().name, path, tuple(_list_folder(path)))
+        return path.resolve().name
     if path.suffix.lower() == ".csv":
-        return ImageSource(path.stem, path.parent, tuple(_read_manifest(path, allow_outside_root)))
+        return path.stem
     raise PipelineError(f"data source {path} is neither a folder nor a .csv manifest")
 
 

@@ -30,10 +30,12 @@ import torch
 from .backbones import check_taps, resolve_device
 from .batches import default_workers
 from .cache import DTYPES, UNREADABLE, CacheWriter, cache_path, check_master, shard_path, write_master
-from .data import Sample, content_hash, load_source
+from .data import Sample, content_hash, load_source, source_name
 from .errors import PipelineError
-from .featurizer import Featurizer
-from .validation import at_least, check, one_of, optional
+from .featurizer import Featurizer, planned_spec
+from .locks import lock_cache
+from .validation import at_least, check, one_of, optional, positive
+from .workers import DEFAULT_TIMEOUT, Workers
 
 
 @dataclass
@@ -74,62 +76,79 @@ def extract(
     retry_failed: bool = False,
     allow_outside_root: bool = False,
     progress: bool = True,
+    decode_timeout: float = DEFAULT_TIMEOUT,
 ) -> list[ExtractResult]:
     """Extract features of every image in ``source`` with each backbone into ``cache_dir``.
 
     Each backbone gets its own HDF5 file, named ``<source>__<backbone>__<key>.h5`` where the key is its
     feature spec's (weights, preprocessing, dtype, autocast dtype, ``tta``, JPEG draft, decoder), so
     changing any of them makes a new cache. Run under ``torchrun``, the ranks split the images between them.
+
+    Images are decoded in ``workers`` processes: a batch whose decoder crashes its process, or takes longer
+    than ``decode_timeout`` seconds, is decoded again one image per task, and an image that does it again
+    is a recorded failure. ``workers=0`` decodes in this process, without that protection.
     """
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     if not names:
         raise PipelineError("no backbone given; pass --backbone NAME (e.g. tf_efficientnet_lite0.in1k)")
     if weights is not None and len(names) > 1:
         raise PipelineError("--weights names one file, so give exactly one --backbone with it")
-    check(dict(dtype=dtype, batch_size=batch_size, tta=tta, workers=workers),
-          dict(dtype=one_of(*DTYPES), batch_size=at_least(1), tta=optional(one_of(*TTA)), workers=optional(at_least(0))))
-    workers = default_workers() if workers is None else workers
+    check(dict(dtype=dtype, batch_size=batch_size, tta=tta, workers=workers, decode_timeout=decode_timeout),
+          dict(dtype=one_of(*DTYPES), batch_size=at_least(1), tta=optional(one_of(*TTA)), workers=optional(at_least(0)),
+               decode_timeout=positive()))
+    decode = Workers(default_workers() if workers is None else workers, decode_timeout)
     taps = check_taps(taps)
-    src = load_source(source, allow_outside_root)
     rank, world, own_group = _distributed()
-    samples = list(src.samples) if world == 1 else [s for s in src.samples if _rank_of(s.id, world) == rank]
-    hashes, read_errors = _hash_files(samples)
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
-    jobs = []
-    for name in names:
-        fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft)
-        path = cache_path(cache_dir, src.name, fz.spec)
-        if world > 1:
-            check_master(path, world)
-        jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, shard_path(path, rank, world) if world > 1 else path))
+    with ExitStack() as held:
+        # Every cache's lock before any slow work (listing, hashing, loading a model): a second writer
+        # is refused at once. (Weights from the hub are hashed once loaded: their cache is locked then.)
+        name_of_source, locks = source_name(source), {}
+        for name in names:
+            spec = planned_spec(name, weights, str(dev), amp, dtype, tta, jpeg_draft)
+            if spec is not None:
+                path = _write_path(cache_path(cache_dir, name_of_source, spec), rank, world)
+                locks[path] = held.enter_context(lock_cache(path))
+        src = load_source(source, allow_outside_root)
+        samples = list(src.samples) if world == 1 else [s for s in src.samples if _rank_of(s.id, world) == rank]
+        hashes, read_errors = _hash_files(samples)
 
-    present = {s.id for s in samples}
-    groups: dict[str, list[_Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.fz.spec.decode_key, []).append(job)
-    results = []
-    for group in groups.values():
-        with ExitStack() as stack:
-            writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, src.name,
-                                                       j.fz.backbone.tap_dims(j.taps))) for j in group]
-            plans = [w.sync(samples, hashes, read_errors, retry_failed=retry_failed) for w in writers]
-            start = time.perf_counter()
-            try:
-                done = _run(group, writers, plans, batch_size, workers, progress and rank == 0)
-            except OSError as e:  # disk full, file system gone read-only, ...
-                raise PipelineError(
-                    f"writing to {', '.join(str(w.path) for w in writers)} failed: "
-                    f"{os.strerror(e.errno) if e.errno else e.strerror or e}; the rows "
-                    "written before are kept, so run the same command again once it is fixed"
-                ) from e
-            seconds = time.perf_counter() - start
-            for job, w, plan, n in zip(group, writers, plans, done):
-                w.finish()
-                results.append(ExtractResult(job.fz.spec.backbone, job.path, n, plan.reused, plan.changed, plan.new,
-                                             len(w.failed_ids() & present), seconds))
+        jobs = []
+        for name in names:
+            fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft)
+            path = cache_path(cache_dir, src.name, fz.spec)
+            if world > 1:
+                check_master(path, world)
+            jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, _write_path(path, rank, world)))
+
+        present = {s.id for s in samples}
+        groups: dict[str, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.fz.spec.decode_key, []).append(job)
+        results = []
+        for group in groups.values():
+            with ExitStack() as stack:
+                writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, src.name,
+                                                           j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to)))
+                           for j in group]
+                plans = [w.sync(samples, hashes, read_errors, retry_failed=retry_failed) for w in writers]
+                start = time.perf_counter()
+                try:
+                    done = _run(group, writers, plans, batch_size, decode, progress and rank == 0)
+                except OSError as e:  # disk full, file system gone read-only, ...
+                    raise PipelineError(
+                        f"writing to {', '.join(str(w.path) for w in writers)} failed: "
+                        f"{os.strerror(e.errno) if e.errno else e.strerror or e}; the rows "
+                        "written before are kept, so run the same command again once it is fixed"
+                    ) from e
+                seconds = time.perf_counter() - start
+                for job, w, plan, n in zip(group, writers, plans, done):
+                    w.finish()
+                    results.append(ExtractResult(job.fz.spec.backbone, job.path, n, plan.reused, plan.changed,
+                                                 plan.new, len(w.failed_ids() & present), seconds))
     if world > 1:
         results = _gather(results, jobs, rank, world)
         if own_group:
@@ -160,6 +179,11 @@ def _distributed() -> tuple[int, int, bool]:
         # Ranks finish their shares at different times; the final barrier must not time out.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     return dist.get_rank(), dist.get_world_size(), own
+
+
+def _write_path(path: Path, rank: int, world: int) -> Path:
+    """Where this process writes the cache ``path``: the file itself, or under torchrun its rank's shard."""
+    return shard_path(path, rank, world) if world > 1 else path
 
 
 def _rank_of(sample_id: str, world: int) -> int:
@@ -236,7 +260,7 @@ class _InOrder:
             raise self._error
 
 
-def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size: int, workers: int,
+def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size: int, workers: Workers,
          progress: bool) -> list[int]:
     """One decode pass over the images any backbone of ``group`` (same decode) still needs."""
     rows = [dict(zip((s.id for s in plan.samples), plan.todo.tolist())) for plan in plans]

@@ -15,13 +15,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone, file_sha256, load_backbone
+from .backbones import Backbone, file_sha256, load_backbone, resolve_amp, resolve_device
+from .model_sources import model_source
 from .model_sources.timm import WEIGHTS_DIR_ENV, resolve_weights_file, weights_dir_candidates
 from .batches import image_batches
 from .data import Sample
 from .errors import PipelineError
 from .progress import progress_bar
 from .spec import FeatureSpec
+from .workers import Workers
 
 Batch = tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]
 
@@ -39,9 +41,7 @@ class Featurizer:
                jpeg_draft: bool = True) -> "Featurizer":
         """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute."""
         bb = load_backbone(name, weights, device, amp, channels_last)
-        spec = FeatureSpec(backbone=bb.name, weights_sha256=bb.weights_sha256, data_config=bb.data_config, dtype=dtype,
-                           amp=bb.amp, tta=tta or "", jpeg_draft=jpeg_draft, source=bb.source)
-        return cls(spec, bb)
+        return cls(_spec(bb.name, bb.source, bb.weights_sha256, bb.data_config, bb.amp, dtype, tta, jpeg_draft), bb)
 
     @classmethod
     def load(cls, spec: FeatureSpec, weights: Sequence[str | os.PathLike] = (), recorded: str | None = None,
@@ -65,7 +65,7 @@ class Featurizer:
     def device(self) -> torch.device:
         return self.backbone.device
 
-    def device_batches(self, samples: Sequence[Sample], batch_size: int, workers: int, progress: bool = False,
+    def device_batches(self, samples: Sequence[Sample], batch_size: int, workers: int | Workers, progress: bool = False,
                        label: str = "") -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
         """Decoded and transformed image batches on the backbone's device (None where all failed)."""
         bb = self.backbone
@@ -84,11 +84,31 @@ class Featurizer:
             out = self.backbone.forward(x, tuple(taps), self.spec.tta or None, self.spec.amp)
         return {k: v.cpu().numpy().astype(self.spec.dtype).astype(np.float32) for k, v in out.items()}
 
-    def batches(self, samples: Sequence[Sample], taps: Sequence[str], batch_size: int, workers: int,
+    def batches(self, samples: Sequence[Sample], taps: Sequence[str], batch_size: int, workers: int | Workers,
                 progress: bool = False, label: str = "") -> Iterator[Batch]:
         """Per batch: (indices into ``samples``, features per tap, [(index, error)])."""
         for idx, x, failed in self.device_batches(samples, batch_size, workers, progress, label):
             yield idx, {} if x is None else self.features(x, taps), failed
+
+
+def planned_spec(name: str, weights: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
+                 dtype: str = "float16", tta: str | None = None, jpeg_draft: bool = True) -> FeatureSpec | None:
+    """The spec ``Featurizer.create`` with these arguments will state, known without building the model
+    (the model source's plan: for timm, the weights file's sha256 and its pretrained config). So a writer
+    can take its cache's lock before any slow work. None when the source cannot tell without loading
+    (weights from the hub are hashed once loaded; a user's module must be built)."""
+    source = model_source(name)
+    plan = source.plan(name, None if weights is None else weights) if source.plan else None
+    if plan is None:
+        return None
+    backbone, sha, data_config = plan
+    return _spec(backbone, source.name, sha, data_config, resolve_amp(amp, resolve_device(device)), dtype, tta, jpeg_draft)
+
+
+def _spec(backbone: str, source: str, weights_sha256: str, data_config: dict, amp: str, dtype: str, tta: str | None,
+          jpeg_draft: bool) -> FeatureSpec:
+    return FeatureSpec(backbone=backbone, weights_sha256=weights_sha256, data_config=data_config, dtype=dtype, amp=amp,
+                       tta=tta or "", jpeg_draft=jpeg_draft, source=source)
 
 
 def find_weights(spec: FeatureSpec, given: Sequence[str | os.PathLike] = (), recorded: str | None = None) -> Path | None:

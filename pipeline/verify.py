@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .backbones import load_backbone
@@ -16,6 +15,7 @@ from .cache import FeatureCache, schema_problems
 from .data import content_hash, load_source
 from .errors import PipelineError
 from .featurizer import Featurizer
+from .locks import open_h5
 from .spec import SAME_SPEC_MIN_COSINE as MIN_COSINE
 
 
@@ -108,7 +108,7 @@ def _spec_problems(spec, fz: Featurizer) -> list[str]:
 
 def _check_schema(report: VerifyReport) -> None:
     try:
-        f = h5py.File(report.path, "r")
+        f = open_h5(report.path, "r")
     except OSError as e:
         raise PipelineError(f"cannot open {report.path} as HDF5: {e}") from e
     with f:

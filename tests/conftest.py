@@ -125,11 +125,11 @@ def tiny_run(tmp_path_factory, tiny_weights_dir, _folder_template):
     return {"data": data, "cache": res.cache, "run": base / "run", "fit": result}
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The installed CLI as a user runs it, in a subprocess (exit code, stdout, stderr)."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, cwd=cwd, timeout=600,
+        env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 from .base import Backbone
 
 Loader = Callable[[str, "Path | None"], Backbone]
+Plan = Callable[[str, "Path | None"], "tuple[str, str, dict] | None"]
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,18 @@ class ModelSource:
     doc: str
     claims: Callable[[str], bool]  # whether a backbone name is this source's
     load: Loader  # (name, weights file or folder, or None) -> a Backbone on the CPU, in eval mode
+    plan: Plan | None = None  # (name, weights) -> (name, weights sha256, data config) without building the model, or None
 
 
 _REGISTRY: list[ModelSource] = []
 
 
-def register_model_source(name: str, doc: str, claims: Callable[[str], bool]):
-    """Register ``load(name, weights) -> Backbone`` (decorator); sources are asked in registration order."""
+def register_model_source(name: str, doc: str, claims: Callable[[str], bool], plan: Plan | None = None):
+    """Register ``load(name, weights) -> Backbone`` (decorator); sources are asked in registration order.
+    ``plan`` tells what a load would record without loading (so a cache can be locked first)."""
 
     def wrap(load: Loader) -> Loader:
-        _REGISTRY.append(ModelSource(name, doc, claims, load))
+        _REGISTRY.append(ModelSource(name, doc, claims, load, plan))
         return load
 
     return wrap

@@ -3,8 +3,10 @@ features (name, weights hash, timm-style data config) and a forward pass that re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,13 @@ class Backbone:
 
 
 def file_sha256(path: Path) -> str:
+    st = os.stat(path)
+    return _sha256(Path(path).resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """Hashed once per process while the file is unchanged (the size and mtime are part of the key)."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

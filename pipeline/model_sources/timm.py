@@ -15,7 +15,7 @@ from pathlib import Path
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
-from timm.data import resolve_model_data_config
+from timm.data import resolve_data_config, resolve_model_data_config
 
 from ..errors import PipelineError
 from ..hub import hub_access
@@ -69,8 +69,20 @@ class TimmBackbone(Backbone):
         return out
 
 
+def plan(name: str, weights: Path | None) -> tuple[str, str, dict] | None:
+    """What ``load`` will record for a timm name with a local weights file, from the file's sha256 and
+    timm's pretrained config alone; None otherwise (hub weights are hashed once loaded)."""
+    if ":" in name or not timm.is_model(name):
+        return None
+    file = resolve_weights_file(name, weights)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if file is None or cfg is None:
+        return None
+    return name, file_sha256(file), plain(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+
+
 @register_model_source("timm", "timm model names, hf-hub:ORG/NAME and local-dir:FOLDER (timm's own forms)",
-                       claims=lambda name: ":" not in name or name.startswith(TIMM_FORMS))
+                       claims=lambda name: ":" not in name or name.startswith(TIMM_FORMS), plan=plan)
 def load(name: str, weights: Path | None) -> Backbone:
     if name.startswith("local-dir:"):
         model, sha, source = _from_local_dir(name, weights)

@@ -1,0 +1,63 @@
+"""`python tests/patched_cli.py ARGS...`: the `pipeline` command with faults and probes put in on purpose.
+
+- ``PIPELINE_TEST_FAULTS="name:fault,..."``: decoding the file called ``name`` segfaults (``segv``),
+  aborts (``abort``), is killed as the out-of-memory killer would (``oom``) or never returns (``hang``),
+  inside whatever process decodes it.
+- ``PIPELINE_TEST_EVENTS=FILE``: appends one line per event (``list``, ``hash``, ``model``) with the time,
+  to see what a run did before it stopped.
+"""
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pipeline.data as data
+
+FAULTS = dict(f.split(":") for f in os.environ.get("PIPELINE_TEST_FAULTS", "").split(",") if f)
+EVENTS = os.environ.get("PIPELINE_TEST_EVENTS")
+
+
+def _fault(kind: str) -> None:
+    if kind == "segv":
+        ctypes.string_at(0)  # a real invalid read
+    elif kind == "abort":
+        os.abort()
+    elif kind == "oom":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        time.sleep(3600)
+
+
+def _event(name: str, fn):
+    def logged(*args, **kwargs):
+        with open(EVENTS, "a") as fh:
+            fh.write(f"{time.time():.6f} {os.getpid()} {name}\n")
+        return fn(*args, **kwargs)
+    return logged
+
+
+if FAULTS:
+    real_load_image = data.load_image
+
+    def load_image(path, *args, **kwargs):
+        if Path(path).name in FAULTS:
+            _fault(FAULTS[Path(path).name])
+        return real_load_image(path, *args, **kwargs)
+
+    data.load_image = load_image
+
+if EVENTS:
+    import pipeline.backbones as backbones
+
+    data.load_source = _event("list", data.load_source)
+    data.content_hash = _event("hash", data.content_hash)
+    backbones.load_backbone = _event("model", backbones.load_backbone)
+
+if __name__ == "__main__":
+    from cli import main
+
+    sys.argv[0] = "pipeline"
+    main()
