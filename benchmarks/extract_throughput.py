@@ -26,7 +26,8 @@ from PIL import Image
 
 from pipeline.backbones import load_backbone
 from pipeline.cache import CacheWriter
-from pipeline.data import load_image, load_source
+from pipeline.data import load_image
+from pipeline.sources import load_source
 from pipeline.extract import extract
 from pipeline.spec import FeatureSpec
 

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "backbones": ("TAPS", "Backbone", "load_backbone"),
     "cache": ("FeatureCache", "find_caches"),
-    "data": ("ImageSource", "Sample", "load_image", "load_source"),
+    "data": ("Sample", "load_image"),
     "errors": ("PipelineError",),
     "extract": ("ExtractResult", "extract"),
     "featurizer": ("Featurizer",),
@@ -27,6 +27,7 @@ _EXPORTS = {
     "predict": ("predict",),
     "protocol": ("Protocol",),
     "runs": ("Row", "RunFolder", "best_row"),
+    "sources": ("ImageSource", "load_source", "register_source"),
     "spec": ("FeatureSpec",),
     "strategies": ("register_strategy",),
     "study": ("run",),
@@ -37,7 +38,7 @@ __all__ = sorted(name for names in _EXPORTS.values() for name in names)
 if TYPE_CHECKING:
     from .backbones import TAPS, Backbone, load_backbone
     from .cache import FeatureCache, find_caches
-    from .data import ImageSource, Sample, load_image, load_source
+    from .data import Sample, load_image
     from .errors import PipelineError
     from .extract import ExtractResult, extract
     from .featurizer import Featurizer
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .predict import predict
     from .protocol import Protocol
     from .runs import Row, RunFolder, best_row
+    from .sources import ImageSource, load_source, register_source
     from .spec import FeatureSpec
     from .strategies import register_strategy
     from .study import run

@@ -24,10 +24,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import HASH_BYTES, Sample
+from .data import HASH_BYTES
 from .errors import PipelineError
 from .files import atomic_path
 from .locks import CacheLock, lock_cache, lock_holder, open_h5
+from .sources import UNREADABLE, ImageSource
 from .spec import FeatureSpec, spec_from_attrs
 from .workers import private_fd, release_fd
 
@@ -36,7 +37,6 @@ DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
 _FAILURE = np.dtype([("id", _STR), ("stage", _STR), ("reason", _STR)])
 _CHUNK_ROWS = 256
-UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a file whose bytes could not be read
 
 
 def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec) -> Path:
@@ -247,7 +247,7 @@ class SyncResult:
     """What a writer must do for a source: rows to compute, and how many were reused or changed."""
 
     todo: np.ndarray  # row indices to (re)compute, ascending
-    samples: list[Sample]  # the sample of each todo row
+    indices: np.ndarray  # the source's index of the sample of each todo row
     reused: int
     changed: int
     new: int
@@ -382,25 +382,28 @@ class CacheWriter:
         self._file.attrs["taps"] = json.dumps(list(group.keys()))
         self._flush()
 
-    def sync(self, samples: list[Sample], hashes: list[bytes], read_errors: dict[str, str] | None = None,
+    def sync(self, source: "ImageSource", hashes: np.ndarray, read_errors: dict[str, str] | None = None,
              retry_failed: bool = False) -> SyncResult:
         """Match a source's samples against the stored rows; append new ones; invalidate changed ones.
 
-        ``hashes[i]`` is the content hash of ``samples[i]`` (``UNREADABLE`` when the file could not be
-        read, with the reason in ``read_errors[id]``). Labels and splits are rewritten to the source's; rows no longer in the source keep their
-        features (for reuse by ``predict``) and lose their label. A row that failed before is retried only
-        when its bytes changed, or with ``retry_failed``.
+        ``hashes[i]`` is the content hash of sample ``i`` (``UNREADABLE`` when its bytes could not be
+        read, with the reason in ``read_errors[id]``). Labels (and their kind) and splits are rewritten to
+        the source's; rows no longer in the source keep their features (for reuse by ``predict``) and lose
+        their label. A row that failed before is retried only when its bytes changed, or with
+        ``retry_failed``.
         """
         f = self._file
+        ids = source.ids
         n_old = len(self._ids)
         index = {sid: i for i, sid in enumerate(self._ids)}
-        new_samples = [s for s in samples if s.id not in index]
-        for s in new_samples:
-            index[s.id] = len(self._ids)
-            self._ids.append(s.id)
+        is_new = np.fromiter((sid not in index for sid in ids), bool, len(ids))
+        rows = np.empty(len(ids), np.int64)
+        rows[~is_new] = [index[sid] for sid in ids[~is_new]]
+        rows[is_new] = n_old + np.arange(int(is_new.sum()))
+        del index
+        self._ids.extend(ids[is_new])
         n = len(self._ids)
-        rows = np.fromiter((index[s.id] for s in samples), np.int64, len(samples))
-        hash_arr = np.array(hashes, dtype=f"S{HASH_BYTES}")
+        hash_arr = np.asarray(hashes, dtype=f"S{HASH_BYTES}")
         stored = np.concatenate([f["content_hash"][()], np.zeros(n - n_old, f"S{HASH_BYTES}")])
         valid = np.concatenate([f["valid"][()], np.zeros(n - n_old, bool)])
 
@@ -419,22 +422,23 @@ class CacheWriter:
                 f[name].resize((n,))
             for ds in f["features"].values():
                 ds.resize((n, ds.shape[1]))
-            f["ids"][n_old:] = [s.id for s in new_samples]
+            f["ids"][n_old:] = list(ids[is_new])
             f["valid"][n_old:] = False
         stored[rows] = hash_arr
         labels = np.full(n, "", dtype=object)
         splits = np.full(n, "", dtype=object)
-        labels[rows] = [s.label for s in samples]
-        splits[rows] = [s.split for s in samples]
+        labels[rows] = source.labels
+        splits[rows] = source.splits
         f["content_hash"][:] = stored
         f["labels"][:] = labels
         f["splits"][:] = splits
+        f.attrs["label_kind"] = source.label_kind
 
         unreadable = hash_arr == UNREADABLE
-        for s in np.array(samples, dtype=object)[unreadable]:
-            self._failures[s.id] = ("read", (read_errors or {}).get(s.id, "file could not be read"))
+        for sid in ids[unreadable]:
+            self._failures[sid] = ("read", (read_errors or {}).get(sid, "file could not be read"))
         need = ~valid[rows]
-        known_failure = np.fromiter((s.id in self._failures for s in samples), bool, len(samples))
+        known_failure = np.fromiter((sid in self._failures for sid in ids), bool, len(ids))
         skip = unreadable if retry_failed else known_failure
         todo_mask = need & ~skip
         order = np.argsort(rows[todo_mask])
@@ -443,9 +447,8 @@ class CacheWriter:
         f.attrs["complete"] = False
         self._flush()
         return SyncResult(
-            todo=rows[todo_mask][order],
-            samples=[samples[i] for i in np.flatnonzero(todo_mask)[order]],
-            reused=int((~need).sum()), changed=int(changed.sum()), new=len(new_samples),
+            todo=rows[todo_mask][order], indices=np.flatnonzero(todo_mask)[order],
+            reused=int((~need).sum()), changed=int(changed.sum()), new=int(is_new.sum()),
         )
 
     def write(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:

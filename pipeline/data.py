@@ -1,16 +1,15 @@
-"""Data sources: which images there are, what they are called, their labels and splits; and how to
-open one image safely.
+"""One image: a sample (id, where its bytes are, label cell, split), the hash of its bytes, and how to
+open it safely as RGB. Which images a source has is :mod:`pipeline.sources`' business.
 
-A source is a folder laid out ``root/[split/]class/image`` or a CSV manifest with a ``path`` column
-and optional ``label``, ``split`` and ``id`` columns. A sample's id is its path relative to the
-folder (or the manifest's ``id``, else its ``path`` as written): the key that joins features, labels
-and predictions.
+A sample's id is the key that joins features, labels and predictions: a folder image's path relative
+to the folder, a manifest's ``id`` (else its ``path``), a shard's ``<shard>/<key>``, a parquet row's
+``id`` (else ``<file>/<row>``).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,46 +32,33 @@ HASH_BYTES = 32
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One image of a source: its id, where its bytes are, and its label and split ("" when none)."""
+class Member:
+    """Bytes inside a container file: a tar member's (``at`` its data's byte offset, ``size`` bytes) or
+    a parquet cell's (``at`` the row group, ``size`` the row in it, ``column`` the image column)."""
 
-    id: str
-    path: Path
-    label: str = ""
-    split: str = ""
+    container: Path
+    at: int
+    size: int
+    column: str = ""
+
+    def read(self) -> bytes:
+        from .sources import read_member  # the sources know their containers; they import this module
+
+        return read_member(self)
+
+    def __str__(self) -> str:
+        return f"{self.container}[{self.at}:{self.size}{':' + self.column if self.column else ''}]"
 
 
 @dataclass(frozen=True)
-class ImageSource:
-    """A listed data source: a short name (used in cache file names) and its samples, in a stable order."""
+class Sample:
+    """One image of a source: its id, where its bytes are (a file, or a member of a container), and its
+    label cell and split ("" when none)."""
 
-    name: str
-    root: Path
-    samples: tuple[Sample, ...]
-
-
-def load_source(source: str | os.PathLike, allow_outside_root: bool = False) -> ImageSource:
-    """List a folder (``root/[split/]class/image``) or a CSV manifest as an :class:`ImageSource`.
-
-    A manifest's paths are relative to its folder; one that leaves it (absolute, or through ``..``) is
-    an error unless ``allow_outside_root``, so a manifest from elsewhere cannot point at any file."""
-    path = Path(source)
-    name = source_name(path)
-    if path.is_dir():
-        return ImageSource(name, path, tuple(_list_folder(path)))
-    return ImageSource(name, path.parent, tuple(_read_manifest(path, allow_outside_root)))
-
-
-def source_name(source: str | os.PathLike) -> str:
-    """A source's short name (its folder's, or its manifest's without ``.csv``), known without listing it."""
-    path = Path(source)
-    if not path.exists():
-        raise PipelineError(f"data source not found: {path} (give an image folder or a CSV manifest)")
-    if path.is_dir():
-        return path.resolve().name
-    if path.suffix.lower() == ".csv":
-        return path.stem
-    raise PipelineError(f"data source {path} is neither a folder nor a .csv manifest")
+    id: str
+    path: Path | Member
+    label: str = ""
+    split: str = ""
 
 
 def is_image_file(path: Path) -> bool:
@@ -92,65 +78,16 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _list_folder(root: Path) -> list[Sample]:
-    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    has_splits = bool(subdirs) and all(d in SPLITS for d in subdirs)
-    samples = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root).parts
-        split = rel_dir[0] if has_splits and rel_dir else ""
-        class_parts = rel_dir[1:] if has_splits else rel_dir
-        label = class_parts[0] if class_parts else ""
-        for name in sorted(filenames):
-            f = Path(dirpath) / name
-            if is_image_file(f):
-                samples.append(Sample(f.relative_to(root).as_posix(), f, label, split))
-    if not samples:
-        raise PipelineError(
-            f"no images found under {root} (expected {root}/[split/]class/image with extensions "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return samples
-
-
-def _read_manifest(path: Path, allow_outside_root: bool) -> list[Sample]:
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
-    if "path" not in columns:
-        raise PipelineError(f"{path}: a manifest needs a 'path' column (optional: label, split, id); found {list(columns)}")
-    samples, seen = [], {}
-    for line, row in enumerate(rows, start=2):
-        rel = (row.get("path") or "").strip()
-        if not rel:
-            raise PipelineError(f"{path}:{line}: empty 'path'")
-        if not allow_outside_root and (Path(rel).is_absolute() or ".." in Path(rel).parts):
-            raise PipelineError(
-                f"{path}:{line}: path {rel!r} leaves the manifest's folder; paths are relative to it "
-                "(pass --allow-outside-root to read it anyway)"
-            )
-        sid = (row.get("id") or "").strip() or rel
-        if sid in seen:
-            raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {seen[sid]}); ids must be unique")
-        seen[sid] = line
-        samples.append(Sample(sid, path.parent / rel, (row.get("label") or "").strip(), (row.get("split") or "").strip()))
-    if not samples:
-        raise PipelineError(f"{path}: the manifest lists no images")
-    return samples
-
-
-def content_hash(path: Path) -> bytes:
-    """Digest of a file's bytes: what decides whether a cached row is still that image's."""
+def content_hash(path: Path | Member) -> bytes:
+    """Digest of an image's bytes: what decides whether a cached row is still that image's."""
+    if isinstance(path, Member):
+        return hashlib.sha256(path.read()).digest()
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, _HASH).digest()
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike | Member, max_pixels: int = MAX_IMAGE_PIXELS,
+               min_side: int | None = None) -> Image.Image:
     """Open an image as upright 8-bit RGB, or raise with a reason a person can read.
 
     Opening, EXIF orientation, pixel decoding and mode conversion happen together because Pillow defers
@@ -158,7 +95,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, min_
     JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both sides at least
     ``min_side`` (libjpeg's DCT scaling, ``Image.draft``): pixels the resize would discard are never made.
     """
-    if os.path.getsize(path) == 0:
+    if isinstance(path, Member):
+        path = io.BytesIO(path.read())
+        if not path.getbuffer().nbytes:
+            raise ValueError("empty image (0 bytes)")
+    elif os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

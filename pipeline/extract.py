@@ -17,7 +17,6 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,10 +28,10 @@ import torch
 
 from .backbones import check_taps, resolve_device
 from .batches import default_workers
-from .cache import DTYPES, UNREADABLE, CacheWriter, cache_path, check_master, shard_path, write_master
-from .data import Sample, content_hash, load_source, source_name
+from .cache import DTYPES, CacheWriter, cache_path, check_master, shard_path, write_master
 from .errors import PipelineError
 from .featurizer import Featurizer, planned_spec
+from .sources import ImageSource, load_source, source_name
 from .locks import lock_cache
 from .validation import at_least, check, one_of, optional, positive
 from .workers import DEFAULT_TIMEOUT, Workers
@@ -113,8 +112,9 @@ def extract(
                 path = _write_path(cache_path(cache_dir, name_of_source, spec), rank, world)
                 locks[path] = held.enter_context(lock_cache(path))
         src = load_source(source, allow_outside_root)
-        samples = list(src.samples) if world == 1 else [s for s in src.samples if _rank_of(s.id, world) == rank]
-        hashes, read_errors = _hash_files(samples)
+        if world > 1:
+            src = src.subset(np.fromiter((_rank_of(sid, world) == rank for sid in src.ids), bool, len(src)))
+        hashes, read_errors = src.content_hashes()
 
         jobs = []
         for name in names:
@@ -124,7 +124,7 @@ def extract(
                 check_master(path, world)
             jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, _write_path(path, rank, world)))
 
-        present = {s.id for s in samples}
+        present = set(src.ids)
         groups: dict[str, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(job.fz.spec.decode_key, []).append(job)
@@ -134,10 +134,10 @@ def extract(
                 writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, src.name,
                                                            j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to)))
                            for j in group]
-                plans = [w.sync(samples, hashes, read_errors, retry_failed=retry_failed) for w in writers]
+                plans = [w.sync(src, hashes, read_errors, retry_failed=retry_failed) for w in writers]
                 start = time.perf_counter()
                 try:
-                    done = _run(group, writers, plans, batch_size, decode, progress and rank == 0)
+                    done = _run(src, group, writers, plans, batch_size, decode, progress and rank == 0)
                 except OSError as e:  # disk full, file system gone read-only, ...
                     raise PipelineError(
                         f"writing to {', '.join(str(w.path) for w in writers)} failed: "
@@ -211,21 +211,6 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
     return out
 
 
-def _hash_files(samples: Sequence[Sample]) -> tuple[list[bytes], dict[str, str]]:
-    """Content hash of every sample (``UNREADABLE`` where the file cannot be read) and the read errors."""
-    errors: dict[str, str] = {}
-
-    def one(s: Sample) -> bytes:
-        try:
-            return content_hash(s.path)
-        except OSError as e:
-            errors[s.id] = f"{type(e).__name__}: {e.strerror or e}"
-            return UNREADABLE
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, samples)), errors
-
-
 class _InOrder:
     """Runs calls in order on one background thread with at most ``depth`` waiting, so HDF5 writes
     overlap the next forward pass while memory stays bounded. An error in a call is raised in the caller
@@ -260,24 +245,28 @@ class _InOrder:
             raise self._error
 
 
-def _run(group: list[_Job], writers: list[CacheWriter], plans: list, batch_size: int, workers: Workers,
-         progress: bool) -> list[int]:
+def _run(src: ImageSource, group: list[_Job], writers: list[CacheWriter], plans: list, batch_size: int,
+         workers: Workers, progress: bool) -> list[int]:
     """One decode pass over the images any backbone of ``group`` (same decode) still needs."""
-    rows = [dict(zip((s.id for s in plan.samples), plan.todo.tolist())) for plan in plans]
-    todo = list({s.id: s for plan in plans for s in plan.samples}.values())
+    wanted = np.unique(np.concatenate([plan.indices for plan in plans]))
+    todo = src.subset(wanted)
+    rows = []  # per job, each todo image's cache row, or -1 where the job does not need it
+    for plan in plans:
+        row = np.full(len(wanted), -1, np.int64)
+        row[np.searchsorted(wanted, plan.indices)] = plan.todo
+        rows.append(row)
     done = [0] * len(group)
     label = "extract " + ", ".join(j.fz.spec.backbone for j in group)
     with _InOrder() as background:
         for idx, x, failed in group[0].fz.device_batches(todo, batch_size, workers, progress, label):
-            ids = [todo[i].id for i in idx]
             for k, (job, writer, row_of) in enumerate(zip(group, writers, rows)):
-                lost = [(todo[i].id, "decode", err) for i, err in failed if todo[i].id in row_of]
+                lost = [(todo.ids[i], "decode", err) for i, err in failed if row_of[i] >= 0]
                 if lost:
                     background.submit(writer.record_failures, lost)
-                sel = [j for j, sid in enumerate(ids) if sid in row_of]
+                sel = [j for j, i in enumerate(idx) if row_of[i] >= 0]
                 if not sel:
                     continue
-                feats = job.fz.features(x if len(sel) == len(ids) else x[sel], job.taps)
-                background.submit(writer.write, np.array([row_of[ids[j]] for j in sel]), feats)
+                feats = job.fz.features(x if len(sel) == len(idx) else x[sel], job.taps)
+                background.submit(writer.write, row_of[[idx[j] for j in sel]], feats)
                 done[k] += len(sel)
     return done

@@ -42,7 +42,8 @@ from timm.scheduler import CosineLRScheduler
 from .backbones import AMP, Backbone, file_sha256, load_backbone
 from .batches import default_workers, image_batches
 from .cache import FeatureCache
-from .data import Sample, load_source
+from .data import Sample
+from .sources import load_source
 from .errors import PipelineError
 from .featurizer import Featurizer
 from .files import atomic_path
@@ -225,7 +226,10 @@ def _task(data: str | os.PathLike, labels: str | os.PathLike | None) -> tuple[st
     and splits (classification), or a label file's (its split column, else the data's splits)."""
     src = load_source(data)
     if labels is None:
-        return src.name, get_kind("classification"), {s.id: (s, s.label) for s in src.samples if s.label}
+        kind = get_kind(src.label_kind)
+        labelled = [s for s in src.samples if s.label]
+        values = kind.parse([s.label for s in labelled], [f"{data}: {s.id}" for s in labelled])
+        return src.name, kind, {s.id: (s, v) for s, v in zip(labelled, values)}
     table = read_labels(labels)
     by_id = {s.id: s for s in src.samples}
     missing = [i for i in table.ids if i not in by_id]

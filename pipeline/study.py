@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from .cache import FeatureCache, cache_path
-from .data import content_hash, load_source
+from .data import HASH_BYTES
+from .sources import load_source
 from .errors import PipelineError
 from .extract import extract
 from .featurizer import Featurizer
@@ -129,7 +130,8 @@ def _extract_steps(s: Study, progress: bool) -> tuple[list[Step], list[Path]]:
     """A step per backbone, skipped when its cache (found by the feature spec's key) already holds every
     image of the data with the same bytes; and the caches."""
     src = load_source(s.data)
-    hashes = {x.id: content_hash(x.path) for x in src.samples}
+    digests, _ = src.content_hashes()
+    hashes = {sid: bytes(h).ljust(HASH_BYTES, b"\0") for sid, h in zip(src.ids, digests)}
     settings = {k: v for k, v in s.extract.items() if k != "taps"}
     taps = tuple(s.extract.get("taps", ("pooled",)))
     steps, paths = [], []

@@ -94,7 +94,9 @@ def cache_task(cache: FeatureCache) -> Task:
     ids, labels = cache.ids, cache.labels
     has = labels != ""
     name = str(cache.attrs.get("source") or "labels")
-    return Task(name, ids[has], labels[has], cache.splits[has], get_kind("classification").name)
+    kind = get_kind(str(cache.attrs.get("label_kind", "classification")))
+    values = kind.parse(list(labels[has]), [f"{cache.path.name}: {i}" for i in ids[has]])
+    return Task(name, ids[has], values, cache.splits[has], kind.name)
 
 
 def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool = True) -> TaskData:

@@ -12,7 +12,8 @@ import numpy as np
 
 from .backbones import load_backbone
 from .cache import FeatureCache, schema_problems
-from .data import content_hash, load_source
+from .data import content_hash
+from .sources import load_source
 from .errors import PipelineError
 from .featurizer import Featurizer
 from .locks import open_h5

@@ -51,9 +51,10 @@ if FAULTS:
 
 if EVENTS:
     import pipeline.backbones as backbones
+    import pipeline.sources as sources
 
-    data.load_source = _event("list", data.load_source)
-    data.content_hash = _event("hash", data.content_hash)
+    sources.load_source = _event("list", sources.load_source)
+    sources.content_hash = _event("hash", sources.content_hash)
     backbones.load_backbone = _event("model", backbones.load_backbone)
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import PipelineError, read_labels
-from pipeline.data import load_source
+from pipeline.sources import load_source
 
 cell = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 safe = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=10)

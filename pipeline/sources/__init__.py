@@ -1,0 +1,198 @@
+"""Data sources: which images there are, what they are called, their labels and splits, and where each
+one's bytes are; picked by the path's form from a registry.
+
+- ``folder``: ``root/[split/]class/image``;
+- ``manifest``: a CSV with a ``path`` column and optional ``label`` (or ``labels``, ``target``),
+  ``split`` and ``id`` columns;
+- ``webdataset``: ``.tar`` shards (a file, a folder of them, or a brace pattern);
+- ``parquet``: a ``.parquet`` file or a folder of them, in the Hugging Face datasets layout.
+
+A source is listed column by column (:class:`ImageSource`): ids, label cells and splits as arrays,
+and where the bytes are as a reader that opens one sample on demand, so listing a million images holds
+no image and no object per image beyond its id (labels and splits are shared strings). ``content_hash``
+is the sha256 of an image's bytes for every source, so a sample is recognised across formats. Adding a
+source is one module with a lister and ``@register_source``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from array import array
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..data import HASH_BYTES, Member, Sample, content_hash
+from ..errors import PipelineError
+
+Lister = Callable[[Path, bool], "ImageSource"]
+
+
+@dataclass
+class ImageSource:
+    """A listed source, in a stable order: a short name (it names cache files), the ids, each sample's
+    label cell (``""`` when none; ``label_kind`` says how to read them: ``classification``,
+    ``multilabel``, ``regression``) and split, and ``locate(i)``, where sample ``i``'s bytes are (a path,
+    or a :class:`~pipeline.data.Member` of a container). ``hashes`` are the content hashes when the
+    listing read the bytes anyway (tar shards, parquet)."""
+
+    name: str
+    root: Path
+    ids: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    locate: Callable[[int], "Path | Member"]
+    label_kind: str = "classification"
+    hashes: np.ndarray | None = None
+    read_errors: dict[str, str] = field(default_factory=dict)
+    rows: np.ndarray | None = None  # for a subset: the rows of the source it keeps
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Sample:
+        row = int(i if self.rows is None else self.rows[i])
+        return Sample(self.ids[i], self.locate(row), self.labels[i], self.splits[i])
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Every sample as an object (for the few hundred a fine-tune or a check reads, not a listing)."""
+        return [self[i] for i in range(len(self))]
+
+    def subset(self, keep: np.ndarray) -> "ImageSource":
+        """The samples ``keep`` (a mask or indices) selects, in order."""
+        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, dtype=np.int64)
+        rows = idx if self.rows is None else self.rows[idx]
+        return replace(self, ids=self.ids[idx], labels=self.labels[idx], splits=self.splits[idx], rows=rows,
+                       hashes=None if self.hashes is None else self.hashes[idx])
+
+    def content_hashes(self, threads: int = 8) -> tuple[np.ndarray, dict[str, str]]:
+        """The sha256 of every sample's bytes (``UNREADABLE`` where they cannot be read, with the reason),
+        from the listing when it read them, else read now by ``threads`` threads."""
+        if self.hashes is not None:
+            return self.hashes, {i: r for i, r in self.read_errors.items() if i in set(self.ids)}
+        from concurrent.futures import ThreadPoolExecutor
+
+        errors: dict[str, str] = {}
+
+        def one(i: int) -> bytes:
+            try:
+                return content_hash(self[i].path)
+            except OSError as e:
+                errors[self.ids[i]] = f"{type(e).__name__}: {e.strerror or e}"
+                return UNREADABLE
+
+        hashes = np.empty(len(self), dtype=f"S{HASH_BYTES}")
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for start in range(0, len(self), 1024):  # by chunks: a pending task per image would hold ~1 kB each
+                part = range(start, min(start + 1024, len(self)))
+                hashes[start:start + len(part)] = list(pool.map(one, part))
+        return hashes, errors
+
+
+UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a sample whose bytes could not be read
+
+
+class Columns:
+    """A listing's columns grown one sample at a time, compactly: ids, shared (interned) label and split
+    strings, content hashes in one buffer, and ``locators`` integers per sample in typed arrays."""
+
+    def __init__(self, locators: int = 0):
+        self.ids: list[str] = []
+        self.labels: list[str] = []
+        self.splits: list[str] = []
+        self.digests = bytearray()
+        self.at = [array("q") for _ in range(locators)]
+
+    def add(self, sid: str, label: str = "", split: str = "", digest: bytes | None = None, at: Sequence[int] = ()) -> None:
+        self.ids.append(sid)
+        self.labels.append(sys.intern(label))
+        self.splits.append(sys.intern(split))
+        if digest is not None:
+            self.digests += digest
+        for column, value in zip(self.at, at):
+            column.append(value)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, labels, splits as object arrays."""
+        return tuple(np.array(v, dtype=object) for v in (self.ids, self.labels, self.splits))
+
+    def hashes(self) -> np.ndarray:
+        return np.frombuffer(bytes(self.digests), dtype=f"S{HASH_BYTES}").copy()
+
+    def locators(self) -> list[np.ndarray]:
+        return [np.frombuffer(column, dtype=np.int64) for column in self.at]
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    doc: str
+    claims: Callable[[Path], bool]
+    list: Lister  # (path, allow_outside_root) -> ImageSource
+
+
+_REGISTRY: list[Source] = []
+
+
+def register_source(name: str, doc: str, claims: Callable[[Path], bool]):
+    """Register ``list(path, allow_outside_root) -> ImageSource`` (decorator); asked in registration order."""
+
+    def wrap(fn: Lister) -> Lister:
+        _REGISTRY.append(Source(name, doc, claims, fn))
+        return fn
+
+    return wrap
+
+
+def _source(path: Path) -> Source:
+    found = next((s for s in _REGISTRY if s.claims(path)), None)
+    if found is None:
+        raise PipelineError(f"data source {path} is not an image folder, a .csv manifest, .tar shards or .parquet "
+                            "files")
+    return found
+
+
+def load_source(source: str | os.PathLike, allow_outside_root: bool = False) -> ImageSource:
+    """List ``source`` (see the module docstring). A manifest's paths are relative to its folder; one that
+    leaves it (absolute, or through ``..``) is an error unless ``allow_outside_root``."""
+    path = Path(source)
+    listing = _source(_existing(path)).list(path, allow_outside_root)
+    if not len(listing):
+        raise PipelineError(f"{path}: no images found")
+    return listing
+
+
+def source_name(source: str | os.PathLike) -> str:
+    """A source's short name (its folder's, or its file's without the extension), known without listing it."""
+    path = _existing(Path(source))
+    _source(path)
+    base = path.resolve() if path.is_dir() else path
+    return base.name if path.is_dir() else base.name.split(".")[0].split("{")[0].rstrip("-_") or base.parent.name
+
+
+def read_member(member: Member) -> bytes:
+    """The bytes of an image inside a container (a tar shard, a parquet file)."""
+    return (parquet if member.column else webdataset).read(member)
+
+
+def list_sources() -> dict[str, str]:
+    return {s.name: s.doc for s in _REGISTRY}
+
+
+def _existing(path: Path) -> Path:
+    """``path``, which must exist (a brace pattern is taken at its word: its shards are checked when listed)."""
+    if not path.exists() and "{" not in path.name:
+        raise PipelineError(f"data source not found: {path} (give an image folder, a CSV manifest, .tar shards or "
+                            ".parquet files)")
+    return path
+
+
+# registers the built-in sources; the folder source last: it takes any folder
+from . import manifest, parquet, webdataset, folder  # noqa: E402,F401,I001

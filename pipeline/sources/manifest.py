@@ -1,0 +1,53 @@
+"""A CSV manifest: a ``path`` column (relative to the manifest's folder) and optional ``id``, ``split``
+and label columns: ``label`` (one class), ``labels`` (tags separated by ``|``) or ``target`` (a
+number), as label files have. A sample's id is its ``id``, else its ``path`` as written."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PipelineError
+from ..kinds import list_kinds
+from . import Columns, ImageSource, register_source
+
+
+@register_source("manifest", "a CSV with a path column (optional: id, split, label or labels or target)",
+                 claims=lambda path: path.suffix.lower() == ".csv")
+def list_manifest(path: Path, allow_outside_root: bool) -> ImageSource:
+    listing, paths, seen = Columns(), [], set()
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = [c.strip() for c in next(reader, [])]
+            if "path" not in header:
+                raise PipelineError(f"{path}: a manifest needs a 'path' column (optional: id, split, label, labels or "
+                                    f"target); found {header}")
+            kinds = [k for k in list_kinds().values() if k.column in header]
+            kind = kinds[0].name if kinds else "classification"
+            at = {c: header.index(c) for c in ("path", "id", "split", *(k.column for k in kinds[:1]))
+                  if c in header}
+            cell = lambda row, c: row[at[c]].strip() if c in at and at[c] < len(row) else ""  # noqa: E731
+            for line, row in enumerate(reader, start=2):
+                rel = cell(row, "path")
+                if not rel:
+                    raise PipelineError(f"{path}:{line}: empty 'path'")
+                if not allow_outside_root and (Path(rel).is_absolute() or ".." in Path(rel).parts):
+                    raise PipelineError(f"{path}:{line}: path {rel!r} leaves the manifest's folder; paths are "
+                                        "relative to it (pass --allow-outside-root to read it anyway)")
+                sid = cell(row, "id") or rel
+                if sid in seen:
+                    raise PipelineError(f"{path}:{line}: duplicate id {sid!r}; ids must be unique")
+                seen.add(sid)
+                paths.append(rel)
+                listing.add(sid, cell(row, kinds[0].column) if kinds else "", cell(row, "split"))
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    if not len(listing):
+        raise PipelineError(f"{path}: the manifest lists no images")
+    ids, labels, splits = listing.arrays()
+    where = ids if paths == listing.ids else np.array(paths, dtype=object)
+    folder = path.parent
+    return ImageSource(path.stem, folder, ids, labels, splits, lambda i: folder / where[i], label_kind=kind)

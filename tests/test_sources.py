@@ -1,0 +1,168 @@
+"""Data sources beyond a folder: webdataset tar shards and Hugging Face style parquet files, whose
+images are recognised by content hash across formats, and listings that hold no object per image."""
+
+import io
+import json
+import tarfile
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from pipeline import FeatureCache, PipelineError, extract, fit, load_source
+from pipeline.data import content_hash
+
+
+def _samples(folder):
+    """(id, bytes, class, split) of the template folder's images."""
+    out = []
+    for p in sorted(folder.rglob("*.jpg")):
+        split, label = p.relative_to(folder).parts[:2]
+        out.append((p.stem, p.read_bytes(), label, split))
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(folder, out, per_shard=20):
+    """The folder's images as webdataset shards: ``<key>.jpg``, ``<key>.cls`` and ``<key>.json`` (split)."""
+    out.mkdir(parents=True, exist_ok=True)
+    samples = _samples(folder)
+    for k in range(0, len(samples), per_shard):
+        with tarfile.open(out / f"data-{k // per_shard:06d}.tar", "w") as tar:
+            for key, data, label, split in samples[k:k + per_shard]:
+                _add(tar, f"{key}.jpg", data)
+                _add(tar, f"{key}.cls", label.encode())
+                _add(tar, f"{key}.json", json.dumps({"split": split}).encode())
+    return out
+
+
+def make_parquet(folder, path, names=("blue", "red")):
+    """The folder's images as a datasets-style parquet file: an ``image`` struct column, ``label`` numbers
+    named by the datasets metadata, ``split``, in row groups of 10."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = _samples(folder)
+    table = pa.table({
+        "image": [{"bytes": data, "path": f"{key}.jpg"} for key, data, _, _ in samples],
+        "label": [names.index(label) for *_, label, _ in samples],
+        "split": [split for *_, split in samples],
+    })
+    meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": list(names)}}}}
+    table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
+    pq.write_table(table, path, row_group_size=10)
+    return path
+
+
+def _by_hash(cache):
+    with FeatureCache(cache) as c:
+        return {h: f for h, f, v in zip(c.content_hash, c.features(), c.valid) if v}, c
+
+
+def test_shards_and_parquet_give_the_folders_features(folder, tmp_path):
+    """The same images as a folder, as webdataset shards and as a parquet file: the same features (matched
+    by content hash), labels and splits, and the same probe accuracy."""
+    [base] = extract(folder, TINY, tmp_path / "cache", workers=0, progress=False)
+    shards = make_shards(folder, tmp_path / "shards")
+    table = make_parquet(folder, tmp_path / "images.parquet")
+    reference, _ = _by_hash(base.cache)
+    accuracy = {}
+    for name, data in (("folder", folder), ("folder of shards", shards), ("brace pattern", tmp_path / "shards" / "data-{000000..000001}.tar"),
+                       ("parquet", table)):
+        [res] = extract(data, TINY, tmp_path / "c" / name.replace(" ", "_"), workers=0, progress=False)
+        got, c = _by_hash(res.cache)
+        assert len(got) == 36 and set(got) <= set(reference), name
+        np.testing.assert_array_equal(np.stack([got[h] for h in got]), np.stack([reference[h] for h in got]))
+        with FeatureCache(res.cache) as c:
+            assert set(c.labels) == {"red", "blue"} and set(c.splits) == {"train", "val"}, name
+        accuracy[name] = fit(res.cache, tmp_path / "runs" / name.replace(" ", "_"), heads=["logreg"], n_jobs=1,
+                             progress=False).rows[0].metrics["accuracy"]
+    assert len(set(accuracy.values())) == 1, accuracy
+    src = load_source(shards)
+    assert src.ids[0] == "data-000000/blue_000" and src.name == "shards"
+    assert load_source(table).ids[0] == "images/0"
+
+
+def test_damage_inside_shards_is_recorded_not_fatal(folder, tmp_path):
+    shards = make_shards(folder, tmp_path / "shards", per_shard=100)
+    with tarfile.open(shards / "data-000001.tar", "w") as tar:
+        _add(tar, "broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+        _add(tar, "broken.cls", b"red")
+        _add(tar, "nolabel.txt", b"red")  # a sample without an image
+        _add(tar, "good.jpg", (folder / "val" / "red" / "red_000.jpg").read_bytes())
+    whole = (shards / "data-000000.tar").read_bytes()
+    (shards / "data-000002.tar").write_bytes(whole[: len(whole) // 2])  # cut mid-member
+    [res] = extract(shards, TINY, tmp_path / "cache", workers=0, progress=False)
+    with FeatureCache(res.cache) as c:
+        failures = {sid: f"{stage}: {reason}" for sid, stage, reason in c.failures}
+        valid = dict(zip(c.ids, c.valid))
+    assert failures["data-000001/broken"].startswith("decode: ")  # a damaged member: a decode failure, like a file
+    assert failures["data-000001/nolabel"].startswith("read: no image member")
+    assert valid["data-000001/good"] and res.failed == len(failures)
+    damaged = [sid for sid in failures if sid.startswith("data-000002/")]
+    assert any("damaged" in failures[sid] for sid in damaged)
+    assert sum(v for sid, v in valid.items() if sid.startswith("data-000002/")) > 0  # what came before is kept
+
+
+def test_label_columns_name_the_caches_task_kind(folder, tmp_path):
+    rows = ["path,labels,split"] + [f"{p.relative_to(folder)},{p.parent.name}{'|dark' if i % 3 else ''},{p.parts[-3]}"
+                                    for i, p in enumerate(sorted(folder.rglob("*.jpg")))]
+    (folder / "tags.csv").write_text("\n".join(rows) + "\n")
+    [res] = extract(folder / "tags.csv", TINY, tmp_path / "cache", workers=0, progress=False)
+    out = fit(res.cache, tmp_path / "run", n_jobs=1, progress=False)
+    assert {r.task_kind for r in out.rows} == {"multilabel"} and {r.head for r in out.rows} == {"logreg", "ridge", "knn"}
+    (folder / "bad.csv").write_text("path,target\ntrain/red/red_000.jpg,heavy\n")
+    [res] = extract(folder / "bad.csv", TINY, tmp_path / "cache2", workers=0, progress=False)
+    with pytest.raises(PipelineError, match="target 'heavy' is not a number"):
+        fit(res.cache, tmp_path / "run2", n_jobs=1, progress=False)
+
+
+def test_content_hash_is_the_images_bytes_in_every_source(folder, tmp_path):
+    table = make_parquet(folder, tmp_path / "images.parquet")
+    src = load_source(table)
+    hashes, _ = src.content_hashes()
+    assert bytes(hashes[0]).ljust(32, b"\0") == content_hash(src[0].path) == content_hash(folder / "train/blue/blue_000.jpg")
+
+
+@pytest.mark.parametrize("kind", ["manifest", "shards", "parquet"])
+def test_listing_holds_no_object_per_image(tmp_path, kind):
+    """Listing and hashing 20,000 samples allocates at most ~200 bytes per sample beyond the columns a
+    cache stores (ids, labels, splits, hashes); the images are never all held."""
+    n = 20_000
+    blob = b"\xff\xd8" + bytes(300)
+    if kind == "manifest":
+        (tmp_path / "img").mkdir()
+        for i in range(n):
+            (tmp_path / "img" / f"{i:06d}.jpg").write_bytes(blob + i.to_bytes(4, "little"))
+        (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"img/{i:06d}.jpg,c{i % 10}\n" for i in range(n)))
+        data = tmp_path / "m.csv"
+    elif kind == "shards":
+        data = tmp_path / "shards"
+        data.mkdir()
+        for s in range(4):
+            with tarfile.open(data / f"part-{s}.tar", "w") as tar:
+                for i in range(s * n // 4, (s + 1) * n // 4):
+                    _add(tar, f"{i:06d}.jpg", blob + i.to_bytes(4, "little"))
+                    _add(tar, f"{i:06d}.cls", f"c{i % 10}".encode())
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = tmp_path / "p.parquet"
+        pq.write_table(pa.table({"jpg": [blob + i.to_bytes(4, "little") for i in range(n)],
+                                 "label": [f"c{i % 10}" for i in range(n)]}), data, row_group_size=1000)
+    tracemalloc.start()
+    src = load_source(data)
+    hashes, _ = src.content_hashes()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stored = sum(len(i) + 49 + 8 for i in src.ids) + 8 * 2 * n + hashes.nbytes  # ids (str objects), label/split pointers, hashes
+    per_sample = (peak - stored) / n
+    print(f"{kind}: peak {peak / n:.0f} bytes per sample, {per_sample:.0f} beyond the cache's columns")
+    assert len(src) == n and per_sample < 200
