@@ -10,6 +10,7 @@ and used from any directory)::
     RUN/finetune/<name>.predictions.csv   the same for rows of fine-tuned networks (the model folder
                                 is wherever ``finetune --out`` put it; the row points at it)
     RUN/run.json                every stage that wrote here: command, parameters, versions, machine
+                                (an ``audit --run RUN`` too, with where its page is)
 
 Writing rows into a run that has some merges by row key (a row of the same backbone, feature spec,
 tap, task and head is replaced; the others stay) and ranks and tests every task again. Rows are only merged
@@ -230,6 +231,11 @@ class RunFolder:
     def history(self) -> list[dict]:
         path = self.path / RUN_FILE
         return json.loads(path.read_text()) if path.is_file() else []
+
+    def audit_page(self) -> Path | None:
+        """The page of the last ``audit`` recorded into this run (``audit --run``), if it is still there."""
+        pages = [self.resolve(h["parameters"]["page"]) for h in self.history() if h["stage"] == "audit"]
+        return pages[-1] if pages and pages[-1].is_file() else None
 
     def _outcomes(self, row: Row) -> dict[str, object]:
         ids, y_true, y_pred = self.read_predictions(row)
