@@ -111,6 +111,8 @@ class AuditResult:
     def lines(self) -> list[str]:
         """A summary for people, one finding a line."""
         lines = [line for t in self.tasks for line in t.lines(self.out)]
+        if not self.tasks:
+            lines.append("label issues: no labels in the cache and no --labels file, so none looked for")
         evaluated = {d["id_a"] for d in self.cross_split}
         lines.append(f"near-duplicates (cosine >= {self.threshold:g}): {len(self.duplicates)} pairs, "
                      f"{len(self.cross_split)} across train and val/test ({len(evaluated)} evaluation images); "
@@ -325,10 +327,8 @@ def _protocol(task: Task, ids: np.ndarray, y: np.ndarray, splits: np.ndarray, ru
 
 
 def _tasks(cache: FeatureCache, extra: list[Task]) -> list[Task]:
-    tasks = ([cache_task(cache)] if (cache.labels != "").any() else []) + extra
-    if not tasks:
-        raise PipelineError(f"{cache.path.name} stores no labels; give a label file with --labels id,label[,split]")
-    return tasks
+    """The cache's own labels (when it has some) and the label files' tasks; none leaves label issues out."""
+    return ([cache_task(cache)] if (cache.labels != "").any() else []) + extra
 
 
 def _map_labels(ids: np.ndarray, stored: np.ndarray, tasks: list[Task]) -> np.ndarray:

@@ -40,7 +40,7 @@ class Thumbnails:
             return ""
         try:
             img = load_image(path, min_side=THUMB)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # any decode error is that thumbnail's, never the page's
             return f"<div class='nothumb'>unreadable: {e(str(err))}</div>"
         img.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
@@ -117,6 +117,6 @@ _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-wid
 h2{border-bottom:2px solid #ddd;margin-top:32px}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:170px;border:1px solid #ddd;padding:6px;font-size:12px}
 .thumb{max-width:150px;max-height:150px;display:block;margin:0 auto 4px}.id{word-break:break-all;color:#555}
-.sub{color:#777}.pair{display:flex;gap:8px;align-items:center;border-bottom:1px solid #eee;padding:6px 0}
+.sub{color:#777;word-break:break-all}.pair{display:flex;gap:8px;align-items:center;border-bottom:1px solid #eee;padding:6px 0}
 .pairtext{font-size:12px;word-break:break-all}.leak{background:#c33;color:#fff;padding:1px 5px;border-radius:3px}
 .pair .thumb{margin:0}.note{color:#a60}.nothumb{color:#a33;font-size:11px}.map{max-width:760px;border:1px solid #eee}"""

@@ -138,6 +138,19 @@ def test_the_page_without_images_lists_ids(planted, tmp_path):
     assert "map" not in result.files
 
 
+def test_unlabelled_images_get_every_finding_but_label_issues(planted, tmp_path):
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for f in ("train/red/red_000.jpg", "train/blue/blue_000.jpg", "train/blue/blue_001.jpg", "val/red/red_001.jpg"):
+        shutil.copy(planted["data"] / f, images / f.replace("/", "_"))
+    Image.open(images / "train_red_red_000.jpg").save(images / "copy.png")
+    [res] = extract(images, TINY, tmp_path / "cache", workers=0, progress=False)
+    result = audit(res.cache, tmp_path / "a", dup_threshold=EXACT, **FAST)
+    assert result.tasks == [] and "no labels in the cache" in result.lines()[0]
+    assert [(d["id_a"], d["id_b"], d["cross"]) for d in result.duplicates] == [("copy.png", "train_red_red_000.jpg", False)]
+    assert len(result.outliers) == 5 and (tmp_path / "a" / "map.png").is_file()
+
+
 def test_several_caches_are_backbones_side_by_side(planted, tmp_path):
     [f32] = extract(planted["data"], TINY, tmp_path / "cache", dtype="float32", workers=0, progress=False)
     with FeatureCache(planted["cache"]) as a, FeatureCache(f32.cache) as b:
