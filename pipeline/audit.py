@@ -22,6 +22,7 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +37,7 @@ from .kinds import get_kind
 from .protocol import HOLDOUT_SPLITS, TRAIN_ONLY, Protocol, decide
 from .runs import RunFolder, slug
 from .similarity import BLOCK, DUPLICATE_COSINE, knn, leak_message, near_copies, normalized, pairs_above
-from .tasks import Task, cache_task, join_task, label_files, read_labels
+from .tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from .validation import at_least, between, check, one_of
 
 PAGE = "audit.html"
@@ -145,32 +146,54 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")
     images = _image_paths(data)
     paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
-    extra = [read_labels(p) for p in label_files(labels)]
-    with ExitStack() as stack:
-        opened = [stack.enter_context(FeatureCache(p)) for p in paths]
-        ids, X = joined_features(opened, cfg.tap)
-        tasks = _tasks(opened[0], extra)
-        joined = [join_task(opened[0], t, load=False) for t in tasks]
-        first = opened[0]
-        position = {sid: i for i, sid in enumerate(first.ids)}
-        labels_of = first.labels[[position[i] for i in ids]]
-        splits_of = first.splits[[position[i] for i in ids]]
-    row_of = {sid: i for i, sid in enumerate(ids)}
-    audits = [_audit_task(t, d.ids, d.y, d.splits, X, row_of, run_folder, cfg) for t, d in zip(tasks, joined)]
-    duplicates = find_duplicates(X, ids, splits_of, cfg.dup_threshold, cfg.block)
-    outliers = find_outliers(X, ids, labels_of, splits_of, cfg.k, cfg.block)
-    colour = _map_labels(ids, labels_of, tasks)
+    found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap)
+    audits = [_audit_task(t, d, found, run_folder, cfg) for t, d in found.tasks]
+    duplicates = find_duplicates(found.X, found.ids, found.splits, cfg.dup_threshold, cfg.block)
+    outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
     result = AuditResult(out, audits, duplicates, outliers, "", threshold=cfg.dup_threshold)
-    result.files = _write(result, cfg)
-    if cfg.map != "none" and len(ids) >= 5:
-        coords, shown, result.map_method = embed_2d(X, cfg.map, cfg.seed, cfg.map_points)
-        result.files.update(_write_map(out, ids[shown], coords, colour[shown], audits))
+    result.files = _write(result)
+    if cfg.map != "none" and len(found.ids) >= 5:
+        coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
+        result.files.update(_write_map(out, found.ids[shown], coords, found.colour()[shown], audits))
     from .audit_page import write_page
 
     result.files["page"] = write_page(result, images, cfg.top)
     if run_folder is not None:
         _record(run_folder, result, paths, labels, cfg, time.time() - started)
     return result
+
+
+@dataclass
+class _Found:
+    """The images every cache holds valid features of: ids, joined features, the first cache's labels
+    and splits, and each task with its labelled images."""
+
+    ids: np.ndarray
+    X: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    tasks: list[tuple[Task, TaskData]]
+
+    @cached_property
+    def row_of(self) -> dict[str, int]:
+        return {sid: i for i, sid in enumerate(self.ids)}
+
+    def colour(self) -> np.ndarray:
+        """What the map colours points by: the first task's labels ("" where it has none)."""
+        by_id = dict(zip(self.tasks[0][0].ids, self.tasks[0][0].labels)) if self.tasks else {}
+        return np.array([str(by_id.get(i, "")) for i in self.ids], dtype=object)
+
+
+def _load(paths: list[Path], extra: list[Task], tap: str) -> _Found:
+    with ExitStack() as stack:
+        opened = [stack.enter_context(FeatureCache(p)) for p in paths]
+        ids, X = joined_features(opened, tap)
+        first = opened[0]
+        tasks = ([cache_task(first)] if (first.labels != "").any() else []) + extra
+        position = {sid: i for i, sid in enumerate(first.ids)}
+        rows = [position[i] for i in ids]
+        return _Found(ids, X, first.labels[rows], first.splits[rows],
+                      [(t, join_task(first, t, load=False)) for t in tasks])
 
 
 def joined_features(caches: list[FeatureCache], tap: str) -> tuple[np.ndarray, np.ndarray]:
@@ -296,45 +319,33 @@ def label_issues_file(task: str) -> str:
     return f"label_issues_{slug(task)}.csv"
 
 
-def _audit_task(task: Task, ids: np.ndarray, y: np.ndarray, splits: np.ndarray, X: np.ndarray, row_of: dict,
-                run: RunFolder | None, cfg: AuditConfig) -> TaskAudit:
+def _audit_task(task: Task, data: TaskData, found: _Found, run: RunFolder | None, cfg: AuditConfig) -> TaskAudit:
     """The protocol of a task on the images that have features, its label issues and its leaked images."""
-    keep = np.array([i in row_of for i in ids], bool)
-    protocol, note = _protocol(task, ids[keep], y[keep], splits[keep], run, cfg, row_of)
-    Xt = X[[row_of[i] for i in protocol.ids]]
-    leaked = list(protocol.ids[near_copies(Xt, protocol, cfg.dup_threshold, cfg.block)])
+    protocol, note = _protocol(task, data, found.row_of, run, cfg)
+    X = found.X[[found.row_of[i] for i in protocol.ids]]
+    leaked = list(protocol.ids[near_copies(X, protocol, cfg.dup_threshold, cfg.block)])
     if protocol.kind != "classification":
         return TaskAudit(task.name, protocol, [], leaked, f"label issues need a classification task, not {protocol.kind}")
-    classes, probs = out_of_fold(Xt, protocol, cfg.head, cfg.cv, cfg.seed)
+    classes, probs = out_of_fold(X, protocol, cfg.head, cfg.cv, cfg.seed)
     flagged, scores = rank_label_issues(protocol.y, classes, probs)
-    split_of = dict(zip(ids, splits))
+    split_of = dict(zip(data.ids, data.splits))
     issues = [dict(id=protocol.ids[i], given=protocol.y[i], suggested=classes[int(np.argmax(probs[i]))],
                    score=round(float(scores[i]), 4), split=split_of.get(protocol.ids[i], "")) for i in flagged]
     return TaskAudit(task.name, protocol, issues, leaked, note)
 
 
-def _protocol(task: Task, ids: np.ndarray, y: np.ndarray, splits: np.ndarray, run: RunFolder | None,
-              cfg: AuditConfig, row_of: dict) -> tuple[Protocol, str]:
-    """The run's stored protocol of the task (on the images with features here), else one decided as
-    ``fit`` decides it."""
+def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, cfg: AuditConfig) -> tuple[Protocol, str]:
+    """The run's stored protocol of the task, else one decided as ``fit`` decides it; on the images with
+    features here (``row_of``)."""
     stored = run.protocol(task.name) if run is not None else None
     if stored is None:
+        keep = np.array([i in row_of for i in data.ids], bool)
         note = f"{run.path} holds no protocol for it; decided as fit decides" if run is not None else ""
-        return decide(task.name, get_kind(task.kind), ids, y, splits, cfg.cv, cfg.seed), note
+        return decide(task.name, get_kind(task.kind), data.ids[keep], data.y[keep], data.splits[keep], cfg.cv,
+                      cfg.seed), note
     keep = np.array([i in row_of for i in stored.ids], bool)
     missing = int((~keep).sum())
     return stored.restricted(keep), (f"{missing} images of the run's protocol have no features here" if missing else "")
-
-
-def _tasks(cache: FeatureCache, extra: list[Task]) -> list[Task]:
-    """The cache's own labels (when it has some) and the label files' tasks; none leaves label issues out."""
-    return ([cache_task(cache)] if (cache.labels != "").any() else []) + extra
-
-
-def _map_labels(ids: np.ndarray, stored: np.ndarray, tasks: list[Task]) -> np.ndarray:
-    """What the map colours points by: the first task's labels ("" where it has none)."""
-    by_id = dict(zip(tasks[0].ids, tasks[0].labels)) if tasks else {}
-    return np.array([str(by_id.get(i, "")) for i in ids], dtype=object)
 
 
 def _image_paths(data: str | os.PathLike | None) -> dict[str, Path]:
@@ -344,7 +355,7 @@ def _image_paths(data: str | os.PathLike | None) -> dict[str, Path]:
     return {s.id: s.path for s in load_source(data).samples}
 
 
-def _write(result: AuditResult, cfg: AuditConfig) -> dict[str, Path]:
+def _write(result: AuditResult) -> dict[str, Path]:
     out = result.out
     files = {}
     for t in result.tasks:
