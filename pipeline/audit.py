@@ -40,7 +40,6 @@ from .similarity import BLOCK, DUPLICATE_COSINE, knn, leak_message, near_copies,
 from .tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from .validation import at_least, between, check, one_of
 
-PAGE = "audit.html"
 MAP_METHODS = ("auto", "umap", "tsne", "none")
 
 
