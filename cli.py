@@ -122,6 +122,8 @@ def fit(
             typer.echo(f"warning: {row.head} on {row.task}/{row.tap} failed: {row.error}", err=True)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
+    for task, message in result.near_copies.items():
+        typer.echo(f"{task}: {message}; see pipeline audit", err=True)
     typer.echo(f"\nleaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
     for name, path in result.files.items():
         if name.startswith("confusion_"):
@@ -277,6 +279,63 @@ def run_study(
     steps = run(study, dry_run=dry_run, progress=progress, log=typer.echo)
     done = sum(s.needed for s in steps)
     typer.echo(f"{'would run' if dry_run else 'ran'} {done} of {len(steps)} steps")
+
+
+@app.command()
+def audit(
+    caches: Annotated[list[Path], typer.Argument(help="cache files or directories (every *.h5); several caches are several backbones over the same images, used side by side")],
+    out: Annotated[Path, typer.Option("--out", help="folder for label_issues_<task>.csv, duplicates.csv, outliers.csv, map.csv/.png and audit.html")],
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split], or a folder of them; repeatable")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="fit run folder: score label issues under its stored protocols, and link the audit from its report.html")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="the image folder or manifest the cache was made from, for thumbnails on the page")] = None,
+    tap: Annotated[str, typer.Option("--tap", help="features to audit")] = "pooled",
+    head: Annotated[str, typer.Option("--head", help="head whose out-of-fold probabilities cleanlab reads (needs predict_proba): logreg, torch-logreg, sgd, ...")] = "logreg",
+    cv: Annotated[int, typer.Option("--cv", help="folds for a task without a split, and over the training images of one with a split")] = 5,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    dup_threshold: Annotated[Optional[float], typer.Option("--dup-threshold", help="cosine similarity from which two images are near-duplicates (default: calibrated, see README)")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="nearest neighbours the outlier score averages over")] = 10,
+    map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
+    top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
+) -> None:
+    """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),
+    near-duplicates across splits, outliers, a map; one page to look at, audit.html."""
+    from pipeline.audit import audit as run_audit
+    from pipeline.similarity import DUPLICATE_COSINE
+
+    result = run_audit(caches, out, labels or [], run=run, data=data, tap=tap, head=head, cv=cv, seed=seed,
+                       dup_threshold=DUPLICATE_COSINE if dup_threshold is None else dup_threshold, k=k, map=map_method,
+                       top=top)
+    for line in result.lines():
+        typer.echo(line)
+    if run is not None:
+        typer.echo(f"linked from {run / 'report.html'}")
+
+
+@app.command()
+def neighbors(
+    cache: Annotated[Path, typer.Argument(help="a cache file (.h5)")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    k: Annotated[int, typer.Option("-k", "--k", help="neighbours per image")] = 8,
+    tap: Annotated[str, typer.Option("--tap")] = "pooled",
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: print CSV to stdout)")] = None,
+    weights: Annotated[Optional[list[Path]], typer.Option("--weights", help="weights file(s), if not where the cache recorded them (matched by sha256)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers")] = None,
+    device: Annotated[str, _device_option()] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """The nearest cached images of any image (cosine similarity of features); images not in the cache
+    run through the cache's backbone, as predict runs them."""
+    from pipeline.neighbors import COLUMNS, neighbors as run
+
+    rows = run(cache, images, k=k, tap=tap, out=out, weights=weights or [], batch_size=batch_size, workers=workers,
+               device=device, progress=progress)
+    if out is None:
+        writer = csv.DictWriter(sys.stdout, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        typer.echo(f"wrote {len(rows)} neighbour rows to {out}")
 
 
 @app.command("heads")

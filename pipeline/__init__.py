@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "audit": ("AuditConfig", "AuditResult", "audit"),
     "backbones": ("TAPS", "Backbone", "load_backbone"),
     "cache": ("FeatureCache", "find_caches"),
     "data": ("Sample", "load_image"),
@@ -24,6 +25,7 @@ _EXPORTS = {
     "fit": ("FitConfig", "FitResult", "fit"),
     "heads": ("create_head", "list_heads", "load_head", "register_head", "save_head"),
     "kinds": ("TaskKind", "register_kind"),
+    "neighbors": ("neighbors",),
     "predict": ("predict",),
     "protocol": ("Protocol",),
     "runs": ("Row", "RunFolder", "best_row"),
@@ -36,6 +38,7 @@ _EXPORTS = {
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 if TYPE_CHECKING:
+    from .audit import AuditConfig, AuditResult, audit
     from .backbones import TAPS, Backbone, load_backbone
     from .cache import FeatureCache, find_caches
     from .data import Sample, load_image
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from .fit import FitConfig, FitResult, fit
     from .heads import create_head, list_heads, load_head, register_head, save_head
     from .kinds import TaskKind, register_kind
+    from .neighbors import neighbors
     from .predict import predict
     from .protocol import Protocol
     from .runs import Row, RunFolder, best_row

@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import HASH_BYTES
+from .data import HASH_BYTES, content_hash as file_hash
 from .errors import PipelineError
 from .files import atomic_path
 from .locks import CacheLock, lock_cache, lock_holder, open_h5
@@ -196,6 +196,20 @@ class FeatureCache:
         """Each row's sha256 as the 32 bytes ``data.content_hash`` returns (numpy's fixed-width bytes drop
         trailing zero bytes, which would make one digest in 256 compare unequal)."""
         return np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in self._file["content_hash"][()]], dtype=object)
+
+    def rows_of_files(self, paths: list[Path]) -> dict[int, int]:
+        """For each file (by position in ``paths``) whose bytes a valid row holds, that row: an image is
+        found by content, whatever its name. Unreadable files are left out."""
+        stored = {h: r for r, (h, v) in enumerate(zip(self.content_hash, self.valid)) if v}
+        found = {}
+        for i, path in enumerate(paths):
+            try:
+                row = stored.get(file_hash(path))
+            except OSError:
+                continue
+            if row is not None:
+                found[i] = row
+        return found
 
     def features(self, tap: str = "pooled", rows: np.ndarray | None = None) -> np.ndarray:
         """Features of ``tap`` as float32 (scikit-learn would copy float16 to float64), all rows or ``rows``."""

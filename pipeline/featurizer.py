@@ -9,6 +9,7 @@ creates a featurizer and writes its spec into the cache; ``predict``, ``cache ve
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,6 +20,7 @@ from .backbones import Backbone, file_sha256, load_backbone, resolve_amp, resolv
 from .model_sources import model_source
 from .model_sources.timm import WEIGHTS_DIR_ENV, resolve_weights_file, weights_dir_candidates
 from .batches import image_batches
+from .cache import FeatureCache
 from .data import Sample
 from .errors import PipelineError
 from .progress import progress_bar
@@ -139,3 +141,45 @@ def find_weights(spec: FeatureSpec, given: Sequence[str | os.PathLike] = (), rec
         looked.append(f"${WEIGHTS_DIR_ENV} (not set)")
     raise PipelineError(f"no weights for {spec.backbone} with sha256 {spec.weights_sha256[:12]}: looked in "
                         f"{', '.join(looked)}; pass --weights FILE")
+
+
+@dataclass
+class Part:
+    """Features a model needs: a spec and tap, where the weights were, and caches that may hold them."""
+
+    spec: FeatureSpec
+    tap: str
+    weights_source: str = ""
+    caches: list[Path] = field(default_factory=list)
+
+
+def part_features(part: Part, samples: list[Sample], weights: Sequence[Path], batch_size: int, workers: int,
+                  device: str, progress: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Features of ``part`` for each sample (by index), from a cache with the same spec where it holds the
+    same bytes, else computed through the spec; and the reason for each sample that could not be read.
+    ``predict`` and ``neighbors`` get the features of new images this way."""
+    feats = cached_features(part, samples)
+    errors: dict[int, str] = {}
+    todo = [i for i in range(len(samples)) if i not in feats]
+    if todo:
+        fz = Featurizer.load(part.spec, weights, part.weights_source, device)
+        for idx, by_tap, failed in fz.batches([samples[i] for i in todo], (part.tap,), batch_size, workers, progress,
+                                              f"features {part.spec.backbone}"):
+            errors.update({todo[i]: err for i, err in failed})
+            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(part.tap, ()))})
+    return feats, errors
+
+
+def cached_features(part: Part, samples: list[Sample]) -> dict[int, np.ndarray]:
+    """Features of images whose bytes are in a cache made with the part's spec, by content hash."""
+    cache_file = next((c for c in part.caches if c.is_file()), None)
+    if cache_file is None:
+        return {}
+    with FeatureCache(cache_file) as cache:
+        if cache.spec != part.spec or part.tap not in cache.taps:
+            return {}
+        hits = cache.rows_of_files([s.path for s in samples])
+        if not hits:
+            return {}
+        rows = cache.features(part.tap, np.array(list(hits.values())))
+    return dict(zip(hits, rows))

@@ -37,7 +37,8 @@ from .progress import progress_bar
 from .protocol import Protocol, decide
 from .report import markdown_table, publish, write_fewshot
 from .runs import Row, RunFolder, slug
-from .tasks import Task, TaskData, cache_task, join_task, read_labels
+from .similarity import leak_message, near_copies, normalized
+from .tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from .validation import at_least, check
 
 DEFAULT_HEADS = get_kind("classification").default_heads
@@ -100,6 +101,7 @@ class FitResult:
     files: dict[str, Path]
     fewshot: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was not fit, and why
+    near_copies: dict[str, str] = field(default_factory=dict)  # task -> "12 val images have a near-copy in train"
 
     def markdown(self) -> str:
         return markdown_table(self.rows)
@@ -146,7 +148,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     if cfg.concat and len(paths) < 2:
         raise PipelineError(f"--concat joins the features of several caches, and {len(paths)} was given")
     shots = parse_shots(cfg.shots)
-    extra_tasks = [read_labels(p) for p in _label_files(labels)]
+    extra_tasks = [read_labels(p) for p in label_files(labels)]
     run = RunFolder(out)
     _check_writable(run.path)
     load = cfg.concat or bool(shots) or heads is None or any(not is_chunked(h) for h in heads)
@@ -154,6 +156,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     with ExitStack() as stack:
         opened = [(p, stack.enter_context(FeatureCache(p))) for p in paths]
         protocols, sources = _sources(opened, extra_tasks, cfg, run, load)
+        copies = _near_copies(sources)
         if cfg.concat:
             sources += _concatenate(sources, len(paths))
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
@@ -190,7 +193,8 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         for task in dict.fromkeys(r["task"] for r in fewshot):
             files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.path / f"fewshot_{slug(task)}.png")
     files.update(publish(run))
-    return FitResult(all_rows, run.path, files, fewshot, notes)
+    return FitResult(all_rows, run.path, files, fewshot, notes, copies)
+
 
 
 def _skipped(heads: list[str] | None, by_kind: dict[str, list[str]], protocols: dict[str, Protocol]) -> list[str]:
@@ -205,6 +209,18 @@ def _skipped(heads: list[str] | None, by_kind: dict[str, list[str]], protocols: 
             raise PipelineError(f"none of --heads {','.join(heads)} fits {kind} tasks ({tasks}); "
                                 f"{kind} heads: {', '.join(list_heads(kind))}")
     return notes
+
+
+
+def _near_copies(sources: list[_Source]) -> dict[str, str]:
+    """Per task, how many scored images have a near-copy among the images their model trains on (pooled
+    features of the task's first backbone), for tasks that have any: ``pipeline audit`` lists them."""
+    found = {}
+    for src in sources:
+        if src.tap == "pooled" and src.data.X is not None and src.data.task not in found:
+            n = len(near_copies(normalized(src.data.X), src.protocol))
+            found[src.data.task] = leak_message(n, src.protocol) if n else ""
+    return {task: message for task, message in found.items() if message}
 
 
 def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], cfg: FitConfig, run: RunFolder,
@@ -416,20 +432,6 @@ def _save(run: RunFolder, estimator, row: Row, src: _Source) -> Path:
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(card, indent=1))
     return path
-
-
-def _label_files(labels: Sequence[str | os.PathLike]) -> list[Path]:
-    """Label files, a folder standing for every ``*.csv`` in it."""
-    files = []
-    for item in map(Path, labels):
-        if item.is_dir():
-            found = sorted(item.glob("*.csv"))
-            if not found:
-                raise PipelineError(f"label folder {item} holds no *.csv label files")
-            files += found
-        else:
-            files.append(item)
-    return files
 
 
 def _head_label(head: str, params: dict | None) -> str:

@@ -19,10 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from .batches import default_workers
-from .cache import FeatureCache
-from .data import Sample, content_hash, list_images
+from .data import Sample, list_images
 from .errors import PipelineError
-from .featurizer import Featurizer
+from .featurizer import Part, part_features
 from .files import atomic_path
 from .heads import load_head
 from .kinds import get_kind
@@ -30,16 +29,6 @@ from .modeldir import MODEL_FILE, is_model_dir, read_config
 from .runs import RunFolder
 from .spec import FeatureSpec
 from .validation import at_least, check, optional
-
-
-@dataclass
-class Part:
-    """Features a model needs: a spec and tap, where the weights were, and caches that may hold them."""
-
-    spec: FeatureSpec
-    tap: str
-    weights_source: str = ""
-    caches: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -100,7 +89,7 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: 
     workers = default_workers() if workers is None else workers
     feats, errors = None, {}
     for part in m.parts:  # a head on concatenated backbones: their features side by side
-        got, failed = _features(part, samples, [*m.extra_weights, *map(Path, weights)], batch_size, workers, device, progress)
+        got, failed = part_features(part, samples, [*m.extra_weights, *map(Path, weights)], batch_size, workers, device, progress)
         errors.update(failed)
         feats = got if feats is None else {i: np.concatenate([feats[i], got[i]]) for i in feats if i in got}
     ok = sorted(feats)
@@ -116,45 +105,6 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: 
             writer.writeheader()
             writer.writerows(rows)
     return rows
-
-
-def _features(part: Part, samples: list[Sample], weights: list[Path], batch_size: int, workers: int, device: str,
-              progress: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Features of ``part`` for each sample, from a cache with the same spec where it holds the same
-    bytes, else computed through the spec; and the reason for each sample that could not be read."""
-    feats = _cached_features(part, samples)
-    errors: dict[int, str] = {}
-    todo = [i for i in range(len(samples)) if i not in feats]
-    if todo:
-        fz = Featurizer.load(part.spec, weights, part.weights_source, device)
-        for idx, by_tap, failed in fz.batches([samples[i] for i in todo], (part.tap,), batch_size, workers, progress,
-                                              f"predict {part.spec.backbone}"):
-            errors.update({todo[i]: err for i, err in failed})
-            feats.update({todo[i]: f for i, f in zip(idx, by_tap.get(part.tap, ()))})
-    return feats, errors
-
-
-def _cached_features(part: Part, samples: list[Sample]) -> dict[int, np.ndarray]:
-    """Features of images whose bytes are in a cache made with the part's spec, by content hash."""
-    cache_file = next((c for c in part.caches if c.is_file()), None)
-    if cache_file is None:
-        return {}
-    with FeatureCache(cache_file) as cache:
-        if cache.spec != part.spec or part.tap not in cache.taps:
-            return {}
-        stored = {h: r for r, (h, v) in enumerate(zip(cache.content_hash, cache.valid)) if v}
-        hits = {}
-        for i, s in enumerate(samples):
-            try:
-                row = stored.get(content_hash(s.path))
-            except OSError:
-                continue
-            if row is not None:
-                hits[i] = row
-        if not hits:
-            return {}
-        rows = cache.features(part.tap, np.array(list(hits.values())))
-    return dict(zip(hits, rows))
 
 
 def _scores(m: Model, X: np.ndarray) -> np.ndarray:

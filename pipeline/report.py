@@ -86,6 +86,11 @@ def write_html_report(run: RunFolder) -> Path:
             "adjustment over the task's rows. Only rows scored on the task's protocol (the same images and "
             "folds) are ranked; rows scored on other images are listed apart. Row numbers are those of "
             "<code>pipeline report RUN_DIR --row N</code>.</p>"]
+    audit = run.audit_page()
+    if audit is not None:
+        href = Path(os.path.relpath(audit.resolve(), run.path.resolve())).as_posix()
+        body.append(f"<p>Data audit (label issues, near-duplicates across splits, outliers, map): "
+                    f"<a href='{e(href)}'>{e(href)}</a></p>")
     for task in dict.fromkeys(r.task for r in rows):
         numbered = [(i, r) for i, r in enumerate(rows, 1) if r.task == task]
         protocol = run.protocol(task)

@@ -10,6 +10,7 @@ and used from any directory)::
     RUN/finetune/<name>.predictions.csv   the same for rows of fine-tuned networks (the model folder
                                 is wherever ``finetune --out`` put it; the row points at it)
     RUN/run.json                every stage that wrote here: command, parameters, versions, machine
+                                (an ``audit --run RUN`` too, with where its page is)
 
 Writing rows into a run that has some merges by row key (a row of the same backbone, feature spec,
 tap, task and head is replaced; the others stay) and ranks and tests every task again. Rows are only merged
@@ -244,6 +245,11 @@ class RunFolder:
     def _names(self, row: Row) -> list[str]:
         protocol = self.protocol(row.task)
         return protocol.names if protocol is not None else []
+
+    def audit_page(self) -> Path | None:
+        """The page of the last ``audit`` recorded into this run (``audit --run``), if it is still there."""
+        pages = [self.resolve(h["parameters"]["page"]) for h in self.history() if h["stage"] == "audit"]
+        return pages[-1] if pages and pages[-1].is_file() else None
 
     def _protocol_path(self, task: str) -> Path:
         return self.path / PROTOCOLS / f"{slug(task)}.json"

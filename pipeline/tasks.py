@@ -11,6 +11,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -87,6 +88,20 @@ def read_labels(path: str | os.PathLike) -> Task:
     col = lambda c: np.array([(r.get(c) or "").strip() for r in rows], dtype=object)  # noqa: E731
     labels = kind.parse([r.get(kind.column) or "" for r in rows], [f"{path}:{line}" for line in range(2, len(rows) + 2)])
     return Task(path.stem, col("id"), labels, col("split") if "split" in columns else None, kind.name)
+
+
+def label_files(labels: Sequence[str | os.PathLike]) -> list[Path]:
+    """Label files, a folder standing for every ``*.csv`` in it."""
+    files = []
+    for item in map(Path, labels):
+        if item.is_dir():
+            found = sorted(item.glob("*.csv"))
+            if not found:
+                raise PipelineError(f"label folder {item} holds no *.csv label files")
+            files += found
+        else:
+            files.append(item)
+    return files
 
 
 def cache_task(cache: FeatureCache) -> Task:

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import TINY, TINY_VIT, make_image, run_cli
 from pipeline import FeatureCache, PipelineError, RunFolder, extract, fit, predict
 
-predict_module = import_module("pipeline.predict")  # the module; `pipeline.predict` is the function
+featurizer_module = import_module("pipeline.featurizer")
 
 
 def _head(result, name):
@@ -40,7 +40,7 @@ def test_predict_reuses_cached_rows_without_running_the_backbone(tiny_run, monke
     def fail(*a, **k):
         raise AssertionError("the backbone should not run for images already in the cache")
 
-    monkeypatch.setattr(predict_module.Featurizer, "load", fail)
+    monkeypatch.setattr(featurizer_module.Featurizer, "load", fail)
     images = sorted((tiny_run["data"] / "val").rglob("*.jpg"))
     rows = predict(tiny_run["run"], images, progress=False)
     assert len(rows) == 12 and all(r["prediction"] in ("red", "blue") for r in rows)

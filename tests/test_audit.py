@@ -1,0 +1,274 @@
+import csv
+import os
+import shutil
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY, run_cli, shared_or_skip
+from pipeline import FeatureCache, PipelineError, Protocol, RunFolder, audit, extract, fit, neighbors
+from pipeline import similarity
+from pipeline.audit import joined_features, oof_plan
+
+featurizer_module = import_module("pipeline.featurizer")
+FLIPPED = ("train/red/red_003.jpg", "train/blue/blue_005.jpg")
+COPY, ORIGINAL, ODD = "val/red/copy_of_red_000.png", "train/red/red_000.jpg", "val/blue/odd.jpg"
+EXACT = 0.9999  # the tiny random-weight model puts distinct images of one colour at cosine 0.997
+FAST = dict(head="torch-logreg")  # logreg's grid search takes 30 s here; the real-backbone test uses it
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_weights_dir, _folder_template):
+    """The template folder with a training image copied (as PNG) into val, an image unlike the others,
+    and a label file with two training labels flipped; extracted with the tiny model."""
+    os.environ["PIPELINE_WEIGHTS_DIR"] = str(tiny_weights_dir)
+    base = tmp_path_factory.mktemp("audit")
+    data = Path(shutil.copytree(_folder_template, base / "shapes"))
+    Image.open(data / ORIGINAL).save(data / COPY)
+    stripes = np.zeros((56, 72, 3), np.uint8)
+    stripes[::4] = (20, 230, 20)
+    Image.fromarray(stripes).save(data / ODD)
+    ids = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.*"))
+    flip = {"red": "blue", "blue": "red"}
+    labels = base / "flipped.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("id", "label", "split"))
+        for i in ids:
+            split, label = i.split("/")[:2]
+            w.writerow((i, flip[label] if i in FLIPPED else label, split))
+    [res] = extract(data, TINY, base / "cache", workers=0, progress=False)
+    return {"data": data, "cache": res.cache, "labels": labels}
+
+
+def _brute_knn(Q, B, k):
+    return -np.sort(-(Q @ B.T), axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("use_faiss", [False, True])
+def test_blocked_search_matches_brute_force(use_faiss, monkeypatch):
+    if use_faiss and not similarity.faiss_available():
+        pytest.skip("faiss not installed")
+    monkeypatch.setattr(similarity, "faiss_available", lambda: use_faiss)
+    rng = np.random.default_rng(0)
+    X = similarity.normalized(rng.normal(size=(53, 8)))
+    X[40] = X[3]  # an exact copy
+    X[41] = similarity.normalized(X[[7]] + 0.05 * rng.normal(size=(1, 8)))[0]  # a near one
+    sims, idx = similarity.knn(X[:20], X, 4, block=7)
+    want_s = _brute_knn(X[:20], X, 4)
+    np.testing.assert_allclose(sims, want_s, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(X[:20] @ X.T, idx, 1), want_s, atol=1e-5)  # ties may swap
+    sims, idx = similarity.knn(X, X, 3, exclude=np.arange(len(X)), block=7)
+    assert not (idx == np.arange(len(X))[:, None]).any()
+    assert idx[3, 0] == 40 and idx[40, 0] == 3 and sims[3, 0] == pytest.approx(1.0, abs=1e-5)
+    sims, idx = similarity.knn(X[:2], X[:2], 5)  # fewer rows than k: padded
+    assert (idx[:, 2:] == -1).all() and np.isnan(sims[:, 2:]).all()
+    i, j, s = similarity.pairs_above(X, 0.9, block=6)
+    S = X @ X.T
+    want = {(a, b) for a, b in zip(*np.nonzero(S >= 0.9)) if a < b}
+    assert set(zip(i.tolist(), j.tolist())) == want and (3, 40) in want and (7, 41) in want
+    assert list(s) == sorted(s, reverse=True) and np.allclose(s, S[i, j], atol=1e-5)
+
+
+def test_near_copies_are_scored_images_with_a_copy_among_their_training_images():
+    rng = np.random.default_rng(1)
+    X = similarity.normalized(rng.normal(size=(10, 16)))
+    X[7] = X[2]  # scored image 7 copies training image 2
+    X[5] = X[6]  # two scored images that copy each other: neither trained on the other
+    ids, y = np.array([f"i{k}" for k in range(10)], dtype=object), np.array(["a", "b"] * 5, dtype=object)
+    holdout = Protocol("t", "classification", "val", 0, ids, y, np.array([-1] * 5 + [0] * 5))
+    assert similarity.near_copies(X, holdout, 0.99).tolist() == [7]
+    assert similarity.leak_message(1, holdout) == "1 val image has a near-copy in train"
+    cv = Protocol("t", "classification", "cv2", 0, ids, y, np.array([0, 1] * 5))
+    assert similarity.near_copies(X, cv, 0.99).tolist() == [2, 5, 6, 7]  # each pair lies across the folds
+    assert similarity.leak_message(4, cv) == "4 images have a near-copy in another fold"
+
+
+@pytest.mark.parametrize("folds", [[-1] * 12 + [0] * 6, [0, 1, 2] * 6])
+def test_every_sample_is_predicted_once_by_a_model_that_never_saw_it(folds):
+    y = np.array(["a", "b"] * 9, dtype=object)
+    p = Protocol("t", "classification", "val" if folds[0] < 0 else "cv3", 0, np.arange(18).astype(str).astype(object),
+                 y, np.array(folds))
+    plan = oof_plan(p, cv=3, seed=0)
+    predicted = np.concatenate([test for _, test in plan])
+    assert sorted(predicted) == list(range(18))
+    assert all(not set(train) & set(test) for train, test in plan)
+    if folds[0] < 0:  # the scored images are predicted by a model of the training images only, as fit scores them
+        assert any(set(train) == set(range(12)) and set(test) == set(range(12, 18)) for train, test in plan)
+
+
+def test_audit_finds_the_flipped_labels_the_copy_and_the_odd_image(planted, tmp_path):
+    out = tmp_path / "audit"
+    result = audit(planted["cache"], out, [planted["labels"]], data=planted["data"], dup_threshold=EXACT, **FAST)
+    by_task = {t.task: t for t in result.tasks}
+    assert set(by_task) == {"shapes", "flipped"}
+    flipped = by_task["flipped"]
+    assert set(FLIPPED) <= {d["id"] for d in flipped.issues[:3]}
+    assert {d["id"] for d in flipped.issues} <= {*FLIPPED, ODD}  # the odd image is like neither class
+    assert all(d["suggested"] != d["given"] for d in flipped.issues)
+    scores = [d["score"] for d in flipped.issues]
+    assert scores == sorted(scores)  # most suspicious (lowest self-confidence) first
+    assert not set(FLIPPED) & {d["id"] for d in by_task["shapes"].issues}  # the true labels are not flagged
+    assert flipped.leaked == [COPY] and by_task["shapes"].leaked == [COPY]
+    first = result.duplicates[0]
+    assert (first["id_a"], first["id_b"], first["split_a"], first["split_b"], first["cross"]) == (COPY, ORIGINAL, "val", "train", True)
+    assert first["similarity"] >= EXACT
+    assert result.outliers[0]["id"] == ODD and result.outliers[0]["outlier"]
+    with open(out / "label_issues_flipped.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["id", "given", "suggested", "score", "split"]
+    assert [r["id"] for r in rows] == [d["id"] for d in flipped.issues]
+    with open(out / "duplicates.csv") as fh:
+        assert next(csv.DictReader(fh))["id_a"] == COPY
+    page = (out / "audit.html").read_text()
+    assert page.count("data:image/jpeg;base64") >= 5 and "given <b>red</b>" in page and "Map (t-SNE)" in page
+    assert (out / "map.png").is_file() and len((out / "map.csv").read_text().splitlines()) == 39
+    lines = "\n".join(result.lines())
+    assert "1 val image has a near-copy in train" in lines
+    assert f"label issues in flipped (val, 38 images): {len(flipped.issues)} flagged" in lines
+
+
+def test_the_page_without_images_lists_ids(planted, tmp_path):
+    result = audit(planted["cache"], tmp_path / "a", map="none", dup_threshold=EXACT, **FAST)
+    page = (tmp_path / "a" / "audit.html").read_text()
+    assert "data:image/jpeg" not in page and "--data DIR" in page and COPY in page
+    assert "map" not in result.files
+
+
+def test_unlabelled_images_get_every_finding_but_label_issues(planted, tmp_path):
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for f in ("train/red/red_000.jpg", "train/blue/blue_000.jpg", "train/blue/blue_001.jpg", "val/red/red_001.jpg"):
+        shutil.copy(planted["data"] / f, images / f.replace("/", "_"))
+    Image.open(images / "train_red_red_000.jpg").save(images / "copy.png")
+    [res] = extract(images, TINY, tmp_path / "cache", workers=0, progress=False)
+    result = audit(res.cache, tmp_path / "a", dup_threshold=EXACT, map="none", **FAST)
+    assert result.tasks == [] and "no labels in the cache" in result.lines()[0]
+    assert [(d["id_a"], d["id_b"], d["cross"]) for d in result.duplicates] == [("copy.png", "train_red_red_000.jpg", False)]
+    assert len(result.outliers) == 5 and (tmp_path / "a" / "audit.html").is_file()
+
+
+def test_several_caches_are_backbones_side_by_side(planted, tmp_path):
+    [f32] = extract(planted["data"], TINY, tmp_path / "cache", dtype="float32", workers=0, progress=False)
+    with FeatureCache(planted["cache"]) as a, FeatureCache(f32.cache) as b:
+        ids, X = joined_features([a, b], "pooled")
+        _, Xa = joined_features([a], "pooled")
+    assert X.shape == (len(ids), 2 * Xa.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
+    result = audit([planted["cache"], f32.cache], tmp_path / "a", map="none", dup_threshold=EXACT, **FAST)
+    assert result.cross_split[0]["id_a"] == COPY
+
+
+def test_audit_scores_on_a_runs_protocol_and_the_report_links_it(planted, tmp_path):
+    run = tmp_path / "run"
+    fitted = fit(planted["cache"], run, heads=["centroid"], n_jobs=1, progress=False)
+    with FeatureCache(planted["cache"]) as c:
+        ids, X = joined_features([c], "pooled")
+    val = np.array([i.startswith("val/") for i in ids])
+    leaked = int(((X[val] @ X[~val].T).max(axis=1) >= similarity.DUPLICATE_COSINE).sum())
+    assert fitted.near_copies == {"shapes": f"{leaked} val images have a near-copy in train"}
+    result = audit(planted["cache"], tmp_path / "audit", run=run, map="none", **FAST)
+    assert result.tasks[0].protocol.id == RunFolder(run).protocol("shapes").id
+    assert RunFolder(run).audit_page() == run / ".." / "audit" / "audit.html"
+    assert "href='../audit/audit.html'" in (run / "report.html").read_text()
+    shutil.move(str(run), str(tmp_path / "moved"))  # the link is relative: it survives a move of both
+    assert RunFolder(tmp_path / "moved").audit_page().is_file()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(head="linear-svm"), "--head linear-svm gives no class probabilities"),
+    (dict(dup_threshold=1.5), "--dup-threshold must be in (0, 1], got 1.5"),
+    (dict(map="pca"), "--map must be one of auto, umap, tsne, none, got 'pca'"),
+    (dict(k=0), "--k must be at least 1, got 0"),
+    (dict(run="nowhere"), "nowhere is not a fit run folder"),
+])
+def test_bad_settings_are_refused_before_any_work(planted, tmp_path, settings, message):
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        audit(planted["cache"], tmp_path / "a", **settings)
+    assert not (tmp_path / "a").exists()
+
+
+def test_neighbors_of_cached_and_new_images(planted, tmp_path):
+    data = planted["data"]
+    Image.open(data / "train/blue/blue_002.jpg").save(tmp_path / "outside.png")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    rows = neighbors(planted["cache"], [data / ORIGINAL, tmp_path / "outside.png", tmp_path / "broken.jpg"], k=3,
+                     out=tmp_path / "n.csv", workers=0, progress=False)
+    by_query: dict[str, list[dict]] = {}
+    for r in rows:
+        by_query.setdefault(Path(r["query"]).name, []).append(r)
+    own = by_query["red_000.jpg"]
+    assert [r["rank"] for r in own] == [1, 2, 3] and ORIGINAL not in [r["id"] for r in own]
+    assert own[0]["id"] == COPY and own[0]["similarity"] >= EXACT  # its copy, not itself
+    outside = by_query["outside.png"]
+    assert outside[0]["id"] == "train/blue/blue_002.jpg" and outside[0]["similarity"] >= EXACT
+    assert outside[0]["label"] == "blue" and outside[0]["split"] == "train"
+    assert "not an image" in by_query["broken.jpg"][0]["error"]
+    with open(tmp_path / "n.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 7
+
+
+def test_neighbors_of_cached_images_need_no_backbone(planted, monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("the backbone should not run for images already in the cache")
+
+    monkeypatch.setattr(featurizer_module.Featurizer, "load", fail)
+    rows = neighbors(planted["cache"], [planted["data"] / "val"], k=2, progress=False)
+    assert len(rows) == 2 * 14 and all(r["error"] == "" for r in rows)
+
+
+@pytest.mark.slow
+def test_audit_and_neighbors_from_the_command_line(planted, tmp_path):
+    r = run_cli("audit", planted["cache"], "--out", tmp_path / "a", "--labels", planted["labels"], "--data",
+                planted["data"], "--dup-threshold", str(EXACT), "--map", "none", "--head", "torch-logreg", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "label issues in flipped (val, 38 images): " in r.stdout and "page: " in r.stdout
+    r = run_cli("audit", planted["cache"], "--out", tmp_path / "b", "--dup-threshold", "2")
+    assert r.returncode == 1 and r.stderr.strip() == "error: --dup-threshold must be in (0, 1], got 2.0"
+    r = run_cli("neighbors", planted["cache"], planted["data"] / ORIGINAL, "-k", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    got = list(csv.DictReader(r.stdout.splitlines()))
+    assert [g["rank"] for g in got] == ["1", "2"] and got[0]["id"] == COPY
+    r = run_cli("fit", planted["cache"], "--out", tmp_path / "run", "--heads", "centroid", "--no-progress")
+    assert r.returncode == 0 and "val images have a near-copy in train; see pipeline audit" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_real_backbone_finds_planted_copies_and_flipped_labels(tmp_path):
+    """Hymenoptera with 6 training images re-encoded into val and 5 % of the training labels flipped:
+    every copy is a cross-split pair and nothing else is; most flipped labels are flagged."""
+    source = shared_or_skip("data", "hymenoptera")
+    os.environ["PIPELINE_WEIGHTS_DIR"] = str(shared_or_skip("weights"))
+    data = Path(shutil.copytree(source, tmp_path / "hym"))
+    rng = np.random.default_rng(0)
+    train = sorted(p for p in (data / "train").rglob("*.jpg"))
+    planted = {}
+    for n, k in enumerate(rng.choice(len(train), 6, replace=False)):
+        src = train[k]
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            if n % 2:
+                im = im.resize((im.width * 3 // 4, im.height * 3 // 4))
+            target = data / "val" / src.parent.name / f"copy{n}.jpg"
+            im.save(target, quality=70)
+        planted[target.relative_to(data).as_posix()] = src.relative_to(data).as_posix()
+    ids = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.*") if p.is_file())
+    train_ids = [i for i in ids if i.startswith("train/")]
+    flipped = set(rng.choice(train_ids, round(0.05 * len(train_ids)), replace=False))
+    labels = tmp_path / "flipped.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("id", "label"))
+        for i in ids:
+            label = i.split("/")[1]
+            w.writerow((i, {"ants": "bees", "bees": "ants"}[label] if i in flipped else label))
+    [res] = extract(data, "tf_efficientnet_lite0.in1k", tmp_path / "cache", progress=False)
+    result = audit(res.cache, tmp_path / "audit", [labels], map="none")
+    assert {(d["id_a"], d["id_b"]) for d in result.cross_split} == set(planted.items())
+    issues = [d["id"] for d in next(t for t in result.tasks if t.task == "flipped").issues]
+    assert len(set(issues) & flipped) >= 0.6 * len(flipped)
+    assert len(set(issues) & flipped) >= 0.6 * len(issues)
