@@ -62,7 +62,7 @@ def make_parquet(folder, path, names=("blue", "red")):
 
 def _by_hash(cache):
     with FeatureCache(cache) as c:
-        return {h: f for h, f, v in zip(c.content_hash, c.features(), c.valid) if v}, c
+        return {h: f for h, f, v in zip(c.content_hash, c.features(), c.valid) if v}
 
 
 def test_shards_and_parquet_give_the_folders_features(folder, tmp_path):
@@ -71,12 +71,12 @@ def test_shards_and_parquet_give_the_folders_features(folder, tmp_path):
     [base] = extract(folder, TINY, tmp_path / "cache", workers=0, progress=False)
     shards = make_shards(folder, tmp_path / "shards")
     table = make_parquet(folder, tmp_path / "images.parquet")
-    reference, _ = _by_hash(base.cache)
+    reference = _by_hash(base.cache)
     accuracy = {}
     for name, data in (("folder", folder), ("folder of shards", shards), ("brace pattern", tmp_path / "shards" / "data-{000000..000001}.tar"),
                        ("parquet", table)):
         [res] = extract(data, TINY, tmp_path / "c" / name.replace(" ", "_"), workers=0, progress=False)
-        got, c = _by_hash(res.cache)
+        got = _by_hash(res.cache)
         assert len(got) == 36 and set(got) <= set(reference), name
         np.testing.assert_array_equal(np.stack([got[h] for h in got]), np.stack([reference[h] for h in got]))
         with FeatureCache(res.cache) as c:

@@ -1,0 +1,93 @@
+"""Peak memory of listing and hashing a large source: a CSV manifest of small files, webdataset tar
+shards, or a parquet file, generated with N samples of a few hundred bytes each (listing and hashing
+never decode, so the bytes need not be images).
+
+Prints, per format: the samples, the seconds, the process's peak RSS growth, Python's traced peak
+(``tracemalloc``) per sample, and that peak less the columns a cache stores anyway (ids, label and
+split pointers, 32-byte hashes).
+
+    python benchmarks/listing_memory.py --n 1000000 --formats shards,parquet,manifest
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from pipeline import load_source
+
+
+def make(fmt: str, n: int, root: Path) -> Path:
+    blob = b"\xff\xd8" + bytes(300)
+    if fmt == "manifest":
+        (root / "img").mkdir()
+        with open(root / "m.csv", "w") as fh:
+            fh.write("path,label\n")
+            for i in range(n):
+                (root / "img" / f"{i:07d}.jpg").write_bytes(blob + i.to_bytes(4, "little"))
+                fh.write(f"img/{i:07d}.jpg,c{i % 10}\n")
+        return root / "m.csv"
+    if fmt == "shards":
+        per = 10_000
+        for s in range(0, n, per):
+            with tarfile.open(root / f"part-{s // per:06d}.tar", "w") as tar:
+                for i in range(s, min(s + per, n)):
+                    for ext, data in (("jpg", blob + i.to_bytes(4, "little")), ("cls", f"c{i % 10}".encode())):
+                        info = tarfile.TarInfo(f"{i:07d}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        return root
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(root / "p.parquet", pa.schema([("jpg", pa.binary()), ("label", pa.string())])) as writer:
+        for s in range(0, n, 100_000):
+            idx = range(s, min(s + 100_000, n))
+            writer.write_table(pa.table({"jpg": [blob + i.to_bytes(4, "little") for i in idx],
+                                         "label": [f"c{i % 10}" for i in idx]}), row_group_size=1000)
+    return root / "p.parquet"
+
+
+def measure(data: Path, n: int) -> dict:
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    start = time.perf_counter()
+    src = load_source(data)
+    hashes, _ = src.content_hashes()
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    stored = sum(len(i) + 49 + 8 for i in src.ids) + 16 * len(src) + hashes.nbytes
+    return dict(samples=len(src), seconds=seconds, rss_mib=rss / 1024, traced=peak / n, beyond=(peak - stored) / n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--formats", default="shards,parquet,manifest")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # one format, in a process of its own (RSS is a high-water mark)
+    args = ap.parse_args()
+    if args.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = make(args.one, args.n, Path(tmp))
+            m = measure(data, args.n)
+        print(f"| {args.one} | {m['samples']:,} | {m['seconds']:.1f} | {m['rss_mib']:.0f} | {m['traced']:.0f} | "
+              f"{m['beyond']:.0f} |", flush=True)
+        return
+    print("| format | samples | list + hash s | peak RSS growth MiB | traced peak bytes/sample | beyond the cache's columns |")
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    for fmt in args.formats.split(","):
+        subprocess.run([sys.executable, __file__, "--n", str(args.n), "--one", fmt], check=True)
+
+
+if __name__ == "__main__":
+    main()
