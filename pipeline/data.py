@@ -10,8 +10,10 @@ and predictions.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +147,12 @@ def _read_manifest(path: Path, allow_outside_root: bool) -> list[Sample]:
 
 
 def content_hash(path: Path) -> bytes:
-    """Digest of a file's bytes: what decides whether a cached row is still that image's."""
-    with open(path, "rb") as fh:
+    """Digest of a file's bytes: what decides whether a cached row is still that image's. Anything but a
+    regular file (a FIFO, a device such as /dev/zero behind a symlink) is an OSError: reading it could
+    block, or never end."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         return hashlib.file_digest(fh, _HASH).digest()
 
 
