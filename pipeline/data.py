@@ -8,9 +8,11 @@ to the folder, a manifest's ``id`` (else its ``path``), a shard's ``<shard>/<key
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +81,14 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def content_hash(path: Path | Member) -> bytes:
-    """Digest of an image's bytes: what decides whether a cached row is still that image's."""
+    """Digest of an image's bytes: what decides whether a cached row is still that image's. Anything but a
+    regular file (a FIFO, a device such as /dev/zero behind a symlink) is an OSError: reading it could
+    block, or never end."""
     if isinstance(path, Member):
         return hashlib.sha256(path.read()).digest()
-    with open(path, "rb") as fh:
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         return hashlib.file_digest(fh, _HASH).digest()
 
 

@@ -3,6 +3,7 @@ import errno
 import hashlib
 import importlib
 import json
+import os
 
 import h5py
 import numpy as np
@@ -138,6 +139,17 @@ def test_second_writer_is_refused(folder, tmp_path):
         with pytest.raises(PipelineError, match=r"being written by another process \(pid \d+\)"):
             _extract(folder, tmp_path / "cache")
     assert _extract(folder, tmp_path / "cache").reused == 36
+
+
+def test_a_fifo_or_a_device_is_a_read_failure_not_a_hang(folder, tmp_path):
+    """Reading a FIFO blocks until someone writes to it, and /dev/zero never ends: neither is hashed."""
+    os.mkfifo(folder / "train" / "red" / "pipe.jpg")
+    os.symlink("/dev/zero", folder / "train" / "red" / "zero.jpg")
+    res = _extract(folder, tmp_path / "cache")
+    assert res.extracted == 36 and res.failed == 2
+    with FeatureCache(res.cache) as c:
+        assert sorted(c.failures) == [("train/red/pipe.jpg", "read", "OSError: not a regular file"),
+                                      ("train/red/zero.jpg", "read", "OSError: not a regular file")]
 
 
 @pytest.mark.parametrize("kw, message", [
