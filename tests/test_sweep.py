@@ -128,7 +128,7 @@ def test_every_head_saves_and_loads_with_the_trusted_types(tmp_path):
 @pytest.mark.slow
 def test_report_html(sweep):
     page = (sweep["run"] / "report.html").read_text()
-    for text in ("Task shapes", "Task coin", "Accuracy by head &times; backbone", "Few-shot",
+    for text in ("Task shapes", "Task coin", "accuracy by head &times; backbone", "Few-shot",
                  "Confusion matrix of the best row", "How this was made", "scikit-learn", BOTH):
         assert text in page, text
     assert page.count("src='data:image/png;base64,") == 4  # two few-shot plots, two confusion matrices
