@@ -2,7 +2,8 @@
 
 - ``PIPELINE_TEST_FAULTS="name:fault,..."``: decoding the file called ``name`` segfaults (``segv``),
   aborts (``abort``), is killed as the out-of-memory killer would (``oom``) or never returns (``hang``),
-  inside whatever process decodes it.
+  inside whatever process decodes it, or waits until the file named by ``PIPELINE_TEST_GATE`` exists
+  (``gate``), so a test holds a run mid-way for as long as it needs.
 - ``PIPELINE_TEST_EVENTS=FILE``: appends one line per event (``list``, ``hash``, ``model``) with the time,
   to see what a run did before it stopped.
 """
@@ -29,6 +30,9 @@ def _fault(kind: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "hang":
         time.sleep(3600)
+    elif kind == "gate":
+        while not Path(os.environ["PIPELINE_TEST_GATE"]).exists():
+            time.sleep(0.01)
 
 
 def _event(name: str, fn):

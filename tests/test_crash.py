@@ -84,6 +84,12 @@ def test_main_process_killed_alone_leaves_the_cache_free_at_once(tmp_path, momen
         assert c.valid.all() and c.attrs["complete"]
 
 
+def _held_at(tmp_path: Path, name: str) -> dict[str, str]:
+    """Environment that holds a run at the image ``name`` until ``tmp_path / "gate"`` exists, so the run is
+    still writing however fast the machine is."""
+    return {"PIPELINE_TEST_FAULTS": f"{name}:gate", "PIPELINE_TEST_GATE": str(tmp_path / "gate")}
+
+
 def test_second_writer_is_refused_before_any_slow_work(tmp_path):
     """The second writer takes the lock before it lists, hashes or loads a model, so it is refused at
     once; the first goes on and finishes."""
@@ -91,7 +97,7 @@ def test_second_writer_is_refused_before_any_slow_work(tmp_path):
     cache = tmp_path / "cache"
     first_log, second_log = tmp_path / "first.events", tmp_path / "second.events"
     first = subprocess.Popen(_extract_cmd(data, cache, "--workers", "0", "--batch-size", "2"),
-                             env={**os.environ, "PIPELINE_TEST_EVENTS": str(first_log)},
+                             env={**os.environ, "PIPELINE_TEST_EVENTS": str(first_log), **_held_at(tmp_path, "0121.jpg")},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert kill_when_rows(first, lambda: list(cache.glob("*.h5")), 2, lambda: []) is not None, first.stderr.read()
@@ -107,6 +113,7 @@ def test_second_writer_is_refused_before_any_slow_work(tmp_path):
         print(f"\nsecond writer refused {seconds:.2f} s after its start; starting Python with the same imports alone: "
               f"{time.perf_counter() - start:.2f} s")
     finally:
+        (tmp_path / "gate").touch()
         out, err = first.communicate(timeout=300)
     assert second.returncode == 1 and f"being written by another process (pid {first.pid})" in second.stderr, second.stderr
     assert still_writing  # refused while the first was writing, not after it ended
@@ -213,7 +220,8 @@ def test_a_file_system_without_locks(tmp_path):
 
     data = make_many(tmp_path / "many", 400)
     cache = tmp_path / "cache"
-    first = subprocess.Popen(_extract_cmd(data, cache, "--workers", "1", "--batch-size", "1"), env=env,
+    first = subprocess.Popen(_extract_cmd(data, cache, "--workers", "1", "--batch-size", "1", "--decode-timeout", "600"),
+                             env={**env, **_held_at(tmp_path, "0201.jpg")},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert kill_when_rows(first, lambda: list(cache.glob("*.h5")), 4, lambda: []) is not None, first.stderr.read()
