@@ -57,9 +57,9 @@ def main() -> None:
                 trained = sum(not h["partial"] for h in res.history[1:]) * res.n_train
                 seconds = res.history[-1]["train_seconds"]
                 rows.append(dict(
-                    method=f"finetune {strategy} (amp {amp})", acc=res.metrics["accuracy"], last=res.history[-1]["accuracy"],
+                    method=f"finetune {strategy} (amp {amp})", acc=res.metrics["accuracy"], last=res.history[-1]["score"],
                     wall=wall, ips=trained / seconds if seconds else None,
-                    note="selection accuracy by epoch " + " ".join(f"{h['accuracy']:.3f}" for h in res.history)
+                    note="selection accuracy by epoch " + " ".join(f"{h['score']:.3f}" for h in res.history)
                     + f"; best epoch {res.best_epoch}; estimated {res.estimate['total_seconds']:.0f} s",
                 ))
 
