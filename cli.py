@@ -352,14 +352,14 @@ def heads_cmd() -> None:
 
 @cache_app.command("info")
 def cache_info(
-    files: Annotated[list[Path], typer.Argument(help="cache files (.h5)")],
+    files: Annotated[list[Path], typer.Argument(help="cache files (.h5), or folders of them")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (a list, one object per file)")] = False,
 ) -> None:
     """What is in each cache: backbone, rows valid/failed, taps and dims, feature spec, size on disk."""
-    from pipeline.cache import FeatureCache
+    from pipeline.cache import FeatureCache, find_caches
 
     infos = []
-    for file in files:
+    for file in find_caches(files):
         with FeatureCache(file) as c:
             infos.append({**c.info(), "failures": c.failures})
     if as_json:
@@ -371,7 +371,7 @@ def cache_info(
         spec = info["spec"]
         typer.echo(f"{info['path']}")
         typer.echo(f"  backbone   {info['backbone']}  (weights sha256 {info['weights_sha256'][:16]}…, {info['weights_source']})")
-        typer.echo(f"  source     {info['source']}")
+        typer.echo(f"  source     {info['source']}" + (f"  ({info['source_location']})" if info["source_location"] else ""))
         typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed; complete: {info['complete']}")
         typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
         dc = info["data_config"]

@@ -65,6 +65,11 @@ def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def _still_there(location: str) -> bool:
+    path = Path(location)
+    return path.exists() or ("{" in path.name and path.parent.is_dir())
+
+
 _ROW_ARRAYS = ("ids", "labels", "splits", "content_hash", "valid")
 _ATTRS = ("schema_version", "backbone", "weights_sha256", "data_config", "dtype", "taps")
 
@@ -121,6 +126,9 @@ class FeatureCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            names = ", ".join(p.name for p in sorted(self.path.glob("*.h5"))) or "none"
+            raise PipelineError(f"{self.path} is a folder; give one cache file in it (*.h5 there: {names})")
         try:
             # Checked first: where HDF5's locking is off (no file locks), only the lock file tells.
             self._refuse_while_written()
@@ -239,6 +247,7 @@ class FeatureCache:
             "weights_sha256": a["weights_sha256"],
             "weights_source": a.get("weights_source", ""),
             "source": a.get("source", ""),
+            "source_location": str(a.get("source_location", "")),
             "rows": int(len(valid)),
             "valid": int(valid.sum()),
             "failed": len(self.failures),
@@ -271,13 +280,13 @@ class CacheWriter:
     """Exclusive write access to one cache file (created if absent), held by its lock (``pipeline.locks``).
 
     ``spec`` determines the features (a file made with another spec is refused); ``weights_source`` is
-    where the weights were read from and ``source`` the data source's name; ``tap_dims`` maps each
-    requested tap to its width. ``lock``: the file's lock, taken by the caller (who releases it), else
-    taken here.
+    where the weights were read from and ``source`` the data source's name, ``location`` where it is
+    (see :func:`pipeline.sources.source_location`); ``tap_dims`` maps each requested tap to its width.
+    ``lock``: the file's lock, taken by the caller (who releases it), else taken here.
     """
 
     def __init__(self, path: str | os.PathLike, spec: FeatureSpec, weights_source: str, source: str,
-                 tap_dims: dict[str, int], lock: CacheLock | None = None):
+                 tap_dims: dict[str, int], lock: CacheLock | None = None, location: str = ""):
         self.path = Path(path)
         self._own_lock = lock is None
         self._lock = lock_cache(self.path) if lock is None else lock
@@ -308,6 +317,7 @@ class CacheWriter:
             )
         try:
             self._check_matches(spec)
+            self._check_location(location)
         except PipelineError:
             self.close()
             raise
@@ -379,6 +389,18 @@ class CacheWriter:
         if have != spec:
             raise PipelineError(f"{self.path} was made with another feature spec ({have.describe()}), not "
                                 f"({spec.describe()}); use another --cache")
+
+    def _check_location(self, location: str) -> None:
+        """One cache file, one data source: the file names only the source's name, so another source of
+        that name (two folders called ``data``, shards and a parquet file called ``data``) is refused while
+        the one the file holds still exists; where it no longer does, the source was moved and the file
+        follows it."""
+        had = str(self._file.attrs.get("source_location", ""))
+        if location and had and had != location and _still_there(had):
+            raise PipelineError(f"{self.path} holds the images of {had}, not of {location}: two data sources named "
+                                f"{self._file.attrs.get('source', '')!r} cannot share a cache folder; use another --cache")
+        if location and had != location:
+            self._file.attrs["source_location"] = location
 
     def _add_taps(self, tap_dims: dict[str, int]) -> None:
         group = self._file["features"]

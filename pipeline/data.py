@@ -33,6 +33,14 @@ _HASH = "sha256"
 HASH_BYTES = 32
 
 
+def check_split(value: str, where: str) -> str:
+    """``value`` if it is a split name (``train``, ``val``, ``test``) or empty; else an error naming ``where``:
+    an image under an unknown split would silently be neither trained on nor scored."""
+    if value not in ("", *SPLITS):
+        raise PipelineError(f"{where}: split must be one of train, val, test or empty, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Member:
     """Bytes inside a container file: a tar member's (``at`` its data's byte offset, ``size`` bytes) or
@@ -72,7 +80,8 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)))
+            # a dangling link is listed too: it gets its row with the reason, as in extract
+            out.extend(sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink()) and is_image_file(f)))
         elif p.exists() or p.is_symlink():
             out.append(p)
         else:

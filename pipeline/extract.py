@@ -31,7 +31,7 @@ from .batches import default_workers
 from .cache import DTYPES, CacheWriter, cache_path, check_master, shard_path, write_master
 from .errors import PipelineError
 from .featurizer import Featurizer, planned_spec
-from .sources import ImageSource, load_source, source_name
+from .sources import ImageSource, load_source, source_location, source_name
 from .locks import lock_cache
 from .validation import at_least, check, one_of, optional, positive
 from .workers import DEFAULT_TIMEOUT, Workers
@@ -132,7 +132,8 @@ def extract(
         for group in groups.values():
             with ExitStack() as stack:
                 writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, src.name,
-                                                           j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to)))
+                                                           j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to),
+                                                           location=source_location(source)))
                            for j in group]
                 plans = [w.sync(src, hashes, read_errors, retry_failed=retry_failed) for w in writers]
                 start = time.perf_counter()

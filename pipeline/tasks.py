@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .cache import FeatureCache
+from .data import check_split
 from .errors import PipelineError
 from .kinds import get_kind, kind_of_columns
 from .protocol import eval_split
@@ -83,6 +84,7 @@ def read_labels(path: str | os.PathLike) -> Task:
         if sid in seen:
             raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {seen[sid]})")
         seen[sid] = line
+        check_split((row.get("split") or "").strip(), f"{path}:{line}")
     if not rows:
         raise PipelineError(f"{path}: no rows")
     col = lambda c: np.array([(r.get(c) or "").strip() for r in rows], dtype=object)  # noqa: E731

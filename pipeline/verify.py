@@ -67,6 +67,10 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
         else:
             samples.append(s)
             keep.append(k)
+    if not samples:
+        report.problems.append(f"none of the {len(ids)} sampled rows is in {data} with the bytes it was extracted from: "
+                               "nothing could be compared (is --data the source this cache was made from?)")
+        return report
     if weights is None:
         fz = Featurizer.load(spec, recorded=str(attrs.get("weights_source", "")), device=device)
     else:

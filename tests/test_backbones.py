@@ -70,6 +70,12 @@ def test_unknown_backbone_suggests_names():
         load_backbone("tf_efficientnet_lite9")
 
 
+def test_unknown_tag_names_the_tags_timm_has():
+    with pytest.raises(PipelineError, match="unknown backbone 'tf_efficientnet_b0.ra_in1k': timm has no tag 'ra_in1k' "
+                                            "for tf_efficientnet_b0 \\(it has tf_efficientnet_b0.aa_in1k, "):
+        load_backbone("tf_efficientnet_b0.ra_in1k")
+
+
 def test_weights_that_do_not_fit(tmp_path, tiny_weights_dir):
     with pytest.raises(PipelineError, match="does not fit backbone 'resnet10t'"):
         load_backbone("resnet10t", weights=tiny_weights_dir / f"{TINY}.safetensors")

@@ -51,6 +51,7 @@ def test_manifest(tmp_path, folder):
     ("path\n", "lists no images"),
     ("path\nok.jpg\n../../etc/passwd\n", "m.csv:3: path '../../etc/passwd' leaves the manifest's folder"),
     ("path\n/etc/passwd\n", "m.csv:2: path '/etc/passwd' leaves the manifest's folder"),
+    ("path,split\na.jpg,train\nb.jpg,valid\n", "sample 'b.jpg': split must be one of train, val, test or empty, got 'valid'"),
 ])
 def test_bad_manifest(tmp_path, text, message):
     (tmp_path / "m.csv").write_text(text)

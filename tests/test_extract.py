@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, TINY_GN, TINY_VIT, make_image, run_cli
+from conftest import TINY, TINY_GN, TINY_VIT, make_folder, make_image, run_cli
 from pipeline import FeatureCache, PipelineError, extract, fit, load_backbone
 from pipeline.data import load_image
 from pipeline.cache import CacheWriter
@@ -329,3 +329,28 @@ def test_a_failed_write_stops_the_run_and_keeps_earlier_batches(folder, tmp_path
         assert f["valid"][()].sum() == 8
     monkeypatch.setattr(CacheWriter, "write", real)
     assert _extract(folder, tmp_path / "cache").extracted == 28
+
+
+def test_two_sources_of_one_name_never_share_a_cache(folder, tmp_path):
+    """The cache file names the source by its name only: another source of that name is refused while the
+    first is still there, and a source moved elsewhere keeps its cache (nothing recomputed)."""
+    first = _extract(folder, tmp_path / "cache")
+    other = make_folder(tmp_path / "elsewhere" / folder.name, n_train=2, n_val=1, seed=3)
+    with pytest.raises(PipelineError, match=f"holds the images of {folder.resolve()}, not of {other.resolve()}: "
+                                            "two data sources named 'shapes' cannot share a cache folder"):
+        _extract(other, tmp_path / "cache")
+    moved = tmp_path / "moved" / folder.name
+    moved.parent.mkdir()
+    folder.rename(moved)
+    again = _extract(moved, tmp_path / "cache")
+    assert again.cache == first.cache and again.extracted == 0 and again.reused == 36
+    r = run_cli("cache", "info", tmp_path / "cache")  # a folder of caches
+    assert r.returncode == 0 and f"source     shapes  ({moved.resolve()})" in r.stdout, r.stderr
+
+
+def test_a_label_file_with_an_unknown_split_is_refused(tmp_path):
+    from pipeline import read_labels
+
+    (tmp_path / "t.csv").write_text("id,label,split\na,x,train\nb,y,Val\n")
+    with pytest.raises(PipelineError, match="t.csv:3: split must be one of train, val, test or empty, got 'Val'"):
+        read_labels(tmp_path / "t.csv")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, make_image, run_cli
 from pipeline import extract
 from pipeline.verify import verify
 
@@ -72,3 +72,14 @@ def test_foreign_hdf5_files_are_checked_before_use(folder, tmp_path):
         f["data"] = np.arange(3)
     r = run_cli("cache", "info", other)
     assert r.returncode == 1 and "is not a feature cache of this version: missing: ids" in r.stderr
+
+
+@pytest.mark.slow
+def test_data_that_holds_none_of_the_rows_is_a_problem(folder, tmp_path):
+    """--data that is not the cache's source compares nothing: that is not `ok`."""
+    path = _cache(folder, tmp_path)
+    other = tmp_path / "other" / "x"
+    other.mkdir(parents=True)
+    make_image(other / "y.jpg", (1, 2, 3), 0)
+    r = run_cli("cache", "verify", path, "--data", tmp_path / "other", "--sample", "4")
+    assert r.returncode == 1 and "none of the 4 sampled rows is in" in r.stdout, r.stdout + r.stderr

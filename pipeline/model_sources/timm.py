@@ -75,7 +75,7 @@ def plan(name: str, weights: Path | None) -> tuple[str, str, dict] | None:
     if ":" in name or not timm.is_model(name):
         return None
     file = resolve_weights_file(name, weights)
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = _pretrained_cfg(name)
     if file is None or cfg is None:
         return None
     return name, file_sha256(file), plain(resolve_data_config(pretrained_cfg=cfg.to_dict()))
@@ -124,10 +124,22 @@ def _check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(pretrained=True), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise PipelineError(f"unknown backbone {name!r}{hint}")
+    _pretrained_cfg(name)
+
+
+def _pretrained_cfg(name: str):
+    """timm's pretrained config of ``name`` (None when it has none); a tag timm does not know is an error
+    naming the tags it does."""
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        arch, tag = timm.models.split_model_name_tag(name)
+        tags = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+        raise PipelineError(f"unknown backbone {name!r}: timm has no tag {tag!r} for {arch} (it has {tags})") from None
 
 
 def _full_name(name: str) -> str:
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = _pretrained_cfg(name)
     arch, tag = timm.models.split_model_name_tag(name)
     return f"{arch}.{cfg.tag}" if cfg is not None and not tag and cfg.tag else name
 

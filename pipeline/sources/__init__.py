@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data import HASH_BYTES, Member, Sample, content_hash
+from ..data import HASH_BYTES, Member, Sample, check_split, content_hash
 from ..errors import PipelineError
 
 Lister = Callable[[Path, bool], "ImageSource"]
@@ -110,7 +110,7 @@ class Columns:
     def add(self, sid: str, label: str = "", split: str = "", digest: bytes | None = None, at: Sequence[int] = ()) -> None:
         self.ids.append(sid)
         self.labels.append(sys.intern(label))
-        self.splits.append(sys.intern(split))
+        self.splits.append(sys.intern(check_split(split, f"sample {sid!r}")))
         if digest is not None:
             self.digests += digest
         for column, value in zip(self.at, at):
@@ -175,6 +175,13 @@ def source_name(source: str | os.PathLike) -> str:
     _source(path)
     base = path.resolve() if path.is_dir() else path
     return base.name if path.is_dir() else base.name.split(".")[0].split("{")[0].rstrip("-_") or base.parent.name
+
+
+def source_location(source: str | os.PathLike) -> str:
+    """Where a source is, as an absolute path (a brace pattern's folder made absolute): what a cache
+    records to tell two sources of one name apart."""
+    path = Path(source)
+    return str(path.parent.resolve() / path.name) if "{" in path.name else str(path.resolve())
 
 
 def read_member(member: Member) -> bytes:
