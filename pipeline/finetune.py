@@ -195,9 +195,9 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
     if bb.source != "timm":
         raise PipelineError(f"fine-tuning needs a timm backbone (its classifier and block groups); {backbone} is "
                             f"from {bb.source}: extract it and fit heads on its features instead")
-    probe = _Probe(init, protocol, backbone, bb.weights_sha256) if init is not None else None
+    probe = _Probe(init, protocol, bb.name, bb.weights_sha256) if init is not None else None
     classes = protocol.names
-    spec = probe.spec if probe else FeatureSpec(backbone, bb.weights_sha256, bb.data_config, "float32", bb.amp)
+    spec = probe.spec if probe else FeatureSpec(bb.name, bb.weights_sha256, bb.data_config, "float32", bb.amp)
 
     done = []
     for k, fold in enumerate(folds):
@@ -214,7 +214,7 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
                             next((d["estimate"] for d in done if d["estimate"]), None), None, done, last["n_select"])
     if len(done) >= sum(1 for f in folds if len(f.scored)):  # every scored image has a prediction
         result.row, scored = _row(protocol, {i: p for d in done for i, p in d["predictions"].items()}, result,
-                                  backbone, spec)
+                                  bb.name, spec)
         result.metrics = {**result.row.metrics, "n_test": result.row.n_test}
         if run_dir is not None:
             result.row = _add_row(RunFolder(run_dir), result.row, scored, out, identity, time.monotonic() - started)

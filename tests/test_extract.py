@@ -354,3 +354,10 @@ def test_a_label_file_with_an_unknown_split_is_refused(tmp_path):
     (tmp_path / "t.csv").write_text("id,label,split\na,x,train\nb,y,Val\n")
     with pytest.raises(PipelineError, match="t.csv:3: split must be one of train, val, test or empty, got 'Val'"):
         read_labels(tmp_path / "t.csv")
+
+
+def test_a_name_without_its_tag_is_the_same_backbone(folder, tmp_path):
+    """timm resolves `test_efficientnet` to its default tag: the same weights, the same cache, nothing recomputed."""
+    first = _extract(folder, tmp_path / "cache")
+    [again] = extract(folder, TINY.split(".")[0], tmp_path / "cache", workers=0, progress=False)
+    assert again.cache == first.cache and again.backbone == TINY and again.extracted == 0

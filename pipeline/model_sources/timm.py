@@ -78,7 +78,7 @@ def plan(name: str, weights: Path | None) -> tuple[str, str, dict] | None:
     cfg = _pretrained_cfg(name)
     if file is None or cfg is None:
         return None
-    return name, file_sha256(file), plain(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+    return _full_name(name), file_sha256(file), plain(resolve_data_config(pretrained_cfg=cfg.to_dict()))
 
 
 @register_model_source("timm", "timm model names, hf-hub:ORG/NAME and local-dir:FOLDER (timm's own forms)",
@@ -95,6 +95,7 @@ def load(name: str, weights: Path | None) -> Backbone:
             model, sha, source = _from_file(name, file), file_sha256(file), str(file.resolve())
         else:
             model, sha, source = _from_hub(name, weights_dir_candidates(name), None)
+        name = _full_name(name)  # recorded with its tag, as timm resolves it: one name, one cache
     return TimmBackbone(name, model.eval(), sha, source, plain(resolve_model_data_config(model)), source="timm")
 
 
