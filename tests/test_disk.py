@@ -40,8 +40,8 @@ def _snapshot(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def images(tmp_path) -> tuple[Path, Path]:
-    """A first folder of 16 images, and a second of the same name holding those plus 584 more (more
-    than one 256-row chunk, so the file must grow)."""
+    """A folder of 16 images, and another holding those plus 584 more (more than one 256-row chunk, so
+    the file must grow), copied into the first when the test grows it."""
     many = make_many(tmp_path / "all" / "imgs", 600)
     few = tmp_path / "part" / "imgs"
     for p in sorted(many.glob("a/*.jpg"))[:8] + sorted(many.glob("b/*.jpg"))[:8]:
@@ -65,7 +65,8 @@ def test_disk_full_mid_run_keeps_the_cache_as_it_was(images, tmp_path):
         filler = mnt / "filler"
         free = shutil.disk_usage(mnt).free
         filler.write_bytes(b"\0" * max(0, free - 256 * 1024))  # a chunk of 256 rows of 1,000 logits is 1 MB
-        r = _extract(many, mnt / "cache")
+        shutil.copytree(many, few, dirs_exist_ok=True)  # the same data source, grown
+        r = _extract(few, mnt / "cache")
         assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
         assert "No space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -74,7 +75,7 @@ def test_disk_full_mid_run_keeps_the_cache_as_it_was(images, tmp_path):
         for sid, row in after.items():  # every row marked valid is whole and right
             np.testing.assert_allclose(row, ref[sid], rtol=1e-4, atol=1e-4)
         filler.unlink()
-        again = _extract(many, mnt / "cache")
+        again = _extract(few, mnt / "cache")
         assert again.returncode == 0, again.stderr
         done = _snapshot(path)
         assert set(done) == set(ref)
@@ -89,7 +90,8 @@ def test_read_only_cache_dir_is_one_line_and_untouched(images, tmp_path):
         [path] = (mnt / "cache").glob("*.h5")
         before = path.read_bytes()
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        r = _extract(many, mnt / "cache")
+        shutil.copytree(many, few, dirs_exist_ok=True)
+        r = _extract(few, mnt / "cache")
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert "Read-only file system" in r.stderr and str(mnt / "cache") in r.stderr, r.stderr
         assert path.read_bytes() == before
