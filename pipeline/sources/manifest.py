@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from ..kinds import list_kinds
 from . import Columns, ImageSource, register_source
 
 
 @register_source("manifest", "a CSV with a path column (optional: id, split, label or labels or target)",
                  claims=lambda path: path.suffix.lower() == ".csv")
 def list_manifest(path: Path, allow_outside_root: bool) -> ImageSource:
+    from ..kinds import list_kinds  # here, not at the top: the kinds import scikit-learn, which extract
+    # does not otherwise need (a second `extract` on a cache being written is refused before it)
+
     listing, paths, seen = Columns(), [], set()
     try:
         with path.open(newline="", encoding="utf-8") as fh:
