@@ -162,7 +162,7 @@ def _pending(path: Path, hashes: dict[str, bytes], taps: tuple[str, ...]) -> int
 
 def _fit_step(s: Study, caches: list[Path], extracting: bool, progress: bool) -> Step:
     """Skipped when the run folder's last fit had these caches, label files and settings, and no cache
-    changed since."""
+    or label file changed since."""
     action = lambda: fit(caches, s.out, labels=s.labels, heads=s.heads, progress=progress, **s.fit)  # noqa: E731
     run_folder = RunFolder(s.out)
     if not run_folder.exists:
@@ -179,6 +179,9 @@ def _fit_step(s: Study, caches: list[Path], extracting: bool, progress: bool) ->
     built = (s.out / "leaderboard.json").stat().st_mtime
     if any(c.stat().st_mtime > built for c in caches):
         return Step("fit", str(s.out), True, "a cache changed since the last fit", action)
+    label_files = [f for x in map(Path, s.labels) for f in (sorted(x.glob("*.csv")) if x.is_dir() else [x])]
+    if any(f.stat().st_mtime > built for f in label_files if f.exists()):
+        return Step("fit", str(s.out), True, "a label file changed since the last fit", action)
     return Step("fit", str(s.out), False, f"the run holds {len(run_folder.rows())} rows of these caches and settings", action)
 
 
@@ -192,7 +195,7 @@ def _finetune_step(s: Study, t: dict, progress: bool) -> Step:
     metrics = out / "metrics.json"
     state = json.loads(metrics.read_text()).get("stopped") if metrics.is_file() else None
     finished = state in ("finished", "early-stopping")
-    resume = (out / "last.pt").is_file() and not finished
+    resume = not finished and any(out.glob("**/last.pt"))  # a cross-validated one keeps it per fold
     action = lambda: finetune(s.data, backbone, out, init, run=s.out, resume=resume, progress=progress,  # noqa: E731
                               **own, **settings)
     reason = "finished" if finished else "interrupted: it resumes" if resume else "not trained yet"

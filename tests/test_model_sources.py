@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, make_image
 from pipeline import FeatureCache, PipelineError, extract, finetune, fit, predict
 
 transformers = pytest.importorskip("transformers", reason="the hf: model source needs transformers (the [hf] extra)")
@@ -104,3 +104,20 @@ def test_sources_never_share_a_cache(folder, tmp_path, tiny_run):
         assert c.spec.source == "timm" and c.info()["taps"] == {"logits": 2}
     keys = {Path(p).name.split("__")[-1] for p in (tmp_path / "cache").glob("*.h5")}
     assert len(keys) == 1 and res.cache != tiny_run["cache"]
+
+
+def test_a_local_dir_cache_serves_new_images(folder, tmp_path, tiny_run, monkeypatch):
+    """A cache made through `local-dir:` rebuilds its backbone for an image it does not hold (predict,
+    neighbors), from any directory, and names the folder by its absolute path."""
+    ft = finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, batch_size=8, workers=0, device="cpu",
+                  progress=False)
+    monkeypatch.chdir(tmp_path)
+    [res] = extract(folder, "local-dir:ft", tmp_path / "cache", workers=0, progress=False)
+    with FeatureCache(res.cache) as c:
+        assert c.spec.backbone == f"local-dir:{ft.out.resolve()}"
+    fit(res.cache, tmp_path / "run", heads=["knn"], n_jobs=1, progress=False)
+    new = tmp_path / "new.png"
+    make_image(new, (10, 200, 30), 7)
+    monkeypatch.chdir(folder)
+    [row] = predict(tmp_path / "run", [new])
+    assert not row["error"] and row["prediction"]

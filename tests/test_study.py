@@ -48,6 +48,11 @@ def test_a_study_runs_what_it_needs_and_then_nothing(study, tmp_path, monkeypatc
     run(study, progress=False)
     rows = RunFolder(tmp_path / "runs" / "s").rows()
     assert len(rows) == 3 * 2 * 3 + 1  # the fine-tune's row kept
+    # a label file edited in place is a reason to fit again
+    labels = tmp_path / "coin.csv"
+    labels.write_text(labels.read_text().replace(",h\n", ",t\n", 1))
+    plan = run(study, dry_run=True)
+    assert plan[2].needed and "a label file changed" in plan[2].reason, plan[2].line()
 
 
 @pytest.mark.slow

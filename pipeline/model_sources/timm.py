@@ -86,6 +86,7 @@ def plan(name: str, weights: Path | None) -> tuple[str, str, dict] | None:
 def load(name: str, weights: Path | None) -> Backbone:
     if name.startswith("local-dir:"):
         model, sha, source = _from_local_dir(name, weights)
+        name = f"local-dir:{Path(source).parent}"  # absolute: the same model from any directory
     elif name.startswith("hf-hub:"):
         model, sha, source = _from_hub(name, [], weights)
     else:
@@ -166,6 +167,8 @@ def _from_file(name: str, file: Path) -> torch.nn.Module:
 def _from_local_dir(name: str, weights: Path | None) -> tuple[torch.nn.Module, str, str]:
     """timm's ``local-dir:FOLDER`` (a ``config.json`` and ``model.safetensors``, as ``finetune`` writes)."""
     folder = Path(weights) if weights is not None else Path(name[len("local-dir:"):])
+    if folder.is_file():  # the weights file itself, as predict finds it from a cache's spec
+        folder = folder.parent
     file = folder / MODEL_FILE
     if not file.is_file():
         raise PipelineError(f"{name}: {file} not found; a local-dir: model is a folder with config.json and {MODEL_FILE}")
