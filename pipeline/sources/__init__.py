@@ -16,6 +16,7 @@ source is one module with a lister and ``@register_source``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from array import array
@@ -175,6 +176,17 @@ def source_name(source: str | os.PathLike) -> str:
     _source(path)
     base = path.resolve() if path.is_dir() else path
     return base.name if path.is_dir() else base.name.split(".")[0].split("{")[0].rstrip("-_") or base.parent.name
+
+
+@functools.cache
+def label_columns() -> dict[str, str]:
+    """Each task kind's label column, mapped to the kind's name, in the registry's order: the kinds
+    decide what a ``label``, ``labels`` or ``target`` column means for every source. (Imported here, not
+    at the top: the kinds import scikit-learn, which `extract` does not otherwise need, and a second
+    writer is refused before that import would be paid.)"""
+    from ..kinds import list_kinds
+
+    return {k.column: k.name for k in list_kinds().values()}
 
 
 def source_location(source: str | os.PathLike) -> str:

@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from . import Columns, ImageSource, register_source
+from . import Columns, ImageSource, label_columns, register_source
 
 
 @register_source("manifest", "a CSV with a path column (optional: id, split, label or labels or target)",
                  claims=lambda path: path.suffix.lower() == ".csv")
 def list_manifest(path: Path, allow_outside_root: bool) -> ImageSource:
-    from ..kinds import list_kinds  # here, not at the top: the kinds import scikit-learn, which extract
-    # does not otherwise need (a second `extract` on a cache being written is refused before it)
-
     listing, paths, seen = Columns(), [], set()
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -27,10 +24,9 @@ def list_manifest(path: Path, allow_outside_root: bool) -> ImageSource:
             if "path" not in header:
                 raise PipelineError(f"{path}: a manifest needs a 'path' column (optional: id, split, label, labels or "
                                     f"target); found {header}")
-            kinds = [k for k in list_kinds().values() if k.column in header]
-            kind = kinds[0].name if kinds else "classification"
-            at = {c: header.index(c) for c in ("path", "id", "split", *(k.column for k in kinds[:1]))
-                  if c in header}
+            column = next((c for c in label_columns() if c in header), None)
+            kind = label_columns().get(column, "classification")
+            at = {c: header.index(c) for c in ("path", "id", "split", column) if c in header}
             cell = lambda row, c: row[at[c]].strip() if c in at and at[c] < len(row) else ""  # noqa: E731
             for line, row in enumerate(reader, start=2):
                 rel = cell(row, "path")
@@ -44,7 +40,7 @@ def list_manifest(path: Path, allow_outside_root: bool) -> ImageSource:
                     raise PipelineError(f"{path}:{line}: duplicate id {sid!r}; ids must be unique")
                 seen.add(sid)
                 paths.append(rel)
-                listing.add(sid, cell(row, kinds[0].column) if kinds else "", cell(row, "split"))
+                listing.add(sid, cell(row, column) if column else "", cell(row, "split"))
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if not len(listing):

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from ..data import Member
 from ..errors import PipelineError
-from . import Columns, ImageSource, register_source
+from . import Columns, ImageSource, label_columns, register_source
 
 IMAGE_COLUMNS = ("image", "jpg", "png")
-_LABELS = {"label": "classification", "labels": "multilabel", "target": "regression"}
 
 
 def _claims(path: Path) -> bool:
@@ -38,8 +37,8 @@ def list_parquet(path: Path, allow_outside_root: bool) -> ImageSource:
             pf = pq.ParquetFile(file)
         except Exception as e:  # pyarrow's errors for a file that is not parquet are of several kinds
             raise PipelineError(f"{file}: not a readable parquet file ({type(e).__name__}: {e})") from None
-        image, label = _image_column(pf, file), next((c for c in _LABELS if c in pf.schema_arrow.names), None)
-        kinds.add(_LABELS.get(label))
+        image, label = _image_column(pf, file), next((c for c in label_columns() if c in pf.schema_arrow.names), None)
+        kinds.add(label_columns().get(label))
         names = _class_names(pf)
         wanted = [c for c in (image, label, "split", "id") if c and c in pf.schema_arrow.names]
         has_ids = has_ids or "id" in wanted

@@ -22,10 +22,9 @@ from braceexpand import braceexpand
 
 from ..data import IMAGE_EXTENSIONS, Member
 from ..errors import PipelineError
-from . import UNREADABLE, Columns, ImageSource, register_source
+from . import UNREADABLE, Columns, ImageSource, label_columns, register_source
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # (key, extension): webdataset's base_plus_ext
-_FIELDS = {"label": "classification", "labels": "multilabel", "target": "regression"}
 
 
 def _claims(path: Path) -> bool:
@@ -124,10 +123,10 @@ def _label(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> tuple[s
     for ext in ("cls", "txt"):
         if ext in members:
             return read(ext), split, "classification"
-    field = next((f for f in _FIELDS if f in meta), None)
+    field = next((f for f in label_columns() if f in meta), None)
     value = meta.get(field, "")
     cell = "|".join(map(str, value)) if isinstance(value, list) else str(value)
-    return cell, split, _FIELDS.get(field)
+    return cell, split, label_columns().get(field)
 
 
 def read(member: Member) -> bytes:
