@@ -28,7 +28,7 @@ from .data import HASH_BYTES, content_hash as file_hash
 from .errors import PipelineError
 from .files import atomic_path
 from .locks import CacheLock, lock_cache, lock_holder, open_h5
-from .sources import UNREADABLE, ImageSource
+from .sources import UNREADABLE, ImageSource, location_exists
 from .spec import FeatureSpec, spec_from_attrs
 from .workers import private_fd, release_fd
 
@@ -63,11 +63,6 @@ def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
         else:
             raise PipelineError(f"no such cache file or directory: {p}")
     return out
-
-
-def _still_there(location: str) -> bool:
-    path = Path(location)
-    return path.exists() or ("{" in path.name and path.parent.is_dir())
 
 
 _ROW_ARRAYS = ("ids", "labels", "splits", "content_hash", "valid")
@@ -396,7 +391,7 @@ class CacheWriter:
         the one the file holds still exists; where it no longer does, the source was moved and the file
         follows it."""
         had = str(self._file.attrs.get("source_location", ""))
-        if location and had and had != location and _still_there(had):
+        if location and had and had != location and location_exists(had):
             raise PipelineError(f"{self.path} holds the images of {had}, not of {location}: two data sources named "
                                 f"{self._file.attrs.get('source', '')!r} cannot share a cache folder; use another --cache")
         if location and had != location:

@@ -178,6 +178,12 @@ def source_name(source: str | os.PathLike) -> str:
     return base.name if path.is_dir() else base.name.split(".")[0].split("{")[0].rstrip("-_") or base.parent.name
 
 
+def location_exists(location: str) -> bool:
+    """Whether a :func:`source_location` still names something (a brace pattern: its folder)."""
+    path = Path(location)
+    return path.exists() or ("{" in path.name and path.parent.is_dir())
+
+
 @functools.cache
 def label_columns() -> dict[str, str]:
     """Each task kind's label column, mapped to the kind's name, in the registry's order: the kinds
