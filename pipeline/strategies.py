@@ -48,10 +48,6 @@ def get_strategy(name: str) -> Strategy:
     return _REGISTRY[name]
 
 
-def list_strategies() -> dict[str, str]:
-    return {name: s.doc for name, s in _REGISTRY.items()}
-
-
 def parse_unfreeze(unfreeze: str | int) -> int | None:
     """``all`` -> None (every block group), else the number of top block groups to train."""
     if str(unfreeze) == "all":

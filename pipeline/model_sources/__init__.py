@@ -51,8 +51,4 @@ def model_source(name: str) -> ModelSource:
     return next(s for s in _REGISTRY if s.claims(name))
 
 
-def list_model_sources() -> dict[str, str]:
-    return {s.name: s.doc for s in _REGISTRY}
-
-
 from . import hf, timm, module  # noqa: E402,F401  (registers the built-in sources; module last: it takes any "a:b")

@@ -207,10 +207,6 @@ def read_member(member: Member) -> bytes:
     return (parquet if member.column else webdataset).read(member)
 
 
-def list_sources() -> dict[str, str]:
-    return {s.name: s.doc for s in _REGISTRY}
-
-
 def _existing(path: Path) -> Path:
     """``path``, which must exist (a brace pattern is taken at its word: its shards are checked when listed)."""
     if not path.exists() and "{" not in path.name:
