@@ -88,8 +88,8 @@ class ImageSource:
 
         hashes = np.empty(len(self), dtype=f"S{HASH_BYTES}")
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for start in range(0, len(self), 1024):  # by chunks: a pending task per image would hold ~1 kB each
-                part = range(start, min(start + 1024, len(self)))
+            for start in range(0, len(self), 256):  # by chunks: a pending task holds ~1 kB, so a chunk ~0.25 MB
+                part = range(start, min(start + 256, len(self)))
                 hashes[start:start + len(part)] = list(pool.map(one, part))
         return hashes, errors
 
