@@ -124,7 +124,8 @@ def fit(
         typer.echo(f"note: {note}", err=True)
     for task, message in result.near_copies.items():
         typer.echo(f"{task}: {message}; see pipeline audit", err=True)
-    typer.echo(f"\nleaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
+    typer.echo(f"\n{result.time_summary()}")
+    typer.echo(f"leaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
     for name, path in result.files.items():
         if name.startswith("confusion_"):
             typer.echo(f"confusion matrix (best row of {name[len('confusion_'):]}): {path}")

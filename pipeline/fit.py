@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -30,12 +30,13 @@ from .cache import FeatureCache, find_caches
 from .errors import PipelineError
 from .fewshot import parse_shots, plan_draws, plot_fewshot, summarise
 from .files import atomic_path
-from .heads import check_head_name, create_head, fit_by_chunks, has_head, head_spec, is_chunked, list_heads, save_head
+from .heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads,
+                    save_head)
 from .kinds import TaskKind, get_kind
 from .parallel import parallel_backend
 from .progress import progress_bar
 from .protocol import Protocol, decide
-from .report import markdown_table, publish, write_fewshot
+from .report import markdown_table, publish, time_summary, write_fewshot
 from .runs import Row, RunFolder, slug
 from .similarity import leak_message, near_copies, normalized
 from .tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
@@ -102,9 +103,14 @@ class FitResult:
     fewshot: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was not fit, and why
     near_copies: dict[str, str] = field(default_factory=dict)  # task -> "12 val images have a near-copy in train"
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # "stages": wall s; "heads": summed job s
 
     def markdown(self) -> str:
         return markdown_table(self.rows)
+
+    def time_summary(self) -> str:
+        """Where the time went, one line."""
+        return time_summary(self.timings)
 
 
 @dataclass
@@ -152,11 +158,14 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     run = RunFolder(out)
     _check_writable(run.path)
     load = cfg.concat or bool(shots) or heads is None or any(not is_chunked(h) for h in heads)
+    stages: dict[str, float] = {}
 
     with ExitStack() as stack:
-        opened = [(p, stack.enter_context(FeatureCache(p))) for p in paths]
-        protocols, sources = _sources(opened, extra_tasks, cfg, run, load)
-        copies = _near_copies(sources)
+        with _stage(stages, "read features"):
+            opened = [(p, stack.enter_context(FeatureCache(p))) for p in paths]
+            protocols, sources = _sources(opened, extra_tasks, cfg, run, load)
+        with _stage(stages, "near-copy check"):
+            copies = _near_copies(sources)
         if cfg.concat:
             sources += _concatenate(sources, len(paths))
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
@@ -172,29 +181,45 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
         if shots and any(not get_kind(p.kind).fewshot for p in protocols.values()):
             notes.append("few-shot curves are drawn for classification tasks only")
-        with parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
+        with _stage(stages, "fit heads"), parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
             results = _run_jobs(jobs + [j for j in few_jobs if j is not None], cfg.n_jobs, progress)
 
-        if cfg.overwrite:
-            run.clear()
-        for protocol in protocols.values():
-            run.save_protocol(protocol)
-        rows = [_row(run, src, head, params.get(head), res) for (src, head), res in zip(meta, results)]
+        with _stage(stages, "save heads"):
+            if cfg.overwrite:
+                run.clear()
+            for protocol in protocols.values():
+                run.save_protocol(protocol)
+            rows = [_row(run, src, head, params.get(head), res) for (src, head), res in zip(meta, results)]
     few_results = iter(results[len(jobs):])
     fewshot = [{**m, **_few_summary(m, next(few_results) if job is not None else None)}
                for m, job in zip(few_meta, few_jobs)]
+    per_head: dict[str, float] = {}
+    for (_, head), res in zip(meta, results):
+        per_head[head] = round(per_head.get(head, 0.0) + res["job_seconds"], 3)
 
+    with _stage(stages, "write leaderboard"):
+        all_rows = run.add_rows(rows)
+        files = {"csv": run.path / "leaderboard.csv", "json": run.path / "leaderboard.json"}
+        if fewshot:
+            files.update(write_fewshot(fewshot, run.path))
+            for task in dict.fromkeys(r["task"] for r in fewshot):
+                files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.path / f"fewshot_{slug(task)}.png")
+    timings = dict(stages=stages, heads=per_head)
     run.record("fit", dict(caches=[str(p) for p in paths], labels=[str(x) for x in labels],
-                           **{**asdict(cfg), "heads": heads}), time.time() - started)
-    all_rows = run.add_rows(rows)
-    files = {"csv": run.path / "leaderboard.csv", "json": run.path / "leaderboard.json"}
-    if fewshot:
-        files.update(write_fewshot(fewshot, run.path))
-        for task in dict.fromkeys(r["task"] for r in fewshot):
-            files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.path / f"fewshot_{slug(task)}.png")
-    files.update(publish(run))
-    return FitResult(all_rows, run.path, files, fewshot, notes, copies)
+                           **{**asdict(cfg), "heads": heads}), time.time() - started, timings)
+    with _stage(stages, "report"):
+        files.update(publish(run))
+    return FitResult(all_rows, run.path, files, fewshot, notes, copies, timings)
 
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str):
+    """Add the wall seconds of the block to ``stages[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def _skipped(heads: list[str] | None, by_kind: dict[str, list[str]], protocols: dict[str, Protocol]) -> list[str]:
@@ -330,6 +355,12 @@ class _Rows:
 
             return fit_by_chunks(est, chunks, np.unique(y))
 
+    def fit_subsets(self, est, subsets: list[np.ndarray]) -> list:
+        """Clones of ``est`` fitted on each index set (one batched problem where the head allows it)."""
+        if self.source is not None:
+            return [self.fit(clone(est), idx) for idx in subsets]
+        return fit_subsets(est, self.data.X, get_kind(self.kind).target(self.data.y, self.names), subsets)
+
     def predict(self, est, idx: np.ndarray) -> np.ndarray:
         """Predictions in the task kind's form (classes, tag probabilities, numbers)."""
         kind = get_kind(self.kind)
@@ -360,29 +391,26 @@ def _in_worker(warm: tuple[tuple[str, dict | None, str], ...], fn, *args):
 
 def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: list[tuple[np.ndarray, np.ndarray]],
              refit: np.ndarray | None) -> dict:
-    """Fit ``head`` on each split's training rows and predict its scored rows; then, after
-    cross-validation, fit it once more on ``refit`` (all rows) for saving. Returns the model to save, the
-    predictions of the scored rows in sample order, and the seconds the saved model took to fit."""
+    """Fit ``head`` on each split's training rows and predict its scored rows; after cross-validation,
+    also on ``refit`` (all rows) for saving. Returns the model to save, the predictions of the scored rows
+    in sample order, the seconds all of the row's models took to fit, and the job's seconds."""
+    job_start = time.perf_counter()
     est = create_head(head, seed, params, rows.kind)
     scored = np.concatenate([test for _, test in splits])
-    preds = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for train, test in splits:
-                start = time.perf_counter()
-                model = rows.fit(clone(est), train)
-                seconds = time.perf_counter() - start
-                preds.append(rows.predict(model, test))
-            if refit is not None:
-                start = time.perf_counter()
-                model = rows.fit(clone(est), refit)
-                seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            models = rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit]))
+            seconds = time.perf_counter() - start
+            preds = [rows.predict(model, test) for model, (_, test) in zip(models, splits)]
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
-        return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+        return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300],
+                    job_seconds=time.perf_counter() - job_start)
     y_pred = np.concatenate(preds)[np.argsort(scored, kind="stable")]  # in sample order, as the protocol scores
-    return dict(estimator=model, y_pred=y_pred, seconds=round(seconds, 4), error="; ".join(notes))
+    return dict(estimator=models[-1], y_pred=y_pred, seconds=round(seconds, 4), error="; ".join(notes),
+                job_seconds=time.perf_counter() - job_start)
 
 
 def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: list[np.ndarray], test: np.ndarray) -> dict:

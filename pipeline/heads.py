@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from sklearn.base import BaseEstimator, is_classifier, is_regressor
+from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
 from sklearn.compose import TransformedTargetRegressor
-from sklearn.linear_model import LogisticRegression, RidgeClassifierCV, RidgeCV, SGDClassifier
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.linear_model import RidgeClassifierCV, RidgeCV, SGDClassifier
+from sklearn.model_selection import StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestCentroid
 from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
 
 from .errors import PipelineError
 
@@ -83,6 +82,7 @@ TRUSTED_TYPES = (
     f"{__name__}.StratifiedKFoldUpTo",
     f"{__name__}.CappedKNeighborsClassifier",
     f"{__name__}.CappedKNeighborsRegressor",
+    "pipeline.linear_probe.TorchLinearSVC",
     "pipeline.linear_probe.TorchLogisticRegression",
     "pipeline.linear_probe.TorchRidge",
 )
@@ -194,14 +194,12 @@ def parse_head_params(items: Iterable[str]) -> dict:
     return params
 
 
-@register_head("logreg", "standardise + L2 logistic regression, C chosen by 5-fold CV (log loss) on the training data", linear=True)
+@register_head("logreg", "standardise + L2 logistic regression, C chosen by 5-fold CV (log loss) on the training data; "
+               "the folds and the refit on all rows solved as one batched problem in torch", linear=True)
 def _logreg(random_state: int) -> BaseEstimator:
-    return GridSearchCV(
-        make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
-        {"logisticregression__C": np.logspace(-4, 2, 13)},
-        cv=StratifiedKFoldUpTo(5, shuffle=True, random_state=random_state),
-        scoring="neg_log_loss",
-    )
+    from .linear_probe import TorchLogisticRegression
+
+    return make_pipeline(StandardScaler(), TorchLogisticRegression(cv=5, tol=1e-4, random_state=random_state))
 
 
 @register_head("mlp", "standardise + one hidden layer of 512 ReLU units (Adam, L2 1e-3)")
@@ -225,13 +223,12 @@ def _torch_logreg(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), TorchLogisticRegression(random_state=random_state))
 
 
-@register_head("linear-svm", "standardise + linear SVM (squared hinge), C chosen by 5-fold CV (accuracy)", linear=True)
+@register_head("linear-svm", "standardise + linear SVM (squared hinge), C chosen by 5-fold CV (accuracy); "
+               "the folds and the refit on all rows solved as one batched problem in torch", linear=True)
 def _linear_svm(random_state: int) -> BaseEstimator:
-    return GridSearchCV(
-        make_pipeline(StandardScaler(), LinearSVC(max_iter=5000, random_state=random_state)),
-        {"linearsvc__C": np.logspace(-5, 0, 6)},
-        cv=StratifiedKFoldUpTo(5, shuffle=True, random_state=random_state),
-    )
+    from .linear_probe import TorchLinearSVC
+
+    return make_pipeline(StandardScaler(), TorchLinearSVC(cv=5, random_state=random_state))
 
 
 @register_head("ridge", "standardise + ridge classifier (one-vs-rest least squares), alpha by efficient leave-one-out CV", linear=True)
@@ -300,6 +297,18 @@ def _torch_linear(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchRidge
 
     return make_pipeline(StandardScaler(), TorchRidge(random_state=random_state))
+
+
+def fit_subsets(estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray]) -> list[BaseEstimator]:
+    """Clones of ``estimator`` fitted on each row subset of ``X``, ``y`` (the folds of a cross-validation
+    and the refit on all rows): a scaler then one of the torch linear classifiers (``logreg``,
+    ``linear-svm``, ``torch-logreg``) fits them all as one batched problem, any other head one by one."""
+    if (isinstance(estimator, Pipeline) and len(estimator.steps) == 2 and isinstance(estimator[0], StandardScaler)
+            and hasattr(estimator[-1], "_fit_groups")):
+        from .linear_probe import fit_many
+
+        return fit_many(estimator, X, y, subsets)
+    return [clone(estimator).fit(X[s], y[s]) for s in subsets]
 
 
 def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],

@@ -1,13 +1,16 @@
-"""Fast linear probes as scikit-learn estimators: logistic regression by L-BFGS on torch tensors
-(``TorchLogisticRegression``), and ridge regression from one SVD in torch (``TorchRidge``).
+"""Fast linear probes as scikit-learn estimators: L2 logistic regression (``TorchLogisticRegression``)
+and the linear SVM (``TorchLinearSVC``), each with its regularisation chosen on held-out rows, and ridge
+regression from one SVD (``TorchRidge``), all solved in torch (on the GPU when there is one).
 
-Full-batch L-BFGS in float32 (on the GPU when there is one) over a warm-started regularisation path:
-``C`` goes from strong to weak regularisation, each fit starting from the previous solution and scored
-by log loss on a stratified held-out part of the training rows; the path stops once the held-out loss
-has risen twice in a row (the weakly regularised end is the slowest to fit and rarely the best), and the
-best ``C`` is refit on all rows from its path solution. The objective per ``C`` is scikit-learn's
-``LogisticRegression``'s, ``C * sum(log loss) + ||W||^2 / 2`` (here divided by ``C * n``), so the same
-``C`` means the same model.
+The linear classifiers solve every held-out split and the all-rows refit **as one batched problem**: the
+features are multiplied once by the weights of every problem side by side, and each problem sees its own
+training rows through a 0/1 weight column (DINOv2's evaluation trains its many linear heads the same
+way). Full-batch L-BFGS walks the regularisation path ``Cs`` from strong to weak regularisation, each
+``C`` starting from the previous solution; the split problems score each ``C`` on their held-out rows,
+and the all-rows problem at the best ``C`` is the fitted model, so no separate refit is needed. The
+objective per ``C`` is scikit-learn's (``LogisticRegression``: ``C * sum(log loss) + ||W||^2 / 2``;
+``LinearSVC``: squared hinge, one-vs-rest, the bias penalised as liblinear's is), here divided by
+``C * n``, so the same ``C`` means the same model.
 """
 
 from __future__ import annotations
@@ -15,80 +18,136 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.special import expit, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .heads import StratifiedKFoldUpTo
 
-class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
-    """L2 logistic regression by full-batch L-BFGS in torch, ``C`` chosen along the warm-started path
-    ``Cs`` (ascending) on a ``val_size`` stratified hold-out, then refit on all rows. Two classes are one
-    logit (binary log loss), more are multinomial, as in scikit-learn's ``LogisticRegression``.
 
-    A single value in ``Cs`` skips the selection, and so does data too small for a stratified hold-out
-    (a class with one row, or fewer hold-out rows than classes): then C is 1, scikit-learn's default.
-    ``tol`` bounds the largest gradient entry of the per-sample objective. ``device="auto"`` is CUDA
-    when present. Learned: ``classes_``, ``coef_``, ``intercept_``, ``C_``, ``path_`` (C, held-out loss)
-    and ``n_iter_`` (L-BFGS iterations of the final fit).
+class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
+    """What the linear classifiers share: the batched path fit, and predictions from ``coef_``."""
+
+    _loss = "log"  # or "squared_hinge"
+    _stop_after_rises = 0  # stop the path once the held-out score worsened this often in a row (0: never)
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
+        self._fit_groups(X, y, [_Group(np.arange(len(y)))], [self])
+        return self
+
+    def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list["_Group"], models: list) -> None:
+        """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the
+        group's scaler if it has one, all in one batch; every group holds every class of ``y``."""
+        check_classification_targets(y)
+        classes, codes = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {classes[0]!r}")
+        Cs = np.sort(np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
+        if Cs.size == 0 or (Cs <= 0).any():
+            raise ValueError(f"Cs must be positive values, got {self.Cs!r}")
+        for group in groups:
+            group.splits = self._splits(codes[group.rows]) if Cs.size > 1 else []
+        X = torch.tensor(X, dtype=torch.float32, device=_device(self.device))
+        # a group too small to hold out from gets scikit-learn's default C
+        for grid, members in ((Cs, [i for i, g in enumerate(groups) if g.splits or Cs.size == 1]),
+                              (np.array([1.0]), [i for i, g in enumerate(groups) if not g.splits and Cs.size > 1])):
+            if not members:
+                continue
+            batch = _Batch(X, codes, len(classes), self._loss, [groups[i] for i in members])
+            for i, (C, path, W, b, n_iter) in zip(members, batch.path(grid, self.max_iter, self.tol, self._stop_after_rises)):
+                model = models[i]
+                model.classes_, model.C_, model.path_, model.n_iter_ = classes, C, path, np.array([n_iter])
+                model.coef_ = W.T.cpu().numpy().astype(np.float64)
+                model.intercept_ = b.cpu().numpy().astype(np.float64)
+                model.n_features_in_ = X.shape[1]
+
+    def decision_function(self, X) -> np.ndarray:
+        """Margins: one column per class, or for two classes one value (positive means ``classes_[1]``)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)]
+
+
+def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray],
+             max_cells: int = 2 ** 26) -> list[Pipeline]:
+    """Clones of ``estimator`` (a ``StandardScaler`` then a linear classifier of this module) fitted on
+    each row subset of ``X``, ``y``: the same models as fitting each clone on its rows, from one batched
+    optimisation per ``max_cells`` logits (rows x problems x outputs). A subset that lacks a class of
+    ``y`` is fitted alone."""
+    scaler, clf = estimator[0], estimator[-1]
+    models = [clone(estimator) for _ in subsets]
+    together = [i for i, s in enumerate(subsets) if len(np.unique(y[s])) == len(np.unique(y))]
+    for i in sorted(set(range(len(subsets))) - set(together)):
+        models[i].fit(X[subsets[i]], y[subsets[i]])
+    if not together:
+        return models
+    groups = []
+    for i in together:
+        models[i].steps[0] = (models[i].steps[0][0], clone(scaler).fit(X[subsets[i]]))
+        groups.append(_Group(subsets[i], models[i][0]))
+    classes = len(np.unique(y))
+    problems = (clf.cv or 1) + 1 if isinstance(clf.cv, int) else 2
+    per_batch = max(1, max_cells // (len(y) * problems * (1 if classes == 2 else classes)))
+    for start in range(0, len(groups), per_batch):
+        part = together[start:start + per_batch]
+        clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] for i in part])
+    return models
+
+
+class _Group:
+    """The rows one model is fitted on, its scaler (None: the features as they are) and the held-out
+    splits of those rows that choose its ``C`` (filled in by the estimator)."""
+
+    def __init__(self, rows: np.ndarray, scaler: StandardScaler | None = None):
+        self.rows, self.scaler, self.splits = np.asarray(rows), scaler, []
+
+
+class TorchLogisticRegression(_LinearPathClassifier):
+    """L2 logistic regression by batched L-BFGS in torch, ``C`` chosen along the warm-started path ``Cs``
+    by held-out log loss, the model at that ``C`` fitted on all rows in the same batch. Two classes are
+    one logit (binary log loss), more are multinomial, as in scikit-learn's ``LogisticRegression``.
+
+    ``cv=None`` scores the path on one stratified ``val_size`` hold-out and stops it once the held-out
+    loss has risen twice in a row (the weakly regularised end is the slowest to fit and rarely the best);
+    ``cv=k`` scores every ``C`` by the mean over k stratified folds (fewer when a class is smaller),
+    as ``GridSearchCV(LogisticRegression(), {"C": Cs}, scoring="neg_log_loss")`` does. A single value
+    in ``Cs`` skips the selection, and so does data too small to hold out from: then C is 1, scikit-learn's
+    default. ``tol`` bounds the largest gradient entry of the per-sample objective. ``device="auto"`` is
+    CUDA when present. Learned: ``classes_``, ``coef_``, ``intercept_``, ``C_``, ``path_`` (C, held-out
+    loss) and ``n_iter_`` (L-BFGS iterations of the last step of the path).
     """
 
-    def __init__(self, Cs=tuple(np.logspace(-4, 2, 13)), val_size: float = 0.2, max_iter: int = 300,
-                 tol: float = 1e-3, device: str = "auto", random_state: int | None = 0):
+    def __init__(self, Cs=tuple(np.logspace(-4, 2, 13)), cv: int | None = None, val_size: float = 0.2,
+                 max_iter: int = 300, tol: float = 1e-3, device: str = "auto", random_state: int | None = 0):
         self.Cs = Cs
+        self.cv = cv
         self.val_size = val_size
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
         self.random_state = random_state
 
-    def fit(self, X, y):
-        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
-        check_classification_targets(y)
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        k = len(self.classes_)
-        if k < 2:
-            raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {self.classes_[0]!r}")
-        Cs = np.sort(np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
-        if Cs.size == 0 or (Cs <= 0).any():
-            raise ValueError(f"Cs must be positive values, got {self.Cs!r}")
-        dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
-                           else "cpu" if self.device == "auto" else self.device)
-        init, self.path_ = None, []
-        n_val = int(np.ceil(self.val_size * len(y)))
-        if Cs.size > 1 and np.bincount(codes).min() >= 2 and k <= n_val <= len(y) - k:
-            tr, va = train_test_split(np.arange(len(y)), test_size=self.val_size, random_state=self.random_state,
-                                      stratify=codes)
-            Xt, yt = _tensors(X[tr], codes[tr], dev)
-            Xv, yv = _tensors(X[va], codes[va], dev)
-            best, rises, params = None, 0, None
-            for C in Cs:
-                params = _lbfgs(Xt, yt, k, C, self.max_iter, self.tol, params)
-                with torch.no_grad():
-                    loss = float(_log_loss(Xv @ params[0] + params[1], yv))
-                self.path_.append((float(C), loss))
-                if best is None or loss < best[1]:
-                    best, init, rises = (float(C), loss), params, 0
-                else:
-                    rises += 1
-                    if rises == 2:
-                        break
-            self.C_ = best[0]
-        else:
-            self.C_ = float(Cs[0]) if Cs.size == 1 else 1.0
-        Xa, ya = _tensors(X, codes, dev)
-        W, b, n_iter = _lbfgs(Xa, ya, k, self.C_, self.max_iter, self.tol, init)
-        self.coef_ = W.T.cpu().numpy().astype(np.float64)
-        self.intercept_ = b.cpu().numpy().astype(np.float64)
-        self.n_iter_ = np.array([n_iter])
-        return self
+    @property
+    def _stop_after_rises(self) -> int:
+        return 2 if self.cv is None else 0
 
-    def decision_function(self, X) -> np.ndarray:
-        """Logits: one column per class, or for two classes one value (positive means ``classes_[1]``)."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
-        scores = X @ self.coef_.T + self.intercept_
-        return scores.ravel() if scores.shape[1] == 1 else scores
+    def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.cv is not None:
+            return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
+        n_val, k = int(np.ceil(self.val_size * len(codes))), codes.max() + 1
+        if np.bincount(codes).min() < 2 or not k <= n_val <= len(codes) - k:
+            return []
+        return [train_test_split(np.arange(len(codes)), test_size=self.val_size, random_state=self.random_state,
+                                 stratify=codes)]
 
     def predict_proba(self, X) -> np.ndarray:
         scores = self.decision_function(X)
@@ -97,44 +156,151 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             return np.stack([1 - p, p], axis=1)
         return softmax(scores, axis=1)
 
-    def predict(self, X) -> np.ndarray:
-        scores = self.decision_function(X)
-        return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)]
+
+class TorchLinearSVC(_LinearPathClassifier):
+    """The linear SVM of scikit-learn's ``LinearSVC`` (squared hinge, L2, one-vs-rest, the bias penalised
+    as liblinear's is) by batched L-BFGS in torch, ``C`` chosen along the warm-started path ``Cs`` by mean
+    accuracy over ``cv`` stratified folds (ties: the smallest ``C``), as ``GridSearchCV(LinearSVC(), {"C":
+    Cs})`` does, the model at that ``C`` fitted on all rows in the same batch. No probabilities: the
+    margins rank the classes. Learned as ``TorchLogisticRegression`` (``path_`` holds 1 - accuracy)."""
+
+    _loss = "squared_hinge"
+
+    def __init__(self, Cs=tuple(np.logspace(-5, 0, 6)), cv: int = 5, max_iter: int = 300, tol: float = 1e-4,
+                 device: str = "auto", random_state: int | None = 0):
+        self.Cs = Cs
+        self.cv = cv
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.random_state = random_state
+
+    def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
 
 
-def _tensors(X: np.ndarray, codes: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(X, dtype=torch.float32, device=device), torch.as_tensor(codes, dtype=torch.long, device=device))
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def _log_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean log loss: binary on one logit column, multinomial on several."""
-    if logits.shape[1] == 1:
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-    return torch.nn.functional.cross_entropy(logits, y)
+class _Batch:
+    """Linear problems on rows of ``X``, solved side by side. Per group: one problem per held-out split
+    (on its training rows) and one on all the group's rows, each on the group's standardisation. ``loss``
+    is ``log`` (binary on one logit for two classes, else multinomial) or ``squared_hinge`` (one-vs-rest,
+    one margin for two classes)."""
+
+    def __init__(self, X: torch.Tensor, codes: np.ndarray, n_classes: int, loss: str, groups: list[_Group]):
+        n, d, dev = len(codes), X.shape[1], X.device
+        self.X, self.loss, self.outputs = X, loss, 1 if n_classes == 2 else n_classes
+        self.y = torch.as_tensor(codes, dtype=torch.long, device=dev)
+        train, held, held_problem, owner, self.refits, self.held_of = [], [], [], [], [], []
+        for g, group in enumerate(groups):
+            held_cols = []
+            for tr, te in group.splits:
+                held_cols.append(len(held))
+                held_problem.append(len(train))
+                train.append(_mask(n, group.rows[tr]))
+                held.append(_mask(n, group.rows[te]))
+                owner.append(g)
+            self.held_of.append(held_cols)
+            self.refits.append(len(train))
+            train.append(_mask(n, group.rows))
+            owner.append(g)
+        self.train = torch.tensor(np.stack(train, 1), dtype=torch.float32, device=dev)
+        self.held = torch.tensor(np.stack(held, 1) if held else np.zeros((n, 0)), dtype=torch.float32, device=dev)
+        self.held_problem = torch.as_tensor(held_problem, dtype=torch.long, device=dev)
+        self.n_train = self.train.sum(0)
+        self.scaled = any(g.scaler is not None for g in groups)
+        if self.scaled:  # problem p sees (x - mean_g) / scale_g = x * inv_scale[:, p] - shift[:, p]
+            means = np.stack([g.scaler.mean_ if g.scaler else np.zeros(d) for g in groups], 1)[:, owner]
+            scales = np.stack([g.scaler.scale_ if g.scaler else np.ones(d) for g in groups], 1)[:, owner]
+            self.inv_scale = torch.tensor(1 / scales, dtype=torch.float32, device=dev)
+            self.shift = torch.tensor(means / scales, dtype=torch.float32, device=dev)
+        if loss == "squared_hinge":
+            signs = torch.nn.functional.one_hot(self.y, n_classes).float() * 2 - 1
+            self.signs = signs[:, 1:] if self.outputs == 1 else signs
+
+    def path(self, Cs: np.ndarray, max_iter: int, tol: float, stop_after_rises: int) -> list[tuple]:
+        """Solve along ``Cs``; per group the chosen ``C``, its path of (C, held-out score) and its all-rows
+        solution at that ``C``: ``(C, path, W, b, iterations)`` (the last ``C`` when nothing is held out)."""
+        groups = range(len(self.refits))
+        best, paths, rises, params = [None for _ in groups], [[] for _ in groups], [0 for _ in groups], None
+        for C in Cs:
+            params = self.solve(float(C), max_iter, tol, params)
+            W, b, _ = params
+            scores = self.held_out_scores(params) if self.held.shape[1] else None
+            for g in groups:
+                if scores is None:
+                    best[g] = (float(C), None, W[:, self.refits[g]], b[self.refits[g]])
+                    continue
+                if stop_after_rises and rises[g] >= stop_after_rises:
+                    continue
+                paths[g].append((float(C), scores[g]))
+                if best[g] is None or scores[g] < best[g][1]:
+                    best[g], rises[g] = (float(C), scores[g], W[:, self.refits[g]], b[self.refits[g]]), 0
+                else:
+                    rises[g] += 1
+            if stop_after_rises and all(r >= stop_after_rises for r in rises):
+                break
+        return [(C, paths[g], W, b, params[2]) for g, (C, _, W, b) in zip(groups, best)]
+
+    def solve(self, C: float, max_iter: int, tol: float, init=None):
+        """Minimise every problem's ``mean loss + ||W||^2 / (2 C n)`` from ``init`` (else zeros): weights
+        ``(d, problems, outputs)``, biases ``(problems, outputs)``, L-BFGS iterations."""
+        d, P = self.X.shape[1], self.train.shape[1]
+        W = torch.zeros((d, P, self.outputs), device=self.X.device) if init is None else init[0].clone()
+        b = torch.zeros((P, self.outputs), device=self.X.device) if init is None else init[1].clone()
+        W.requires_grad_(True)
+        b.requires_grad_(True)
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-9,
+                                history_size=20, line_search_fn="strong_wolfe")
+        scale = 1.0 / (2.0 * C * self.n_train)
+
+        def closure():
+            opt.zero_grad()
+            norms = W.pow(2).sum((0, 2)) + (b.pow(2).sum(1) if self.loss == "squared_hinge" else 0)
+            objective = ((self._losses(W, b) * self.train).sum(0) / self.n_train + scale * norms).sum()
+            objective.backward()
+            return objective
+
+        opt.step(closure)
+        return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
+
+    def held_out_scores(self, params) -> np.ndarray:
+        """Per group, the mean over its splits of the held-out log loss (``log``) or error rate
+        (``squared_hinge``)."""
+        W, b, _ = params
+        with torch.no_grad():
+            if self.loss == "log":
+                per_row = self._losses(W, b)[:, self.held_problem]
+            else:
+                z = self._logits(W, b)[:, self.held_problem]
+                guess = (z[..., 0] > 0).long() if self.outputs == 1 else z.argmax(-1)
+                per_row = (guess != self.y[:, None]).float()
+            per_split = ((per_row * self.held).sum(0) / self.held.sum(0)).cpu().numpy()
+        return np.array([per_split[cols].mean() for cols in self.held_of])
+
+    def _logits(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d, P, o = W.shape
+        if not self.scaled:
+            return (self.X @ W.reshape(d, P * o)).reshape(-1, P, o) + b
+        z = self.X @ (W * self.inv_scale[:, :, None]).reshape(d, P * o)
+        return z.reshape(-1, P, o) + (b - torch.einsum("dp,dpo->po", self.shift, W))
+
+    def _losses(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Each row's loss in each problem, ``(n, problems)``."""
+        z = self._logits(W, b)
+        if self.loss == "squared_hinge":
+            return torch.clamp(1 - self.signs[:, None, :] * z, min=0).pow(2).sum(-1)
+        if self.outputs == 1:
+            return torch.nn.functional.softplus(z[..., 0]) - self.y[:, None] * z[..., 0]
+        return torch.logsumexp(z, -1) - z.gather(-1, self.y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]
 
 
-def _lbfgs(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int, tol: float,
-           init: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Minimise ``mean log loss + ||W||^2 / (2 C n)`` from ``init`` (else zeros); the weights, the bias
-    and the L-BFGS iterations taken. Two classes have one logit."""
-    n, d = X.shape
-    outputs = 1 if n_classes == 2 else n_classes
-    W = torch.zeros((d, outputs), device=X.device) if init is None else init[0].clone()
-    b = torch.zeros(outputs, device=X.device) if init is None else init[1].clone()
-    W.requires_grad_(True)
-    b.requires_grad_(True)
-    penalty = 1.0 / (2.0 * C * n)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-9,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = _log_loss(X @ W + b, y) + penalty * W.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
+def _mask(n: int, rows: np.ndarray) -> np.ndarray:
+    mask = np.zeros(n, np.float32)
+    mask[rows] = 1
+    return mask
 
 
 class TorchRidge(RegressorMixin, BaseEstimator):
@@ -162,8 +328,7 @@ class TorchRidge(RegressorMixin, BaseEstimator):
         alphas = np.sort(np.atleast_1d(np.asarray(self.alphas, dtype=np.float64)))
         if alphas.size == 0 or (alphas < 0).any():
             raise ValueError(f"alphas must be 0 or more, got {self.alphas!r}")
-        dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
-                           else "cpu" if self.device == "auto" else self.device)
+        dev = _device(self.device)
         Y = torch.tensor(y.reshape(len(y), -1), dtype=torch.float64, device=dev)
         Xt = torch.tensor(X, dtype=torch.float64, device=dev)
         self.path_ = []

@@ -43,6 +43,14 @@ def publish(run: RunFolder) -> dict[str, Path]:
     return {"md": md, **plot_best_confusions(run), "report": write_html_report(run)}
 
 
+def time_summary(timings: dict[str, dict[str, float]]) -> str:
+    """``timings`` (``stages``: wall seconds per stage; ``heads``: seconds each head's jobs computed,
+    summed over the workers that ran them in parallel) as one line."""
+    stages = ", ".join(f"{name} {s:.1f} s" for name, s in timings.get("stages", {}).items())
+    heads = ", ".join(f"{name} {s:.1f} s" for name, s in sorted(timings.get("heads", {}).items(), key=lambda x: -x[1]))
+    return f"time: {stages}" + (f"; per head, summed over workers: {heads}" if heads else "")
+
+
 def write_fewshot(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``fewshot.csv`` and ``fewshot.json`` (one row per backbone, tap, task, head and shots)."""
     out_dir = Path(out_dir)
@@ -124,6 +132,7 @@ def write_html_report(run: RunFolder) -> Path:
     for entry in run.history():
         body.append(f"<h3>{e(entry['stage'])}, finished {e(entry['finished'])} ({entry['seconds']} s)</h3>"
                     f"<pre>{e(entry['command'])}</pre>"
+                    + (f"<p>{e(time_summary(entry['timings']))}</p>" if entry.get("timings") else "") +
                     f"<details><summary>parameters</summary><pre>{e(json.dumps(entry['parameters'], indent=1))}</pre></details>"
                     f"<p>{e(', '.join(f'{k} {v}' for k, v in entry['versions'].items()))}; {e(entry['machine'])}</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pipeline report: {e(run.path.name)}</title>"

@@ -224,8 +224,9 @@ class RunFolder:
             for p in self.path.glob(pattern):
                 p.unlink()
 
-    def record(self, stage: str, parameters: dict, seconds: float) -> Path:
-        """Add to ``run.json`` the command line, parameters, library versions and machine of a stage."""
+    def record(self, stage: str, parameters: dict, seconds: float, timings: dict | None = None) -> Path:
+        """Add to ``run.json`` the command line, parameters, library versions and machine of a stage, and
+        where its time went (``timings``), when it says."""
         from .cache import library_versions
 
         path = self.path / RUN_FILE
@@ -233,7 +234,8 @@ class RunFolder:
         entry = dict(stage=stage, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), parameters=parameters,
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
                      versions={**library_versions(), "python": platform.python_version()},
-                     machine=f"{platform.node()} ({platform.platform()}, {os.cpu_count()} cores)")
+                     machine=f"{platform.node()} ({platform.platform()}, {os.cpu_count()} cores)",
+                     **({"timings": timings} if timings else {}))
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(old + [entry], indent=1, default=str))
         return path

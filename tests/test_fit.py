@@ -116,6 +116,7 @@ def test_unknown_head(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_cli_fit_prints_markdown(tiny_run, tmp_path):
     r = run_cli("fit", tiny_run["cache"].parent, "--out", tmp_path / "run", "--heads", "knn,logreg", "--n-jobs", "1")
+    assert "time: read features" in r.stdout
     assert r.returncode == 0, r.stderr
     assert "| backbone | weights | spec | tap | task | head |" in r.stdout and "| knn |" in r.stdout
     assert (tmp_path / "run" / "leaderboard.csv").is_file()
@@ -194,6 +195,58 @@ def test_torch_logreg_matches_sklearn_at_the_same_C():
     path = TorchLogisticRegression().fit(X[:400], y[:400])
     assert [c for c, _ in path.path_] == sorted(c for c, _ in path.path_) and path.C_ in dict(path.path_)
     assert path.score(X[400:], y[400:]) >= ref.score(X[400:], y[400:]) - 0.02
+
+
+def test_torch_linear_svm_is_scikit_learns_at_the_same_C():
+    from sklearn.svm import LinearSVC
+
+    from pipeline.linear_probe import TorchLinearSVC
+
+    rng = np.random.default_rng(1)
+    for k in (2, 4):
+        centres = rng.normal(size=(k, 20))
+        y = rng.integers(0, k, 600)
+        X = (centres[y] + 1.5 * rng.normal(size=(600, 20))).astype(np.float32)
+        ours = TorchLinearSVC(Cs=(0.1,), tol=1e-6, max_iter=2000).fit(X[:400], y[:400])
+        ref = LinearSVC(C=0.1, tol=1e-8, max_iter=100000).fit(X[:400], y[:400])
+        np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-3)
+        np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=2e-3)
+        assert (ours.predict(X[400:]) == ref.predict(X[400:])).mean() >= 0.99
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear-svm", "torch-logreg"])
+def test_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
+    """The issue's sweep part: every fold and the refit of a linear head are one batched problem, and
+    each model is the one fitting it alone gives (same C, same predictions); a fold that lacks a class
+    is fitted alone."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.heads import fit_subsets
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    X = (rng.normal(size=(3, 30))[y] * 0.5 + rng.normal(size=(300, 30)) * (1 + rng.random(30)) + 3).astype(np.float32)
+    y = np.array(["a", "b", "c"])[y]
+    subsets = [tr for tr, _ in StratifiedKFold(4, shuffle=True, random_state=0).split(X, y)]
+    subsets += [np.arange(300), np.flatnonzero(y != "c")]
+    est = create_head(head, 0)
+    batched = fit_subsets(est, X, y, subsets)
+    alone = [clone(est).fit(X[s], y[s]) for s in subsets]
+    for a, b, s in zip(batched, alone, subsets):
+        assert a[-1].C_ == b[-1].C_ and list(a.classes_) == list(b.classes_)
+        np.testing.assert_allclose(a[0].mean_, X[s].mean(0), rtol=1e-5)
+        assert (a.predict(X) == b.predict(X)).mean() >= 0.99
+        np.testing.assert_allclose(a.decision_function(X), b.decision_function(X), atol=0.05 * np.abs(b.decision_function(X)).max())
+
+
+def test_fit_says_where_the_time_went(tiny_run, tmp_path):
+    res = fit(tiny_run["cache"], tmp_path / "run", heads=["logreg", "knn"], n_jobs=1, progress=False)
+    assert set(res.timings["heads"]) == {"logreg", "knn"} and all(s > 0 for s in res.timings["heads"].values())
+    assert {"read features", "fit heads", "save heads", "report"} <= set(res.timings["stages"])
+    assert res.time_summary().startswith("time: read features")
+    entry = json.loads((tmp_path / "run" / "run.json").read_text())[-1]
+    assert entry["timings"]["heads"] == res.timings["heads"]
+    assert "per head, summed over workers" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_label_folder_is_one_task_per_file(tiny_run, tmp_path):
