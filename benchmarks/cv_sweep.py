@@ -103,6 +103,9 @@ def child_project(caches: list[str], heads: list[str], n_jobs: int) -> dict:
         start = time.perf_counter()
         res = fit(caches, Path(tmp) / "run", heads=heads, concat=True, cv=5, n_jobs=n_jobs, progress=False)
         sweep = time.perf_counter() - start
+    if any(r.eval != "cv5" for r in res.rows):
+        sys.exit("the caches' data has a train/val split, which fit scores on instead of 5 folds: give caches of "
+                 "a folder laid out class/image")
     return {"sweep": sweep, "acc": {f"{r.backbone} | {r.head}": r.metrics.get("accuracy") for r in res.rows},
             "timings": res.timings}
 

@@ -199,7 +199,8 @@ def parse_head_params(items: Iterable[str]) -> dict:
 def _logreg(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLogisticRegression
 
-    return make_pipeline(StandardScaler(), TorchLogisticRegression(cv=5, tol=1e-4, random_state=random_state))
+    return make_pipeline(StandardScaler(), TorchLogisticRegression(cv=5, scale_folds=True, tol=1e-4,
+                                                                        random_state=random_state))
 
 
 @register_head("mlp", "standardise + one hidden layer of 512 ReLU units (Adam, L2 1e-3)")
@@ -228,7 +229,7 @@ def _torch_logreg(random_state: int) -> BaseEstimator:
 def _linear_svm(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLinearSVC
 
-    return make_pipeline(StandardScaler(), TorchLinearSVC(cv=5, random_state=random_state))
+    return make_pipeline(StandardScaler(), TorchLinearSVC(cv=5, scale_folds=True, random_state=random_state))
 
 
 @register_head("ridge", "standardise + ridge classifier (one-vs-rest least squares), alpha by efficient leave-one-out CV", linear=True)

@@ -57,7 +57,7 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
                               (np.array([1.0]), [i for i, g in enumerate(groups) if not g.splits and Cs.size > 1])):
             if not members:
                 continue
-            batch = _Batch(X, codes, len(classes), self._loss, [groups[i] for i in members])
+            batch = _Batch(X, codes, len(classes), self._loss, [groups[i] for i in members], self.scale_folds)
             for i, (C, path, W, b, n_iter) in zip(members, batch.path(grid, self.max_iter, self.tol, self._stop_after_rises)):
                 model = models[i]
                 model.classes_, model.C_, model.path_, model.n_iter_ = classes, C, path, np.array([n_iter])
@@ -119,7 +119,9 @@ class TorchLogisticRegression(_LinearPathClassifier):
     ``cv=None`` scores the path on one stratified ``val_size`` hold-out and stops it once the held-out
     loss has risen twice in a row (the weakly regularised end is the slowest to fit and rarely the best);
     ``cv=k`` scores every ``C`` by the mean over k stratified folds (fewer when a class is smaller),
-    as ``GridSearchCV(LogisticRegression(), {"C": Cs}, scoring="neg_log_loss")`` does. A single value
+    as ``GridSearchCV(LogisticRegression(), {"C": Cs}, scoring="neg_log_loss")`` does. ``scale_folds``
+    standardises each held-out split's training rows on their own statistics, as a grid search over
+    ``make_pipeline(StandardScaler(), ...)`` does (meant for features a ``StandardScaler`` put first). A single value
     in ``Cs`` skips the selection, and so does data too small to hold out from: then C is 1, scikit-learn's
     default. ``tol`` bounds the largest gradient entry of the per-sample objective. ``device="auto"`` is
     CUDA when present. Learned: ``classes_``, ``coef_``, ``intercept_``, ``C_``, ``path_`` (C, held-out
@@ -127,10 +129,12 @@ class TorchLogisticRegression(_LinearPathClassifier):
     """
 
     def __init__(self, Cs=tuple(np.logspace(-4, 2, 13)), cv: int | None = None, val_size: float = 0.2,
-                 max_iter: int = 300, tol: float = 1e-3, device: str = "auto", random_state: int | None = 0):
+                 scale_folds: bool = False, max_iter: int = 300, tol: float = 1e-3, device: str = "auto",
+                 random_state: int | None = 0):
         self.Cs = Cs
         self.cv = cv
         self.val_size = val_size
+        self.scale_folds = scale_folds
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
@@ -161,15 +165,17 @@ class TorchLinearSVC(_LinearPathClassifier):
     """The linear SVM of scikit-learn's ``LinearSVC`` (squared hinge, L2, one-vs-rest, the bias penalised
     as liblinear's is) by batched L-BFGS in torch, ``C`` chosen along the warm-started path ``Cs`` by mean
     accuracy over ``cv`` stratified folds (ties: the smallest ``C``), as ``GridSearchCV(LinearSVC(), {"C":
-    Cs})`` does, the model at that ``C`` fitted on all rows in the same batch. No probabilities: the
-    margins rank the classes. Learned as ``TorchLogisticRegression`` (``path_`` holds 1 - accuracy)."""
+    Cs})`` does, the model at that ``C`` fitted on all rows in the same batch; ``scale_folds`` as in
+    ``TorchLogisticRegression``. No probabilities: the margins rank the classes. Learned as
+    ``TorchLogisticRegression`` (``path_`` holds 1 - accuracy)."""
 
     _loss = "squared_hinge"
 
-    def __init__(self, Cs=tuple(np.logspace(-5, 0, 6)), cv: int = 5, max_iter: int = 300, tol: float = 1e-4,
-                 device: str = "auto", random_state: int | None = 0):
+    def __init__(self, Cs=tuple(np.logspace(-5, 0, 6)), cv: int = 5, scale_folds: bool = False, max_iter: int = 300,
+                 tol: float = 1e-4, device: str = "auto", random_state: int | None = 0):
         self.Cs = Cs
         self.cv = cv
+        self.scale_folds = scale_folds
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
@@ -189,7 +195,8 @@ class _Batch:
     is ``log`` (binary on one logit for two classes, else multinomial) or ``squared_hinge`` (one-vs-rest,
     one margin for two classes)."""
 
-    def __init__(self, X: torch.Tensor, codes: np.ndarray, n_classes: int, loss: str, groups: list[_Group]):
+    def __init__(self, X: torch.Tensor, codes: np.ndarray, n_classes: int, loss: str, groups: list[_Group],
+                 scale_folds: bool = False):
         n, d, dev = len(codes), X.shape[1], X.device
         self.X, self.loss, self.outputs = X, loss, 1 if n_classes == 2 else n_classes
         self.y = torch.as_tensor(codes, dtype=torch.long, device=dev)
@@ -210,10 +217,13 @@ class _Batch:
         self.held = torch.tensor(np.stack(held, 1) if held else np.zeros((n, 0)), dtype=torch.float32, device=dev)
         self.held_problem = torch.as_tensor(held_problem, dtype=torch.long, device=dev)
         self.n_train = self.train.sum(0)
-        self.scaled = any(g.scaler is not None for g in groups)
-        if self.scaled:  # problem p sees (x - mean_g) / scale_g = x * inv_scale[:, p] - shift[:, p]
-            means = np.stack([g.scaler.mean_ if g.scaler else np.zeros(d) for g in groups], 1)[:, owner]
-            scales = np.stack([g.scaler.scale_ if g.scaler else np.ones(d) for g in groups], 1)[:, owner]
+        means = np.stack([g.scaler.mean_ if g.scaler else np.zeros(d) for g in groups], 1)[:, owner]
+        scales = np.stack([g.scaler.scale_ if g.scaler else np.ones(d) for g in groups], 1)[:, owner]
+        if scale_folds and held_problem:  # each split problem standardised on its own training rows
+            split_means, split_scales = _column_stats(X, self.train[:, held_problem])
+            means[:, held_problem], scales[:, held_problem] = split_means, split_scales
+        self.scaled = scale_folds or any(g.scaler is not None for g in groups)
+        if self.scaled:  # problem p sees (x - mean_p) / scale_p = x * inv_scale[:, p] - shift[:, p]
             self.inv_scale = torch.tensor(1 / scales, dtype=torch.float32, device=dev)
             self.shift = torch.tensor(means / scales, dtype=torch.float32, device=dev)
         if loss == "squared_hinge":
@@ -295,6 +305,18 @@ class _Batch:
         if self.outputs == 1:
             return torch.nn.functional.softplus(z[..., 0]) - self.y[:, None] * z[..., 0]
         return torch.logsumexp(z, -1) - z.gather(-1, self.y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]
+
+
+def _column_stats(X: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per mask column, the mean and standard deviation of the rows of ``X`` it selects, ``(d, columns)``
+    each; a constant feature's deviation is 1, as ``StandardScaler`` has it."""
+    X64, M = X.double(), masks.double()
+    n = M.sum(0)
+    mean = (X64.T @ M) / n
+    var = torch.clamp((X64.pow(2).T @ M) / n - mean.pow(2), min=0)
+    std = var.sqrt()
+    std[std < 10 * torch.finfo(torch.float64).eps * mean.abs().clamp(min=1)] = 1.0
+    return mean.cpu().numpy(), std.cpu().numpy()
 
 
 def _mask(n: int, rows: np.ndarray) -> np.ndarray:
