@@ -17,7 +17,7 @@ featurizer_module = import_module("pipeline.featurizer")
 FLIPPED = ("train/red/red_003.jpg", "train/blue/blue_005.jpg")
 COPY, ORIGINAL, ODD = "val/red/copy_of_red_000.png", "train/red/red_000.jpg", "val/blue/odd.jpg"
 EXACT = 0.9999  # the tiny random-weight model puts distinct images of one colour at cosine 0.997
-FAST = dict(head="torch-logreg")  # logreg's grid search takes 30 s here; the real-backbone test uses it
+FAST = dict(head="torch-logreg")  # one hold-out instead of logreg's 5 inner folds; the real-backbone test uses logreg
 
 
 @pytest.fixture(scope="module")
