@@ -76,6 +76,10 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
         scores = self.decision_function(X)
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)]
 
+    def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The held-out splits that choose ``C``: ``cv`` stratified folds (fewer when a class is smaller)."""
+        return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
+
 
 def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray],
              max_cells: int = 2 ** 26) -> list[Pipeline]:
@@ -85,17 +89,16 @@ def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np
     ``y`` is fitted alone."""
     scaler, clf = estimator[0], estimator[-1]
     models = [clone(estimator) for _ in subsets]
-    together = [i for i, s in enumerate(subsets) if len(np.unique(y[s])) == len(np.unique(y))]
-    for i in sorted(set(range(len(subsets))) - set(together)):
-        models[i].fit(X[subsets[i]], y[subsets[i]])
-    if not together:
-        return models
-    groups = []
-    for i in together:
-        models[i].steps[0] = (models[i].steps[0][0], clone(scaler).fit(X[subsets[i]]))
-        groups.append(_Group(subsets[i], models[i][0]))
     classes = len(np.unique(y))
-    problems = (clf.cv or 1) + 1 if isinstance(clf.cv, int) else 2
+    together = []
+    for i, rows in enumerate(subsets):
+        if len(np.unique(y[rows])) < classes:
+            models[i].fit(X[rows], y[rows])
+        else:
+            together.append(i)
+            models[i].steps[0] = (models[i].steps[0][0], clone(scaler).fit(X[rows]))
+    groups = [_Group(subsets[i], models[i][0]) for i in together]
+    problems = (1 if clf.cv is None else clf.cv) + 1  # per group: its held-out splits and its all-rows fit
     per_batch = max(1, max_cells // (len(y) * problems * (1 if classes == 2 else classes)))
     for start in range(0, len(groups), per_batch):
         part = together[start:start + per_batch]
@@ -146,7 +149,7 @@ class TorchLogisticRegression(_LinearPathClassifier):
 
     def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.cv is not None:
-            return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
+            return super()._splits(codes)
         n_val, k = int(np.ceil(self.val_size * len(codes))), codes.max() + 1
         if np.bincount(codes).min() < 2 or not k <= n_val <= len(codes) - k:
             return []
@@ -181,9 +184,6 @@ class TorchLinearSVC(_LinearPathClassifier):
         self.device = device
         self.random_state = random_state
 
-    def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
-
 
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
@@ -191,7 +191,8 @@ def _device(name: str) -> torch.device:
 
 class _Batch:
     """Linear problems on rows of ``X``, solved side by side. Per group: one problem per held-out split
-    (on its training rows) and one on all the group's rows, each on the group's standardisation. ``loss``
+    (on its training rows) and one on all the group's rows, each on the group's standardisation (a split
+    problem on its own rows' with ``scale_folds``). ``loss``
     is ``log`` (binary on one logit for two classes, else multinomial) or ``squared_hinge`` (one-vs-rest,
     one margin for two classes)."""
 

@@ -33,6 +33,7 @@ from .featurizer import Featurizer
 from .finetune import FinetuneConfig, finetune
 from .fit import FitConfig, fit
 from .runs import RunFolder
+from .tasks import label_files
 
 _EXTRACT = ("taps", "dtype", "amp", "tta", "jpeg_draft", "batch_size", "workers", "device", "channels_last")
 _FINETUNE_OWN = ("out", "backbone", "init", "labels", "weights", "budget_minutes", "workers", "device")
@@ -179,8 +180,7 @@ def _fit_step(s: Study, caches: list[Path], extracting: bool, progress: bool) ->
     built = (s.out / "leaderboard.json").stat().st_mtime
     if any(c.stat().st_mtime > built for c in caches):
         return Step("fit", str(s.out), True, "a cache changed since the last fit", action)
-    label_files = [f for x in map(Path, s.labels) for f in (sorted(x.glob("*.csv")) if x.is_dir() else [x])]
-    if any(f.stat().st_mtime > built for f in label_files if f.exists()):
+    if any(f.stat().st_mtime > built for f in label_files(s.labels) if f.exists()):
         return Step("fit", str(s.out), True, "a label file changed since the last fit", action)
     return Step("fit", str(s.out), False, f"the run holds {len(run_folder.rows())} rows of these caches and settings", action)
 
