@@ -31,7 +31,8 @@ class FeatureSpec:
     ``weights_sha256``: the weights; ``data_config``: timm's resolved preprocessing (size, crop,
     interpolation, mean, std); ``dtype``: storage dtype; ``amp``: autocast dtype of the forward pass
     (``off``, ``bf16``, ``fp16``); ``tta``: test-time augmentation (``""`` or ``flip``); ``jpeg_draft``:
-    JPEGs decoded at reduced DCT scale where the resize allows; ``decode``: the decoder (``pil``).
+    JPEGs decoded at reduced DCT scale where the resize allows; ``decode``: the decode path
+    (:mod:`pipeline.preprocess`: ``pil``, the only one before there were several, ``turbo``, ``nvjpeg``).
     """
 
     backbone: str

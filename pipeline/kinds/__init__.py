@@ -9,6 +9,9 @@ fine-tune trains with. The evaluation protocol (:mod:`pipeline.protocol`) and th
 kind for each of them. Adding a kind is one module with a :class:`TaskKind` subclass and
 ``@register_kind``.
 
+The kinds import scikit-learn and scipy in the methods that use them: ``extract`` reads label kinds
+but scores nothing, and those imports would cost every extraction about a second at start-up.
+
 Predictions travel as one array per kind: class names (classification), a score matrix with a column
 per tag (multi-label), numbers (regression). ``names`` are the classes or tags a model predicts over,
 in a fixed order (none for regression).

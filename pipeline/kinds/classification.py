@@ -7,10 +7,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy.special import softmax
-from scipy.stats import binomtest
-from sklearn.metrics import balanced_accuracy_score, f1_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from ..errors import PipelineError
 from . import TaskKind, register_kind
@@ -50,12 +46,16 @@ class Classification(TaskKind):
                 f"{n_folds}; lower --cv, add samples, or give the task a train/val split")
 
     def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+        from sklearn.model_selection import StratifiedKFold
+
         fold = np.empty(len(y), np.int64)
         for k, (_, test) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
             fold[test] = k
         return fold
 
     def subsplit(self, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        from sklearn.model_selection import train_test_split
+
         classes, counts = np.unique(y, return_counts=True)
         n_held = int(np.ceil(fraction * len(y)))
         if counts.min() < 2 or not len(classes) <= n_held <= len(y) - len(classes):
@@ -72,6 +72,8 @@ class Classification(TaskKind):
     def scores(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
         """Class probabilities in ``names`` order; for heads without them (linear-svm, ridge), the softmax of
         their margins, which ranks like them but is not calibrated."""
+        from scipy.special import softmax
+
         order = [list(map(str, estimator.classes_)).index(c) for c in names]
         if hasattr(estimator, "predict_proba"):
             return estimator.predict_proba(X)[:, order]
@@ -86,6 +88,9 @@ class Classification(TaskKind):
 
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
               names: list[str]) -> dict:
+        from scipy.stats import binomtest
+        from sklearn.metrics import balanced_accuracy_score, f1_score
+
         correct = y_true == y_pred
         n, right = len(y_true), int(correct.sum())
         low, high = binomtest(right, n).proportion_ci(0.95, method="wilson")
@@ -105,6 +110,8 @@ class Classification(TaskKind):
     def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
         """Exact McNemar test: of the samples exactly one of the two rows got right, is either side more
         often the one?"""
+        from scipy.stats import binomtest
+
         a, b = mine == y_true, best == y_true
         only_best, only_mine = int((b & ~a).sum()), int((a & ~b).sum())
         return float(binomtest(only_best, only_best + only_mine).pvalue) if only_best + only_mine else 1.0
@@ -143,6 +150,8 @@ class Classification(TaskKind):
 
     def logit_scores(self, logits: np.ndarray) -> np.ndarray:
         """What ``predict`` reports for a fine-tuned network: class probabilities."""
+        from scipy.special import softmax
+
         return softmax(logits, axis=1)
 
     def linear_start(self, head, names: list[str]) -> tuple[np.ndarray, np.ndarray]:

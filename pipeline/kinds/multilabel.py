@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy.special import expit
-from sklearn.metrics import average_precision_score, f1_score
 
 from ..errors import PipelineError
 from . import TaskKind, bootstrap, interval, p_greater, p_two_sided, register_kind
@@ -77,6 +75,8 @@ class MultiLabel(TaskKind):
 
     def predict(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
         """Each tag's probability (the sigmoid of the margins for heads without probabilities)."""
+        from scipy.special import expit
+
         if not hasattr(estimator, "predict_proba"):
             return expit(np.asarray(estimator.decision_function(X), dtype=np.float64)).reshape(len(X), -1)
         p = estimator.predict_proba(X)
@@ -93,6 +93,8 @@ class MultiLabel(TaskKind):
 
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
               names: list[str]) -> dict:
+        from sklearn.metrics import average_precision_score, f1_score
+
         Y = self.target(y_true, names)
         draws = bootstrap(len(Y))
         mine, chance = mean_ap(Y, y_pred, draws), mean_ap(Y, y_chance, draws)
@@ -142,9 +144,13 @@ class MultiLabel(TaskKind):
         return torch.tensor(self.target(np.array(list(y), dtype=object), names), dtype=torch.float32)
 
     def from_logits(self, logits: np.ndarray, names: list[str]) -> np.ndarray:
+        from scipy.special import expit
+
         return expit(logits)
 
     def logit_scores(self, logits: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+
         return expit(logits)
 
     def linear_start(self, head, names: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
-from sklearn.model_selection import KFold, train_test_split
 
 from ..errors import PipelineError
 from . import TaskKind, bootstrap, interval, p_greater, p_two_sided, register_kind
@@ -49,12 +47,16 @@ class Regression(TaskKind):
             raise PipelineError(f"task {task!r}: every target is {y[0]}; there is nothing to predict")
 
     def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+        from sklearn.model_selection import KFold
+
         fold = np.empty(len(y), np.int64)
         for k, (_, test) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)))):
             fold[test] = k
         return fold
 
     def subsplit(self, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        from sklearn.model_selection import train_test_split
+
         if len(y) < 5:
             return None
         keep, held = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed)
@@ -74,6 +76,8 @@ class Regression(TaskKind):
 
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
               names: list[str]) -> dict:
+        from scipy.stats import spearmanr
+
         y = np.asarray(y_true, dtype=np.float64)
         draws = bootstrap(len(y))
         mine, chance = r2(y, y_pred, draws), r2(y, y_chance, draws)
