@@ -7,8 +7,8 @@ model load included, on the same generated photo-like JPEGs (500x375 by default)
     backbone's input size (as many images as there are files), with extract's autocast and memory format;
   * plain: a plain script: a torch DataLoader (the same number of workers), Pillow + timm's eval
     transform, the forward pass, the features kept in a numpy array;
-  * extract: `pipeline extract DATA --backbone NAME --cache NEW_FOLDER`, and with ``--compare-code DIR``
-    the same command with the code in DIR (an export of another commit).
+  * extract: `pipeline extract DATA --backbone NAME --cache NEW_FOLDER`, once per ``--decode`` path, and with
+    ``--compare-code DIR`` the same command with the code in DIR (an export of another commit).
 
 It prints each process's wall seconds per repeat and the medians' ratios: bare / extract (1.0 would be
 extract at the forward pass's own rate) and extract / plain.
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="an image folder (class/image) instead of generated JPEGs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode", default="default", help="extract's --decode paths to time, comma-separated "
+                    "(default: extract's own choice, no flag)")
     ap.add_argument("--extra", default="", help="more extract flags, e.g. '--workers 1'")
     ap.add_argument("--amp", default="bf16", help="autocast of all three (extract's --amp)")
     ap.add_argument("--compare-code", type=Path, help="also time `pipeline extract` (its defaults) with the code in "
@@ -91,8 +93,11 @@ def main() -> None:
         common = [args.backbone, str(weights), str(n), str(args.batch_size), args.amp]
         runs = {"bare": [sys.executable, "-c", BARE, *common],
                 "plain": [sys.executable, "-c", PLAIN, *common, str(data), workers]}
-        runs["extract"] = [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", args.backbone,
-                           "--batch-size", str(args.batch_size), "--amp", args.amp, "--no-progress", *args.extra.split()]
+        for decode in args.decode.split(","):
+            runs[f"extract --decode {decode}"] = [
+                sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", args.backbone, "--batch-size",
+                str(args.batch_size), "--amp", args.amp, "--no-progress", *args.extra.split(),
+                *(["--decode", decode] if decode != "default" else [])]
         envs = {k: env for k in runs}
         if args.compare_code:
             key = f"extract ({args.compare_code.name})"

@@ -26,10 +26,10 @@ from PIL import Image
 
 from pipeline.backbones import load_backbone
 from pipeline.cache import CacheWriter
-from pipeline.data import load_image
-from pipeline.sources import load_source
 from pipeline.extract import extract
-from pipeline.spec import FeatureSpec
+from pipeline.preprocess import Normalize, decode_path
+from pipeline.sources import load_source
+from pipeline.spec import DEFAULT_DECODE, FeatureSpec
 
 
 def photo_like_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
@@ -61,15 +61,16 @@ def bare_forward(bb, batch_size: int, seconds: float) -> float:
         return n * batch_size / (time.perf_counter() - start)
 
 
-def breakdown(bb, data: Path, k: int, jpeg_draft: bool) -> dict[str, float]:
-    """Milliseconds per image in this process: decode + transform (one core), forward (torch's threads),
-    HDF5 write (batches of 8)."""
-    samples = load_source(data).samples[:k]
-    tf = bb.transform()
+def breakdown(bb, data: Path, k: int, jpeg_draft: bool, decode_name: str) -> dict[str, float]:
+    """Milliseconds per image in this process: the decode path's decode + resize (one core), forward
+    (torch's threads, normalisation included), HDF5 write (batches of 8)."""
+    source = load_source(data).subset(np.arange(k))
+    samples = source.samples
+    path = decode_path(decode_name, bb.data_config, jpeg_draft)
     start = time.perf_counter()
-    xs = [tf(load_image(s.path, min_side=bb.decode_size if jpeg_draft else None)) for s in samples]
+    xs = [path.load(s.path) for s in samples]
     decode = (time.perf_counter() - start) / k
-    x = torch.stack(xs).to(bb.device)
+    x = Normalize(bb.data_config, bb.device, bb.channels_last)(path.to_device(path.collate(xs), bb.device)[0])
     with torch.inference_mode():
         bb.forward(x[:2], ("pooled",))
         start = time.perf_counter()
@@ -78,7 +79,7 @@ def breakdown(bb, data: Path, k: int, jpeg_draft: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         spec = FeatureSpec(bb.name, bb.weights_sha256, bb.data_config)
         with CacheWriter(Path(tmp) / "w.h5", spec, bb.weights_source, "bench", {"pooled": feats["pooled"].shape[1]}) as w:
-            w.sync(list(samples), [bytes(32)] * k)
+            w.sync(source, np.full(k, bytes(32), dtype="S32"))
             start = time.perf_counter()
             for i in range(0, k, 8):
                 w.write(np.arange(i, min(i + 8, k)), {"pooled": feats["pooled"][i:i + 8]})
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--decode", default=DEFAULT_DECODE, help="extract's decode path (pil, turbo, nvjpeg)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +109,7 @@ def main() -> None:
             data = photo_like_jpegs(Path(tmp) / "photos", args.images, (w, h))
         else:
             data = args.data
-        n = len(load_source(data).samples)
+        n = len(load_source(data))
         bb = load_backbone(args.backbone, device=args.device, amp=args.amp, channels_last=args.channels_last)
         print(f"backbone {args.backbone}  device {bb.device}  amp {bb.amp}  channels_last {args.channels_last}  "
               f"batch {args.batch_size}  jpeg_draft {args.jpeg_draft}  images {n} ({args.data or args.image_size})  "
@@ -119,7 +121,8 @@ def main() -> None:
             start = time.perf_counter()
             (res,) = extract(data, args.backbone, Path(tmp) / f"cache{r}", batch_size=args.batch_size,
                              workers=args.workers, device=args.device, amp=args.amp,
-                             channels_last=args.channels_last, jpeg_draft=args.jpeg_draft, progress=False)
+                             channels_last=args.channels_last, jpeg_draft=args.jpeg_draft, decode=args.decode,
+                             progress=False)
             whole.append(n / (time.perf_counter() - start))
             loop.append(res.images_per_s)
             print(f"  repeat {r}: bare {bare[-1]:.1f}  end-to-end {whole[-1]:.1f}  loop {loop[-1]:.1f} images/s")
@@ -127,7 +130,7 @@ def main() -> None:
         print(f"bare forward        {b:8.1f} images/s (median of {args.repeats})")
         print(f"end-to-end extract  {e:8.1f} images/s   ratio {e / b:.2f}")
         print(f"extract loop only   {lo:8.1f} images/s   ratio {lo / b:.2f}")
-        cost = breakdown(bb, data, min(64, n), args.jpeg_draft)
+        cost = breakdown(bb, data, min(64, n), args.jpeg_draft, args.decode)
         print(f"cost per image: decode+resize {cost['decode+resize']:.2f} ms on one core, forward "
               f"{cost['forward']:.2f} ms on {torch.get_num_threads()} threads, HDF5 write {cost['write']:.3f} ms")
 

@@ -14,10 +14,13 @@ import io
 import os
 import stat
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PipelineError
@@ -29,6 +32,7 @@ SPLITS = ("train", "val", "test")
 # Decompression-bomb guard, set deliberately rather than inherited from Pillow's global default:
 # 100 megapixels is larger than any photo a backbone needs and small enough to decode safely.
 MAX_IMAGE_PIXELS = 100_000_000
+_ORIENTATION = 0x0112  # the EXIF tag
 _HASH = "sha256"
 HASH_BYTES = 32
 
@@ -116,10 +120,71 @@ def load_image(path: str | os.PathLike | Member, max_pixels: int = MAX_IMAGE_PIX
             raise ValueError("empty image (0 bytes)")
     elif os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
+    with _opened(path, max_pixels) as img:
+        return _pillow_rgb(img, min_side)
+
+
+def load_pixels(path: str | os.PathLike | Member, max_pixels: int = MAX_IMAGE_PIXELS,
+                min_side: int | None = None) -> np.ndarray:
+    """An image as upright 8-bit RGB pixels (height, width, 3), as :func:`load_image` makes them, but a
+    plain JPEG (see :func:`is_plain_jpeg`) decoded by libjpeg-turbo through simplejpeg, which releases
+    the GIL and skips Pillow's image objects, at the DCT scale ``Image.draft`` would pick. Anything else,
+    and a JPEG simplejpeg refuses, goes through Pillow exactly as ``load_image``: the same pixels for
+    EXIF rotation, CMYK, 16 bits, palettes and alpha, the same reasons for broken files."""
+    data = read_bytes(path)
+    with _opened(io.BytesIO(data), max_pixels) as img:
+        if _plain(img):
+            scale = draft_scale(img.size, min_side)
+            try:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=scale,
+                                              min_width=-(-img.width // scale), min_height=-(-img.height // scale))
+            except ValueError:
+                pass  # damaged: Pillow decides, and says why, as for every other image
+        return np.array(_pillow_rgb(img, min_side))  # a writable copy, as simplejpeg's
+
+
+def is_plain_jpeg(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> bool:
+    """Whether ``data`` is a JPEG that libjpeg-turbo (or nvJPEG) decodes straight to the pixels
+    ``load_image`` makes: 8-bit colour or greyscale, no EXIF rotation. Raises as ``load_image`` does for
+    what Pillow cannot open."""
+    with _opened(io.BytesIO(data), max_pixels) as img:
+        return _plain(img)
+
+
+def _plain(img: Image.Image) -> bool:
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(_ORIENTATION, 1) == 1
+
+
+def read_bytes(path: str | os.PathLike | Member) -> bytes:
+    """An image's bytes, refusing an empty file with the reason ``load_image`` gives."""
+    if isinstance(path, Member):
+        data = path.read()
+        if not data:
+            raise ValueError("empty image (0 bytes)")
+        return data
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    return data
+
+
+def draft_scale(size: tuple[int, int], min_side: int | None) -> int:
+    """The JPEG DCT scale ``Image.draft`` picks: the largest of 8, 4, 2, 1 that keeps both sides at least
+    ``min_side`` (1 without one)."""
+    if not min_side:
+        return 1
+    fits = min(size[0] // min_side, size[1] // min_side)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+@contextmanager
+def _opened(source: str | os.PathLike | io.BytesIO, max_pixels: int) -> Iterator[Image.Image]:
+    """An image opened by Pillow (its header read, its pixels not), within the decompression-bomb guards."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            img = Image.open(source)
         except UnidentifiedImageError:
             raise ValueError("not an image Pillow can read (unknown format or corrupt header)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -127,10 +192,14 @@ def load_image(path: str | os.PathLike | Member, max_pixels: int = MAX_IMAGE_PIX
         with img:
             if img.width * img.height > max_pixels:
                 raise ValueError(f"image is {img.width}x{img.height}, over the {max_pixels:,}-pixel limit")
-            if min_side:
-                img.draft(None, (min_side, min_side))
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            yield img
+
+
+def _pillow_rgb(img: Image.Image, min_side: int | None) -> Image.Image:
+    if min_side:
+        img.draft(None, (min_side, min_side))
+    img.load()
+    return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

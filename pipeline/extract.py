@@ -4,10 +4,10 @@ Only rows that are missing, invalid, or whose file bytes changed are computed; e
 reused. Images that cannot be read or decoded are recorded in the cache's ``failures`` and skipped.
 
 Everything but the forward pass hides behind it: images are decoded (at reduced JPEG scale where the
-resize allows) in DataLoader worker processes, copied from pinned memory without blocking, and written to
-HDF5 by a background thread. Backbones with the same preprocessing share one decode pass. Under
-``torchrun``, each rank extracts its share of the images into a shard file and rank 0 writes the cache
-as HDF5 virtual datasets over the shards.
+resize allows), cut and resized to uint8 pixels in supervised worker processes, copied from pinned memory
+without blocking, converted and normalised on the device, and written to HDF5 by a background thread.
+Backbones with the same preprocessing share one decode pass. Under ``torchrun``, each rank extracts its
+share of the images into a shard file and rank 0 writes the cache as HDF5 virtual datasets over the shards.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from .errors import PipelineError
 from .featurizer import Featurizer, planned_spec
 from .sources import ImageSource, load_source, source_location, source_name
 from .locks import lock_cache
+from .preprocess import list_decoders
+from .spec import DEFAULT_DECODE
 from .validation import at_least, check, one_of, optional, positive
 from .workers import DEFAULT_TIMEOUT, Workers
 
@@ -72,6 +74,8 @@ def extract(
     channels_last: bool = True,
     tta: str | None = None,
     jpeg_draft: bool = True,
+    decode: str = DEFAULT_DECODE,
+    compile: bool = False,
     retry_failed: bool = False,
     allow_outside_root: bool = False,
     progress: bool = True,
@@ -80,8 +84,10 @@ def extract(
     """Extract features of every image in ``source`` with each backbone into ``cache_dir``.
 
     Each backbone gets its own HDF5 file, named ``<source>__<backbone>__<key>.h5`` where the key is its
-    feature spec's (weights, preprocessing, dtype, autocast dtype, ``tta``, JPEG draft, decoder), so
-    changing any of them makes a new cache. Run under ``torchrun``, the ranks split the images between them.
+    feature spec's (weights, preprocessing, dtype, autocast dtype, ``tta``, JPEG draft, ``decode`` path),
+    so changing any of them makes a new cache. Run under ``torchrun``, the ranks split the images between
+    them. ``compile`` runs normalisation and the forward pass as one ``torch.compile``d step (worth its
+    compilation time on long runs; not part of the spec).
 
     Images are decoded in ``workers`` processes: a batch whose decoder crashes its process, or takes longer
     than ``decode_timeout`` seconds, is decoded again one image per task, and an image that does it again
@@ -92,10 +98,10 @@ def extract(
         raise PipelineError("no backbone given; pass --backbone NAME (e.g. tf_efficientnet_lite0.in1k)")
     if weights is not None and len(names) > 1:
         raise PipelineError("--weights names one file, so give exactly one --backbone with it")
-    check(dict(dtype=dtype, batch_size=batch_size, tta=tta, workers=workers, decode_timeout=decode_timeout),
+    check(dict(dtype=dtype, batch_size=batch_size, tta=tta, workers=workers, decode_timeout=decode_timeout, decode=decode),
           dict(dtype=one_of(*DTYPES), batch_size=at_least(1), tta=optional(one_of(*TTA)), workers=optional(at_least(0)),
-               decode_timeout=positive()))
-    decode = Workers(default_workers() if workers is None else workers, decode_timeout)
+               decode_timeout=positive(), decode=one_of(*list_decoders())))
+    pool = Workers(default_workers() if workers is None else workers, decode_timeout)
     taps = check_taps(taps)
     rank, world, own_group = _distributed()
     dev = resolve_device(device)
@@ -107,7 +113,7 @@ def extract(
         # is refused at once. (Weights from the hub are hashed once loaded: their cache is locked then.)
         name_of_source, locks = source_name(source), {}
         for name in names:
-            spec = planned_spec(name, weights, str(dev), amp, dtype, tta, jpeg_draft)
+            spec = planned_spec(name, weights, str(dev), amp, dtype, tta, jpeg_draft, decode)
             if spec is not None:
                 path = _write_path(cache_path(cache_dir, name_of_source, spec), rank, world)
                 locks[path] = held.enter_context(lock_cache(path))
@@ -118,7 +124,7 @@ def extract(
 
         jobs = []
         for name in names:
-            fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft)
+            fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft, decode, compile)
             path = cache_path(cache_dir, src.name, fz.spec)
             if world > 1:
                 check_master(path, world)
@@ -138,7 +144,7 @@ def extract(
                 plans = [w.sync(src, hashes, read_errors, retry_failed=retry_failed) for w in writers]
                 start = time.perf_counter()
                 try:
-                    done = _run(src, group, writers, plans, batch_size, decode, progress and rank == 0)
+                    done = _run(src, group, writers, plans, batch_size, pool, progress and rank == 0)
                 except OSError as e:  # disk full, file system gone read-only, ...
                     raise PipelineError(
                         f"writing to {', '.join(str(w.path) for w in writers)} failed: "

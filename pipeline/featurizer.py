@@ -1,9 +1,13 @@
 """The one path from an image file to its features, built from a :class:`FeatureSpec`.
 
-decode (Pillow, JPEG draft as the spec says) -> the backbone's timm eval transform -> forward pass with
+the spec's decode path (:mod:`pipeline.preprocess`: decoder, JPEG draft, the eval transform's resize and
+crop, uint8 pixels in batches) -> on the device, conversion and normalisation, then the forward pass with
 the spec's autocast and test-time augmentation -> rounded to the spec's storage dtype. ``extract``
 creates a featurizer and writes its spec into the cache; ``predict``, ``cache verify`` and
 ``finetune``'s evaluation load one from a stored spec, so they compute what the cache holds.
+
+With ``compile``, normalisation and the forward pass are one ``torch.compile``d step for a fixed batch
+shape (the first batch's; a shorter last batch is padded), so a long run pays for one compilation.
 """
 
 from __future__ import annotations
@@ -23,27 +27,35 @@ from .batches import image_batches
 from .cache import FeatureCache
 from .data import Sample
 from .errors import PipelineError
+from .preprocess import Normalize, decode_path
 from .progress import progress_bar
-from .spec import FeatureSpec
+from .spec import DEFAULT_DECODE, FeatureSpec
 from .workers import Workers
 
 Batch = tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]
 
 
 class Featurizer:
-    """A loaded backbone and the spec it computes."""
+    """A loaded backbone, the spec it computes, and that spec's decode path."""
 
-    def __init__(self, spec: FeatureSpec, backbone: Backbone):
+    def __init__(self, spec: FeatureSpec, backbone: Backbone, compile: bool = False):
         self.spec = spec
         self.backbone = backbone
+        self.decoder = decode_path(spec.decode, spec.data_config, spec.jpeg_draft)
+        self.decoder.check_device(backbone.device)
+        self.normalize = Normalize(spec.data_config, backbone.device, backbone.channels_last)
+        self.compile = compile
+        self._step = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._rows = 0  # a compiled step's batch size: the first batch's
 
     @classmethod
     def create(cls, name: str, weights: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
                channels_last: bool = True, dtype: str = "float16", tta: str | None = None,
-               jpeg_draft: bool = True) -> "Featurizer":
+               jpeg_draft: bool = True, decode: str = DEFAULT_DECODE, compile: bool = False) -> "Featurizer":
         """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute."""
         bb = load_backbone(name, weights, device, amp, channels_last)
-        return cls(_spec(bb.name, bb.source, bb.weights_sha256, bb.data_config, bb.amp, dtype, tta, jpeg_draft), bb)
+        spec = _spec(bb.name, bb.source, bb.weights_sha256, bb.data_config, bb.amp, dtype, tta, jpeg_draft, decode)
+        return cls(spec, bb, compile)
 
     @classmethod
     def load(cls, spec: FeatureSpec, weights: Sequence[str | os.PathLike] = (), recorded: str | None = None,
@@ -69,22 +81,37 @@ class Featurizer:
 
     def device_batches(self, samples: Sequence[Sample], batch_size: int, workers: int | Workers, progress: bool = False,
                        label: str = "") -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-        """Decoded and transformed image batches on the backbone's device (None where all failed)."""
-        bb = self.backbone
-        cuda = bb.device.type == "cuda"
-        loader = image_batches(samples, bb.transform(), batch_size, workers, pin_memory=cuda,
-                               min_side=bb.decode_size if self.spec.jpeg_draft else None)
+        """Batches of decoded images as uint8 pixels (N, 3, H, W) on the backbone's device (None where all
+        failed), with the indices into ``samples`` they hold and [(index, error)] for the others."""
+        dev = self.device
+        # On a CPU the forward pass needs every core: the workers decode a batch only while it waits.
+        loader = image_batches(samples, self.decoder.load, batch_size, workers, pin_memory=dev.type == "cuda",
+                               collate=self.decoder.collate, lockstep=dev.type == "cpu")
         with progress_bar(progress) as bar:
             task = bar.add_task(label, total=len(samples))
-            for idx, x, failed in loader:
-                yield idx, None if x is None else x.to(bb.device, non_blocking=cuda), failed
+            for idx, batch, failed in loader:
+                x = None
+                if batch is not None:
+                    x, lost = self.decoder.to_device(batch, dev)
+                    gone = {pos for pos, _ in lost}
+                    failed = failed + [(idx[pos], err) for pos, err in lost]
+                    idx = [i for pos, i in enumerate(idx) if pos not in gone]
+                yield idx, x if idx else None, failed
                 bar.advance(task, len(idx) + len(failed))
 
     def features(self, x: torch.Tensor, taps: Sequence[str]) -> dict[str, np.ndarray]:
-        """Float32 features per tap of an image batch, as the cache would store them (rounded to its dtype)."""
+        """Float32 features per tap of a uint8 image batch, as the cache would store them (rounded to its dtype)."""
+        n = len(x)
+        if self.compile:
+            self._rows = self._rows or n
+            if n < self._rows:  # the fixed shape: pad, and drop the padding's features
+                x = torch.cat([x, x.new_zeros((self._rows - n, *x.shape[1:]))])
         with torch.inference_mode():
-            out = self.backbone.forward(x, tuple(taps), self.spec.tta or None, self.spec.amp)
-        return {k: v.cpu().numpy().astype(self.spec.dtype).astype(np.float32) for k, v in out.items()}
+            out = self._step(x, tuple(taps))
+        return {k: v[:n].cpu().numpy().astype(self.spec.dtype).astype(np.float32) for k, v in out.items()}
+
+    def _forward(self, x: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return self.backbone.forward(self.normalize(x), taps, self.spec.tta or None, self.spec.amp)
 
     def batches(self, samples: Sequence[Sample], taps: Sequence[str], batch_size: int, workers: int | Workers,
                 progress: bool = False, label: str = "") -> Iterator[Batch]:
@@ -94,7 +121,8 @@ class Featurizer:
 
 
 def planned_spec(name: str, weights: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
-                 dtype: str = "float16", tta: str | None = None, jpeg_draft: bool = True) -> FeatureSpec | None:
+                 dtype: str = "float16", tta: str | None = None, jpeg_draft: bool = True,
+                 decode: str = DEFAULT_DECODE) -> FeatureSpec | None:
     """The spec ``Featurizer.create`` with these arguments will state, known without building the model
     (the model source's plan: for timm, the weights file's sha256 and its pretrained config). So a writer
     can take its cache's lock before any slow work. None when the source cannot tell without loading
@@ -104,13 +132,14 @@ def planned_spec(name: str, weights: str | os.PathLike | None = None, device: st
     if plan is None:
         return None
     backbone, sha, data_config = plan
-    return _spec(backbone, source.name, sha, data_config, resolve_amp(amp, resolve_device(device)), dtype, tta, jpeg_draft)
+    return _spec(backbone, source.name, sha, data_config, resolve_amp(amp, resolve_device(device)), dtype, tta,
+                 jpeg_draft, decode)
 
 
 def _spec(backbone: str, source: str, weights_sha256: str, data_config: dict, amp: str, dtype: str, tta: str | None,
-          jpeg_draft: bool) -> FeatureSpec:
+          jpeg_draft: bool, decode: str) -> FeatureSpec:
     return FeatureSpec(backbone=backbone, weights_sha256=weights_sha256, data_config=data_config, dtype=dtype, amp=amp,
-                       tta=tta or "", jpeg_draft=jpeg_draft, source=source)
+                       tta=tta or "", jpeg_draft=jpeg_draft, decode=decode, source=source)
 
 
 def find_weights(spec: FeatureSpec, given: Sequence[str | os.PathLike] = (), recorded: str | None = None) -> Path | None:

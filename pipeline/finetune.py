@@ -42,7 +42,7 @@ from timm.scheduler import CosineLRScheduler
 from .backbones import AMP, Backbone, file_sha256, load_backbone
 from .batches import default_workers, image_batches
 from .cache import FeatureCache
-from .data import Sample
+from .data import Member, Sample, load_image
 from .sources import load_source
 from .errors import PipelineError
 from .featurizer import Featurizer
@@ -695,15 +695,18 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def _train_transform(bb: Backbone, aug: str) -> Callable:
-    """``none``: the eval transform. ``light``: random resized crop of 50-100 % and flips (small data).
-    ``standard``: timm's training defaults (crop of 8-100 %, flips, colour jitter 0.4)."""
-    if aug == "none":
-        return bb.transform()
+def _train_transform(bb: Backbone, aug: str) -> Callable[[Path | Member], torch.Tensor]:
+    """An image file to a training tensor. ``none``: the eval transform. ``light``: random resized crop
+    of 50-100 % and flips (small data). ``standard``: timm's training defaults (crop of 8-100 %, flips,
+    colour jitter 0.4)."""
     cfg = bb.data_config
-    kw = dict(scale=(0.5, 1.0), color_jitter=None) if aug == "light" else {}
-    return create_transform(cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
-                            mean=cfg["mean"], std=cfg["std"], **kw)
+    if aug == "none":
+        transform = create_transform(**cfg, is_training=False)
+    else:
+        kw = dict(scale=(0.5, 1.0), color_jitter=None) if aug == "light" else {}
+        transform = create_transform(cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
+                                     mean=cfg["mean"], std=cfg["std"], **kw)
+    return lambda where: transform(load_image(where))
 
 
 def _train_mode(model: torch.nn.Module, bn: str) -> None:

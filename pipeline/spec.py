@@ -23,6 +23,9 @@ SPEC_VERSION = 1
 SAME_SPEC_MIN_COSINE = 0.999
 
 
+DEFAULT_DECODE = "pil"  # the decode path of new caches: the one every cache before decode paths was made with
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """What determines a cache's features.
@@ -31,7 +34,8 @@ class FeatureSpec:
     ``weights_sha256``: the weights; ``data_config``: timm's resolved preprocessing (size, crop,
     interpolation, mean, std); ``dtype``: storage dtype; ``amp``: autocast dtype of the forward pass
     (``off``, ``bf16``, ``fp16``); ``tta``: test-time augmentation (``""`` or ``flip``); ``jpeg_draft``:
-    JPEGs decoded at reduced DCT scale where the resize allows; ``decode``: the decoder (``pil``).
+    JPEGs decoded at reduced DCT scale where the resize allows; ``decode``: the decode path
+    (:mod:`pipeline.preprocess`: ``pil``, the only one before there were several, ``turbo``, ``nvjpeg``).
     """
 
     backbone: str

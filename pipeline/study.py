@@ -9,7 +9,7 @@ says what it would do. Paths in the file are relative to the file's folder.
     cache = "cache"                      # default "cache"
     labels = ["tags.csv"]                # label files or folders (optional)
     heads = ["logreg", "knn"]            # default: each task kind's own
-    [extract]                            # extract()'s settings: taps, dtype, amp, tta, jpeg_draft, batch_size, workers, device
+    [extract]                            # extract()'s settings: taps, dtype, amp, tta, jpeg_draft, decode, compile, batch_size, workers, device
     [fit]                                # fit()'s settings: cv, seed, shots, draws, concat, n_jobs, backend, ...
     [[finetune]]                         # one table per fine-tune: out, backbone (default: the first), and
     out = "ft"                           # finetune()'s settings; it starts from the run (init) unless init = false
@@ -30,12 +30,14 @@ from .sources import load_source
 from .errors import PipelineError
 from .extract import extract
 from .featurizer import Featurizer
+from .spec import DEFAULT_DECODE
 from .finetune import FinetuneConfig, finetune
 from .fit import FitConfig, fit
 from .runs import RunFolder
 from .tasks import label_files
 
-_EXTRACT = ("taps", "dtype", "amp", "tta", "jpeg_draft", "batch_size", "workers", "device", "channels_last")
+_EXTRACT = ("taps", "dtype", "amp", "tta", "jpeg_draft", "decode", "compile", "batch_size", "workers", "device",
+            "channels_last")
 _FINETUNE_OWN = ("out", "backbone", "init", "labels", "weights", "budget_minutes", "workers", "device")
 
 
@@ -139,7 +141,7 @@ def _extract_steps(s: Study, progress: bool) -> tuple[list[Step], list[Path]]:
     for name in s.backbones:
         fz = Featurizer.create(name, device=settings.get("device", "auto"), amp=settings.get("amp", "auto"),
                                dtype=settings.get("dtype", "float16"), tta=settings.get("tta"),
-                               jpeg_draft=settings.get("jpeg_draft", True))
+                               jpeg_draft=settings.get("jpeg_draft", True), decode=settings.get("decode", DEFAULT_DECODE))
         path = cache_path(s.cache, src.name, fz.spec)
         paths.append(path)
         todo = _pending(path, hashes, fz.backbone.resolve_taps(taps))

@@ -100,12 +100,14 @@ class Job(ABC, Generic[T, R]):
         """One result from those of a task's parts, in order."""
 
 
-def run_tasks(job: Job[T, R], tasks: Sequence[T], workers: Workers) -> Iterator[R]:
-    """The result of every task, in order."""
+def run_tasks(job: Job[T, R], tasks: Sequence[T], workers: Workers, window: int | None = None) -> Iterator[R]:
+    """The result of every task, in order. ``window``: the tasks that may be given out at once, from the
+    one the caller waits for on (default twice the workers); with as many as the workers, none runs ahead
+    while the caller works on a result."""
     if workers.n == 0:
         yield from map(job.run, tasks)
         return
-    pool = _Pool(job, workers)
+    pool = _Pool(job, workers, window or 2 * workers.n)
     try:
         yield from pool.results(tasks)
     finally:
@@ -182,11 +184,11 @@ class _Worker:
 class _Pool:
     """Supervised workers running one task at a time each; results handed out in task order."""
 
-    def __init__(self, job: Job, workers: Workers):
+    def __init__(self, job: Job, workers: Workers, window: int):
         self.job, self.timeout = job, workers.timeout
         self._ctx = multiprocessing.get_context("fork")
         self._workers = [_Worker(self._ctx, job) for _ in range(workers.n)]
-        self._window = 2 * workers.n  # tasks decoded ahead of the one the caller waits for
+        self._window = window  # tasks given out from the one the caller waits for on
 
     def close(self) -> None:
         for w in self._workers:

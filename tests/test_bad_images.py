@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY, run_cli
 from pipeline import FeatureCache
-from pipeline.data import load_image
+from pipeline.data import load_image, load_pixels
 
 
 def _smooth(seed: int, size=(96, 64)) -> np.ndarray:
@@ -72,7 +72,8 @@ def _write_corpus(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_every_kind_of_bad_file_is_recorded_or_read_right(tmp_path):
+@pytest.mark.parametrize("decode", ["pil", "turbo"])
+def test_every_kind_of_bad_file_is_recorded_or_read_right(tmp_path, decode):
     expected = _write_corpus(tmp_path / "data")
     good = tmp_path / "clean" / "bad"
     good.mkdir(parents=True)
@@ -80,7 +81,7 @@ def test_every_kind_of_bad_file_is_recorded_or_read_right(tmp_path):
         shutil.copy(tmp_path / "data" / "bad" / name, good / name)
 
     r = run_cli("extract", tmp_path / "data", "-b", TINY, "--cache", tmp_path / "cache", "--workers", "2",
-                "--amp", "off", "--no-progress")
+                "--amp", "off", "--no-progress", "--decode", decode)
     assert r.returncode == 0, r.stderr
     [path] = (tmp_path / "cache").glob("*.h5")
     with FeatureCache(path) as c:
@@ -97,7 +98,8 @@ def test_every_kind_of_bad_file_is_recorded_or_read_right(tmp_path):
     assert set(failures) == {n for n, w in expected.items() if w != "ok"}
 
     # the good images' features are those of a run without the bad files
-    r = run_cli("extract", tmp_path / "clean", "-b", TINY, "--cache", tmp_path / "cache2", "--amp", "off", "--no-progress")
+    r = run_cli("extract", tmp_path / "clean", "-b", TINY, "--cache", tmp_path / "cache2", "--amp", "off", "--no-progress",
+                "--decode", decode)
     assert r.returncode == 0, r.stderr
     with FeatureCache(next((tmp_path / "cache2").glob("*.h5"))) as c:
         for sid, f in zip(c.ids, c.features()):
@@ -114,3 +116,25 @@ def test_every_kind_of_bad_file_is_recorded_or_read_right(tmp_path):
     pal = load_image(d / "palette_transparent.png")
     index0 = np.asarray(Image.open(d / "palette_transparent.png")) == 0
     assert (np.asarray(pal)[index0] == 255).all()  # the transparent colour is composited on white
+
+
+def test_turbo_decodes_the_pixels_pillow_does(tmp_path):
+    """The turbo path's decoder (libjpeg-turbo for plain JPEGs, Pillow for the rest) gives the pixels
+    load_image gives, at full and at JPEG draft scale, and fails on a broken file with the same reason."""
+    expected = _write_corpus(tmp_path)
+    d = tmp_path / "bad"
+    Image.fromarray(_smooth(2, (800, 600))).save(d / "large.jpg", quality=90)
+    expected["large.jpg"] = "ok"
+    for name, want in expected.items():
+        if want == "ok" and os.access(d / name, os.R_OK):
+            for side in (None, 224, 40):
+                a = np.asarray(load_image(d / name, min_side=side), dtype=int)
+                b = load_pixels(d / name, min_side=side)
+                assert b.dtype == np.uint8 and a.shape == b.shape, (name, side, a.shape, b.shape)
+                assert np.abs(a - b).max() <= 1, (name, side)
+        elif want != "ok":
+            with pytest.raises(Exception) as pillow:
+                load_image(d / name)
+            with pytest.raises(Exception) as turbo:
+                load_pixels(d / name)
+            assert (type(turbo.value), str(turbo.value)) == (type(pillow.value), str(pillow.value)), name

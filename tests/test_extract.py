@@ -2,6 +2,7 @@ import csv
 import errno
 import hashlib
 import importlib
+import shutil
 import json
 import os
 
@@ -13,6 +14,8 @@ import torch
 from conftest import TINY, TINY_GN, TINY_VIT, make_folder, make_image, run_cli
 from pipeline import FeatureCache, PipelineError, extract, fit, load_backbone
 from pipeline.data import load_image
+from pipeline.preprocess import draft_side
+from timm.data import create_transform
 from pipeline.cache import CacheWriter
 
 
@@ -221,22 +224,23 @@ def test_manifest_with_a_missing_file(folder, tmp_path):
 
 
 def test_layer_taps(folder, tmp_path):
-    # float32 forward (amp off), so the reference below computes the same numbers
-    res = _extract(folder, tmp_path / "cache", taps=("pooled", "layer0", "layer-1"), amp="off")
+    # float32 forward (amp off) and timm's own transform (decode pil), so the reference below computes the same numbers
+    res = _extract(folder, tmp_path / "cache", taps=("pooled", "layer0", "layer-1"), amp="off", decode="pil")
     bb = load_backbone(TINY)
     with FeatureCache(res.cache) as c:
         assert sorted(c.taps) == ["layer0", "layer4", "pooled"]  # layer-1 is the last of 5 stages
         assert c.info()["taps"] == {"layer0": 16, "layer4": 64, "pooled": 256}
-        x = bb.transform()(load_image(folder / c.ids[0])).unsqueeze(0)
+        x = create_transform(**bb.data_config)(load_image(folder / c.ids[0])).unsqueeze(0)
         with torch.inference_mode():
             maps = bb.model.forward_intermediates(x, indices=[0, 4], intermediates_only=True)
         np.testing.assert_allclose(c.features("layer0")[0], maps[0].mean((2, 3))[0], rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(c.features("layer4")[0], maps[1].mean((2, 3))[0], rtol=2e-3, atol=2e-3)
     # a ViT's layer tap is the class token of that block's output
-    [vit] = extract(folder, TINY_VIT, tmp_path / "cache", taps=("layer2",), workers=0, amp="off", progress=False)
+    [vit] = extract(folder, TINY_VIT, tmp_path / "cache", taps=("layer2",), workers=0, amp="off", decode="pil",
+                    progress=False)
     vbb = load_backbone(TINY_VIT)
     with FeatureCache(vit.cache) as c, torch.inference_mode():
-        x = vbb.transform()(load_image(folder / c.ids[0])).unsqueeze(0)
+        x = create_transform(**vbb.data_config)(load_image(folder / c.ids[0])).unsqueeze(0)
         _, [(_, prefix)] = vbb.model.forward_intermediates(x, indices=[2], return_prefix_tokens=True)
         np.testing.assert_allclose(c.features("layer2")[0], prefix[0, 0], rtol=2e-3, atol=2e-3)
     fit_rows = fit(res.cache, tmp_path / "run", heads=["knn"], n_jobs=1, progress=False).rows
@@ -272,9 +276,9 @@ def test_jpeg_draft_stays_within_resampling_tolerance(tmp_path):
     smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC))
     path = tmp_path / "big.jpg"
     Image.fromarray(np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)).save(path, quality=90)
-    draft = load_image(path, min_side=bb.decode_size)
-    assert draft.size == (400, 300) and min(draft.size) >= bb.decode_size  # decoded at 1/4 scale
-    tf = bb.transform()
+    draft = load_image(path, min_side=draft_side(bb.data_config))
+    assert draft.size == (400, 300) and min(draft.size) >= draft_side(bb.data_config)  # decoded at 1/4 scale
+    tf = create_transform(**bb.data_config)
     full, reduced = tf(load_image(path)), tf(draft)
     grey_level = 1 / 255 / min(bb.data_config["std"])  # one 8-bit step after normalisation
     assert (full - reduced).abs().mean() < grey_level and (full - reduced).abs().max() < 10 * grey_level
@@ -284,7 +288,7 @@ def test_jpeg_draft_stays_within_resampling_tolerance(tmp_path):
 
 
 def test_backbones_with_one_preprocessing_share_one_decode(folder, tmp_path, monkeypatch):
-    module = importlib.import_module("pipeline.batches")
+    module = importlib.import_module("pipeline.preprocess")
     calls = []
     real = module.load_image
     monkeypatch.setattr(module, "load_image", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
@@ -296,6 +300,33 @@ def test_backbones_with_one_preprocessing_share_one_decode(folder, tmp_path, mon
             assert c.valid.all() and c.backbone == r.backbone
     again = extract(folder, [TINY, TINY_VIT, TINY_GN], tmp_path / "cache", workers=0, progress=False)
     assert [r.reused for r in again] == [36, 36, 36] and len(calls) == 72
+
+
+def test_decode_path_is_part_of_the_cache(folder, tmp_path):
+    """The issue's part 1: a cache made through another decode path has another key, and turbo's
+    features are those of the default path to resize rounding."""
+    pil = _extract(folder, tmp_path / "cache", amp="off")
+    turbo = _extract(folder, tmp_path / "cache", amp="off", decode="turbo")
+    assert pil.cache != turbo.cache and turbo.extracted == 36
+    with FeatureCache(pil.cache) as a, FeatureCache(turbo.cache) as b:
+        assert (a.spec.decode, b.spec.decode) == ("pil", "turbo")
+        x, y = a.features(), b.features()
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() > 0.95
+    with pytest.raises(PipelineError, match="--decode must be one of pil, turbo, nvjpeg, got 'jpeg'"):
+        _extract(folder, tmp_path / "cache", decode="jpeg")
+
+
+@pytest.mark.slow
+def test_compiled_forward_gives_the_features_of_the_plain_one(folder, tmp_path):
+    """--compile: one torch.compile'd step for a fixed batch shape, the short last batch padded."""
+    if shutil.which("cc") is None:
+        pytest.skip("torch.compile on a CPU needs a C compiler (cc)")
+    plain = _extract(folder, tmp_path / "a", amp="off", batch_size=8)
+    compiled = _extract(folder, tmp_path / "b", amp="off", batch_size=8, compile=True)  # 36 images: the last batch is 4
+    assert plain.cache.name == compiled.cache.name  # compiling is not part of the spec
+    with FeatureCache(plain.cache) as a, FeatureCache(compiled.cache) as b:
+        np.testing.assert_allclose(a.features(), b.features(), rtol=1e-2, atol=1e-2)
 
 
 def test_autocast_dtype_is_part_of_the_cache(folder, tmp_path):

@@ -49,7 +49,7 @@ def test_decode_options_make_another_cache_and_verify_follows_them(tmp_path):
 
 
 def test_caches_written_before_the_spec_are_read_from_their_attributes(folder, tmp_path):
-    [res] = extract(folder, TINY, tmp_path / "cache", workers=0, progress=False)
+    [res] = extract(folder, TINY, tmp_path / "cache", workers=0, decode="pil", progress=False)  # as they were made
     with FeatureCache(res.cache) as c:
         spec = c.spec
     with h5py.File(res.cache, "r+") as f:

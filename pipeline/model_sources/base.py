@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from timm.data import create_transform
 
 from ..errors import PipelineError
 
@@ -39,17 +36,6 @@ class Backbone:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def transform(self) -> Callable:
-        """timm's eval transform for this model's data config (size, crop, interpolation, mean, std)."""
-        return create_transform(**self.data_config, is_training=False)
-
-    @property
-    def decode_size(self) -> int:
-        """Smallest side, in pixels, an image needs before the eval transform's resize: JPEGs can be
-        decoded at a reduced scale (``Image.draft``) down to this without changing what the model sees."""
-        size = max(self.data_config["input_size"][1:])
-        return math.floor(size / self.data_config.get("crop_pct", 1.0))
 
     @property
     def n_layers(self) -> int:
