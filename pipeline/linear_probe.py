@@ -15,6 +15,8 @@ objective per ``C`` is scikit-learn's (``LogisticRegression``: ``C * sum(log los
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from scipy.special import expit, softmax
@@ -58,7 +60,9 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
             if not members:
                 continue
             batch = _Batch(X, codes, len(classes), self._loss, [groups[i] for i in members], self.scale_folds)
-            for i, (C, path, W, b, n_iter) in zip(members, batch.path(grid, self.max_iter, self.tol, self._stop_after_rises)):
+            with _threads_for(batch):
+                solved = batch.path(grid, self.max_iter, self.tol, self._stop_after_rises)
+            for i, (C, path, W, b, n_iter) in zip(members, solved):
                 model = models[i]
                 model.classes_, model.C_, model.path_, model.n_iter_ = classes, C, path, np.array([n_iter])
                 model.coef_ = W.T.cpu().numpy().astype(np.float64)
@@ -183,6 +187,25 @@ class TorchLinearSVC(_LinearPathClassifier):
         self.tol = tol
         self.device = device
         self.random_state = random_state
+
+
+SMALL_PRODUCT = 2e8  # multiply-adds of one logits product below which a CPU solve runs on one thread
+
+
+@contextlib.contextmanager
+def _threads_for(batch: "_Batch"):
+    """One torch thread on a CPU for a batch whose products are small: each L-BFGS step is dozens of
+    small operations, too little work to share, and with a busy core (another job, a worker of the
+    sweep) every operation would wait for the slowest thread: 10x slower on a loaded 2-core machine."""
+    small = batch.X.device.type == "cpu" and batch.X.numel() * batch.train.shape[1] * batch.outputs < SMALL_PRODUCT
+    before = torch.get_num_threads()
+    if small and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _device(name: str) -> torch.device:
