@@ -10,6 +10,7 @@ import time
 import torch
 
 from pipeline import Featurizer
+
 for compile in (False, True):
     fz = Featurizer.create("tf_efficientnet_lite0.in1k", device="cpu", compile=compile)
     x = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
