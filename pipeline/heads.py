@@ -162,6 +162,8 @@ def create_head(name: str, random_state: int = 0, params: dict | None = None, ki
     if params:
         try:
             est.set_params(**params)
+            if hasattr(est, "_validate_params"):  # scikit-learn's own check of each value, which fit would run
+                est._validate_params()
         except ValueError as e:
             raise PipelineError(f"--head-param for {name}: {str(e).splitlines()[0]}") from None
     return est

@@ -172,6 +172,7 @@ def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):
     (["sklearn.cluster:KMeans"], None, "head 'sklearn.cluster:KMeans' is not a scikit-learn classifier"),
     (["sklearn.svm:NoSuch"], None, "cannot import 'NoSuch' from 'sklearn.svm'"),
     (["sklearn.svm:SVC"], {"Cc": 1}, "--head-param for sklearn.svm:SVC: Invalid parameter 'Cc'"),
+    (["sklearn.svm:SVC"], {"C": "abc"}, "--head-param for sklearn.svm:SVC: The 'C' parameter of SVC must be"),
     (["logreg"], {"C": 1}, "--head-param sets parameters of module:Class heads, and --heads names none"),
 ])
 def test_bad_heads_are_named(tiny_run, tmp_path, heads, params, message):
