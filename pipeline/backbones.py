@@ -8,12 +8,10 @@ import os
 
 import torch
 
+from .devices import AMP, resolve_amp, resolve_device  # noqa: F401  (asked for here by the stages)
 from .errors import PipelineError
 from .model_sources import model_source
 from .model_sources.base import LAYER, TAPS, Backbone, file_sha256  # noqa: F401  (the backbone protocol's names)
-
-AMP = ("auto", "off", "bf16", "fp16")
-
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, device: str = "cpu", amp: str = "off",
                   channels_last: bool = False) -> Backbone:
@@ -38,28 +36,3 @@ def check_taps(taps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
             "(intermediate layer i of the network; layer-1 is the last)"
         )
     return tuple(dict.fromkeys(taps))
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU; on a CPU, bf16 only where the CPU
-    computes it natively (AVX512-BF16 or AMX), since emulated bf16 and CPU fp16 are slower than float32."""
-    if amp not in AMP:
-        raise PipelineError(f"unknown --amp {amp!r}; choose {', '.join(AMP)}")
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    native = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    return "bf16" if native else "off"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise PipelineError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)

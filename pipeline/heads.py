@@ -25,9 +25,10 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestCentroid
 from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
+from .batched import batchable, fit_many
 from .errors import PipelineError
 
 
@@ -85,6 +86,7 @@ TRUSTED_TYPES = (
     "pipeline.linear_probe.TorchLinearSVC",
     "pipeline.linear_probe.TorchLogisticRegression",
     "pipeline.linear_probe.TorchRidge",
+    "pipeline.mlp_probe.TorchMLPClassifier",
 )
 
 
@@ -205,12 +207,13 @@ def _logreg(random_state: int) -> BaseEstimator:
                                                                         random_state=random_state))
 
 
-@register_head("mlp", "standardise + one hidden layer of 512 ReLU units (Adam, L2 1e-3)")
+@register_head("mlp", "standardise + one hidden layer of 512 ReLU units (Adam, L2 1e-3): scikit-learn's MLPClassifier "
+               "trained in torch, bf16 products where native; the folds and the refit trained side by side")
 def _mlp(random_state: int) -> BaseEstimator:
-    return make_pipeline(
-        StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(512,), alpha=1e-3, max_iter=500, random_state=random_state),
-    )
+    from .mlp_probe import TorchMLPClassifier
+
+    return make_pipeline(StandardScaler(), TorchMLPClassifier(hidden_layer_size=512, alpha=1e-3, max_iter=500,
+                                                              random_state=random_state))
 
 
 @register_head("knn", "k=10 nearest neighbours (fewer when there are fewer training rows) on cosine distance, distance-weighted votes")
@@ -272,7 +275,10 @@ def _knn_tags(random_state: int) -> BaseEstimator:
 
 @register_head("mlp", "standardise + one hidden layer of 512 ReLU units, a sigmoid per tag", kind="multilabel")
 def _mlp_tags(random_state: int) -> BaseEstimator:
-    return _mlp(random_state)
+    return make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(512,), alpha=1e-3, max_iter=500, random_state=random_state),
+    )
 
 
 @register_head("ridge", "standardise + ridge regression, alpha by efficient leave-one-out CV", kind="regression", linear=True)
@@ -304,12 +310,9 @@ def _torch_linear(random_state: int) -> BaseEstimator:
 
 def fit_subsets(estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray]) -> list[BaseEstimator]:
     """Clones of ``estimator`` fitted on each row subset of ``X``, ``y`` (the folds of a cross-validation
-    and the refit on all rows): a scaler then one of the torch linear classifiers (``logreg``,
-    ``linear-svm``, ``torch-logreg``) fits them all as one batched problem, any other head one by one."""
-    if (isinstance(estimator, Pipeline) and len(estimator.steps) == 2 and isinstance(estimator[0], StandardScaler)
-            and hasattr(estimator[-1], "_fit_groups")):
-        from .linear_probe import fit_many
-
+    and the refit on all rows): a scaler then one of the torch classifiers (``logreg``, ``linear-svm``,
+    ``torch-logreg``, ``mlp``) fits them all as one batched problem, any other head one by one."""
+    if batchable(estimator):
         return fit_many(estimator, X, y, subsets)
     return [clone(estimator).fit(X[s], y[s]) for s in subsets]
 

@@ -20,13 +20,13 @@ import contextlib
 import numpy as np
 import torch
 from scipy.special import expit, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .batched import Group
+from .devices import resolve_device
 from .heads import StratifiedKFoldUpTo
 
 
@@ -34,14 +34,15 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
     """What the linear classifiers share: the batched path fit, and predictions from ``coef_``."""
 
     _loss = "log"  # or "squared_hinge"
+    cv: int | None
     _stop_after_rises = 0  # stop the path once the held-out score worsened this often in a row (0: never)
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
-        self._fit_groups(X, y, [_Group(np.arange(len(y)))], [self])
+        self._fit_groups(X, y, [Group(np.arange(len(y)))], [self])
         return self
 
-    def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list["_Group"], models: list) -> None:
+    def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list["Group"], models: list) -> None:
         """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the
         group's scaler if it has one, all in one batch; every group holds every class of ``y``."""
         check_classification_targets(y)
@@ -53,7 +54,7 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Cs must be positive values, got {self.Cs!r}")
         for group in groups:
             group.splits = self._splits(codes[group.rows]) if Cs.size > 1 else []
-        X = torch.tensor(X, dtype=torch.float32, device=_device(self.device))
+        X = torch.tensor(X, dtype=torch.float32, device=resolve_device(self.device))
         # a group too small to hold out from gets scikit-learn's default C
         for grid, members in ((Cs, [i for i, g in enumerate(groups) if g.splits or Cs.size == 1]),
                               (np.array([1.0]), [i for i, g in enumerate(groups) if not g.splits and Cs.size > 1])):
@@ -69,6 +70,11 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
                 model.intercept_ = b.cpu().numpy().astype(np.float64)
                 model.n_features_in_ = X.shape[1]
 
+    @property
+    def _problems_per_group(self) -> int:
+        """Problems one batched group solves: its held-out splits and its all-rows fit."""
+        return (1 if self.cv is None else self.cv) + 1
+
     def decision_function(self, X) -> np.ndarray:
         """Margins: one column per class, or for two classes one value (positive means ``classes_[1]``)."""
         check_is_fitted(self)
@@ -83,39 +89,6 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
     def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """The held-out splits that choose ``C``: ``cv`` stratified folds (fewer when a class is smaller)."""
         return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
-
-
-def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray],
-             max_cells: int = 2 ** 26) -> list[Pipeline]:
-    """Clones of ``estimator`` (a ``StandardScaler`` then a linear classifier of this module) fitted on
-    each row subset of ``X``, ``y``: the same models as fitting each clone on its rows, from one batched
-    optimisation per ``max_cells`` logits (rows x problems x outputs). A subset that lacks a class of
-    ``y`` is fitted alone."""
-    scaler, clf = estimator[0], estimator[-1]
-    models = [clone(estimator) for _ in subsets]
-    classes = len(np.unique(y))
-    together = []
-    for i, rows in enumerate(subsets):
-        if len(np.unique(y[rows])) < classes:
-            models[i].fit(X[rows], y[rows])
-        else:
-            together.append(i)
-            models[i].steps[0] = (models[i].steps[0][0], clone(scaler).fit(X[rows]))
-    groups = [_Group(subsets[i], models[i][0]) for i in together]
-    problems = (1 if clf.cv is None else clf.cv) + 1  # per group: its held-out splits and its all-rows fit
-    per_batch = max(1, max_cells // (len(y) * problems * (1 if classes == 2 else classes)))
-    for start in range(0, len(groups), per_batch):
-        part = together[start:start + per_batch]
-        clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] for i in part])
-    return models
-
-
-class _Group:
-    """The rows one model is fitted on, its scaler (None: the features as they are) and the held-out
-    splits of those rows that choose its ``C`` (filled in by the estimator)."""
-
-    def __init__(self, rows: np.ndarray, scaler: StandardScaler | None = None):
-        self.rows, self.scaler, self.splits = np.asarray(rows), scaler, []
 
 
 class TorchLogisticRegression(_LinearPathClassifier):
@@ -208,10 +181,6 @@ def _threads_for(batch: "_Batch"):
             torch.set_num_threads(before)
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
 class _Batch:
     """Linear problems on rows of ``X``, solved side by side. Per group: one problem per held-out split
     (on its training rows) and one on all the group's rows, each on the group's standardisation (a split
@@ -219,7 +188,7 @@ class _Batch:
     is ``log`` (binary on one logit for two classes, else multinomial) or ``squared_hinge`` (one-vs-rest,
     one margin for two classes)."""
 
-    def __init__(self, X: torch.Tensor, codes: np.ndarray, n_classes: int, loss: str, groups: list[_Group],
+    def __init__(self, X: torch.Tensor, codes: np.ndarray, n_classes: int, loss: str, groups: list[Group],
                  scale_folds: bool = False):
         n, d, dev = len(codes), X.shape[1], X.device
         self.X, self.loss, self.outputs = X, loss, 1 if n_classes == 2 else n_classes
@@ -374,7 +343,7 @@ class TorchRidge(RegressorMixin, BaseEstimator):
         alphas = np.sort(np.atleast_1d(np.asarray(self.alphas, dtype=np.float64)))
         if alphas.size == 0 or (alphas < 0).any():
             raise ValueError(f"alphas must be 0 or more, got {self.alphas!r}")
-        dev = _device(self.device)
+        dev = resolve_device(self.device)
         Y = torch.tensor(y.reshape(len(y), -1), dtype=torch.float64, device=dev)
         Xt = torch.tensor(X, dtype=torch.float64, device=dev)
         self.path_ = []

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.model_selection import cross_val_score
 
@@ -215,11 +216,35 @@ def test_torch_linear_svm_is_scikit_learns_at_the_same_C():
         assert (ours.predict(X[400:]) == ref.predict(X[400:])).mean() >= 0.99
 
 
-@pytest.mark.parametrize("head", ["logreg", "linear-svm", "torch-logreg"])
+def test_torch_mlp_trains_as_scikit_learns_mlp():
+    """The mlp head is MLPClassifier trained in torch: in float32, for the same random_state, the same
+    epochs and the same predictions; with bf16 products (where the CPU has them) the same predictions."""
+    from sklearn.neural_network import MLPClassifier
+
+    from pipeline.devices import resolve_amp
+    from pipeline.mlp_probe import TorchMLPClassifier
+
+    rng = np.random.default_rng(2)
+    for k in (2, 4):
+        centres = rng.normal(size=(k, 40))
+        y = rng.integers(0, k, 500)
+        X = (centres[y] + 2.0 * rng.normal(size=(500, 40))).astype(np.float32)
+        ref = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=300, random_state=3).fit(X[:350], y[:350])
+        ours = TorchMLPClassifier(hidden_layer_size=64, alpha=1e-3, max_iter=300, amp="off", random_state=3)
+        ours.fit(X[:350], y[:350])
+        assert ours.n_iter_ == ref.n_iter_ and abs(ours.loss_ - ref.loss_) < 1e-4 * max(1.0, ref.loss_)
+        np.testing.assert_allclose(ours.predict_proba(X[350:]), ref.predict_proba(X[350:]), atol=1e-3)
+        if resolve_amp("auto", torch.device("cpu")) == "bf16":
+            fast = TorchMLPClassifier(hidden_layer_size=64, alpha=1e-3, max_iter=300, random_state=3).fit(X[:350], y[:350])
+            assert abs(fast.n_iter_ - ref.n_iter_) <= 0.1 * ref.n_iter_
+            assert (fast.predict(X[350:]) == ref.predict(X[350:])).mean() >= 0.98
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear-svm", "torch-logreg", "mlp"])
 def test_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
-    """The issue's sweep part: every fold and the refit of a linear head are one batched problem, and
-    each model is the one fitting it alone gives (same C, same predictions); a fold that lacks a class
-    is fitted alone."""
+    """The issue's sweep part: every fold and the refit of a linear head (and of the mlp) are one
+    batched problem, and each model is the one fitting it alone gives (same C, same predictions); a
+    fold that lacks a class is fitted alone."""
     from sklearn.model_selection import StratifiedKFold
 
     from pipeline.heads import fit_subsets
@@ -234,10 +259,15 @@ def test_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
     batched = fit_subsets(est, X, y, subsets)
     alone = [clone(est).fit(X[s], y[s]) for s in subsets]
     for a, b, s in zip(batched, alone, subsets):
-        assert a[-1].C_ == b[-1].C_ and list(a.classes_) == list(b.classes_)
+        assert getattr(a[-1], "C_", None) == getattr(b[-1], "C_", None) and list(a.classes_) == list(b.classes_)
         np.testing.assert_allclose(a[0].mean_, X[s].mean(0), rtol=1e-5)
         assert (a.predict(X) == b.predict(X)).mean() >= 0.99
-        np.testing.assert_allclose(a.decision_function(X), b.decision_function(X), atol=0.05 * np.abs(b.decision_function(X)).max())
+        if head == "mlp":
+            assert a[-1].n_iter_ == b[-1].n_iter_
+            np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=0.02)
+        else:
+            np.testing.assert_allclose(a.decision_function(X), b.decision_function(X),
+                                       atol=0.05 * np.abs(b.decision_function(X)).max())
 
 
 def test_fit_says_where_the_time_went(tiny_run, tmp_path):

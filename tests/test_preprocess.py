@@ -1,7 +1,6 @@
 """Decode paths without a GPU: nvjpeg's batching and per-image retry, with torchvision's CPU JPEG
 decoder standing in for nvJPEG."""
 
-import numpy as np
 import torch
 from PIL import Image
 

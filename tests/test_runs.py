@@ -113,13 +113,14 @@ def test_cache_info_takes_several_caches_and_help_names_the_extras(tiny_run, tmp
     assert "pip install 'pipeline[dask]' / 'pipeline[ray]'" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("make", ["TorchLogisticRegression()", "TorchLogisticRegression(cv=3)", "TorchLinearSVC()"])
+@pytest.mark.parametrize("make", ["TorchLogisticRegression()", "TorchLogisticRegression(cv=3)", "TorchLinearSVC()",
+                                  "TorchMLPClassifier()"])
 def test_fast_probe_is_a_scikit_learn_estimator(make):
     """The issue's observation: check_estimator failed 8 of 55 checks; the batched heads pass too."""
     from sklearn.utils.estimator_checks import check_estimator
 
-    from pipeline import linear_probe
+    from pipeline import linear_probe, mlp_probe
 
-    results = check_estimator(eval(make, vars(linear_probe)), on_fail=None)
+    results = check_estimator(eval(make, {**vars(linear_probe), **vars(mlp_probe)}), on_fail=None)
     failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
     assert not failed and len(results) >= 50
