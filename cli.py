@@ -106,7 +106,7 @@ def fit(
     from pipeline.heads import parse_head_params
     from pipeline.report import fewshot_table
 
-    result = run(caches, out, labels=labels or [], heads=_split_list(heads) or None,
+    result = run(caches, out, labels=labels or [], heads=None if heads is None else _split_list(heads),
                  taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
                  head_params=parse_head_params(head_param or []), concat=concat, shots=_split_list(shots),
                  draws=draws, backend=backend, cluster=cluster, overwrite=overwrite, progress=progress)

@@ -73,6 +73,8 @@ class FitConfig:
         """Validate; the heads (each once; None for the kinds' defaults) and the parameters of each
         ``module:Class`` head."""
         check(asdict(self), self.RULES)
+        if isinstance(self.heads, str):
+            raise PipelineError(f"heads takes a list of names, e.g. heads=[{self.heads!r}], not the string {self.heads!r}")
         heads = None if self.heads is None else list(dict.fromkeys(self.heads))
         if heads == []:
             raise PipelineError("no heads given; e.g. --heads logreg,mlp,knn")
@@ -169,7 +171,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         if cfg.concat:
             sources += _concatenate(sources, len(paths))
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
-        notes = _skipped(heads, by_kind, protocols)
+        notes = _skipped(heads, by_kind, protocols) + _unseen(protocols)
         warm = tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs)
         jobs, meta = [], []
         for src in sources:
@@ -204,11 +206,10 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             files.update(write_fewshot(fewshot, run.path))
             for task in dict.fromkeys(r["task"] for r in fewshot):
                 files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.path / f"fewshot_{slug(task)}.png")
-    timings = dict(stages=stages, heads=per_head)
+    timings = dict(stages=stages, heads=per_head)  # the report is written from run.json, so it holds no time of its own
     run.record("fit", dict(caches=[str(p) for p in paths], labels=[str(x) for x in labels],
                            **{**asdict(cfg), "heads": heads}), time.time() - started, timings)
-    with _stage(stages, "report"):
-        files.update(publish(run))
+    files.update(publish(run))
     return FitResult(all_rows, run.path, files, fewshot, notes, copies, timings)
 
 
@@ -465,6 +466,17 @@ def _save(run: RunFolder, estimator, row: Row, src: _Source) -> Path:
 def _head_label(head: str, params: dict | None) -> str:
     """The leaderboard name of a head: ``module:Class(key=value,...)`` when it has parameters."""
     return f"{head}({','.join(f'{k}={v}' for k, v in params.items())})" if params else head
+
+
+def _unseen(protocols: dict[str, Protocol]) -> list[str]:
+    """A note per task whose scored images hold classes or tags no training fold has."""
+    notes = []
+    for p in protocols.values():
+        if unseen := p.unseen():
+            where = "the " + p.eval + " split" if not p.cross_validated else "a fold's scored images"
+            notes.append(f"task {p.task!r}: {', '.join(map(repr, unseen))} only in {where}, never in the images "
+                         "trained on: no head can predict it, and every row counts those images wrong")
+    return notes
 
 
 def _check_writable(out: Path) -> None:

@@ -191,6 +191,8 @@ def parse_head_params(items: Iterable[str]) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise PipelineError(f"--head-param takes key=value, got {item!r}")
+        if key.strip() in params:
+            raise PipelineError(f"--head-param {key.strip()} is given twice")
         try:
             params[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

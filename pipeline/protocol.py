@@ -88,6 +88,14 @@ class Protocol:
         train = np.flatnonzero(self.folds == TRAIN_ONLY)
         return [(train, np.flatnonzero(self.folds == f)) for f in folds]
 
+    def unseen(self) -> list[str]:
+        """Classes or tags of scored samples that their fold's training samples never show: no model can
+        predict them, so every row of the task misses those samples."""
+        kind, unseen = self.task_kind, set()
+        for train, scored in self.splits():
+            unseen |= set(kind.names(self.y[scored])) - set(kind.names(self.y[train]))
+        return sorted(unseen)
+
     def refit(self) -> np.ndarray:
         """Indices a saved model trains on: all samples after cross-validation, the train split otherwise."""
         return np.arange(len(self.ids)) if self.cross_validated else np.flatnonzero(self.folds == TRAIN_ONLY)

@@ -73,11 +73,16 @@ def read_labels(path: str | os.PathLike) -> Task:
         raise PipelineError(f"label file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    if not columns:
+        raise PipelineError(f"{path}: empty; a label file is a CSV with a header line id,label[,split]")
     if "id" not in columns:
         raise PipelineError(f"{path}: missing column(s) id; a label file is id,label[,split]")
     kind = kind_of_columns(columns, str(path))
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
+        if None in row:  # csv.DictReader's key for the fields past the header's
+            raise PipelineError(f"{path}:{line}: {len(columns) + len(row[None])} fields, but the header has "
+                                f"{len(columns)} ({','.join(columns)}); quote a value that holds a comma")
         sid = (row["id"] or "").strip()
         if not sid:
             raise PipelineError(f"{path}:{line}: empty id")

@@ -91,6 +91,8 @@ def test_folder_without_splits_is_cross_validated(tmp_path):
     ("id,label\nnot/there.jpg,a\n", "1 id\\(s\\) not in cache"),
     ("id,label\ntrain/red/red_000.jpg,\n", "labels.csv:2: empty label"),
     ("id,label\n", "labels.csv: no rows"),
+    ("", "labels.csv: empty; a label file is a CSV with a header line"),
+    ("id,label\ntrain/red/red_000.jpg,a,b\n", "labels.csv:2: 3 fields, but the header has 2 \\(id,label\\)"),
     ("id,label\ntrain/red/red_000.jpg,caf\xe9\n".encode("latin-1"), "labels.csv: not UTF-8 text .* save it as UTF-8"),
     ("id,label\ntrain/red/red_000.jpg,a\nval/red/red_000.jpg,a\n", "task 'labels': needs at least 2 classes, found 1"),
 ])
@@ -175,10 +177,33 @@ def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):
     (["sklearn.svm:SVC"], {"Cc": 1}, "--head-param for sklearn.svm:SVC: Invalid parameter 'Cc'"),
     (["sklearn.svm:SVC"], {"C": "abc"}, "--head-param for sklearn.svm:SVC: The 'C' parameter of SVC must be"),
     (["logreg"], {"C": 1}, "--head-param sets parameters of module:Class heads, and --heads names none"),
+    ("logreg", None, "heads takes a list of names, e.g. heads=\\['logreg'\\], not the string 'logreg'"),
+    ([], None, "no heads given"),
 ])
 def test_bad_heads_are_named(tiny_run, tmp_path, heads, params, message):
     with pytest.raises(PipelineError, match=message):
         fit(tiny_run["cache"], tmp_path / "run", heads=heads, head_params=params, progress=False)
+
+
+@pytest.mark.slow
+def test_bad_heads_on_the_command_line(tiny_run, tmp_path):
+    """An empty --heads is not the defaults, and a --head-param key given twice is refused (it was the
+    last one, silently); nothing is created."""
+    for args, message in ((["--heads", ""], "no heads given"),
+                          (["--heads", "sklearn.svm:SVC", "--head-param", "C=1", "--head-param", "C=10"],
+                           "--head-param C is given twice")):
+        r = run_cli("fit", tiny_run["cache"], "--out", tmp_path / "run", *args)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_seen_only_in_the_scored_split_is_said(tiny_run, tmp_path):
+    with FeatureCache(tiny_run["cache"]) as c:
+        ids = list(c.ids)
+    labels = {i: ("green" if i.startswith("val/") and k % 2 == 0 else i.split("/")[1]) for k, i in enumerate(ids)}
+    (tmp_path / "green.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in labels.items()))
+    res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "green.csv"], heads=["knn"], n_jobs=1, progress=False)
+    assert any("task 'green': 'green' only in the val split" in n for n in res.notes), res.notes
 
 
 def test_torch_logreg_matches_sklearn_at_the_same_C():
@@ -273,7 +298,7 @@ def test_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
 def test_fit_says_where_the_time_went(tiny_run, tmp_path):
     res = fit(tiny_run["cache"], tmp_path / "run", heads=["logreg", "knn"], n_jobs=1, progress=False)
     assert set(res.timings["heads"]) == {"logreg", "knn"} and all(s > 0 for s in res.timings["heads"].values())
-    assert {"read features", "fit heads", "save heads", "report"} <= set(res.timings["stages"])
+    assert {"read features", "fit heads", "save heads", "write leaderboard"} <= set(res.timings["stages"])
     assert res.time_summary().startswith("time: read features")
     entry = json.loads((tmp_path / "run" / "run.json").read_text())[-1]
     assert entry["timings"]["heads"] == res.timings["heads"]
