@@ -74,7 +74,8 @@ class FitConfig:
         ``module:Class`` head."""
         check(asdict(self), self.RULES)
         if isinstance(self.heads, str):
-            raise PipelineError(f"heads takes a list of names, e.g. heads=[{self.heads!r}], not the string {self.heads!r}")
+            names = [h.strip() for h in self.heads.split(",") if h.strip()]
+            raise PipelineError(f"heads takes a list of names, e.g. heads={names!r}, not the string {self.heads!r}")
         heads = None if self.heads is None else list(dict.fromkeys(self.heads))
         if heads == []:
             raise PipelineError("no heads given; e.g. --heads logreg,mlp,knn")

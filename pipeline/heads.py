@@ -293,7 +293,7 @@ def _knn_target(random_state: int) -> BaseEstimator:
     return CappedKNeighborsRegressor(n_neighbors=10, metric="cosine", weights="distance")
 
 
-@register_head("mlp", "standardise features and target + one hidden layer of 512 ReLU units (Adam, L2 1: a "
+@register_head("mlp", "standardise features and target + one hidden layer of 512 ReLU units (Adam, L2 alpha 1.0: a "
                "squared loss on a few hundred images overfits with less)", kind="regression")
 def _mlp_target(random_state: int) -> BaseEstimator:
     return TransformedTargetRegressor(

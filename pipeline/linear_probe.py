@@ -34,7 +34,6 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
     """What the linear classifiers share: the batched path fit, and predictions from ``coef_``."""
 
     _loss = "log"  # or "squared_hinge"
-    cv: int | None
     _stop_after_rises = 0  # stop the path once the held-out score worsened this often in a row (0: never)
 
     def fit(self, X, y):
@@ -42,7 +41,7 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
         self._fit_groups(X, y, [Group(np.arange(len(y)))], [self])
         return self
 
-    def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list["Group"], models: list) -> None:
+    def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the
         group's scaler if it has one, all in one batch; every group holds every class of ``y``."""
         check_classification_targets(y)

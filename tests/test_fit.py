@@ -177,7 +177,7 @@ def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):
     (["sklearn.svm:SVC"], {"Cc": 1}, "--head-param for sklearn.svm:SVC: Invalid parameter 'Cc'"),
     (["sklearn.svm:SVC"], {"C": "abc"}, "--head-param for sklearn.svm:SVC: The 'C' parameter of SVC must be"),
     (["logreg"], {"C": 1}, "--head-param sets parameters of module:Class heads, and --heads names none"),
-    ("logreg", None, "heads takes a list of names, e.g. heads=\\['logreg'\\], not the string 'logreg'"),
+    ("logreg, knn", None, "heads takes a list of names, e.g. heads=\\['logreg', 'knn'\\], not the string 'logreg, knn'"),
     ([], None, "no heads given"),
 ])
 def test_bad_heads_are_named(tiny_run, tmp_path, heads, params, message):
