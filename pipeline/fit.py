@@ -416,15 +416,14 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
 
 
 def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: list[np.ndarray], test: np.ndarray) -> dict:
-    """Fit ``head`` on each few-shot draw's rows as the leaderboard fits it, and score it on ``test``:
-    the accuracies, or the first error."""
-    y, accs = rows.data.y, []
+    """Fit ``head`` on each few-shot draw's rows as the leaderboard fits it (the draws as one batched
+    problem where the head allows it), and score it on ``test``: the accuracies, or the first error."""
+    y = rows.data.y
     try:
-        for idx in draws:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                est = rows.fit(create_head(head, seed, params, rows.kind), idx)
-            accs.append(float((rows.predict(est, test) == y[test]).mean()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models = rows.fit_subsets(create_head(head, seed, params, rows.kind), draws)
+        accs = [float((rows.predict(est, test) == y[test]).mean()) for est in models]
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
         return dict(accuracies=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
     return dict(accuracies=accs, error="")
