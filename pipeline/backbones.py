@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .devices import AMP, resolve_amp, resolve_device  # noqa: F401  (asked for here by the stages)
+from .devices import resolve_amp, resolve_device
 from .errors import PipelineError
 from .model_sources import model_source
 from .model_sources.base import LAYER, TAPS, Backbone, file_sha256  # noqa: F401  (the backbone protocol's names)

@@ -1,15 +1,18 @@
 """Many models of one head fitted side by side: the folds of a cross-validation and the refit on all
-rows, as one batched problem instead of one fit after another. A head takes part when it is a
-``StandardScaler`` then an estimator with ``_fit_groups(X, y, groups, models)`` (the torch heads of
-:mod:`pipeline.linear_probe` and :mod:`pipeline.mlp_probe`); the result is the models fitting each
-clone on its own rows gives."""
+rows (or a few-shot curve's draws), as one batched problem instead of one fit after another. A head
+takes part when it is a ``StandardScaler`` then an estimator with ``_fit_groups(X, y, groups, models)``
+(the torch heads of :mod:`pipeline.linear_probe` and :mod:`pipeline.mlp_probe`); the result is the
+models fitting each clone on its own rows gives. Also what those estimators share about classes."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, clone
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import assert_all_finite
 
 
 class Group:
@@ -30,7 +33,12 @@ def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np
              max_cells: int = 2 ** 26) -> list[Pipeline]:
     """Clones of ``estimator`` (see :func:`batchable`) fitted on each row subset of ``X``, ``y``: one
     batched fit per ``max_cells`` outputs (rows x problems x outputs, where a group's problems are its
-    held-out splits and its own fit). A subset that lacks a class of ``y`` is fitted alone."""
+    held-out splits and its own fit). Only the rows of some subset take part (so a class that only
+    scored rows hold is no class of the models); a subset that lacks one of their classes is fitted alone."""
+    assert_all_finite(X, input_name="X")  # the batched solvers would train on a NaN silently
+    used = np.unique(np.concatenate(subsets))
+    if len(used) < len(y):
+        X, y, subsets = X[used], y[used], [np.searchsorted(used, s) for s in subsets]
     scaler, clf = estimator[0], estimator[-1]
     models = [clone(estimator) for _ in subsets]
     classes = len(np.unique(y))
@@ -47,3 +55,29 @@ def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np
         part = together[start:start + per_batch]
         clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] for i in part])
     return models
+
+
+def encode_classes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of ``y`` and each row's index among them; at least two classes, as scikit-learn's
+    classifiers require."""
+    check_classification_targets(y)
+    classes, codes = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {classes[0]!r}")
+    return classes, codes
+
+
+def group_scaling(groups: list[Group], d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the mean and scale its scaler standardises with (0 and 1 without one), ``(d, groups)`` each."""
+    means = np.stack([g.scaler.mean_ if g.scaler else np.zeros(d) for g in groups], 1)
+    scales = np.stack([g.scaler.scale_ if g.scaler else np.ones(d) for g in groups], 1)
+    return means, scales
+
+
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """Class probabilities from margins: a sigmoid of the one margin of two classes (a 1-D array or one
+    column), else a softmax over the classes."""
+    if scores.ndim == 1 or scores.shape[1] == 1:
+        p = expit(scores.reshape(-1))
+        return np.stack([1 - p, p], axis=1)
+    return softmax(scores, axis=1)

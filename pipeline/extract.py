@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .backbones import check_taps, resolve_device
+from .backbones import check_taps
+from .devices import resolve_device
 from .batches import default_workers
 from .cache import DTYPES, CacheWriter, cache_path, check_master, shard_path, write_master
 from .errors import PipelineError

@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone, file_sha256, load_backbone, resolve_amp, resolve_device
+from .backbones import Backbone, file_sha256, load_backbone
+from .devices import resolve_amp, resolve_device
 from .model_sources import model_source
 from .model_sources.timm import WEIGHTS_DIR_ENV, resolve_weights_file, weights_dir_candidates
 from .batches import image_batches

@@ -39,7 +39,8 @@ from sklearn.base import clone
 from timm.data import create_transform
 from timm.scheduler import CosineLRScheduler
 
-from .backbones import AMP, Backbone, file_sha256, load_backbone
+from .backbones import Backbone, file_sha256, load_backbone
+from .devices import AMP
 from .batches import default_workers, image_batches
 from .cache import FeatureCache
 from .data import Member, Sample, load_image

@@ -209,13 +209,16 @@ def _logreg(random_state: int) -> BaseEstimator:
                                                                         random_state=random_state))
 
 
+MLP = dict(units=512, alpha=1e-3, max_iter=500)  # the classification and multilabel mlp heads' settings
+
+
 @register_head("mlp", "standardise + one hidden layer of 512 ReLU units (Adam, L2 1e-3): scikit-learn's MLPClassifier "
                "trained in torch, bf16 products where native; the folds and the refit trained side by side")
 def _mlp(random_state: int) -> BaseEstimator:
     from .mlp_probe import TorchMLPClassifier
 
-    return make_pipeline(StandardScaler(), TorchMLPClassifier(hidden_layer_size=512, alpha=1e-3, max_iter=500,
-                                                              random_state=random_state))
+    return make_pipeline(StandardScaler(), TorchMLPClassifier(hidden_layer_size=MLP["units"], alpha=MLP["alpha"],
+                                                              max_iter=MLP["max_iter"], random_state=random_state))
 
 
 @register_head("knn", "k=10 nearest neighbours (fewer when there are fewer training rows) on cosine distance, distance-weighted votes")
@@ -279,7 +282,8 @@ def _knn_tags(random_state: int) -> BaseEstimator:
 def _mlp_tags(random_state: int) -> BaseEstimator:
     return make_pipeline(
         StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(512,), alpha=1e-3, max_iter=500, random_state=random_state),
+        MLPClassifier(hidden_layer_sizes=(MLP["units"],), alpha=MLP["alpha"], max_iter=MLP["max_iter"],
+                      random_state=random_state),
     )
 
 
@@ -312,8 +316,8 @@ def _torch_linear(random_state: int) -> BaseEstimator:
 
 def fit_subsets(estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray]) -> list[BaseEstimator]:
     """Clones of ``estimator`` fitted on each row subset of ``X``, ``y`` (the folds of a cross-validation
-    and the refit on all rows): a scaler then one of the torch classifiers (``logreg``, ``linear-svm``,
-    ``torch-logreg``, ``mlp``) fits them all as one batched problem, any other head one by one."""
+    and the refit on all rows): as one batched problem where :func:`pipeline.batched.batchable` says the
+    head allows it (``logreg``, ``linear-svm``, ``torch-logreg``, ``mlp``), else one by one."""
     if batchable(estimator):
         return fit_many(estimator, X, y, subsets)
     return [clone(estimator).fit(X[s], y[s]) for s in subsets]

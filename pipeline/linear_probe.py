@@ -19,13 +19,11 @@ import contextlib
 
 import numpy as np
 import torch
-from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.model_selection import train_test_split
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group
+from .batched import Group, encode_classes, group_scaling, probabilities
 from .devices import resolve_device
 from .heads import StratifiedKFoldUpTo
 
@@ -44,10 +42,7 @@ class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
     def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the
         group's scaler if it has one, all in one batch; every group holds every class of ``y``."""
-        check_classification_targets(y)
-        classes, codes = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {classes[0]!r}")
+        classes, codes = encode_classes(y)
         Cs = np.sort(np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
         if Cs.size == 0 or (Cs <= 0).any():
             raise ValueError(f"Cs must be positive values, got {self.Cs!r}")
@@ -133,11 +128,7 @@ class TorchLogisticRegression(_LinearPathClassifier):
                                  stratify=codes)]
 
     def predict_proba(self, X) -> np.ndarray:
-        scores = self.decision_function(X)
-        if scores.ndim == 1:
-            p = expit(scores)
-            return np.stack([1 - p, p], axis=1)
-        return softmax(scores, axis=1)
+        return probabilities(self.decision_function(X))
 
 
 class TorchLinearSVC(_LinearPathClassifier):
@@ -209,8 +200,7 @@ class _Batch:
         self.held = torch.tensor(np.stack(held, 1) if held else np.zeros((n, 0)), dtype=torch.float32, device=dev)
         self.held_problem = torch.as_tensor(held_problem, dtype=torch.long, device=dev)
         self.n_train = self.train.sum(0)
-        means = np.stack([g.scaler.mean_ if g.scaler else np.zeros(d) for g in groups], 1)[:, owner]
-        scales = np.stack([g.scaler.scale_ if g.scaler else np.ones(d) for g in groups], 1)[:, owner]
+        means, scales = (a[:, owner] for a in group_scaling(groups, d))
         if scale_folds and held_problem:  # each split problem standardised on its own training rows
             split_means, split_scales = _column_stats(X, self.train[:, held_problem])
             means[:, held_problem], scales[:, held_problem] = split_means, split_scales

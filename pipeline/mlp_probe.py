@@ -1,6 +1,6 @@
 """A one-hidden-layer MLP classifier as a scikit-learn estimator, trained in torch: step for step the
 training of scikit-learn's ``MLPClassifier(solver="adam")`` (same initialisation and minibatch order for
-the same ``random_state``, same Adam steps, same stopping rule), with the large matrix products in bf16
+the same integer ``random_state``, same Adam steps, same stopping rule), with the large matrix products in bf16
 where the hardware computes it natively, and many models trained side by side (the folds of a
 cross-validation and the refit on all rows, see :mod:`pipeline.batched`), each on its own minibatches.
 
@@ -15,15 +15,13 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group
+from .batched import Group, encode_classes, group_scaling, probabilities
 from .devices import AMP, resolve_amp, resolve_device
 
 _DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,10 +75,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         """Train ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by
         the group's scaler if it has one, side by side; every group holds every class of ``y``."""
         self._validate_params()
-        check_classification_targets(y)
-        classes, codes = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {classes[0]!r}")
+        classes, codes = encode_classes(y)
         rng = check_random_state(self.random_state)
         seed = self.random_state if isinstance(self.random_state, Integral) else int(rng.randint(np.iinfo(np.int32).max))
         nets = _Nets(X, codes, len(classes), groups, self, seed)
@@ -101,11 +96,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         return np.maximum(X @ W1 + b1, 0) @ W2 + b2
 
     def predict_proba(self, X) -> np.ndarray:
-        z = self._logits(X)
-        if z.shape[1] == 1:
-            p = expit(z[:, 0])
-            return np.stack([1 - p, p], axis=1)
-        return softmax(z, axis=1)
+        return probabilities(self._logits(X))
 
     def predict(self, X) -> np.ndarray:
         best = np.argmax(self.predict_proba(X), axis=1)
@@ -125,14 +116,16 @@ class _Nets:
         self.X = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.dev)
         Y = torch.nn.functional.one_hot(torch.as_tensor(codes, device=self.dev), n_classes).float()
         self.Y = Y[:, 1:] if o == 1 else Y
-        self.mean = self._stack([g.scaler.mean_ if g.scaler else np.zeros(d) for g in groups])[:, None, :]
-        self.inv_scale = self._stack([1 / g.scaler.scale_ if g.scaler else np.ones(d) for g in groups])[:, None, :]
+        means, scales = group_scaling(groups, d)
+        self.mean, self.inv_scale = self._stack(means.T)[:, None, :], self._stack(1 / scales.T)[:, None, :]
         self.rngs = [np.random.RandomState(seed) for _ in groups]
         inits = [[_glorot(rng, fan_in, fan_out) for fan_in, fan_out in ((d, h), (h, o))] for rng in self.rngs]
         self.W1, self.b1 = (self._stack([init[0][k] for init in inits]) for k in (0, 1))
         self.W2, self.b2 = (self._stack([init[1][k] for init in inits]) for k in (0, 1))
         self.order = [np.arange(len(g.rows)) for g in groups]
         sizes = np.array([len(g.rows) for g in groups])
+        if est.batch_size != "auto" and est.batch_size > sizes.min():
+            warnings.warn(f"batch_size={est.batch_size} is more than the {sizes.min()} rows; it is clipped")
         self.batch = np.minimum(sizes, 200 if est.batch_size == "auto" else est.batch_size)
         self.steps = -(-sizes // self.batch)
         self.live = np.ones(len(groups), bool)
