@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import assert_all_finite
+from sklearn.utils.validation import assert_all_finite, validate_data
 
 
 class Group:
@@ -21,6 +21,15 @@ class Group:
 
     def __init__(self, rows: np.ndarray, scaler: StandardScaler | None = None):
         self.rows, self.scaler, self.splits = np.asarray(rows), scaler, []
+
+
+class GroupFitMixin:
+    """``fit`` of an estimator that fits groups side by side (``_fit_groups``): one group, all rows."""
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
+        self._fit_groups(X, y, [Group(np.arange(len(y)))], [self])
+        return self
 
 
 def batchable(estimator: BaseEstimator) -> bool:

@@ -114,13 +114,7 @@ def load_image(path: str | os.PathLike | Member, max_pixels: int = MAX_IMAGE_PIX
     JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both sides at least
     ``min_side`` (libjpeg's DCT scaling, ``Image.draft``): pixels the resize would discard are never made.
     """
-    if isinstance(path, Member):
-        path = io.BytesIO(path.read())
-        if not path.getbuffer().nbytes:
-            raise ValueError("empty image (0 bytes)")
-    elif os.path.getsize(path) == 0:
-        raise ValueError("empty file (0 bytes)")
-    with _opened(path, max_pixels) as img:
+    with _opened(io.BytesIO(read_bytes(path)), max_pixels) as img:
         return _pillow_rgb(img, min_side)
 
 
@@ -131,7 +125,11 @@ def load_pixels(path: str | os.PathLike | Member, max_pixels: int = MAX_IMAGE_PI
     the GIL and skips Pillow's image objects, at the DCT scale ``Image.draft`` would pick. Anything else,
     and a JPEG simplejpeg refuses, goes through Pillow exactly as ``load_image``: the same pixels for
     EXIF rotation, CMYK, 16 bits, palettes and alpha, the same reasons for broken files."""
-    data = read_bytes(path)
+    return decode_pixels(read_bytes(path), max_pixels, min_side)
+
+
+def decode_pixels(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> np.ndarray:
+    """:func:`load_pixels` of an image's bytes already read."""
     with _opened(io.BytesIO(data), max_pixels) as img:
         if _plain(img):
             scale = draft_scale(img.size, min_side)
@@ -179,7 +177,7 @@ def draft_scale(size: tuple[int, int], min_side: int | None) -> int:
 
 
 @contextmanager
-def _opened(source: str | os.PathLike | io.BytesIO, max_pixels: int) -> Iterator[Image.Image]:
+def _opened(source: io.BytesIO, max_pixels: int) -> Iterator[Image.Image]:
     """An image opened by Pillow (its header read, its pixels not), within the decompression-bomb guards."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -23,21 +23,16 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group, encode_classes, group_scaling, probabilities
+from .batched import Group, GroupFitMixin, encode_classes, group_scaling, probabilities
 from .devices import resolve_device
 from .heads import StratifiedKFoldUpTo
 
 
-class _LinearPathClassifier(ClassifierMixin, BaseEstimator):
+class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
     """What the linear classifiers share: the batched path fit, and predictions from ``coef_``."""
 
     _loss = "log"  # or "squared_hinge"
     _stop_after_rises = 0  # stop the path once the held-out score worsened this often in a row (0: never)
-
-    def fit(self, X, y):
-        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
-        self._fit_groups(X, y, [Group(np.arange(len(y)))], [self])
-        return self
 
     def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the

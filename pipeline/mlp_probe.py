@@ -21,14 +21,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group, encode_classes, group_scaling, probabilities
+from .batched import Group, GroupFitMixin, encode_classes, group_scaling, probabilities
 from .devices import AMP, resolve_amp, resolve_device
 
 _DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BETAS, _EPS = (0.9, 0.999), 1e-8  # MLPClassifier's defaults
 
 
-class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
+class TorchMLPClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
     """``hidden_layer_size`` ReLU units, a softmax (a sigmoid for two classes), log loss plus
     ``alpha / 2 * ||W||^2`` per minibatch, Adam at ``learning_rate_init``; training stops once the
     epoch's training loss has not improved by ``tol`` for ``n_iter_no_change`` epochs in a row, or after
@@ -65,11 +65,6 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self.amp = amp
         self.device = device
         self.random_state = random_state
-
-    def fit(self, X, y):
-        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
-        self._fit_groups(X, y, [Group(np.arange(len(y)))], [self])
-        return self
 
     def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Train ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by
@@ -148,22 +143,26 @@ class _Nets:
         """One pass over every live group's rows in a new order; then each group's stopping count."""
         for g in np.flatnonzero(self.live):
             self.order[g] = self.order[g][_permutation(self.rngs[g], len(self.order[g]))]
-        summed = np.zeros(len(self.groups))
+        summed = torch.zeros(len(self.groups), dtype=torch.float64, device=self.dev)  # read once per epoch
         for j in range(self.steps[self.live].max()):
             active = self.live & (j < self.steps)
             rows = [self.groups[g].rows[self.order[g][j * self.batch[g]:(j + 1) * self.batch[g]]] if active[g] else []
                     for g in range(len(self.groups))]
-            summed += self._step(rows, active) * [len(r) for r in rows]
+            loss, grads = self._gradients(rows)
+            self._adam_step(grads, rows, active)
+            summed += loss.double() * torch.as_tensor([len(r) for r in rows], dtype=torch.float64, device=self.dev)
         self.epochs += 1
+        totals = summed.cpu().numpy()
         for g in np.flatnonzero(self.live):
-            loss = summed[g] / len(self.groups[g].rows)
+            loss = totals[g] / len(self.groups[g].rows)
             self.curves[g].append(float(loss))
             self.bad[g] = self.bad[g] + 1 if loss > self.best[g] - self.est.tol else 0
             self.best[g] = min(self.best[g], loss)
             self.live[g] = self.bad[g] <= self.est.n_iter_no_change
 
-    def _step(self, rows: list[np.ndarray], active: np.ndarray) -> np.ndarray:
-        """One Adam step of every active group on its minibatch ``rows[g]``; each group's minibatch loss."""
+    def _gradients(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Each group's loss on its minibatch ``rows[g]`` (none: padding only) and the gradients of the
+        log loss part, stacked as the weights are (W1, W2, b1, b2); the L2 part is Adam's weight decay."""
         G, width = len(rows), max(len(r) for r in rows)
         index = np.zeros((G, width), np.int64)
         weight = np.zeros((G, width), np.float32)  # 1 / batch size on a group's rows, 0 on padding
@@ -187,6 +186,10 @@ class _Nets:
         dh = torch.bmm(delta, self.W2.transpose(1, 2)) * (a > 0)
         grads = (torch.bmm(x.transpose(1, 2), dh.to(lo)).float(), torch.bmm(hidden.transpose(1, 2), delta), dh.sum(1),
                  delta.sum(1))
+        return loss.detach(), grads
+
+    def _adam_step(self, grads: tuple[torch.Tensor, ...], rows: list[np.ndarray], active: np.ndarray) -> None:
+        """One Adam step of every active group; the others keep their weights and Adam state."""
         for g, params in enumerate(self.views):
             for param, grad in zip(params, grads):
                 param.grad = grad[g] if active[g] else None
@@ -198,7 +201,6 @@ class _Nets:
                 for k in (2 * g, 2 * g + 1):
                     self.adam.param_groups[k]["eps"] = _EPS / correction
         self.adam.step()
-        return loss.detach().cpu().numpy()
 
     def layers(self, g: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Group ``g``'s weights and biases, per layer, as ``MLPClassifier`` keeps them."""

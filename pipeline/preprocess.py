@@ -9,7 +9,7 @@ step of the forward pass, as timm's prefetch loader does.
 - ``pil``: Pillow decodes (at JPEG draft scale when the spec says so) and timm's eval transform resizes
   the whole image, then crops its centre: the features the pipeline made before decode paths existed
   (to float rounding).
-- ``turbo``: :func:`pipeline.data.load_pixels` decodes (libjpeg-turbo through simplejpeg for plain
+- ``turbo``: :func:`pipeline.data.decode_pixels` decodes (libjpeg-turbo through simplejpeg for plain
   JPEGs, the same pixels as Pillow; Pillow for everything else), then only the region the eval
   transform keeps is cut out and resized, by torch's antialiased uint8 interpolation when the model's
   filter is bicubic or bilinear (Pillow's resize of the same region otherwise). About 3x cheaper than
@@ -36,7 +36,7 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.transforms import str_to_pil_interp
 
-from .data import Member, is_plain_jpeg, load_image, load_pixels, read_bytes
+from .data import Member, decode_pixels, is_plain_jpeg, load_image, read_bytes
 from .errors import PipelineError
 
 DEFAULT_CROP_PCT = 0.875  # timm's, when a data config has none
@@ -116,7 +116,11 @@ class TurboPath(DecodePath):
            "resized, on uint8 (torch's antialiased filter)")
 
     def load(self, where: Path | Member) -> np.ndarray:
-        return crop_resize(torch.from_numpy(load_pixels(where, min_side=self.min_side)), self.data_config).numpy()
+        return self.pixels(read_bytes(where))
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """:meth:`load` of an image's bytes already read."""
+        return crop_resize(torch.from_numpy(decode_pixels(data, min_side=self.min_side)), self.data_config).numpy()
 
 
 @register_decoder
@@ -139,7 +143,7 @@ class NvjpegPath(DecodePath):
         data = read_bytes(where)
         if is_plain_jpeg(data):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # 1-D: decoded on the device
-        return torch.from_numpy(self.cpu.load(where))
+        return torch.from_numpy(self.cpu.pixels(data))  # the bytes are read once
 
     def collate(self, items: list) -> list[torch.Tensor]:
         return items
