@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.spec import DEFAULT_DECODE
+from pipeline.spec import SPEC_INPUTS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -35,6 +35,11 @@ def _device_option():
     return typer.Option("--device", help="auto (CUDA if present), cpu or cuda")
 
 
+def _one_of(name: str) -> str:
+    """The values the feature spec's table allows for the input ``name``, for its help."""
+    return ", ".join(map(str, SPEC_INPUTS[name].allowed()))
+
+
 @app.command()
 def extract(
     data: Annotated[Path, typer.Argument(help="image folder laid out [split/]class/image, or a CSV manifest (path[,label,split,id])")],
@@ -46,12 +51,12 @@ def extract(
     workers: Annotated[Optional[int], typer.Option("--workers", help="decode worker processes (default: min(4, cores)); a decoder that crashes or hangs one costs only its image; 0 decodes in this process, without that protection")] = None,
     decode_timeout: Annotated[float, typer.Option("--decode-timeout", help="seconds a worker may take over a batch; an image that takes longer alone is a recorded failure")] = 60.0,
     device: Annotated[str, _device_option()] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
-    amp: Annotated[str, typer.Option("--amp", help="autocast dtype of the forward pass: auto (bf16 on GPUs that have it, else fp16; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=f"storage dtype: {_one_of('dtype')}")] = SPEC_INPUTS["dtype"].default,
+    amp: Annotated[str, typer.Option("--amp", help=f"autocast dtype of the forward pass: {_one_of('amp')}; auto is bf16 on GPUs that have it, else fp16; on CPUs bf16 only where native")] = SPEC_INPUTS["amp"].default,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format (faster convolutions on CPU and GPU)")] = True,
-    tta: Annotated[Optional[str], typer.Option("--tta", help="test-time augmentation: flip stores the mean of an image's and its mirror's features")] = None,
-    jpeg_draft: Annotated[bool, typer.Option("--jpeg-draft/--no-jpeg-draft", help="decode large JPEGs at reduced scale (DCT) down to the size the resize needs")] = True,
-    decode: Annotated[str, typer.Option("--decode", help="decode path (part of the cache's key): pil (Pillow + timm's transform, the default, as every earlier cache), turbo (libjpeg-turbo, only the kept region resized, on uint8: about 3x cheaper), nvjpeg (JPEGs decoded on the CUDA GPU)")] = DEFAULT_DECODE,
+    tta: Annotated[Optional[str], typer.Option("--tta", help="test-time augmentation: flip stores the mean of an image's and its mirror's features")] = SPEC_INPUTS["tta"].default,
+    jpeg_draft: Annotated[bool, typer.Option("--jpeg-draft/--no-jpeg-draft", help="decode large JPEGs at reduced scale (DCT) down to the size the resize needs")] = SPEC_INPUTS["jpeg_draft"].default,
+    decode: Annotated[str, typer.Option("--decode", help="decode path (part of the cache's key), a decoder registered in pipeline.preprocess: pil (Pillow + timm's transform, as every earlier cache), turbo (libjpeg-turbo, only the kept region resized, on uint8: about 3x cheaper), nvjpeg (JPEGs decoded on the CUDA GPU)")] = SPEC_INPUTS["decode"].default,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile normalisation + forward for a fixed batch shape (pays off on long runs)")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="retry images that failed before even if their bytes did not change")] = False,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="let a CSV manifest name files outside its folder (absolute paths, ..)")] = False,
@@ -62,7 +67,7 @@ def extract(
     On many GPUs or nodes, launch it with torchrun (`torchrun --nproc-per-node N -m pipeline extract ...`):
     each rank extracts its share into a shard file and rank 0 writes the cache over the shards.
     """
-    from pipeline.extract import extract as run
+    from pipeline.stages.extract import extract as run
 
     results = run(data, backbone, cache, weights=weights, taps=_split_list(taps) or ["pooled"], batch_size=batch_size,
                   workers=workers, device=device, dtype=dtype, amp=amp, channels_last=channels_last, tta=tta,
@@ -102,7 +107,7 @@ def fit(
 
     Into a run folder that already has rows, the new rows replace those of the same backbone, weights,
     tap, task and head, and the others (a fine-tune's) stay; every task is ranked and tested again."""
-    from pipeline.fit import fit as run
+    from pipeline.stages.fit import fit as run
     from pipeline.heads import parse_head_params
     from pipeline.report import fewshot_table
 
@@ -158,7 +163,7 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
     aug: Annotated[str, typer.Option("--aug", help="training augmentation: light (crop 50-100 %, flip), standard (timm's defaults: crop 8-100 %, flip, colour jitter), none")] = "light",
     bn: Annotated[str, typer.Option("--bn", help="freeze (default): keep BatchNorm's pretrained running statistics; a few hundred images at batch 32 give noisier ones. train: update them (large data)")] = "freeze",
-    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it, else fp16 with loss scaling; on CPUs bf16 only where native), off, bf16, fp16")] = "auto",
+    amp: Annotated[str, typer.Option("--amp", help=f"autocast: {_one_of('amp')}; auto is bf16 on GPUs that have it, else fp16 with loss scaling; on CPUs bf16 only where native")] = SPEC_INPUTS["amp"].default,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     accum_steps: Annotated[int, typer.Option("--accum-steps", help="gradient accumulation: an optimizer step every N batches")] = 1,
     patience: Annotated[Optional[int], typer.Option("--patience", help="stop after N epochs without a better selection accuracy (default 3; 0 never stops early)")] = 3,
@@ -176,7 +181,8 @@ def finetune(
     """Fine-tune a backbone on labelled images, scored on the run's protocol like its heads: it never
     trains on (or chooses its epoch by) the images it is scored on; a cross-validated task is fine-tuned
     once per fold."""
-    from pipeline.finetune import finetune as run_finetune
+    from pipeline.stages.finetune import finetune as run_finetune
+    from pipeline.kinds import get_kind
 
     result = run_finetune(
         data, backbone, out, init, run=run, labels=labels, resume=resume, budget_minutes=budget_minutes,
@@ -202,8 +208,8 @@ def finetune(
         typer.echo(f"kept epoch {fold['best_epoch']}{stop}")
     if result.row is not None:
         r = result.row
-        metric = next(iter(r.metrics))  # the kind's primary metric, then its interval
-        low, high = (r.metrics.get(k) for k in list(r.metrics)[1:3])
+        kind = get_kind(r.task_kind)
+        metric, (low, high) = kind.primary, (r.metrics.get(k) for k in kind.interval)
         typer.echo(f"scored on {result.eval_split}: {metric} {r.metrics[metric]:.4f} [{low:.4f}, {high:.4f}] "
                    f"on {r.n_test} images (chance {r.metrics['chance']:.4f})")
     typer.echo(f"model: {result.out / 'model.safetensors'}  metrics: {result.out / 'metrics.json'}")
@@ -226,7 +232,7 @@ def predict(
 ) -> None:
     """Predict labels and class probabilities for new images, one row per image, through the feature spec
     the model was trained on (images in its cache are read from there)."""
-    from pipeline.predict import predict as run
+    from pipeline.stages.predict import predict as run
 
     rows = run(model, images, out=out, task=task, weights=weights or [], batch_size=batch_size, workers=workers,
                device=device, progress=progress)
@@ -246,8 +252,8 @@ def report(
 ) -> None:
     """Write RUN_DIR/report.html again, or, with --row N, print one row's per-class precision, recall
     and F1 and its confusion matrix (and add that matrix to the report)."""
+    from pipeline.evaluation import RunFolder
     from pipeline.report import publish, row_report
-    from pipeline.runs import RunFolder
 
     run = RunFolder(run_dir)
     if not run.exists:
@@ -279,7 +285,7 @@ def run_study(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Run every stage of a study that its caches and run folder do not already hold."""
-    from pipeline.study import run
+    from pipeline.stages.study import run
 
     steps = run(study, dry_run=dry_run, progress=progress, log=typer.echo)
     done = sum(s.needed for s in steps)
@@ -304,7 +310,8 @@ def audit(
 ) -> None:
     """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),
     near-duplicates across splits, outliers, a map; one page to look at, audit.html."""
-    from pipeline.audit import audit as run_audit
+    from pipeline.stages.audit import audit as run_audit
+    from pipeline.evaluation import RunFolder
     from pipeline.similarity import DUPLICATE_COSINE
 
     result = run_audit(caches, out, labels or [], run=run, data=data, tap=tap, head=head, cv=cv, seed=seed,
@@ -313,7 +320,7 @@ def audit(
     for line in result.lines():
         typer.echo(line)
     if run is not None:
-        typer.echo(f"linked from {run / 'report.html'}")
+        typer.echo(f"linked from {RunFolder(run).artifact('report')}")
 
 
 @app.command()
@@ -331,7 +338,7 @@ def neighbors(
 ) -> None:
     """The nearest cached images of any image (cosine similarity of features); images not in the cache
     run through the cache's backbone, as predict runs them."""
-    from pipeline.neighbors import COLUMNS, neighbors as run
+    from pipeline.stages.neighbors import COLUMNS, neighbors as run
 
     rows = run(cache, images, k=k, tap=tap, out=out, weights=weights or [], batch_size=batch_size, workers=workers,
                device=device, progress=progress)
@@ -400,7 +407,7 @@ def cache_verify(
 ) -> None:
     """Check a cache: schema and valid mask (plain h5py), then re-extract a random sample of rows and
     compare them with the stored features. Exit 1 when anything is wrong or has drifted."""
-    from pipeline.verify import verify
+    from pipeline.stages.verify import verify
 
     report = verify(file, data, sample=sample, seed=seed, weights=weights, device=device)
     typer.echo(f"{report.path}")
@@ -414,6 +421,50 @@ def cache_verify(
     typer.echo("  ok" if report.ok else f"  {len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="a fit run folder (its best row), a .skops head, or a fine-tuned model folder")],
+    host: Annotated[str, typer.Option("--host", help="address to listen on; 0.0.0.0 opens it to every network the machine is on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    task: Annotated[Optional[str], typer.Option("--task", help="with a run folder: whose best row to serve (default: the first task)")] = None,
+    row: Annotated[Optional[int], typer.Option("--row", help="with a run folder: serve this leaderboard row, counted from 1 as in leaderboard.md")] = None,
+    weights: Annotated[Optional[list[Path]], typer.Option("--weights", help="weights file(s) to use when the model's are no longer where they were recorded (matched by sha256); repeatable")] = None,
+    device: Annotated[str, _device_option()] = "auto",
+    max_bytes: Annotated[int, typer.Option("--max-bytes", help="largest request body (all its images together); larger ones get 413")] = 20 * 2 ** 20,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="most images in one forward pass")] = 32,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="how long a forward pass waits for more requests to join it (those that arrive while one runs join the next)")] = 2.0,
+) -> None:
+    """Serve a model over HTTP, loaded once: POST /predict (images as multipart uploads in the field
+    `file`, repeatable), GET /health, GET /model. Requests that arrive together share a forward pass.
+    Stops cleanly on Ctrl-C or SIGTERM."""
+    from pipeline.stages.serve import serve as run
+
+    run(model, host=host, port=port, task=task, row=row, weights=weights or [], device=device, max_bytes=max_bytes,
+        max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="a fit run folder (its best row), a .skops head, or a fine-tuned model folder")],
+    out: Annotated[Path, typer.Option("--out", help="the model file to write; its card goes beside it as OUT.json")],
+    format: Annotated[str, typer.Option("--format", help="onnx (onnxruntime and others) or torchscript (torch.jit.load)")] = "onnx",
+    task: Annotated[Optional[str], typer.Option("--task", help="with a run folder: whose best row to export (default: the first task)")] = None,
+    row: Annotated[Optional[int], typer.Option("--row", help="with a run folder: export this leaderboard row, counted from 1 as in leaderboard.md")] = None,
+    weights: Annotated[Optional[list[Path]], typer.Option("--weights", help="weights file(s) to use when the model's are no longer where they were recorded (matched by sha256); repeatable")] = None,
+) -> None:
+    """Write the backbone, its normalisation and the head as one model file: uint8 RGB images, already
+    resized and cropped as the card says, in; the task kind's scores out. Heads that are not a fixed
+    tensor function of the features (knn, centroid, sgd) are refused with the reason."""
+    from pipeline.stages.export import export_model
+
+    result = export_model(model, out, format=format, task=task, row=row, weights=weights or [])
+    typer.echo(f"wrote {result.path} and its card {result.card}")
+    typer.echo(f"checked against predict's path on {result.checked} generated images: max |difference| "
+               f"{result.max_difference:.2e}")
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import FeatureCache, audit, extract, load_source  # noqa: E402
-from pipeline.audit import joined_features  # noqa: E402
+from pipeline.stages.audit import joined_features  # noqa: E402
 
 # name -> how a copy is made from the original (an RGB image) and saved
 COPIES = {

@@ -2,7 +2,7 @@
 starting Python and importing the CLI and the extract stage alone take.
 
 Starts a first writer, waits until it has written --rows rows, then times a second, identical command
-from its start to its exit; then times `python -c "import cli, pipeline.extract"` while the first
+from its start to its exit; then times `python -c "import cli, pipeline.stages.extract"` while the first
 still runs (so both figures see the same load). Repeats --repeats times.
 
     PIPELINE_WEIGHTS_DIR=../shared/weights python benchmarks/second_writer.py DATA --backbone tf_efficientnet_lite0.in1k
@@ -52,14 +52,14 @@ def main() -> None:
                 while valid_rows(Path(tmp)) < args.rows and first.poll() is None:
                     time.sleep(0.1)
                 seconds, second = timed(cmd)
-                imports, _ = timed([sys.executable, "-c", "import cli, pipeline.extract"])
+                imports, _ = timed([sys.executable, "-c", "import cli, pipeline.stages.extract"])
                 assert first.poll() is None, "the first writer ended before the second was refused; use more images"
             finally:
                 first.kill()
                 first.wait()
         verdict = "refused" if second.returncode == 1 and "being written by another process" in second.stderr else "NOT refused"
         print(f"second writer {verdict} after {seconds:.2f} s from its start; starting Python and importing the CLI "
-              f"and pipeline.extract alone: {imports:.2f} s; difference {seconds - imports:+.2f} s")
+              f"and pipeline.stages.extract alone: {imports:.2f} s; difference {seconds - imports:+.2f} s")
 
 
 if __name__ == "__main__":

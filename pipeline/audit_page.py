@@ -10,13 +10,10 @@ import html
 import io
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .data import load_image
 from .files import atomic_path
-
-if TYPE_CHECKING:
-    from .audit import AuditResult
+from .findings import AuditResult
 
 THUMB = 150
 e = html.escape
@@ -49,7 +46,7 @@ class Thumbnails:
         return f"<img class='thumb' alt='{e(sid)}' src='data:image/jpeg;base64,{data}'>"
 
 
-def write_page(result: "AuditResult", images: dict[str, Path], top: int) -> Path:
+def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
     """Write ``audit.html`` into the audit's folder; ``top`` examples of each finding."""
     thumb = Thumbnails(images)
     body = [f"<h1>Data audit: {e(result.out.name)}</h1>",

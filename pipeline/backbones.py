@@ -9,9 +9,9 @@ import os
 import torch
 
 from .devices import resolve_amp, resolve_device
-from .errors import PipelineError
 from .model_sources import model_source
 from .model_sources.base import LAYER, TAPS, Backbone, file_sha256  # noqa: F401  (the backbone protocol's names)
+from .validation import unknown
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, device: str = "cpu", amp: str = "off",
                   channels_last: bool = False) -> Backbone:
@@ -31,8 +31,6 @@ def check_taps(taps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Check tap names before any model is loaded (each is checked against the model later)."""
     bad = [t for t in taps if t not in TAPS and not LAYER.match(t)]
     if bad or not taps:
-        raise PipelineError(
-            f"unknown tap {bad[0] if bad else '(none)'!r}; choose from {', '.join(TAPS)} or layer<i> "
-            "(intermediate layer i of the network; layer-1 is the last)"
-        )
+        raise unknown("tap", bad[0] if bad else "(none)", TAPS,
+                      "or layer<i> (intermediate layer i of the network; layer-1 is the last)")
     return tuple(dict.fromkeys(taps))

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
@@ -33,8 +34,8 @@ from .spec import FeatureSpec, spec_from_attrs
 from .workers import private_fd, release_fd
 
 SCHEMA_VERSION = 1
-DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
+_HASH = f"S{HASH_BYTES}"
 _FAILURE = np.dtype([("id", _STR), ("stage", _STR), ("reason", _STR)])
 _CHUNK_ROWS = 256
 
@@ -105,7 +106,7 @@ def schema_problems(f: h5py.File, scan_values: bool = False) -> list[str]:
                 p.append(f"features/{tap}: a valid row holds NaN or inf (near row {start})")
                 break
     ids = set(f["ids"].asstr()[()])
-    failed = {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in f["failures"][()]}
+    failed = {sid for sid, _, _ in _read_failures(f["failures"])}
     if failed - ids:
         p.append(f"failures name ids the cache does not have, e.g. {sorted(failed - ids)[0]!r}")
     if f.attrs.get("complete") and int(valid.sum()) + len(failed & ids) < n:
@@ -230,7 +231,7 @@ class FeatureCache:
 
     @property
     def failures(self) -> list[tuple[str, str, str]]:
-        return [tuple(x.decode() if isinstance(x, bytes) else x for x in r) for r in self._file["failures"][()]]
+        return _read_failures(self._file["failures"])
 
     def info(self) -> dict:
         """A summary a person can read: backbone, rows valid/failed, taps and dims, size on disk."""
@@ -283,18 +284,11 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike, spec: FeatureSpec, weights_source: str, source: str,
                  tap_dims: dict[str, int], lock: CacheLock | None = None, location: str = ""):
         self.path = Path(path)
-        self._own_lock = lock is None
-        self._lock = lock_cache(self.path) if lock is None else lock
         self.dtype = spec.dtype
+        self._own_lock = lock_cache(self.path) if lock is None else None  # released by close()
         try:
             if not self.path.exists():
-                # Made whole under a temporary name, so a run killed while creating it leaves no file.
-                with atomic_path(self.path) as tmp:
-                    self._file = open_h5(tmp, "w")
-                    try:
-                        self._create(spec, weights_source, source, tap_dims)
-                    finally:
-                        self._file.close()
+                _create(self.path, spec, weights_source, source, tap_dims)
             # No chunk cache: each batch's chunks reach the disk inside the write call, so a full disk is
             # an OSError there, before any row is marked valid. (With a cache, HDF5 reports it at a later
             # flush or garbage collection, and the process can crash at exit.)
@@ -303,26 +297,19 @@ class CacheWriter:
             self._release_lock()
             raise PipelineError(f"cannot open cache {self.path} for writing: {e}") from e
         self._fd = private_fd(self._file.id.get_vfd_handle())
-        if "shards" in self._file.attrs:
-            n = len(json.loads(self._file.attrs["shards"]))
-            self.close()
-            raise PipelineError(
-                f"{self.path} was written by a distributed run of {n} processes; run the same command with "
-                f"`torchrun --nproc-per-node {n}` to update it, or use another --cache"
-            )
         try:
-            self._check_matches(spec)
-            self._check_location(location)
+            _refuse_distributed(self._file, self.path)
+            _check_spec(self._file, self.path, spec)
+            _check_location(self._file, self.path, location)
         except PipelineError:
             self.close()
             raise
-        self._add_taps(tap_dims)
+        _add_taps(self._file, tap_dims, self.dtype)
         self.taps = list(self._file["features"].keys())
         self._feature_sets = {tap: self._file["features"][tap] for tap in self.taps}
         self._valid = self._file["valid"]
-        self._failures = {r[0].decode(): (r[1].decode(), r[2].decode()) for r in self._file["failures"][()]}
-        self._dirty = False
-        self._ids: list[str] = list(self._file["ids"].asstr()[()])
+        self._failures = _FailureLog(self._file["failures"])
+        self._ids: list[str] = list(self._file["ids"].asstr()[()])  # every row's id, looked up per batch
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -341,27 +328,82 @@ class CacheWriter:
             self._release_lock()
 
     def _release_lock(self) -> None:
-        if self._own_lock:
-            self._lock.release()
+        if self._own_lock is not None:
+            self._own_lock.release()
 
-    def _flush(self) -> None:
-        """Flush to disk; a write the file system refuses is an OSError (h5py reports some as RuntimeError)."""
-        try:
-            self._file.flush()
-        except RuntimeError as e:
-            found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
-            raise OSError(*(int(found[1]), found[2]) if found else (errno.EIO, str(e).splitlines()[0])) from e
+    def sync(self, source: "ImageSource", hashes: np.ndarray, read_errors: dict[str, str] | None = None,
+             retry_failed: bool = False) -> SyncResult:
+        """Match a source's samples against the stored rows; append new ones; invalidate changed ones.
 
-    def _create(self, spec: FeatureSpec, weights_source: str, source: str, tap_dims: dict[str, int]) -> None:
-        f = self._file
-        for name, dtype in (("ids", _STR), ("labels", _STR), ("splits", _STR)):
+        ``hashes[i]`` is the content hash of sample ``i`` (``UNREADABLE`` when its bytes could not be
+        read, with the reason in ``read_errors[id]``). Labels (and their kind) and splits are rewritten to
+        the source's; rows no longer in the source keep their features (for reuse by ``predict``) and lose
+        their label. A row that failed before is retried only when its bytes changed, or with
+        ``retry_failed``.
+        """
+        f, ids = self._file, source.ids
+        hashes = np.asarray(hashes, dtype=_HASH)
+        stored_hashes = f["content_hash"][()]
+        match = _RowMatch.of(self._ids, ids, hashes, stored_hashes, f["valid"][()])
+        changed_rows = np.sort(match.rows[match.changed])
+        if len(changed_rows):
+            f["valid"][changed_rows] = False
+            _flush(f)  # invalid before the new hash goes in
+            self._failures.forget(self._ids[r] for r in changed_rows)
+        _append_rows(f, ids[match.is_new])
+        self._ids.extend(ids[match.is_new])
+        _rewrite_row_facts(f, source, match.rows, hashes, stored_hashes)
+
+        unreadable = hashes == UNREADABLE
+        reasons = read_errors or {}
+        self._failures.record((sid, "read", reasons.get(sid, "file could not be read")) for sid in ids[unreadable])
+        skip = unreadable if retry_failed else np.fromiter((sid in self._failures for sid in ids), bool, len(ids))
+        self._failures.save()
+        f.attrs["complete"] = False
+        _flush(f)
+        return match.plan(skip)
+
+    def write(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
+        """Store one batch: features first, flushed, then the rows' ``valid`` flags, flushed."""
+        if not len(rows):
+            return
+        order, sel = _selection(rows)
+        for tap in self.taps:
+            self._feature_sets[tap][sel] = features[tap][order].astype(self.dtype)
+        _flush(self._file)
+        self._valid[sel] = True
+        if self._failures.forget(self._ids[r] for r in rows):
+            self._failures.save()
+        _flush(self._file)
+
+    def record_failures(self, failures: list[tuple[str, str, str]]) -> None:
+        """Record (id, stage, reason) for samples that could not be decoded or processed."""
+        if failures:
+            self._failures.record(failures)
+            self._failures.save()
+        _flush(self._file)
+
+    def failed_ids(self) -> set[str]:
+        return self._failures.ids()
+
+    def finish(self) -> None:
+        """Mark the cache complete when every row is valid or a recorded failure."""
+        valid = self._file["valid"][()]
+        self._file.attrs["complete"] = bool(all(v or sid in self._failures for v, sid in zip(valid, self._ids)))
+        _flush(self._file)
+
+
+def _create(path: Path, spec: FeatureSpec, weights_source: str, source: str, tap_dims: dict[str, int]) -> None:
+    """An empty cache at ``path``: its datasets and attributes (the spec whole, and its facts one by one
+    for readers with plain h5py). Made whole under a temporary name, so a run killed while creating it
+    leaves no file."""
+    with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
+        for name, dtype in (("ids", _STR), ("labels", _STR), ("splits", _STR), ("content_hash", _HASH),
+                            ("valid", bool)):
             f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(4096,))
-        f.create_dataset("content_hash", (0,), dtype=f"S{HASH_BYTES}", maxshape=(None,), chunks=(4096,))
-        f.create_dataset("valid", (0,), dtype=bool, maxshape=(None,), chunks=(4096,))
         f.create_dataset("failures", (0,), dtype=_FAILURE, maxshape=(None,), chunks=(256,))
         f.create_group("features")
-        self._add_taps(tap_dims)
-        # The spec whole, and its facts one by one for readers with plain h5py.
+        _add_taps(f, tap_dims, spec.dtype)
         f.attrs.update(
             schema_version=SCHEMA_VERSION,
             feature_spec=spec.to_json(),
@@ -379,152 +421,172 @@ class CacheWriter:
         )
         f.flush()
 
-    def _check_matches(self, spec: FeatureSpec) -> None:
-        have = spec_from_attrs(dict(self._file.attrs))
-        if have != spec:
-            raise PipelineError(f"{self.path} was made with another feature spec ({have.describe()}), not "
-                                f"({spec.describe()}); use another --cache")
 
-    def _check_location(self, location: str) -> None:
-        """One cache file, one data source: the file names only the source's name, so another source of
-        that name (two folders called ``data``, shards and a parquet file called ``data``) is refused while
-        the one the file holds still exists; where it no longer does, the source was moved and the file
-        follows it."""
-        had = str(self._file.attrs.get("source_location", ""))
-        if location and had and had != location and location_exists(had):
-            raise PipelineError(f"{self.path} holds the images of {had}, not of {location}: two data sources named "
-                                f"{self._file.attrs.get('source', '')!r} cannot share a cache folder; use another --cache")
-        if location and had != location:
-            self._file.attrs["source_location"] = location
+def _add_taps(f: h5py.File, tap_dims: dict[str, int], dtype: str) -> None:
+    """A chunked ``features/<tap>`` dataset for each tap ``f`` lacks. Stored rows lack the new taps, so
+    every row is then computed again (all taps together)."""
+    group = f["features"]
+    new = [t for t in tap_dims if t not in group]
+    n = f["ids"].shape[0]
+    for tap in new:
+        dim = tap_dims[tap]
+        group.create_dataset(tap, (n, dim), dtype=dtype, maxshape=(None, dim), chunks=(_CHUNK_ROWS, dim))
+    if new and n:
+        f["valid"][:] = False
+        f.attrs["complete"] = False
+    f.attrs["taps"] = json.dumps(list(group.keys()))
+    _flush(f)
 
-    def _add_taps(self, tap_dims: dict[str, int]) -> None:
-        group = self._file["features"]
-        new = [t for t in tap_dims if t not in group]
-        n = self._file["ids"].shape[0]
-        for tap in new:
-            group.create_dataset(
-                tap, (n, tap_dims[tap]), dtype=self.dtype, maxshape=(None, tap_dims[tap]),
-                chunks=(_CHUNK_ROWS, tap_dims[tap]),
-            )
-        if new and n:
-            # Existing rows lack the new taps: every row is computed again (all taps together).
-            self._file["valid"][:] = False
-            self._file.attrs["complete"] = False
-        self._file.attrs["taps"] = json.dumps(list(group.keys()))
-        self._flush()
 
-    def sync(self, source: "ImageSource", hashes: np.ndarray, read_errors: dict[str, str] | None = None,
-             retry_failed: bool = False) -> SyncResult:
-        """Match a source's samples against the stored rows; append new ones; invalidate changed ones.
+def _refuse_distributed(f: h5py.File, path: Path) -> None:
+    """A cache over a distributed run's shards is updated by a run of as many processes, never by one."""
+    if "shards" in f.attrs:
+        n = len(json.loads(f.attrs["shards"]))
+        raise PipelineError(
+            f"{path} was written by a distributed run of {n} processes; run the same command with "
+            f"`torchrun --nproc-per-node {n}` to update it, or use another --cache"
+        )
 
-        ``hashes[i]`` is the content hash of sample ``i`` (``UNREADABLE`` when its bytes could not be
-        read, with the reason in ``read_errors[id]``). Labels (and their kind) and splits are rewritten to
-        the source's; rows no longer in the source keep their features (for reuse by ``predict``) and lose
-        their label. A row that failed before is retried only when its bytes changed, or with
-        ``retry_failed``.
-        """
-        f = self._file
-        ids = source.ids
-        n_old = len(self._ids)
-        index = {sid: i for i, sid in enumerate(self._ids)}
+
+def _check_spec(f: h5py.File, path: Path, spec: FeatureSpec) -> None:
+    """A file made with another feature spec holds other features: refused."""
+    have = spec_from_attrs(dict(f.attrs))
+    if have != spec:
+        raise PipelineError(f"{path} was made with another feature spec ({have.describe()}), not "
+                            f"({spec.describe()}); use another --cache")
+
+
+def _check_location(f: h5py.File, path: Path, location: str) -> None:
+    """One cache file, one data source: the file names only the source's name, so another source of
+    that name (two folders called ``data``, shards and a parquet file called ``data``) is refused while
+    the one the file holds still exists; where it no longer does, the source was moved and the file
+    follows it (``location`` is recorded)."""
+    had = str(f.attrs.get("source_location", ""))
+    if location and had and had != location and location_exists(had):
+        raise PipelineError(f"{path} holds the images of {had}, not of {location}: two data sources named "
+                            f"{f.attrs.get('source', '')!r} cannot share a cache folder; use another --cache")
+    if location and had != location:
+        f.attrs["source_location"] = location
+
+
+@dataclass
+class _RowMatch:
+    """A source's samples matched by id to the stored rows, before anything is written."""
+
+    rows: np.ndarray  # each sample's row: its stored one, or a new one after the stored rows
+    is_new: np.ndarray  # the sample has no stored row
+    changed: np.ndarray  # its stored row holds other bytes (another hash)
+    need: np.ndarray  # its row is to be computed: new, changed, or not valid
+
+    @classmethod
+    def of(cls, stored_ids: list[str], ids: np.ndarray, hashes: np.ndarray, stored_hashes: np.ndarray,
+           stored_valid: np.ndarray) -> "_RowMatch":
+        index = {sid: i for i, sid in enumerate(stored_ids)}
         is_new = np.fromiter((sid not in index for sid in ids), bool, len(ids))
         rows = np.empty(len(ids), np.int64)
         rows[~is_new] = [index[sid] for sid in ids[~is_new]]
-        rows[is_new] = n_old + np.arange(int(is_new.sum()))
-        del index
-        self._ids.extend(ids[is_new])
-        n = len(self._ids)
-        hash_arr = np.asarray(hashes, dtype=f"S{HASH_BYTES}")
-        stored = np.concatenate([f["content_hash"][()], np.zeros(n - n_old, f"S{HASH_BYTES}")])
-        valid = np.concatenate([f["valid"][()], np.zeros(n - n_old, bool)])
+        rows[is_new] = len(stored_ids) + np.arange(int(is_new.sum()))
+        changed = np.zeros(len(ids), bool)
+        changed[~is_new] = stored_hashes[rows[~is_new]] != hashes[~is_new]
+        need = np.ones(len(ids), bool)
+        need[~is_new] = ~stored_valid[rows[~is_new]]
+        return cls(rows, is_new, changed, need | changed)
 
-        old = rows < n_old
-        changed = np.zeros(len(rows), bool)
-        changed[old] = stored[rows[old]] != hash_arr[old]
-        changed_rows = np.sort(rows[changed])
-        if len(changed_rows):
-            f["valid"][changed_rows] = False
-            self._flush()  # invalid before the new hash goes in
-            valid[changed_rows] = False
-            for r in changed_rows:
-                self._failures.pop(self._ids[r], None)
-        if n > n_old:
-            for name in ("ids", "labels", "splits", "content_hash", "valid"):
-                f[name].resize((n,))
-            for ds in f["features"].values():
-                ds.resize((n, ds.shape[1]))
-            f["ids"][n_old:] = list(ids[is_new])
-            f["valid"][n_old:] = False
-        stored[rows] = hash_arr
-        labels = np.full(n, "", dtype=object)
-        splits = np.full(n, "", dtype=object)
-        labels[rows] = source.labels
-        splits[rows] = source.splits
-        f["content_hash"][:] = stored
-        f["labels"][:] = labels
-        f["splits"][:] = splits
-        f.attrs["label_kind"] = source.label_kind
-
-        unreadable = hash_arr == UNREADABLE
-        for sid in ids[unreadable]:
-            self._failures[sid] = ("read", (read_errors or {}).get(sid, "file could not be read"))
-        need = ~valid[rows]
-        known_failure = np.fromiter((sid in self._failures for sid in ids), bool, len(ids))
-        skip = unreadable if retry_failed else known_failure
-        todo_mask = need & ~skip
-        order = np.argsort(rows[todo_mask])
-        self._dirty = True
-        self._write_failures()
-        f.attrs["complete"] = False
-        self._flush()
+    def plan(self, skip: np.ndarray) -> SyncResult:
+        """The rows needed and not skipped, in row order, with their samples and the counts."""
+        todo = self.need & ~skip
+        order = np.argsort(self.rows[todo])
         return SyncResult(
-            todo=rows[todo_mask][order], indices=np.flatnonzero(todo_mask)[order],
-            reused=int((~need).sum()), changed=int(changed.sum()), new=int(is_new.sum()),
+            todo=self.rows[todo][order], indices=np.flatnonzero(todo)[order],
+            reused=int((~self.need).sum()), changed=int(self.changed.sum()), new=int(self.is_new.sum()),
         )
 
-    def write(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
-        """Store one batch: features first, flushed, then the rows' ``valid`` flags, flushed."""
-        if not len(rows):
-            return
-        order = np.argsort(rows)
-        rows = np.asarray(rows)[order]
-        contiguous = rows[-1] - rows[0] + 1 == len(rows)
-        sel = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
-        for tap in self.taps:
-            self._feature_sets[tap][sel] = features[tap][order].astype(self.dtype)
-        self._flush()
-        self._valid[sel] = True
-        for r in rows:
-            self._dirty |= self._failures.pop(self._ids[r], None) is not None
-        self._write_failures()
-        self._flush()
 
-    def record_failures(self, failures: list[tuple[str, str, str]]) -> None:
-        """Record (id, stage, reason) for samples that could not be decoded or processed."""
+def _append_rows(f: h5py.File, ids: np.ndarray) -> None:
+    """Rows for ``ids`` after the stored ones, in every per-row dataset and every tap, not valid."""
+    if not len(ids):
+        return
+    n_old = f["ids"].shape[0]
+    n = n_old + len(ids)
+    for name in _ROW_ARRAYS:
+        f[name].resize((n,))
+    for ds in f["features"].values():
+        ds.resize((n, ds.shape[1]))
+    f["ids"][n_old:] = list(ids)
+    f["valid"][n_old:] = False
+
+
+def _rewrite_row_facts(f: h5py.File, source: "ImageSource", rows: np.ndarray, hashes: np.ndarray,
+                       stored_hashes: np.ndarray) -> None:
+    """Every row's hash, label and split as the source says (sample ``i`` is row ``rows[i]``); a row the
+    source no longer has keeps its hash and loses its label and split."""
+    n = f["ids"].shape[0]
+    column = np.concatenate([stored_hashes, np.zeros(n - len(stored_hashes), _HASH)])
+    column[rows] = hashes
+    labels = np.full(n, "", dtype=object)
+    splits = np.full(n, "", dtype=object)
+    labels[rows] = source.labels
+    splits[rows] = source.splits
+    f["content_hash"][:] = column
+    f["labels"][:] = labels
+    f["splits"][:] = splits
+    f.attrs["label_kind"] = source.label_kind
+
+
+class _FailureLog:
+    """The ``failures`` table, kept in memory (id -> (stage, reason)) and written whole, sorted by id."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self._ds = ds
+        self._entries = {sid: (stage, reason) for sid, stage, reason in _read_failures(ds)}
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._entries
+
+    def ids(self) -> set[str]:
+        return set(self._entries)
+
+    def record(self, failures: Iterable[tuple[str, str, str]]) -> None:
         for sid, stage, reason in failures:
-            self._failures[sid] = (stage, reason)
-            self._dirty = True
-        self._write_failures()
-        self._flush()
+            self._entries[sid] = (stage, reason)
 
-    def failed_ids(self) -> set[str]:
-        return set(self._failures)
+    def forget(self, ids: Iterable[str]) -> bool:
+        """Drop the entries of ``ids`` (their rows were computed again); whether any was there."""
+        dropped = False
+        for sid in ids:
+            dropped |= self._entries.pop(sid, None) is not None
+        return dropped
 
-    def finish(self) -> None:
-        """Mark the cache complete when every row is valid or a recorded failure."""
-        valid = self._file["valid"][()]
-        self._file.attrs["complete"] = bool(all(v or sid in self._failures for v, sid in zip(valid, self._ids)))
-        self._flush()
-
-    def _write_failures(self) -> None:
-        if not self._dirty:
-            return
-        ds = self._file["failures"]
-        table = np.array([(k, *v) for k, v in sorted(self._failures.items())], dtype=_FAILURE)
-        ds.resize((len(table),))
+    def save(self) -> None:
+        """Rewrite the table from memory (not flushed: the caller flushes)."""
+        table = np.array([(k, *v) for k, v in sorted(self._entries.items())], dtype=_FAILURE)
+        self._ds.resize((len(table),))
         if len(table):
-            ds[:] = table
-        self._dirty = False
+            self._ds[:] = table
+
+
+def _read_failures(ds: h5py.Dataset) -> list[tuple[str, str, str]]:
+    """The rows of a ``failures`` table as (id, stage, reason) strings (h5py reads them as bytes)."""
+    return [tuple(x.decode() if isinstance(x, bytes) else x for x in r) for r in ds[()]]
+
+
+def _selection(rows: np.ndarray) -> tuple[np.ndarray, slice | np.ndarray]:
+    """The order that sorts a batch's rows, and the sorted rows as h5py selects them: a slice where they
+    are contiguous (one write), else the rows themselves (h5py takes them in increasing order only)."""
+    order = np.argsort(rows)
+    rows = np.asarray(rows)[order]
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return order, slice(int(rows[0]), int(rows[-1]) + 1)
+    return order, rows
+
+
+def _flush(f: h5py.File) -> None:
+    """Flush to disk; a write the file system refuses is an OSError (h5py reports some as RuntimeError)."""
+    try:
+        f.flush()
+    except RuntimeError as e:
+        found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
+        raise OSError(*(int(found[1]), found[2]) if found else (errno.EIO, str(e).splitlines()[0])) from e
 
 
 def check_master(path: Path, world: int) -> None:

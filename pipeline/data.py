@@ -15,9 +15,9 @@ import os
 import stat
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import simplejpeg
@@ -48,17 +48,18 @@ def check_split(value: str, where: str) -> str:
 @dataclass(frozen=True)
 class Member:
     """Bytes inside a container file: a tar member's (``at`` its data's byte offset, ``size`` bytes) or
-    a parquet cell's (``at`` the row group, ``size`` the row in it, ``column`` the image column)."""
+    a parquet cell's (``at`` the row group, ``size`` the row in it, ``column`` the image column).
+    ``reader`` is the function of the source that made it which reads those bytes (a module's function,
+    so a member pickles to a decoding process): the sources know their containers, this module does not."""
 
     container: Path
     at: int
     size: int
     column: str = ""
+    reader: Callable[["Member"], bytes] = field(kw_only=True, compare=False, repr=False)
 
     def read(self) -> bytes:
-        from .sources import read_member  # the sources know their containers; they import this module
-
-        return read_member(self)
+        return self.reader(self)
 
     def __str__(self) -> str:
         return f"{self.container}[{self.at}:{self.size}{':' + self.column if self.column else ''}]"

@@ -15,22 +15,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .backbones import Backbone, file_sha256, load_backbone
+from .backbones import Backbone, load_backbone
 from .devices import resolve_amp, resolve_device
-from .model_sources import model_source
-from .model_sources.timm import WEIGHTS_DIR_ENV, resolve_weights_file, weights_dir_candidates
+from .model_sources import model_source, model_source_named
 from .batches import image_batches
 from .cache import FeatureCache
 from .data import Sample
 from .errors import PipelineError
 from .preprocess import Normalize, decode_path
 from .progress import progress_bar
-from .spec import DEFAULT_DECODE, FeatureSpec
+from .spec import SPEC_INPUTS, FeatureSpec, spec_rules
+from .validation import validate_params
 from .workers import Workers
 
 Batch = tuple[list[int], dict[str, np.ndarray], list[tuple[int, str]]]
@@ -50,9 +50,12 @@ class Featurizer:
         self._rows = 0  # a compiled step's batch size: the first batch's
 
     @classmethod
-    def create(cls, name: str, weights: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
-               channels_last: bool = True, dtype: str = "float16", tta: str | None = None,
-               jpeg_draft: bool = True, decode: str = DEFAULT_DECODE, compile: bool = False) -> "Featurizer":
+    @validate_params(spec_rules())
+    def create(cls, name: str, weights: str | os.PathLike | None = None, device: str = "auto",
+               amp: str = SPEC_INPUTS["amp"].default, channels_last: bool = True,
+               dtype: str = SPEC_INPUTS["dtype"].default, tta: str | None = SPEC_INPUTS["tta"].default,
+               jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default, decode: str = SPEC_INPUTS["decode"].default,
+               compile: bool = False) -> "Featurizer":
         """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute."""
         bb = load_backbone(name, weights, device, amp, channels_last)
         spec = _spec(bb.name, bb.source, bb.weights_sha256, bb.data_config, bb.amp, dtype, tta, jpeg_draft, decode)
@@ -62,9 +65,10 @@ class Featurizer:
     def load(cls, spec: FeatureSpec, weights: Sequence[str | os.PathLike] = (), recorded: str | None = None,
              device: str = "auto", channels_last: bool = True) -> "Featurizer":
         """The backbone ``spec`` names with weights whose sha256 is the spec's, found among ``weights``
-        (files the user gave), ``recorded`` (where they were when the spec was made), then
-        ``$PIPELINE_WEIGHTS_DIR``, then the hub (only for weights that came from it)."""
-        file = find_weights(spec, weights, recorded)
+        (files the user gave) and ``recorded`` (where they were when the spec was made) by the spec's
+        model source (timm: then ``$PIPELINE_WEIGHTS_DIR``, then the hub, only for weights from it)."""
+        source = model_source_named(spec.source)
+        file = source.find_weights(spec.backbone, spec.weights_sha256, [Path(w) for w in weights], recorded)
         bb = load_backbone(spec.backbone, file, device, spec.amp, channels_last)
         if bb.source != spec.source:
             raise PipelineError(f"{spec.backbone} now loads from model source {bb.source!r}, not {spec.source!r} as recorded")
@@ -121,13 +125,16 @@ class Featurizer:
             yield idx, {} if x is None else self.features(x, taps), failed
 
 
-def planned_spec(name: str, weights: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
-                 dtype: str = "float16", tta: str | None = None, jpeg_draft: bool = True,
-                 decode: str = DEFAULT_DECODE) -> FeatureSpec | None:
+@validate_params(spec_rules())
+def planned_spec(name: str, weights: str | os.PathLike | None = None, device: str = "auto",
+                 amp: str = SPEC_INPUTS["amp"].default, dtype: str = SPEC_INPUTS["dtype"].default,
+                 tta: str | None = SPEC_INPUTS["tta"].default, jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default,
+                 decode: str = SPEC_INPUTS["decode"].default) -> FeatureSpec | None:
     """The spec ``Featurizer.create`` with these arguments will state, known without building the model
     (the model source's plan: for timm, the weights file's sha256 and its pretrained config). So a writer
-    can take its cache's lock before any slow work. None when the source cannot tell without loading
-    (weights from the hub are hashed once loaded; a user's module must be built)."""
+    can take its cache's lock before any slow work, and a study's dry run can name a cache. None when the
+    source cannot tell without loading (weights from the hub are hashed once loaded; a user's module must
+    be built)."""
     source = model_source(name)
     plan = source.plan(name, None if weights is None else weights) if source.plan else None
     if plan is None:
@@ -143,36 +150,6 @@ def _spec(backbone: str, source: str, weights_sha256: str, data_config: dict, am
                        tta=tta or "", jpeg_draft=jpeg_draft, decode=decode, source=source)
 
 
-def find_weights(spec: FeatureSpec, given: Sequence[str | os.PathLike] = (), recorded: str | None = None) -> Path | None:
-    """Where ``spec``'s weights are. For timm: the first weights file whose sha256 is the spec's, or None
-    when they came from the hub; an error naming every place looked in when there is none (at once: a
-    file's weights cannot be downloaded). For other sources: the first file or folder given, else the
-    recorded one (the loaded weights' hash is checked by the caller)."""
-    if spec.source != "timm":
-        local = [Path(w) for w in given] or ([Path(recorded)] if recorded and Path(recorded).exists() else [])
-        return local[0] if local else None
-    looked: list[str] = []
-    from_hub = (recorded or "").startswith("hub:")
-    candidates = [*map(Path, given), *([Path(recorded)] if recorded and not from_hub else []),
-                  *weights_dir_candidates(spec.backbone)]
-    for path in dict.fromkeys(candidates):
-        try:
-            file = resolve_weights_file(spec.backbone, path)
-        except PipelineError:
-            looked.append(f"{path} (missing)")
-            continue
-        sha = file_sha256(file)
-        if sha == spec.weights_sha256:
-            return file
-        looked.append(f"{file} (other weights, sha256 {sha[:12]})")
-    if from_hub:
-        return None
-    if not os.environ.get(WEIGHTS_DIR_ENV):
-        looked.append(f"${WEIGHTS_DIR_ENV} (not set)")
-    raise PipelineError(f"no weights for {spec.backbone} with sha256 {spec.weights_sha256[:12]}: looked in "
-                        f"{', '.join(looked)}; pass --weights FILE")
-
-
 @dataclass
 class Part:
     """Features a model needs: a spec and tap, where the weights were, and caches that may hold them."""
@@ -183,16 +160,17 @@ class Part:
     caches: list[Path] = field(default_factory=list)
 
 
-def part_features(part: Part, samples: list[Sample], weights: Sequence[Path], batch_size: int, workers: int,
-                  device: str, progress: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+def part_features(part: Part, samples: list[Sample], featurizer: Callable[[], Featurizer], batch_size: int,
+                  workers: int, progress: bool, from_cache: bool = True) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Features of ``part`` for each sample (by index), from a cache with the same spec where it holds the
-    same bytes, else computed through the spec; and the reason for each sample that could not be read.
-    ``predict`` and ``neighbors`` get the features of new images this way."""
-    feats = cached_features(part, samples)
+    same bytes (unless not ``from_cache``), else computed through ``featurizer()`` (called only then: a
+    loaded model, or one loaded now); and the reason for each sample that could not be read. ``predict``,
+    ``serve`` and ``neighbors`` get the features of new images this way."""
+    feats = cached_features(part, samples) if from_cache else {}
     errors: dict[int, str] = {}
     todo = [i for i in range(len(samples)) if i not in feats]
     if todo:
-        fz = Featurizer.load(part.spec, weights, part.weights_source, device)
+        fz = featurizer()
         for idx, by_tap, failed in fz.batches([samples[i] for i in todo], (part.tap,), batch_size, workers, progress,
                                               f"features {part.spec.backbone}"):
             errors.update({todo[i]: err for i, err in failed})

@@ -16,27 +16,26 @@ import numpy as np
 
 from .errors import PipelineError
 from .files import atomic_path
-from .protocol import Protocol
+from .evaluation import Protocol
+from .validation import Rule, list_of
 
 ALL = "all"
 
 
+def _shot(item: str | int) -> int | str | None:
+    """``"5"`` -> 5, ``"all"`` -> ``"all"``; None for anything else (``0``, ``"five"``)."""
+    text = str(item).strip().lower()
+    if text == ALL:
+        return ALL
+    return int(text) if text.isdigit() and int(text) >= 1 else None
+
+
+SHOTS = list_of(Rule(lambda item: _shot(item) is not None, "positive whole numbers or 'all' (e.g. 1,2,5,10,all)"))
+
+
 def parse_shots(items: Sequence[str | int]) -> list[int | str]:
-    """``["1", "2", "5", "all"]`` -> ``[1, 2, 5, "all"]``, checked and in increasing order."""
-    shots: list[int | str] = []
-    for item in items:
-        text = str(item).strip().lower()
-        if text == ALL:
-            shots.append(ALL)
-            continue
-        try:
-            k = int(text)
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise PipelineError(f"--shots takes positive whole numbers or 'all' (e.g. 1,2,5,10,all), got {item!r}")
-        shots.append(k)
-    return sorted(set(shots), key=lambda k: float("inf") if k == ALL else k)
+    """``["1", "2", "5", "all"]`` -> ``[1, 2, 5, "all"]`` (items :data:`SHOTS` accepts), in increasing order."""
+    return sorted({_shot(item) for item in items}, key=lambda k: float("inf") if k == ALL else k)
 
 
 def draw_shots(y: np.ndarray, pool: np.ndarray, k: int | str, seed: int, draw: int) -> np.ndarray:
@@ -55,9 +54,8 @@ def draw_shots(y: np.ndarray, pool: np.ndarray, k: int | str, seed: int, draw: i
 
 def plan_draws(protocol: Protocol, shots: Sequence[int | str], n_draws: int) -> tuple[dict, np.ndarray, str]:
     """For every k: its draws (lists of indices into the protocol's samples), or the reason it cannot be
-    drawn; the scored indices; and their name."""
-    pool, test = protocol.splits()[0]
-    name = f"{protocol.eval} fold 0" if protocol.cross_validated else protocol.eval
+    drawn; the scored indices; and their name (the protocol's ``fewshot_split``)."""
+    pool, test, name = protocol.fewshot_split()
     plans: dict[int | str, list[np.ndarray] | str] = {}
     for k in shots:
         try:

@@ -21,7 +21,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV, SGDClassifier
-from sklearn.model_selection import StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestCentroid
 from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -30,29 +29,9 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .batched import batchable, fit_many
 from .errors import PipelineError
-
-
-class StratifiedKFoldUpTo(StratifiedKFold):
-    """Stratified k-fold with at most ``n_splits`` folds: fewer when the rarest class is smaller.
-
-    Lets an inner cross-validation (e.g. choosing C) run on few-shot data instead of failing. With a
-    single example of some class there are no folds: the one split scores on the training rows themselves.
-    """
-
-    def get_n_splits(self, X=None, y=None, groups=None) -> int:
-        return self.n_splits if y is None else max(1, self._folds(y))
-
-    def split(self, X, y, groups=None):
-        folds = self._folds(y)
-        if folds < 2:
-            everything = np.arange(len(y))
-            yield everything, everything
-            return
-        yield from StratifiedKFold(folds, shuffle=self.shuffle, random_state=self.random_state).split(X, y, groups)
-
-    def _folds(self, y) -> int:
-        _, counts = np.unique(y, return_counts=True)
-        return min(self.n_splits, int(counts.min()))
+from .kinds import get_kind
+from .splitters import StratifiedKFoldUpTo  # noqa: F401  (its old home: saved heads name it here)
+from .validation import Rule, check, check_estimator_params, unknown
 
 
 class _CappedNeighbours:
@@ -80,7 +59,8 @@ TRUSTED_TYPES = (
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
     "sklearn.multiclass._ConstantPredictor",
-    f"{__name__}.StratifiedKFoldUpTo",
+    "pipeline.splitters.StratifiedKFoldUpTo",
+    f"{__name__}.StratifiedKFoldUpTo",  # its name in heads saved before it moved to pipeline.splitters
     f"{__name__}.CappedKNeighborsClassifier",
     f"{__name__}.CappedKNeighborsRegressor",
     "pipeline.linear_probe.TorchLinearSVC",
@@ -133,8 +113,7 @@ def head_spec(name: str, kind: str = "classification") -> HeadSpec:
     if (kind, name) not in _REGISTRY:
         known = sorted({n for _, n in _REGISTRY})
         if name not in known:
-            raise PipelineError(f"unknown head {name!r}; choose from {', '.join(list_heads())} or give module:Class "
-                                f"(every head: {', '.join(known)})")
+            raise unknown("head", name, list_heads(), f"or give module:Class (every head: {', '.join(known)})")
         raise PipelineError(f"head {name!r} has no {kind} version; {kind} heads: {', '.join(list_heads(kind))}")
     return _REGISTRY[(kind, name)]
 
@@ -164,8 +143,9 @@ def create_head(name: str, random_state: int = 0, params: dict | None = None, ki
     if params:
         try:
             est.set_params(**params)
-            if hasattr(est, "_validate_params"):  # scikit-learn's own check of each value, which fit would run
-                est._validate_params()
+            for part in (est, *getattr(est, "named_steps", {}).values()):  # a pipeline's steps, as fit would check
+                if hasattr(part, "_parameter_constraints"):
+                    check_estimator_params(part)
         except ValueError as e:
             raise PipelineError(f"--head-param for {name}: {str(e).splitlines()[0]}") from None
     return est
@@ -177,10 +157,14 @@ def _import_estimator(name: str, kind: str) -> type:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise PipelineError(f"head {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
-    wanted, test = ("regressor", is_regressor) if kind == "regression" else ("classifier", is_classifier)
+    wanted = get_kind(kind).estimator_type
+    test = {"regressor": is_regressor, "classifier": is_classifier}[wanted]
     if not (isinstance(cls, type) and hasattr(cls, "get_params") and test(cls())):
         raise PipelineError(f"head {name!r} is not a scikit-learn {wanted}")
     return cls
+
+
+_KEY_VALUE = Rule(lambda item: "=" in item and bool(item.partition("=")[0].strip()), "key=value")
 
 
 def parse_head_params(items: Iterable[str]) -> dict:
@@ -188,9 +172,8 @@ def parse_head_params(items: Iterable[str]) -> dict:
     where they are one, else kept as strings)."""
     params = {}
     for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise PipelineError(f"--head-param takes key=value, got {item!r}")
+        check(dict(head_param=item), dict(head_param=_KEY_VALUE))
+        key, _, value = item.partition("=")
         if key.strip() in params:
             raise PipelineError(f"--head-param {key.strip()} is given twice")
         try:

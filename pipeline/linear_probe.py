@@ -16,16 +16,49 @@ objective per ``C`` is scikit-learn's (``LogisticRegression``: ``C * sum(log los
 from __future__ import annotations
 
 import contextlib
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.model_selection import train_test_split
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .batched import Group, GroupFitMixin, encode_classes, group_scaling, probabilities
 from .devices import resolve_device
-from .heads import StratifiedKFoldUpTo
+from .splitters import StratifiedKFoldUpTo
+from .validation import check_estimator_params
+
+
+class _Grid(Interval):
+    """The interval every value of a regularisation grid (``Cs``, ``alphas``) lies in, as a scikit-learn
+    constraint on the grid: one float or a non-empty 1-d array-like of floats."""
+
+    def __init__(self, left: float, closed: str):
+        super().__init__(Real, left, None, closed=closed)
+
+    def is_satisfied_by(self, val) -> bool:
+        try:
+            values = np.atleast_1d(np.asarray(val, dtype=np.float64))
+        except (TypeError, ValueError):
+            return False
+        return values.ndim == 1 and values.size > 0 and all(v in self for v in values)
+
+    def __str__(self) -> str:
+        low = "[" if self.closed == "left" else "("
+        return f"a float or a non-empty array-like of floats in the range {low}{self.left}, inf)"
+
+
+# what the three probes' shared parameters may be (scikit-learn's declaration, checked at fit)
+_SHARED = {
+    "max_iter": [Interval(Integral, 1, None, closed="left")],
+    "tol": [Interval(Real, 0, None, closed="left")],
+    "val_size": [Interval(Real, 0, 1, closed="neither")],
+    "scale_folds": ["boolean"],
+    "device": [str],
+    "random_state": ["random_state"],
+}
 
 
 class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
@@ -37,10 +70,9 @@ class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
     def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the
         group's scaler if it has one, all in one batch; every group holds every class of ``y``."""
+        check_estimator_params(self)
         classes, codes = encode_classes(y)
         Cs = np.sort(np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
-        if Cs.size == 0 or (Cs <= 0).any():
-            raise ValueError(f"Cs must be positive values, got {self.Cs!r}")
         for group in groups:
             group.splits = self._splits(codes[group.rows]) if Cs.size > 1 else []
         X = torch.tensor(X, dtype=torch.float32, device=resolve_device(self.device))
@@ -97,6 +129,11 @@ class TorchLogisticRegression(_LinearPathClassifier):
     loss) and ``n_iter_`` (L-BFGS iterations of the last step of the path).
     """
 
+    _parameter_constraints: dict = {
+        "Cs": [_Grid(0, closed="neither")], "cv": [Interval(Integral, 2, None, closed="left"), None],
+        **{k: _SHARED[k] for k in ("val_size", "scale_folds", "max_iter", "tol", "device", "random_state")},
+    }
+
     def __init__(self, Cs=tuple(np.logspace(-4, 2, 13)), cv: int | None = None, val_size: float = 0.2,
                  scale_folds: bool = False, max_iter: int = 300, tol: float = 1e-3, device: str = "auto",
                  random_state: int | None = 0):
@@ -135,6 +172,10 @@ class TorchLinearSVC(_LinearPathClassifier):
     ``TorchLogisticRegression`` (``path_`` holds 1 - accuracy)."""
 
     _loss = "squared_hinge"
+    _parameter_constraints: dict = {
+        "Cs": [_Grid(0, closed="neither")], "cv": [Interval(Integral, 2, None, closed="left")],
+        **{k: _SHARED[k] for k in ("scale_folds", "max_iter", "tol", "device", "random_state")},
+    }
 
     def __init__(self, Cs=tuple(np.logspace(-5, 0, 6)), cv: int = 5, scale_folds: bool = False, max_iter: int = 300,
                  tol: float = 1e-4, device: str = "auto", random_state: int | None = 0):
@@ -310,6 +351,10 @@ class TorchRidge(RegressorMixin, BaseEstimator):
     Several targets at once work too. ``device="auto"`` is CUDA when present. Learned: ``coef_``,
     ``intercept_``, ``alpha_``, ``path_`` (alpha, held-out error)."""
 
+    _parameter_constraints: dict = {
+        "alphas": [_Grid(0, closed="left")], **{k: _SHARED[k] for k in ("val_size", "device", "random_state")},
+    }
+
     def __init__(self, alphas=tuple(np.logspace(-2, 5, 15)), val_size: float = 0.2, device: str = "auto",
                  random_state: int | None = 0):
         self.alphas = alphas
@@ -323,10 +368,9 @@ class TorchRidge(RegressorMixin, BaseEstimator):
         return tags
 
     def fit(self, X, y):
+        check_estimator_params(self)
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True)
         alphas = np.sort(np.atleast_1d(np.asarray(self.alphas, dtype=np.float64)))
-        if alphas.size == 0 or (alphas < 0).any():
-            raise ValueError(f"alphas must be 0 or more, got {self.alphas!r}")
         dev = resolve_device(self.device)
         Y = torch.tensor(y.reshape(len(y), -1), dtype=torch.float64, device=dev)
         Xt = torch.tensor(X, dtype=torch.float64, device=dev)

@@ -22,9 +22,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .batched import Group, GroupFitMixin, encode_classes, group_scaling, probabilities
-from .devices import AMP, resolve_amp, resolve_device
+from .devices import AMP, COMPUTE_DTYPES, resolve_amp, resolve_device
+from .validation import check_estimator_params
 
-_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BETAS, _EPS = (0.9, 0.999), 1e-8  # MLPClassifier's defaults
 
 
@@ -69,7 +69,7 @@ class TorchMLPClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
     def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Train ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by
         the group's scaler if it has one, side by side; every group holds every class of ``y``."""
-        self._validate_params()
+        check_estimator_params(self)
         classes, codes = encode_classes(y)
         rng = check_random_state(self.random_state)
         seed = self.random_state if isinstance(self.random_state, Integral) else int(rng.randint(np.iinfo(np.int32).max))
@@ -105,7 +105,7 @@ class _Nets:
     def __init__(self, X: np.ndarray, codes: np.ndarray, n_classes: int, groups: list[Group], est: TorchMLPClassifier,
                  seed: int):
         self.dev = resolve_device(est.device)
-        self.dtype = _DTYPES[resolve_amp(est.amp, self.dev)]
+        self.dtype = COMPUTE_DTYPES[resolve_amp(est.amp, self.dev)]
         self.est, self.groups = est, groups
         d, h, o = X.shape[1], est.hidden_layer_size, 1 if n_classes == 2 else n_classes
         self.X = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.dev)

@@ -11,12 +11,13 @@ from typing import Iterator
 from joblib import parallel_config
 
 from .errors import PipelineError
-from .validation import check, one_of
+from .validation import one_of, validate_params
 
 BACKENDS = ("loky", "threading", "dask", "ray")
 
 
 @contextmanager
+@validate_params(dict(backend=one_of(*BACKENDS)))
 def parallel_backend(backend: str = "loky", address: str | None = None, n_jobs: int = -1) -> Iterator[None]:
     """Run the ``joblib.Parallel`` calls inside on ``backend``.
 
@@ -25,7 +26,6 @@ def parallel_backend(backend: str = "loky", address: str | None = None, n_jobs: 
     with ``ray.init(address)``. Both are optional extras (``pip install 'pipeline[dask]'`` / ``[ray]``);
     their workers need this package installed and, for heads that read the cache by chunks, the cache
     files at the same paths."""
-    check(dict(backend=backend), dict(backend=one_of(*BACKENDS)))
     if address and backend not in ("dask", "ray"):
         raise PipelineError(f"--cluster names a Dask or Ray cluster; it does not apply to --backend {backend}")
     workers = (os.cpu_count() or 1) if n_jobs < 0 else n_jobs

@@ -38,6 +38,7 @@ from timm.data.transforms import str_to_pil_interp
 
 from .data import Member, decode_pixels, is_plain_jpeg, load_image, read_bytes
 from .errors import PipelineError
+from .validation import unknown
 
 DEFAULT_CROP_PCT = 0.875  # timm's, when a data config has none
 _TORCH_FILTERS = ("bilinear", "bicubic")  # filters torch resizes antialiased
@@ -85,7 +86,7 @@ def list_decoders() -> dict[str, str]:
 
 def decode_path(name: str, data_config: dict, jpeg_draft: bool = True) -> DecodePath:
     if name not in _DECODERS:
-        raise PipelineError(f"unknown decode path {name!r}; choose from {', '.join(_DECODERS)}")
+        raise unknown("decode path", name, _DECODERS)
     return _DECODERS[name](data_config, jpeg_draft)
 
 

@@ -1,6 +1,6 @@
 """Rendering a run for people: the leaderboard as Markdown, confusion-matrix plots, the few-shot table,
 per-row reports, and ``report.html``, one static page with all of it and what produced it. The data
-behind them is the run folder's (:mod:`pipeline.runs`)."""
+behind them is the run folder's (:mod:`pipeline.evaluation`), whose files it writes by name."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import numpy as np
 from .errors import PipelineError
 from .files import atomic_path
 from .kinds import get_kind
-from .runs import LEADERBOARD, REPORT_FILE, Row, RunFolder, slug
+from .evaluation import Row, RunFolder
+from .validation import between, check
 
 FEWSHOT_COLUMNS = ("backbone", "weights", "tap", "task", "head", "shots", "draws", "eval", "n_test",
                    "acc_mean", "acc_std", "acc_min", "acc_max", "accuracies", "error")
@@ -37,7 +38,7 @@ def shown_columns(rows: Sequence[Row]) -> list[str]:
 def publish(run: RunFolder) -> dict[str, Path]:
     """Write the run's renderings from its rows: ``leaderboard.md``, each task's best confusion matrix
     and ``report.html``."""
-    md = run.path / f"{LEADERBOARD}.md"
+    md = run.artifact("leaderboard_md")
     with atomic_path(md) as tmp:
         tmp.write_text(markdown_table(run.rows()) + "\n")
     return {"md": md, **plot_best_confusions(run), "report": write_html_report(run)}
@@ -51,10 +52,9 @@ def time_summary(timings: dict[str, dict[str, float]]) -> str:
     return f"time: {stages}" + (f"; per head, summed over workers: {heads}" if heads else "")
 
 
-def write_fewshot(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_fewshot(rows: Sequence[dict], run: RunFolder) -> dict[str, Path]:
     """Write ``fewshot.csv`` and ``fewshot.json`` (one row per backbone, tap, task, head and shots)."""
-    out_dir = Path(out_dir)
-    paths = {"fewshot_csv": out_dir / "fewshot.csv", "fewshot_json": out_dir / "fewshot.json"}
+    paths = {name: run.artifact(name) for name in ("fewshot_csv", "fewshot_json")}
     with atomic_path(paths["fewshot_csv"]) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, FEWSHOT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -81,7 +81,7 @@ def write_html_report(run: RunFolder) -> Path:
     """Write ``report.html``: one static page (images inlined) with each task's leaderboard, accuracy by
     head × backbone, few-shot curves, confusion matrices, and the commands and versions behind them."""
     rows = run.rows()
-    few_path = run.path / "fewshot.json"
+    few_path = run.artifact("fewshot_json")
     fewshot = json.loads(few_path.read_text()) if few_path.is_file() else []
     e = html.escape
     body = [f"<h1>Run {e(run.path.name)}</h1>",
@@ -106,7 +106,7 @@ def write_html_report(run: RunFolder) -> Path:
         if protocol is not None:
             body.append(f"<p>Protocol {e(protocol.id)}: {e(protocol.describe())}.</p>")
         kind = get_kind(numbered[0][1].task_kind)
-        metric, low, high = kind.columns[:3]
+        metric, (low, high) = kind.primary, kind.interval
         best = next((r for _, r in numbered if r.comparable and r.scored), None)
         if best is not None:
             m = best.metrics
@@ -121,11 +121,11 @@ def write_html_report(run: RunFolder) -> Path:
         if any(r["task"] == task for r in fewshot):
             shots, table = fewshot_table(fewshot, task)
             body.append("<h3>Few-shot: accuracy against labelled examples per class</h3>")
-            body.append(_html_image(run.path / f"fewshot_{slug(task)}.png"))
+            body.append(_html_image(run.artifact("fewshot_plot", task)))
             body.append(_html_table(["head / backbone"] + shots, [[name] + vals for name, vals in table]))
-        if kind.name == "classification":
-            body.append("<h3>Confusion matrix of the best row</h3>" + _html_image(run.path / f"confusion_{slug(task)}.png"))
-    extra = sorted(run.path.glob("confusion_row*.png"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+        if kind.single_label:
+            body.append("<h3>Confusion matrix of the best row</h3>" + _html_image(run.artifact("confusion", task)))
+    extra = [p for n in range(1, len(rows) + 1) if (p := run.artifact("confusion_row", row=n)).is_file()]
     if extra:
         body.append("<h2>Confusion matrices of other rows</h2>" + "".join(_html_image(p) for p in extra))
     body.append("<h2>How this was made</h2>")
@@ -137,7 +137,7 @@ def write_html_report(run: RunFolder) -> Path:
                     f"<p>{e(', '.join(f'{k} {v}' for k, v in entry['versions'].items()))}; {e(entry['machine'])}</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pipeline report: {e(run.path.name)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-    path = run.path / REPORT_FILE
+    path = run.artifact("report")
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
@@ -153,7 +153,7 @@ pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}h2{border-bottom:2px sol
 def _html_leaderboard(numbered: list[tuple[int, Row]], kind) -> str:
     """The rows of one task with its kind's metric columns (the primary metric's interval in one cell)."""
     e = html.escape
-    metric, low, high, *others = kind.columns
+    metric, (low, high), others = kind.primary, kind.interval, kind.other_columns()
     head = ["#", "backbone", "tap", "head", "eval", "n", e(metric), "95 % CI", *map(e, others), "p vs best", "",
             "&gt; chance", "fit s", "note"]
     left = {1, 2, 3, len(head) - 1}
@@ -217,7 +217,7 @@ def _html_image(path: Path) -> str:
 def plot_best_confusions(run: RunFolder) -> dict[str, Path]:
     """``confusion_<task>.png`` of each task's best row, from its saved predictions."""
     files = {}
-    for task in dict.fromkeys(r.task for r in run.rows() if r.task_kind == "classification"):
+    for task in dict.fromkeys(r.task for r in run.rows() if get_kind(r.task_kind).single_label):
         try:
             best = run.best_row(task)
         except PipelineError:
@@ -225,7 +225,7 @@ def plot_best_confusions(run: RunFolder) -> dict[str, Path]:
         _, y_true, y_pred = run.read_predictions(best)
         title = f"{best.backbone} / {best.tap} / {best.head} on {task} ({best.eval}): acc {best.score:.3f}"
         classes = sorted(set(y_true) | set(y_pred))
-        files[f"confusion_{task}"] = plot_confusion(y_true, y_pred, classes, run.path / f"confusion_{slug(task)}.png", title)
+        files[f"confusion_{task}"] = plot_confusion(y_true, y_pred, classes, run.artifact("confusion", task), title)
     return files
 
 
@@ -236,16 +236,15 @@ def row_report(run_dir: str | os.PathLike, row: int) -> dict:
 
     run = RunFolder(run_dir)
     rows = run.rows()
-    if not 1 <= row <= len(rows):
-        raise PipelineError(f"--row {row} is out of range: {run_dir} has rows 1..{len(rows)}")
+    check(dict(row=row), dict(row=between(1, len(rows))))  # the run's rows, counted from 1
     r = rows[row - 1]
-    if r.task_kind != "classification":
-        raise PipelineError(f"row {row} is of a {r.task_kind} task; per-class reports are for classification rows")
+    if not get_kind(r.task_kind).single_label:
+        raise PipelineError(f"row {row} is of a {r.task_kind} task; per-class reports are for one class per image")
     _, y_true, y_pred = run.read_predictions(r)
     labels = sorted(set(y_true) | set(y_pred))
     per_class = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
     title = f"{r.backbone} / {r.tap} / {r.head} on {r.task} ({r.eval}): acc {r.score:.3f}"
-    png = plot_confusion(y_true, y_pred, labels, run.path / f"confusion_row{row}.png", title)
+    png = plot_confusion(y_true, y_pred, labels, run.artifact("confusion_row", row=row), title)
     return dict(row=r, labels=labels, per_class={c: per_class[c] for c in labels},
                 confusion=confusion_matrix(y_true, y_pred, labels=labels).tolist(), png=png)
 

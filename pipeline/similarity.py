@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .protocol import Protocol
+from .evaluation import Protocol
 
 # Calibrated on hymenoptera with tf_efficientnet_lite0 pooled features (benchmarks/audit_quality.py, README
 # "audit"): training images re-encoded into val (JPEG quality 50-90, resized to 50 % or 75 %, PNG) score

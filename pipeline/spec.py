@@ -9,6 +9,10 @@ was trained on, whether they come from the cache or are computed anew, and two c
 differ can never share a key.
 
 Where the weights file lies is not part of the spec (the same weights may move); its sha256 is.
+
+What a caller may ask of a spec (storage dtype, autocast, TTA, JPEG draft, decode path), with its
+default and allowed values, is one table, :data:`SPEC_INPUTS`; :func:`spec_rules` gives its rules to each
+route's table (:func:`pipeline.validation.validate_params`), so every route words a bad input alike.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from .validation import Rule, optional, registered
 
 SPEC_VERSION = 1
 # Features computed again through the same spec agree with stored ones to float16 rounding and
@@ -23,7 +30,48 @@ SPEC_VERSION = 1
 SAME_SPEC_MIN_COSINE = 0.999
 
 
-DEFAULT_DECODE = "pil"  # the decode path of new caches: the one every cache before decode paths was made with
+AMP = ("auto", "off", "bf16", "fp16")  # autocast requests; pipeline.devices.resolve_amp resolves auto
+
+
+def _decoders() -> tuple[str, ...]:
+    from .preprocess import list_decoders  # the registry needs torch: asked only when a value is checked
+
+    return tuple(list_decoders())
+
+
+@dataclass(frozen=True)
+class SpecInput:
+    """One input of the feature spec as a caller asks for it: its default for new work and the values it
+    may take (a callable: a registry's names, asked when a value is checked)."""
+
+    default: Any
+    choices: tuple | Callable[[], tuple]
+
+    def allowed(self) -> tuple:
+        return self.choices() if callable(self.choices) else self.choices
+
+    def rule(self) -> Rule:
+        """The :mod:`pipeline.validation` rule of its values (None passes where None is the default)."""
+        rule = registered(self.allowed)
+        return optional(rule) if self.default is None else rule
+
+
+# The one table of the spec's inputs: the defaults of the CLI, the Python API (extract, Featurizer.create,
+# planned_spec), the study file and finetune's --amp, and the values each may take. Not the defaults of
+# FeatureSpec's fields: those are what a spec written before a field existed is read with.
+SPEC_INPUTS: dict[str, SpecInput] = {
+    "dtype": SpecInput("float16", ("float16", "float32")),
+    "amp": SpecInput("auto", AMP),
+    "tta": SpecInput(None, ("flip",)),
+    "jpeg_draft": SpecInput(True, (True, False)),
+    "decode": SpecInput("pil", _decoders),
+}
+
+
+def spec_rules(*names: str) -> dict[str, Rule]:
+    """The rules of the inputs ``names`` (default: all), for a route's table: ``--amp must be one of auto,
+    off, bf16, fp16, got 'x'``, the one message every route gives."""
+    return {name: SPEC_INPUTS[name].rule() for name in names or SPEC_INPUTS}
 
 
 @dataclass(frozen=True)
@@ -33,9 +81,14 @@ class FeatureSpec:
     ``source``: where the backbone comes from (``timm``); ``backbone``: its name there;
     ``weights_sha256``: the weights; ``data_config``: timm's resolved preprocessing (size, crop,
     interpolation, mean, std); ``dtype``: storage dtype; ``amp``: autocast dtype of the forward pass
-    (``off``, ``bf16``, ``fp16``); ``tta``: test-time augmentation (``""`` or ``flip``); ``jpeg_draft``:
-    JPEGs decoded at reduced DCT scale where the resize allows; ``decode``: the decode path
-    (:mod:`pipeline.preprocess`: ``pil``, the only one before there were several, ``turbo``, ``nvjpeg``).
+    (``off``, ``bf16``, ``fp16``: resolved, never ``auto``); ``tta``: test-time augmentation (``""`` or
+    ``flip``); ``jpeg_draft``: JPEGs decoded at reduced DCT scale where the resize allows; ``decode``: the
+    decode path (:mod:`pipeline.preprocess`: ``pil``, the only one before there were several, ``turbo``,
+    ``nvjpeg``).
+
+    The fields' defaults are what a spec written before the field existed holds (autocast off, no TTA,
+    draft on, Pillow, timm): they are part of old caches' keys, so they never change. New work takes its
+    defaults from :data:`SPEC_INPUTS`.
     """
 
     backbone: str
@@ -90,5 +143,5 @@ def spec_from_attrs(attrs: dict) -> FeatureSpec:
     return FeatureSpec(
         backbone=str(attrs["backbone"]), weights_sha256=str(attrs["weights_sha256"]),
         data_config=json.loads(data_config) if isinstance(data_config, str) else data_config,
-        dtype=str(attrs["dtype"]), amp=str(attrs.get("amp", "off")), tta=str(attrs.get("tta") or ""),
+        dtype=str(attrs["dtype"]), amp=str(attrs.get("amp", FeatureSpec.amp)), tta=str(attrs.get("tta") or ""),
     )

@@ -16,7 +16,7 @@ import torch
 from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 
-from .errors import PipelineError
+from .validation import Rule, unknown
 
 Groups = tuple[list[dict], list[torch.nn.Parameter]]
 
@@ -42,23 +42,24 @@ def register_strategy(name: str, doc: str, needs_init: bool = False):
     return wrap
 
 
+def list_strategies() -> list[str]:
+    return list(_REGISTRY)
+
+
 def get_strategy(name: str) -> Strategy:
     if name not in _REGISTRY:
-        raise PipelineError(f"unknown --strategy {name!r}; choose {', '.join(_REGISTRY)}")
+        raise unknown("strategy", name, _REGISTRY)
     return _REGISTRY[name]
 
 
+# ``--unfreeze``: how many top block groups train, or all of them
+UNFREEZE = Rule(lambda v: str(v) == "all" or str(v).strip().isdigit(), "a number of top blocks (0 or more) or 'all'")
+
+
 def parse_unfreeze(unfreeze: str | int) -> int | None:
-    """``all`` -> None (every block group), else the number of top block groups to train."""
-    if str(unfreeze) == "all":
-        return None
-    try:
-        k = int(unfreeze)
-    except ValueError:
-        raise PipelineError(f"--unfreeze takes a number of top blocks or 'all', got {unfreeze!r}") from None
-    if k < 0:
-        raise PipelineError(f"--unfreeze must be 0 or more, got {k}")
-    return k
+    """``all`` -> None (every block group), else the number of top block groups to train (a value
+    :data:`UNFREEZE` accepts)."""
+    return None if str(unfreeze) == "all" else int(unfreeze)
 
 
 def _top_blocks(model: torch.nn.Module, settings) -> Groups:

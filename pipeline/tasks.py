@@ -19,7 +19,7 @@ from .cache import FeatureCache
 from .data import check_split
 from .errors import PipelineError
 from .kinds import get_kind, kind_of_columns
-from .protocol import eval_split
+from .evaluation import eval_split
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TaskData:
 
     @property
     def holdout_split(self) -> str | None:
-        """The split evaluated on (see :func:`pipeline.protocol.eval_split`); None means cross-validation."""
+        """The split evaluated on (see :func:`pipeline.evaluation.eval_split`); None means cross-validation."""
         return eval_split(self.splits)
 
     def holdout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

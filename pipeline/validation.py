@@ -1,30 +1,39 @@
 """Settings checked in one place and one message format, before any work starts.
 
-Each stage declares its rules once (``{"batch_size": at_least(1), "aug": one_of(...)}``) and calls
-:func:`check`; a bad value is a :class:`PipelineError` that names the flag, what it must be and what it
-got: ``--batch-size must be at least 1, got 0``. The command line and the Python API share the rules,
-so both say the same thing.
+Each setting is declared once, where it is defined, as scikit-learn declares ``_parameter_constraints``:
+a settings dataclass carries its table ``RULES`` (``{"batch_size": at_least(1), "aug": one_of(...)}``)
+and checks it with :meth:`Settings.check`; a function declares its table with :func:`validate_params`,
+which checks every call before the body runs. A bad value is a :class:`PipelineError` that names the
+flag, what it must be and what it got: ``--batch-size must be at least 1, got 0``. The command line and
+the Python API share the tables, so both say the same thing.
+
+The project's estimators declare scikit-learn's own ``_parameter_constraints`` and check them at
+``fit`` with :func:`check_estimator_params`: scikit-learn's constraints, the same message format, and
+scikit-learn's ``InvalidParameterError`` (a ``ValueError``). A name looked up in a registry that does not
+hold it is :func:`unknown`: ``unknown head 'svm'; choose from logreg, mlp, knn``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 from .errors import PipelineError
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A test a value must pass and the words for it (``at least 1``); ``None`` passes every rule when
-    ``optional``."""
+    """A test a value must pass and the words for it (``at least 1``; a callable for words known only
+    when a value is checked, as a registry's names); ``None`` passes every rule when ``optional``."""
 
     test: Callable[[Any], bool]
-    words: str
+    words: str | Callable[[], str]
     optional: bool = False
 
-    def __or__(self, other: "Rule") -> "Rule":
-        return Rule(lambda v: self.test(v) or other.test(v), f"{self.words} or {other.words}", self.optional or other.optional)
+    def describe(self) -> str:
+        return self.words() if callable(self.words) else self.words
 
 
 def at_least(low: float) -> Rule:
@@ -43,8 +52,24 @@ def between(low: float, high: float, high_open: bool = False, low_open: bool = F
     return Rule(test, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
 
 
-def one_of(*options: str) -> Rule:
-    return Rule(lambda v: v in options, f"one of {', '.join(options)}")
+def one_of(*options: Any) -> Rule:
+    return registered(lambda: options)
+
+
+def registered(names: Callable[[], Iterable]) -> Rule:
+    """One of the names ``names()`` gives when the value is checked (a registry's, later entries included)."""
+    return Rule(lambda v: v in tuple(names()), lambda: f"one of {', '.join(map(str, names()))}")
+
+
+def instance_of(*types: type, words: str) -> Rule:
+    """A type check (``words``: ``head names``)."""
+    return Rule(lambda v: isinstance(v, types), words)
+
+
+def list_of(item: Rule, nonempty: bool = False) -> Rule:
+    """A list or tuple (a string is not one) whose every item passes ``item``: ``a list of <words>``."""
+    return Rule(lambda v: isinstance(v, (list, tuple)) and (bool(v) or not nonempty) and all(map(item.test, v)),
+                lambda: f"a {'non-empty ' if nonempty else ''}list of {item.describe()}")
 
 
 def optional(rule: Rule) -> Rule:
@@ -52,19 +77,73 @@ def optional(rule: Rule) -> Rule:
     return Rule(rule.test, rule.words, optional=True)
 
 
-def check(values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
-    """Raise for the first value in ``values`` that breaks its rule: ``--name must be <words>, got <value>``."""
-    for name, rule in rules.items():
-        value = values[name]
-        if value is None and rule.optional:
-            continue
-        if not rule.test(value):
-            raise PipelineError(f"{flag(name)} must be {rule.words}, got {value!r}")
-
-
 def flag(name: str) -> str:
     """The command-line spelling of a parameter: ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
+
+
+def check(values: Mapping[str, Any], rules: Mapping[str, Rule], *, spell: Callable[[str], str] = flag,
+          error: type[Exception] = PipelineError) -> None:
+    """Raise ``error`` for the first value in ``values`` that breaks its rule: ``--name must be <words>,
+    got <value>`` (``spell`` writes the name; default: the command-line flag)."""
+    for name, rule in rules.items():
+        value = values[name]
+        if not (value is None and rule.optional) and not rule.test(value):
+            raise error(f"{spell(name)} must be {rule.describe()}, got {value!r}")
+
+
+class Settings:
+    """A dataclass of settings that declares their rules in ``RULES`` (field name -> :class:`Rule`)."""
+
+    RULES: ClassVar[Mapping[str, Rule]] = {}
+
+    def check(self) -> None:
+        """Raise for the first field that breaks its rule."""
+        check(vars(self), self.RULES)
+
+
+def validate_params(rules: Mapping[str, Rule], spell: Callable[[str], str] = flag) -> Callable:
+    """Decorator: check the arguments named in ``rules`` (defaults included) on every call, before the
+    body runs, as scikit-learn's ``validate_params``; the table stays on the function as ``RULES``."""
+
+    def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            check(bound.arguments, rules, spell=spell)
+            return fn(*args, **kwargs)
+
+        checked.RULES = rules
+        return checked
+
+    return wrap
+
+
+def check_estimator_params(estimator) -> None:
+    """Check an estimator's parameters against scikit-learn's ``_parameter_constraints`` of its class, at
+    ``fit`` (scikit-learn checks there, never in ``__init__``), worded as every other setting: ``alpha must be
+    a float in the range [0.0, inf), got -1``; scikit-learn's ``InvalidParameterError``, a ``ValueError``."""
+    from sklearn.utils._param_validation import InvalidParameterError, make_constraint
+
+    def rule(constraints: list) -> Rule:
+        made = [make_constraint(c) for c in constraints]
+        words = " or ".join(str(c) for c in made if not c.hidden)
+        return Rule(lambda v: any(c.is_satisfied_by(v) for c in made), words)
+
+    params = estimator.get_params(deep=False)
+    rules = {name: rule(c) for name, c in type(estimator)._parameter_constraints.items()
+             if name in params and c != "no_validation"}
+    check(params, rules, spell=str, error=InvalidParameterError)
+
+
+def unknown(what: str, value: Any, choices: Iterable, more: str = "") -> PipelineError:
+    """The error of a name a registry does not hold: ``unknown head 'svm'; choose from logreg, mlp``
+    (``more``: what else is accepted, ``or give module:Class``)."""
+    listed = ", ".join(map(str, choices)) + (f" {more}" if more else "")
+    return PipelineError(f"unknown {what} {value!r}; choose from {listed}")
 
 
 def _number(v) -> bool:

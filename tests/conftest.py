@@ -19,6 +19,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared"))
+PATCHED_CLI = Path(__file__).with_name("patched_cli.py")  # the CLI with faults and probes (see that file)
 TINY = "test_efficientnet.r160_in1k"
 TINY_VIT = "test_vit.r160_in1k"
 TINY_GN = "test_efficientnet_gn.r160_in1k"  # same preprocessing as TINY_VIT
@@ -68,6 +69,12 @@ def kill_when_rows(proc: subprocess.Popen, files: Callable[[], list[Path]], at_l
             return n
         time.sleep(0.02)
     return None
+
+
+def held_at(tmp_path: Path, name: str) -> dict[str, str]:
+    """Environment in which :data:`PATCHED_CLI` holds a run at the image ``name`` until ``tmp_path / "gate"``
+    exists, so the run is still writing however fast the machine is."""
+    return {"PIPELINE_TEST_FAULTS": f"{name}:gate", "PIPELINE_TEST_GATE": str(tmp_path / "gate")}
 
 
 def make_folder(root: Path, n_train: int = 12, n_val: int = 6, splits: bool = True, seed: int = 0) -> Path:

@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import shutil
 from importlib import import_module
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image
 from conftest import TINY, run_cli, shared_or_skip
 from pipeline import FeatureCache, PipelineError, Protocol, RunFolder, audit, extract, fit, neighbors
 from pipeline import similarity
-from pipeline.audit import joined_features, oof_plan
+from pipeline.stages.audit import joined_features
 
 featurizer_module = import_module("pipeline.featurizer")
 FLIPPED = ("train/red/red_003.jpg", "train/blue/blue_005.jpg")
@@ -92,7 +93,7 @@ def test_every_sample_is_predicted_once_by_a_model_that_never_saw_it(folds):
     y = np.array(["a", "b"] * 9, dtype=object)
     p = Protocol("t", "classification", "val" if folds[0] < 0 else "cv3", 0, np.arange(18).astype(str).astype(object),
                  y, np.array(folds))
-    plan = oof_plan(p, cv=3, seed=0)
+    plan = p.oof_plan(cv=3, seed=0)
     predicted = np.concatenate([test for _, test in plan])
     assert sorted(predicted) == list(range(18))
     assert all(not set(train) & set(test) for train, test in plan)
@@ -179,14 +180,14 @@ def test_audit_scores_on_a_runs_protocol_and_the_report_links_it(planted, tmp_pa
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(head="linear-svm"), "--head linear-svm gives no class probabilities"),
+    (dict(head="linear-svm"), "--head must be a head with class probabilities (logreg, torch-logreg, sgd, ...), got 'linear-svm'"),
     (dict(dup_threshold=1.5), "--dup-threshold must be in (0, 1], got 1.5"),
     (dict(map="pca"), "--map must be one of auto, umap, tsne, none, got 'pca'"),
     (dict(k=0), "--k must be at least 1, got 0"),
     (dict(run="nowhere"), "nowhere is not a fit run folder"),
 ])
 def test_bad_settings_are_refused_before_any_work(planted, tmp_path, settings, message):
-    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+    with pytest.raises(PipelineError, match=re.escape(message)):
         audit(planted["cache"], tmp_path / "a", **settings)
     assert not (tmp_path / "a").exists()
 

@@ -13,13 +13,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TINY, kill_when_rows, make_many, run_cli
+from conftest import PATCHED_CLI, TINY, held_at, kill_when_rows, make_many, run_cli
 from pipeline import FeatureCache
+from pipeline.cache import schema_problems
 from pipeline.locks import lock_holder
 
 pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
-
-PATCHED_CLI = Path(__file__).with_name("patched_cli.py")
 
 
 def _extract_cmd(data: Path, cache: Path, *extra: str) -> list[str]:
@@ -51,43 +50,42 @@ def _open_files(pid: int) -> set[str]:
 @pytest.mark.parametrize("moment", ["first file", "first rows", "mid-run"])
 def test_main_process_killed_alone_leaves_the_cache_free_at_once(tmp_path, moment):
     """SIGKILL of the main process only (as the OOM killer does): plain h5py opens the cache the instant
-    the process is gone, the decode workers die with it, and a re-run finishes the job."""
+    the process is gone, the decode workers die with it, and a re-run finishes the job, reusing the rows
+    the killed run left. The run is held at its last image, so it is always killed before it ends."""
     data = make_many(tmp_path / "many", 240)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(_extract_cmd(data, cache, "--workers", "2", "--batch-size", "2"),
+    proc = subprocess.Popen(_extract_cmd(data, cache, "--workers", "2", "--batch-size", "2", "--decode-timeout", "600"),
+                            env={**os.environ, **held_at(tmp_path, "0238.jpg")},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if moment == "first file":
         while proc.poll() is None and not list(cache.glob("*.h5")):
             time.sleep(0.002)
+        seen = 0
     else:
-        rows = 4 if moment == "first rows" else 100
-        assert kill_when_rows(proc, lambda: list(cache.glob("*.h5")), rows, lambda: []) is not None, proc.stderr.read()
+        seen = kill_when_rows(proc, lambda: list(cache.glob("*.h5")), 4 if moment == "first rows" else 100, lambda: [])
+        assert seen is not None, proc.stderr.read()
     workers = _children(proc.pid)
+    [path] = cache.glob("*.h5")
     if moment != "first file":
         assert len(workers) == 2
-        [path] = cache.glob("*.h5")
         held = {f for w in workers for f in _open_files(w) if f.startswith(str(cache))}
         assert not held, f"a decode worker holds {held}"
     os.kill(proc.pid, signal.SIGKILL)  # the main process alone, not its group
     proc.wait()
-    for path in cache.glob("*.h5"):
-        with h5py.File(path, "r") as f:  # plain h5py, with HDF5's file locking, at once
-            assert int(f["valid"][()].sum()) <= 240
-        assert lock_holder(path) is None
+    with h5py.File(path, "r") as f:  # plain h5py, with HDF5's file locking, at once
+        assert schema_problems(f, scan_values=True) == []  # whole rows: finite features, failures of known ids
+        left = int(f["valid"][()].sum())
+        assert seen <= left < 240 and not f.attrs["complete"]
+    assert lock_holder(path) is None
     deadline = time.time() + 2
     while not all(map(_gone, workers)) and time.time() < deadline:
         time.sleep(0.01)
     assert all(map(_gone, workers)), "decode workers outlived the main process"
     again = run_cli("extract", data, "--backbone", TINY, "--cache", cache, "--workers", "2", "--no-progress")
     assert again.returncode == 0, again.stderr
+    assert f"extracted {240 - left}, reused from cache {left}," in again.stdout, again.stdout
     with FeatureCache(next(cache.glob("*.h5"))) as c:
         assert c.valid.all() and c.attrs["complete"]
-
-
-def _held_at(tmp_path: Path, name: str) -> dict[str, str]:
-    """Environment that holds a run at the image ``name`` until ``tmp_path / "gate"`` exists, so the run is
-    still writing however fast the machine is."""
-    return {"PIPELINE_TEST_FAULTS": f"{name}:gate", "PIPELINE_TEST_GATE": str(tmp_path / "gate")}
 
 
 def test_second_writer_is_refused_before_any_slow_work(tmp_path):
@@ -97,7 +95,7 @@ def test_second_writer_is_refused_before_any_slow_work(tmp_path):
     cache = tmp_path / "cache"
     first_log, second_log = tmp_path / "first.events", tmp_path / "second.events"
     first = subprocess.Popen(_extract_cmd(data, cache, "--workers", "0", "--batch-size", "2"),
-                             env={**os.environ, "PIPELINE_TEST_EVENTS": str(first_log), **_held_at(tmp_path, "0121.jpg")},
+                             env={**os.environ, "PIPELINE_TEST_EVENTS": str(first_log), **held_at(tmp_path, "0121.jpg")},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert kill_when_rows(first, lambda: list(cache.glob("*.h5")), 2, lambda: []) is not None, first.stderr.read()
@@ -108,7 +106,7 @@ def test_second_writer_is_refused_before_any_slow_work(tmp_path):
         still_writing = first.poll() is None
         start = time.perf_counter()  # the same start-up, probes and imports, and nothing else, beside the same first writer
         path = os.pathsep.join([str(PATCHED_CLI.parent), os.environ.get("PYTHONPATH", "")])
-        subprocess.run([sys.executable, "-c", "import patched_cli, cli, pipeline.extract"], check=True,
+        subprocess.run([sys.executable, "-c", "import patched_cli, cli, pipeline.stages.extract"], check=True,
                        env={**os.environ, "PYTHONPATH": path, "PIPELINE_TEST_EVENTS": str(tmp_path / "imports.events")})
         print(f"\nsecond writer refused {seconds:.2f} s after its start; starting Python with the same imports alone: "
               f"{time.perf_counter() - start:.2f} s")
@@ -221,7 +219,7 @@ def test_a_file_system_without_locks(tmp_path):
     data = make_many(tmp_path / "many", 400)
     cache = tmp_path / "cache"
     first = subprocess.Popen(_extract_cmd(data, cache, "--workers", "1", "--batch-size", "1", "--decode-timeout", "600"),
-                             env={**env, **_held_at(tmp_path, "0201.jpg")},
+                             env={**env, **held_at(tmp_path, "0201.jpg")},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert kill_when_rows(first, lambda: list(cache.glob("*.h5")), 4, lambda: []) is not None, first.stderr.read()

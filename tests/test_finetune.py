@@ -17,7 +17,7 @@ from importlib import import_module
 from conftest import TINY, make_folder, run_cli
 from pipeline import FeatureCache, PipelineError, RunFolder, best_row, extract, finetune, load_head, load_task, predict
 
-finetune_module = import_module("pipeline.finetune")
+finetune_module = import_module("pipeline.stages.finetune")
 
 FAST = dict(batch_size=8, workers=0, device="cpu", progress=False)
 
@@ -150,7 +150,7 @@ def test_discriminative_learning_rates_decay_towards_the_stem(tiny_run, tmp_path
 
     from pipeline import FinetuneConfig
     from pipeline.backbones import load_backbone
-    from pipeline.finetune import _prepare
+    from pipeline.stages.finetune import _prepare
     from pipeline.strategies import get_strategy
 
     bb = load_backbone(TINY, device="cpu")
@@ -242,13 +242,13 @@ def test_refuses_to_lose_or_mix_runs(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(strategy="lp"), "unknown --strategy 'lp'; choose lp-ft, freeze-unfreeze, discriminative"),
+    (dict(strategy="lp"), "--strategy must be one of lp-ft, freeze-unfreeze, discriminative, got 'lp'"),
     (dict(strategy="lp-ft"), "--strategy lp-ft starts the classifier from a fit run's linear head: give --init"),
     (dict(aug="heavy"), "--aug must be one of light, standard, none, got 'heavy'"),
     (dict(bn="sync"), "--bn must be one of freeze, train, got 'sync'"),
     (dict(select_fraction=0.6), "--select-fraction must be in \\[0, 0.5\\), got 0.6"),
     (dict(accum_steps=0), "--accum-steps must be at least 1, got 0"),
-    (dict(unfreeze="top"), "--unfreeze takes a number of top blocks or 'all'"),
+    (dict(unfreeze="top"), "--unfreeze must be a number of top blocks \\(0 or more\\) or 'all', got 'top'"),
     (dict(label_smoothing=1.0), "--label-smoothing must be in \\[0, 1\\), got 1.0"),
 ])
 def test_bad_settings_are_named(tiny_run, tmp_path, kwargs, message):

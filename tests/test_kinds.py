@@ -2,7 +2,9 @@
 parsing, folds, metrics, chance, heads, predict columns and fine-tune loss."""
 
 import csv
+import importlib
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -85,7 +87,7 @@ def test_each_kind_has_its_columns_heads_and_chance(labelled):
 def test_multilabel_average_precision_is_scikit_learns():
     from sklearn.metrics import average_precision_score
 
-    from pipeline.kinds.multilabel import mean_ap
+    from pipeline.kinds.parts.scoring import mean_ap
 
     rng = np.random.default_rng(0)
     Y = (rng.random((200, 4)) < 0.3).astype(int)
@@ -162,3 +164,44 @@ def test_torch_ridge_is_scikit_learns_ridge():
     np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-9)
     results = check_estimator(TorchRidge(), on_fail=None)
     assert not [r["check_name"] for r in results if r["status"] == "failed"]
+
+
+@pytest.fixture
+def ordinal_kind():
+    """The ``ordinal`` kind of ``tests/ordinal_kind.py``, registered for one test and removed after, with
+    its metric (the module is forgotten too, so importing it again registers it again), and the sources'
+    cached map of label columns to kinds forgotten both times."""
+    from pipeline.kinds import _KINDS
+    from pipeline.kinds.metrics import _METRICS
+    from pipeline.sources import label_columns
+
+    label_columns.cache_clear()
+    yield importlib.import_module("ordinal_kind")
+    _KINDS.pop("ordinal", None)
+    _METRICS.pop("ordinal", None)
+    sys.modules.pop("ordinal_kind", None)
+    label_columns.cache_clear()
+
+
+def test_a_new_kind_is_one_module_of_parts(ordinal_kind, tiny_run, tmp_path):
+    """A kind made of the number, shuffled-split and R² parts with a metric of its own is read from its
+    label column, fit and scored like the built-in ones, and its metrics match its saved predictions."""
+    from sklearn.metrics import r2_score
+
+    data = tiny_run["data"]
+    ids = sorted(str(p.relative_to(data)) for p in data.rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    grades = tmp_path / "grades.csv"
+    grades.write_text("id,grade\n" + "".join(f"{i},{4 * ('red/' in i) + rng.integers(0, 4)}\n" for i in ids))
+    assert read_labels(grades).kind == "ordinal"
+    fit(tiny_run["cache"], tmp_path / "run", labels=[grades], n_jobs=1, progress=False)
+    run = RunFolder(tmp_path / "run")
+    [row] = [r for r in run.rows() if r.task == "grades"]
+    assert row.task_kind == "ordinal" and row.head == "sklearn.neighbors:KNeighborsRegressor" and row.n_test == 12
+    assert list(row.metrics)[:5] == ["r2", "r2_low", "r2_high", "chance", "within_one"]
+    _, y_true, y_pred = run.read_predictions(row)
+    assert y_true.dtype == y_pred.dtype == np.float64 and len(y_pred) == 12
+    assert row.metrics["r2"] == pytest.approx(r2_score(y_true, y_pred), abs=1e-9)
+    within_one = np.mean(np.abs(np.round(y_pred) - y_true) <= 1)
+    assert row.metrics["within_one"] == pytest.approx(within_one) and 0 < within_one < 1
+    assert row.metrics["r2"] > 0.3 and row.metrics["r2_low"] <= row.metrics["r2"] <= row.metrics["r2_high"]

@@ -62,7 +62,7 @@ def test_hf_cnn_has_pooled_and_layers_but_no_class_token(folder, tmp_path, hf_mo
                     progress=False)
     with FeatureCache(res.cache) as c:
         assert c.info()["taps"] == {"layer1": 8, "pooled": 64} and c.spec.data_config["crop_pct"] == 0.875
-    with pytest.raises(PipelineError, match="has no 'cls' tap; it has pooled"):
+    with pytest.raises(PipelineError, match=r"unknown tap 'cls'; choose from pooled or layer<i> \(the taps of hf:"):
         extract(folder, f"hf:{hf_models['cnn']}", tmp_path / "cache", taps=("cls",), workers=0, progress=False)
     with pytest.raises(PipelineError, match="no transformers vision model and image processor in"):
         extract(folder, f"hf:{tmp_path}", tmp_path / "cache", workers=0, progress=False)
@@ -121,3 +121,24 @@ def test_a_local_dir_cache_serves_new_images(folder, tmp_path, tiny_run, monkeyp
     monkeypatch.chdir(folder)
     [row] = predict(tmp_path / "run", [new])
     assert not row["error"] and row["prediction"]
+
+
+def test_a_specs_weights_are_found_by_its_model_source(tmp_path, tiny_weights_dir):
+    """predict and verify ask the source the spec names: timm checks each candidate file's sha256; the
+    others take the file given, else the one recorded, else resolve their own (the hub, the module)."""
+    from pipeline.backbones import file_sha256
+    from pipeline.model_sources import given_weights, model_source_named
+
+    timm_source, file = model_source_named("timm"), tiny_weights_dir / f"{TINY}.safetensors"
+    assert timm_source.find_weights(TINY, file_sha256(file), [], None) == file  # from $PIPELINE_WEIGHTS_DIR
+    with pytest.raises(PipelineError, match=f"no weights for {TINY} with sha256 000000000000: looked in "
+                                            f"{tmp_path / 'gone.safetensors'} \\(missing\\), {file} \\(other weights"):
+        timm_source.find_weights(TINY, "00" * 32, [tmp_path / "gone.safetensors"], None)
+    assert timm_source.find_weights(TINY, "00" * 32, [], "hub:timm/x") is None  # the hub has them
+    assert model_source_named("module").find_weights is model_source_named("hf").find_weights is given_weights
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert given_weights("m:f", "ab", [tmp_path / "x"], str(tmp_path / "w.safetensors")) == tmp_path / "x"
+    assert given_weights("m:f", "ab", [], str(tmp_path / "w.safetensors")) == tmp_path / "w.safetensors"
+    assert given_weights("m:f", "ab", [], "module:m:f") is None
+    with pytest.raises(PipelineError, match="unknown model source 'nope'; choose from hf, timm, module"):
+        model_source_named("nope")

@@ -48,7 +48,7 @@ def test_predict_reuses_cached_rows_without_running_the_backbone(tiny_run, monke
 
 def test_run_dir_uses_its_best_row(tiny_run):
     from pipeline import best_row
-    from pipeline.predict import resolve_model
+    from pipeline.stages.predict import resolve_model
 
     best = best_row(tiny_run["fit"].rows)
     assert resolve_model(tiny_run["run"]).head_path == tiny_run["run"] / best.head_file

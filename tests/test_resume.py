@@ -11,18 +11,20 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY, kill_when_rows, make_many, run_cli
+from conftest import PATCHED_CLI, TINY, held_at, kill_when_rows, make_many, run_cli
 from pipeline import FeatureCache, extract, fit
 
 pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
 
 
-def _start_extract(data, cache_dir, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    """`pipeline extract` in a subprocess, in small batches so there are many moments to interrupt."""
+def _start_extract(data, cache_dir, stderr=subprocess.DEVNULL, hold: dict[str, str] | None = None) -> subprocess.Popen:
+    """`pipeline extract` in a subprocess, in small batches so there are many moments to interrupt; with
+    ``hold`` (:func:`~conftest.held_at`), the test CLI held at an image, so it is still running when looked at."""
+    cli = [str(PATCHED_CLI)] if hold else ["-m", "pipeline"]
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
+        [sys.executable, *cli, "extract", str(data), "--backbone", TINY, "--cache", str(cache_dir),
          "--batch-size", "2", "--workers", "0", "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy(),
+        stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **(hold or {})},
     )
 
 
@@ -53,21 +55,26 @@ def test_kill_mid_run_then_resume(tmp_path):
 @pytest.mark.parametrize("trigger", ["0.5s", "1.5s", "3s", "first file"])
 def test_kill_at_any_moment_then_resume(tmp_path, trigger):
     """Killed during imports and model load, while the cache file is being created, or in the first
-    batches: whatever is left opens (or is absent), and the re-run ends with a clean run's features."""
+    batches: whatever is left opens (or is absent), and the re-run reuses its rows and ends with a clean
+    run's features. The run is held at its last image, so the kill always comes before its end."""
     data = make_many(tmp_path / "many", 120)
     cache_dir = tmp_path / "cache"
-    proc = _start_extract(data, cache_dir)
+    proc = _start_extract(data, cache_dir, hold=held_at(tmp_path, "0118.jpg"))
     deadline = time.time() + (float(trigger[:-1]) if trigger.endswith("s") else 60)
     while time.time() < deadline and proc.poll() is None:
         if trigger == "first file" and cache_dir.is_dir() and any(cache_dir.iterdir()):
             break
         time.sleep(0.005)
+    assert proc.poll() is None, "the run stopped before it was killed"
     proc.kill()
     proc.wait()
+    left = 0
     for path in cache_dir.glob("*.h5"):
         with FeatureCache(path) as c:  # whatever was left is a cache that opens
-            assert c.valid.sum() <= 120
+            left = int(c.valid.sum())
+            assert left < 120 and not c.attrs["complete"]
     [resumed] = extract(data, TINY, cache_dir, workers=0, progress=False)
+    assert resumed.reused == left and resumed.extracted == 120 - left
     [clean] = extract(data, TINY, tmp_path / "clean", workers=0, progress=False)
     with FeatureCache(resumed.cache) as a, FeatureCache(clean.cache) as b:
         assert a.valid.all() and a.attrs["complete"] and list(a.ids) == list(b.ids)
@@ -77,14 +84,15 @@ def test_kill_at_any_moment_then_resume(tmp_path, trigger):
 def test_reader_during_a_write_is_told_who_writes(tmp_path):
     data = make_many(tmp_path / "many")
     cache_dir = tmp_path / "cache"
-    proc = _start_extract(data, cache_dir)
+    proc = _start_extract(data, cache_dir, hold=held_at(tmp_path, "0121.jpg"))
     try:
         assert kill_when_rows(proc, lambda: list(cache_dir.glob("*.h5")), 4, lambda: []) is not None
         [path] = cache_dir.glob("*.h5")
         r = run_cli("cache", "info", path)
-        if proc.poll() is None:  # still writing when the reader looked
-            assert r.returncode == 1 and f"being written by another process (pid {proc.pid})" in r.stderr, r.stderr
+        assert proc.poll() is None  # held at 0121.jpg: still writing when the reader looked
+        assert r.returncode == 1 and f"being written by another process (pid {proc.pid})" in r.stderr, r.stderr
     finally:
+        (tmp_path / "gate").touch()
         proc.wait(timeout=120)
     assert proc.returncode == 0
     assert run_cli("cache", "info", path).returncode == 0  # and readable once it is done

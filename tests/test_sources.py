@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY
 from pipeline import FeatureCache, PipelineError, extract, fit, load_source
 from pipeline.data import content_hash
+from pipeline.sources import source_name
 
 
 
@@ -110,6 +111,18 @@ def test_damage_inside_shards_is_recorded_not_fatal(folder, tmp_path):
     damaged = [sid for sid in failures if sid.startswith("data-000002/")]
     assert any("damaged" in failures[sid] for sid in damaged)
     assert sum(v for sid, v in valid.items() if sid.startswith("data-000002/")) > 0  # what came before is kept
+
+
+def test_a_dotted_manifest_names_its_listing_its_cache_and_its_lock_alike(folder, tmp_path):
+    """A source's name is decided once: ``my.data.csv`` is ``my.data`` before listing (the early lock),
+    when listed and in the cache's file name, so the lock taken first is the written cache's own."""
+    manifest = folder / "my.data.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p.relative_to(folder)},{p.parent.name}\n"
+                                                 for p in sorted(folder.rglob("*.jpg"))))
+    assert source_name(manifest) == "my.data" == load_source(manifest).name
+    [res] = extract(manifest, TINY, tmp_path / "cache", workers=0, progress=False)
+    assert res.cache.name.startswith("my.data__")
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.lock")) == [f"{res.cache.name}.lock"]
 
 
 def test_label_columns_name_the_caches_task_kind(folder, tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import TINY
 from pipeline import FeatureCache, FeatureSpec, extract
-from pipeline.verify import verify
+from pipeline.stages.verify import verify
 
 
 def test_every_field_is_part_of_the_key():
@@ -78,3 +78,66 @@ def test_stored_hashes_compare_equal_to_fresh_ones_even_with_trailing_zero_bytes
         stored = dict(zip(c.ids, c.content_hash))
     assert stored["train/red/zero.jpg"] == content_hash(folder / "train" / "red" / "zero.jpg")
     assert all(stored[i] == content_hash(folder / i) for i in stored)
+
+
+def test_keys_of_existing_caches_never_change():
+    """A spec's key is in its cache's name: the same facts give the same key in every version. A record
+    written before ``amp``, ``jpeg_draft``, ``decode`` and ``source`` existed reads as what it was made
+    with (autocast off, draft, Pillow, timm), whatever the defaults of new work are."""
+    import json
+
+    from pipeline.spec import SPEC_INPUTS, spec_from_attrs
+
+    dc = {"input_size": [3, 160, 160], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+          "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": "center"}
+    old = dict(version=1, backbone="test_efficientnet.r160_in1k", weights_sha256="ab" * 32, data_config=dc,
+               dtype="float16", tta=None)
+    assert FeatureSpec.from_dict(old).key == "4218e6dc29"
+    attrs = dict(backbone=old["backbone"], weights_sha256="ab" * 32, data_config=json.dumps(dc), dtype="float16")
+    assert spec_from_attrs(attrs).key == "4218e6dc29"  # a cache from before the spec existed
+    full = dict(old, amp="bf16", tta="flip", jpeg_draft=False, decode="turbo", source="timm")
+    assert FeatureSpec.from_dict(full).key == "0078f64f8b"
+    assert FeatureSpec.from_dict(old).amp == "off" != SPEC_INPUTS["amp"].default == "auto"
+
+
+def test_every_route_takes_the_tables_defaults():
+    """The CLI, the Python API and finetune read one table; the study file passes on only what it sets."""
+    import inspect
+
+    import cli
+    from pipeline.featurizer import Featurizer, planned_spec
+    from pipeline.stages.finetune import FinetuneConfig
+    from pipeline.spec import SPEC_INPUTS
+
+    for route in (extract, Featurizer.create, planned_spec, cli.extract):
+        defaults = {k: inspect.signature(route).parameters[k].default for k in SPEC_INPUTS}
+        assert defaults == {k: i.default for k, i in SPEC_INPUTS.items()}, route
+    assert FinetuneConfig().amp == inspect.signature(cli.finetune).parameters["amp"].default == "auto"
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("amp", "fp8", "--amp must be one of auto, off, bf16, fp16, got 'fp8'"),
+    ("decode", "jpeg", "--decode must be one of pil, turbo, nvjpeg, got 'jpeg'"),
+    ("dtype", "int8", "--dtype must be one of float16, float32, got 'int8'"),
+    ("tta", "none", "--tta must be one of flip, got 'none'"),
+])
+def test_a_bad_input_gets_one_message_from_every_route(folder, tmp_path, name, bad, message):
+    """extract, the featurizer, the planned spec, finetune and the autocast resolver word it alike."""
+    import torch
+
+    from pipeline import finetune
+    from pipeline.devices import resolve_amp
+    from pipeline.errors import PipelineError
+    from pipeline.featurizer import Featurizer, planned_spec
+
+    routes = [lambda: extract(folder, TINY, tmp_path / "cache", workers=0, progress=False, **{name: bad}),
+              lambda: Featurizer.create(TINY, device="cpu", **{name: bad}),
+              lambda: planned_spec(TINY, device="cpu", **{name: bad})]
+    if name == "amp":
+        routes += [lambda: finetune(folder, TINY, tmp_path / "ft", device="cpu", progress=False, amp=bad),
+                   lambda: resolve_amp(bad, torch.device("cpu"))]
+    for route in routes:
+        with pytest.raises(PipelineError) as e:
+            route()
+        assert str(e.value) == message
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "ft").exists()

@@ -76,3 +76,37 @@ def test_bad_study_files_are_named(tmp_path, text, message):
     (tmp_path / "s.toml").write_text(text)
     with pytest.raises(PipelineError, match=message):
         run(tmp_path / "s.toml", dry_run=True)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a dry run loaded a model")
+
+
+def test_a_dry_run_names_the_caches_without_building_a_model(study, tmp_path, folder, monkeypatch):
+    """The plan is the model source's (weights file hash, pretrained config): the caches it names are
+    the ones extract writes, and it sees them complete, all without a model."""
+    from pipeline import extract
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.featurizer.load_backbone", _no_model)
+        plan = run(study, dry_run=True)
+    assert [(s.stage, s.needed) for s in plan[:2]] == [("extract", True), ("extract", True)]
+    written = extract(folder, [TINY, TINY_VIT], tmp_path / "cache", workers=0, progress=False)
+    assert [s.what for s in plan[:2]] == [f"{r.backbone} -> {r.cache.name}" for r in written]
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.featurizer.load_backbone", _no_model)
+        again = run(study, dry_run=True)
+    assert [(s.needed, s.reason) for s in again[:2]] == [(False, "the cache holds all 36 images")] * 2
+
+
+def test_a_dry_run_says_what_only_the_model_could_tell(tmp_path, folder, monkeypatch):
+    """A user's module is built to be hashed, and layer-1 counts from a last layer only the model knows:
+    the dry run says so instead of building it."""
+    (tmp_path / "s.toml").write_text(f'data = "{folder.name}"\nbackbones = ["user_nets:tiny_net", "{TINY}"]\n'
+                                     'out = "r"\n[extract]\ntaps = ["pooled", "layer-1"]\n')
+    monkeypatch.setattr("pipeline.featurizer.load_backbone", _no_model)
+    module, tiny, fit = run(tmp_path / "s.toml", dry_run=True)
+    assert module.line() == ("extract   run   user_nets:tiny_net -> cache name unknown until extraction: the "
+                             "cache's name is known once the model is loaded, and a dry run loads none")
+    assert tiny.needed and tiny.what.startswith(f"{TINY} -> shapes__") and "which layers its taps are" in tiny.reason
+    assert fit.needed

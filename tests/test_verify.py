@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY, make_image, run_cli
 from pipeline import extract
-from pipeline.verify import verify
+from pipeline.stages.verify import verify
 
 
 def _cache(folder, tmp_path):

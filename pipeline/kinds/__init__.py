@@ -5,9 +5,14 @@ A kind owns every decision that depends on what the labels are: how a label cell
 how rows are split into folds, what a head fits on and what it predicts, which metrics score those
 predictions (with their interval), what chance predicts and how a row is tested against it and against
 the best row, how rows are ranked, the columns ``predict`` writes, the default heads, and the loss a
-fine-tune trains with. The evaluation protocol (:mod:`pipeline.protocol`) and the stages ask the task's
-kind for each of them. Adding a kind is one module with a :class:`TaskKind` subclass and
-``@register_kind``.
+fine-tune trains with. The evaluation protocol (:mod:`pipeline.evaluation.protocol`) and the stages ask the task's
+kind for each of them, through :class:`TaskKind`'s methods.
+
+A kind is made of parts (:mod:`pipeline.kinds.parts`), one per concern: its labels, its splits, its
+scoring, its heads' predictions, its network's last layer. Adding a kind is one module: a class that
+lists a part of each concern and ``TaskKind``, sets its attributes, and is decorated with
+``@register_kind``; a metric beside the kind's own is a function with ``@register_metric``
+(:mod:`pipeline.kinds.metrics`).
 
 Predictions travel as one array per kind: class names (classification), a score matrix with a column
 per tag (multi-label), numbers (regression). ``names`` are the classes or tags a model predicts over,
@@ -21,24 +26,35 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import PipelineError
+from ..validation import unknown
+from .metrics import metrics_of, register_metric  # noqa: F401  (register_metric: the kinds' modules use it)
 
 _KINDS: dict[str, "TaskKind"] = {}
-BOOTSTRAP_DRAWS = 1000
 
 
 class TaskKind:
-    """The interface of a task kind (see the built-in ones in this package)."""
+    """The interface of a task kind, which every stage calls; the parts (:mod:`pipeline.kinds.parts`)
+    implement it, and where a default makes sense it is here."""
 
     name: str
     column: str  # the label file's column that says a table is of this kind
     primary: str  # the metric rows are ranked by first
-    columns: tuple[str, ...]  # the metric columns of a leaderboard row, in order
+    interval: tuple[str, str]  # the columns of the primary metric's 95 % interval (low, high)
+    core_columns: tuple[str, ...]  # what ``score`` computes: the primary metric, its interval, chance
     default_heads: tuple[str, ...]
+    estimator_type: str = "classifier"  # what a user's module:Class head must be (scikit-learn's word)
+    single_label: bool = False  # one class per image: confusion matrices, per-class reports, label issues apply
     fewshot: bool = False  # whether few-shot curves (k examples per class) apply
 
     def parse(self, cells: Sequence[str], where: Sequence[str]) -> np.ndarray:
         """Label cells as the kind's values; ``where[i]`` names the cell (``file:line``) for errors."""
         raise NotImplementedError
+
+    def values(self, values: Sequence) -> np.ndarray:
+        """Parsed label values (``parse``'s elements, gathered one by one) as one array of the kind's form."""
+        y = np.empty(len(values), dtype=object)
+        y[:] = list(values)
+        return y
 
     def format(self, y: np.ndarray) -> list[str]:
         """Values back to label cells (``parse`` reads them again)."""
@@ -69,8 +85,9 @@ class TaskKind:
         raise NotImplementedError
 
     def scores(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
-        """What ``predict`` reports of a fitted head (class probabilities, tag probabilities, numbers)."""
-        raise NotImplementedError
+        """What ``predict`` reports of a fitted head (class probabilities, tag probabilities, numbers), and
+        what a metric that ``needs="scores"`` reads; by default the predictions themselves."""
+        return self.predict(estimator, X, names)
 
     def chance(self, y_train: np.ndarray, n: int, names: list[str]) -> np.ndarray:
         """What the chance baseline predicts for ``n`` rows after seeing ``y_train``."""
@@ -78,9 +95,27 @@ class TaskKind:
 
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
               names: list[str]) -> dict:
-        """The metric columns of a row (``chance`` among them) and ``p_above_chance``, the one-sided
-        p-value that the row beats the chance baseline on the same rows."""
+        """The ``core_columns`` of a row and ``p_above_chance``, the one-sided p-value that the row beats
+        the chance baseline on the same rows."""
         raise NotImplementedError
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The metric columns of a leaderboard row, in order: the core ones, then the registered metrics."""
+        return (*self.core_columns, *(m.name for m in metrics_of(self.name)))
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether a registered metric reads scores (``scores``), which stages then pass beside predictions."""
+        return any(m.needs == "scores" for m in metrics_of(self.name))
+
+    def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
+                 names: list[str], scores: np.ndarray | None = None) -> dict:
+        """Every metric column of a row (``score`` and the registered metrics) and ``p_above_chance``."""
+        core = self.score(y_true, y_pred, y_chance, folds, names)
+        p_above_chance = core.pop("p_above_chance")
+        extra = {m.name: m(y_true, y_pred, scores, names) for m in metrics_of(self.name)}
+        return {**core, **extra, "p_above_chance": p_above_chance}
 
     def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
         """The ``primary`` metric alone (a fine-tune's epoch is chosen by it)."""
@@ -91,8 +126,9 @@ class TaskKind:
         raise NotImplementedError
 
     def rank_key(self, metrics: dict, fit_seconds: float | None) -> tuple:
-        """Higher is better."""
-        raise NotImplementedError
+        """A row's rank among a task's rows, higher is better: by default the primary metric, then the
+        faster fit."""
+        return (metrics[self.primary], -(fit_seconds or 0.0))
 
     def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
         """Predictions as text cells (a run's ``*.predictions.csv``); ``parse_predictions`` reads them."""
@@ -136,6 +172,21 @@ class TaskKind:
         """A fitted linear head (a scaler then a linear model) as last-layer weights on raw features."""
         raise NotImplementedError
 
+    def output_rows(self, W: np.ndarray, b: np.ndarray, classes: Sequence, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """A fitted head's last layer (rows in its ``classes`` order) as this kind's output units in ``names``
+        order: what an exported model computes its logits with."""
+        raise NotImplementedError
+
+    def torch_scores(self, logits):
+        """``logit_scores`` as a torch operation, inside an exported model's graph."""
+        raise NotImplementedError
+
+    scores_meaning: str = ""  # what ``scores`` are, for people reading an exported model's card
+
+    def other_columns(self) -> tuple[str, ...]:
+        """The metric columns beside the primary metric and its interval, in order."""
+        return tuple(c for c in self.columns if c not in (self.primary, *self.interval))
+
 
 def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
     """Class decorator: register a task kind under its ``name``."""
@@ -145,7 +196,7 @@ def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
 
 def get_kind(name: str) -> TaskKind:
     if name not in _KINDS:
-        raise PipelineError(f"unknown task kind {name!r}; choose from {', '.join(_KINDS)}")
+        raise unknown("task kind", name, _KINDS)
     return _KINDS[name]
 
 
@@ -165,30 +216,5 @@ def kind_of_columns(columns: Sequence[str], where: str) -> TaskKind:
     return found[0]
 
 
-def bootstrap(n: int, seed: int = 0, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
-    """``draws`` resamples of ``n`` rows as weights (how often each row is drawn), seeded: the same
-    resamples for every row of a task, so paired comparisons see the same draws."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
-
-
-def interval(values: np.ndarray) -> tuple[float, float]:
-    """The 95 % percentile interval of bootstrap values (NaN draws left out)."""
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def p_greater(diffs: np.ndarray) -> float:
-    """One-sided bootstrap p-value that a difference is above 0 (with the +1 that keeps it above 0)."""
-    diffs = diffs[np.isfinite(diffs)]
-    return float((np.sum(diffs <= 0) + 1) / (len(diffs) + 1))
-
-
-def p_two_sided(diffs: np.ndarray) -> float:
-    return min(1.0, 2 * min(p_greater(diffs), p_greater(-diffs)))
-
-
-from . import classification, multilabel, regression  # noqa: E402,F401  (registers the built-in kinds)
+from . import classification, multilabel, regression  # noqa: E402,F401,I001  (registers the built-in kinds)
+from . import auroc  # noqa: E402,F401  (metrics beside the kinds' own)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from ..devices import COMPUTE_DTYPES
 from ..errors import PipelineError
+from ..validation import unknown
 
 TAPS = ("pooled", "logits", "cls")  # plus layer<i>: intermediate i of the network, pooled
 LAYER = re.compile(r"layer(-?\d+)$")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -60,15 +61,15 @@ class Backbone:
                     raise PipelineError(f"{self.name} has layers 0..{n - 1}; {tap!r} is out of range")
                 tap = f"layer{i % n}"
             elif tap not in self.head_taps():
-                raise PipelineError(f"{self.name} has no {tap!r} tap; it has {', '.join(self.head_taps())} "
-                                    + ("and layer<i>" if self.n_layers else ""))
+                raise unknown("tap", tap, self.head_taps(),
+                              ("or layer<i> " if self.n_layers else "") + f"(the taps of {self.name})")
             out.append(tap)
         return tuple(dict.fromkeys(out))
 
     def autocast(self, amp: str | None = None) -> torch.autocast:
         """The autocast context of ``amp`` (default: this backbone's setting; disabled for ``off``)."""
         amp = amp or self.amp
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off")
+        return torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[amp], enabled=amp != "off")
 
     def forward(self, x: torch.Tensor, taps: tuple[str, ...], tta: str | None = None,
                 amp: str | None = None) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
@@ -81,8 +82,34 @@ def plan(name: str, weights: Path | None) -> tuple[str, str, dict] | None:
     return _full_name(name), file_sha256(file), plain(resolve_data_config(pretrained_cfg=cfg.to_dict()))
 
 
+def find_weights(name: str, weights_sha256: str, given: Sequence[Path], recorded: str | None) -> Path | None:
+    """The first weights file whose sha256 is ``weights_sha256``, among the files given, the recorded one
+    and ``$PIPELINE_WEIGHTS_DIR``'s; None when they came from the hub; an error naming every place looked
+    in when there is none (at once: a file's weights cannot be downloaded)."""
+    looked: list[str] = []
+    from_hub = (recorded or "").startswith("hub:")
+    candidates = [*given, *([Path(recorded)] if recorded and not from_hub else []), *weights_dir_candidates(name)]
+    for path in dict.fromkeys(candidates):
+        try:
+            file = resolve_weights_file(name, path)
+        except PipelineError:
+            looked.append(f"{path} (missing)")
+            continue
+        sha = file_sha256(file)
+        if sha == weights_sha256:
+            return file
+        looked.append(f"{file} (other weights, sha256 {sha[:12]})")
+    if from_hub:
+        return None
+    if not os.environ.get(WEIGHTS_DIR_ENV):
+        looked.append(f"${WEIGHTS_DIR_ENV} (not set)")
+    raise PipelineError(f"no weights for {name} with sha256 {weights_sha256[:12]}: looked in "
+                        f"{', '.join(looked)}; pass --weights FILE")
+
+
 @register_model_source("timm", "timm model names, hf-hub:ORG/NAME and local-dir:FOLDER (timm's own forms)",
-                       claims=lambda name: ":" not in name or name.startswith(TIMM_FORMS), plan=plan)
+                       claims=lambda name: ":" not in name or name.startswith(TIMM_FORMS), plan=plan,
+                       find_weights=find_weights)
 def load(name: str, weights: Path | None) -> Backbone:
     if name.startswith("local-dir:"):
         model, sha, source = _from_local_dir(name, weights)

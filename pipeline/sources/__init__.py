@@ -171,11 +171,18 @@ def load_source(source: str | os.PathLike, allow_outside_root: bool = False) -> 
 
 
 def source_name(source: str | os.PathLike) -> str:
-    """A source's short name (its folder's, or its file's without the extension), known without listing it."""
+    """A source's short name, which names its cache files: a folder's name; a file's without its extension
+    (``my.data.csv``: ``my.data``); a brace pattern's up to the brace (``data-{000..009}.tar``: ``data``).
+    Known without listing the source, so a cache can be locked before the slow work; every lister names
+    its listing with it."""
     path = _existing(Path(source))
     _source(path)
-    base = path.resolve() if path.is_dir() else path
-    return base.name if path.is_dir() else base.name.split(".")[0].split("{")[0].rstrip("-_") or base.parent.name
+    if path.is_dir():
+        return path.resolve().name
+    stem = path.name[:-len(path.suffix)] if path.suffix else path.name
+    if "{" in stem:
+        stem = stem.split("{")[0].rstrip("-_.")
+    return stem or path.parent.resolve().name
 
 
 def location_exists(location: str) -> bool:
@@ -200,11 +207,6 @@ def source_location(source: str | os.PathLike) -> str:
     records to tell two sources of one name apart."""
     path = Path(source)
     return str(path.parent.resolve() / path.name) if "{" in path.name else str(path.resolve())
-
-
-def read_member(member: Member) -> bytes:
-    """The bytes of an image inside a container (a tar shard, a parquet file)."""
-    return (parquet if member.column else webdataset).read(member)
 
 
 def _existing(path: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data import IMAGE_EXTENSIONS, SPLITS, is_image_file
 from ..errors import PipelineError
-from . import Columns, ImageSource, register_source
+from . import Columns, ImageSource, register_source, source_name
 
 
 @register_source("folder", "root/[split/]class/image", claims=lambda path: path.is_dir())
@@ -30,4 +30,4 @@ def list_folder(root: Path, allow_outside_root: bool) -> ImageSource:
         raise PipelineError(f"no images found under {root} (expected {root}/[split/]class/image with extensions "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     ids, labels, splits = listing.arrays()
-    return ImageSource(root.resolve().name, root, ids, labels, splits, lambda i: root / ids[i])
+    return ImageSource(source_name(root), root, ids, labels, splits, lambda i: root / ids[i])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from . import Columns, ImageSource, label_columns, register_source
+from . import Columns, ImageSource, label_columns, register_source, source_name
 
 
 @register_source("manifest", "a CSV with a path column (optional: id, split, label or labels or target)",
@@ -46,7 +46,7 @@ def list_manifest(path: Path, allow_outside_root: bool) -> ImageSource:
     _refuse_duplicates(ids, path)
     where = ids if paths == listing.ids else np.array(paths, dtype=object)
     folder = path.parent
-    return ImageSource(path.stem, folder, ids, labels, splits, lambda i: folder / where[i], label_kind=kind)
+    return ImageSource(source_name(path), folder, ids, labels, splits, lambda i: folder / where[i], label_kind=kind)
 
 
 def _refuse_duplicates(ids: np.ndarray, path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..data import Member
 from ..errors import PipelineError
-from . import Columns, ImageSource, label_columns, register_source
+from . import Columns, ImageSource, label_columns, register_source, source_name
 
 IMAGE_COLUMNS = ("image", "jpg", "png")
 
@@ -58,9 +58,8 @@ def list_parquet(path: Path, allow_outside_root: bool) -> ImageSource:
         raise PipelineError(f"{path}: ids are not unique; give each row a unique id column")
     file, group, row = listing.locators()
     column = {k: _image_column(pq.ParquetFile(f), f) for k, f in enumerate(files)}
-    return ImageSource(path.name[:-len(".parquet")] if path.suffix == ".parquet" else path.resolve().name,
-                       path if path.is_dir() else path.parent, ids, labels, splits,
-                       lambda i: Member(files[file[i]], int(group[i]), int(row[i]), column[file[i]]),
+    return ImageSource(source_name(path), path if path.is_dir() else path.parent, ids, labels, splits,
+                       lambda i: Member(files[file[i]], int(group[i]), int(row[i]), column[file[i]], reader=read),
                        label_kind=next(iter(kinds - {None}), "classification"), hashes=listing.hashes())
 
 

@@ -22,7 +22,7 @@ from braceexpand import braceexpand
 
 from ..data import IMAGE_EXTENSIONS, Member
 from ..errors import PipelineError
-from . import UNREADABLE, Columns, ImageSource, label_columns, register_source
+from . import UNREADABLE, Columns, ImageSource, label_columns, register_source, source_name
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # (key, extension): webdataset's base_plus_ext
 
@@ -40,9 +40,8 @@ def list_shards(path: Path, allow_outside_root: bool) -> ImageSource:
         listing.shard(k, shard)
     ids, labels, splits = listing.columns.arrays()
     shard, at, size = listing.columns.locators()
-    name = path.resolve().name if path.is_dir() else path.name.split(".")[0].split("{")[0].rstrip("-_")
-    return ImageSource(name, path if path.is_dir() else path.parent, ids, labels, splits,
-                       lambda i: Member(shards[shard[i]], int(at[i]), int(size[i])),
+    return ImageSource(source_name(path), path if path.is_dir() else path.parent, ids, labels, splits,
+                       lambda i: Member(shards[shard[i]], int(at[i]), int(size[i]), reader=read),
                        label_kind=listing.kind or "classification", hashes=listing.columns.hashes(),
                        read_errors=listing.errors)
 

@@ -1,6 +1,7 @@
 """The evaluation protocol: for one task, which images train and which are scored, and how rows are
 scored, tested and ranked. Decided once per task, written into the run folder, and asked by every stage
-that produces a row (``fit``, few-shot curves, ``finetune``) and by ``predict`` when it picks a row.
+that produces a row (``fit``, few-shot curves, ``finetune``), by ``audit`` for its out-of-fold plan, and
+by ``predict`` when it picks a row.
 
 - **Which images**: the task's ``val`` (else ``test``) split when it also has ``train`` rows; otherwise
   ``k`` seeded folds (stratified for classes) over every labelled image. Stored as one fold number per
@@ -24,9 +25,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import false_discovery_control
 
-from .errors import PipelineError
-from .files import atomic_path
-from .kinds import TaskKind, get_kind
+from ..errors import PipelineError
+from ..files import atomic_path
+from ..kinds import TaskKind, get_kind
 
 HOLDOUT_SPLITS = ("val", "test")
 TRAIN_ONLY = -1
@@ -106,18 +107,42 @@ class Protocol:
         keep = np.asarray(keep, bool)
         return Protocol(self.task, self.kind, self.eval, self.seed, self.ids[keep], self.y[keep], self.folds[keep])
 
-    def score(self, y_pred: np.ndarray) -> dict:
-        """The kind's metrics for predictions of the scored samples (in ``scored`` order), with the chance
-        baseline of each fold predicted from that fold's training labels, ``p_above_chance``, and
-        ``n_train``, ``n_test``."""
+    def score(self, y_pred: np.ndarray, scores: np.ndarray | None = None) -> dict:
+        """The kind's metrics for predictions of the scored samples (in ``scored`` order; ``scores``, the
+        kind's scores of them, for the metrics that rank), with the chance baseline of each fold predicted
+        from that fold's training labels, ``p_above_chance``, and ``n_train``, ``n_test``."""
         kind, scored, names = self.task_kind, self.scored, self.names
         parts = {}
         for train, test in self.splits():
             for i, c in zip(test, kind.chance(self.y[train], len(test), names)):
                 parts[i] = c
         chance = np.array([parts[i] for i in scored])
-        metrics = kind.score(self.y[scored], np.asarray(y_pred), chance, self.folds[scored], names)
+        metrics = kind.evaluate(self.y[scored], np.asarray(y_pred), chance, self.folds[scored], names, scores)
         return dict(n_train=int(len(self.refit())), n_test=int(len(scored)), **metrics)
+
+    def primary_score(self, idx: np.ndarray, y_pred: np.ndarray) -> float:
+        """The kind's primary metric of predictions of the samples ``idx`` (few-shot draws are scored so)."""
+        return self.task_kind.primary_score(self.y[idx], np.asarray(y_pred), self.names)
+
+    def fewshot_split(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """Where few-shot examples are drawn from and what scores them: the first split's training and
+        scored samples (the held-out split, or fold 0), and its name."""
+        pool, test = self.splits()[0]
+        return pool, test, f"{self.eval} fold 0" if self.cross_validated else self.eval
+
+    def oof_plan(self, cv: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(train, predict) index pairs that give every sample one prediction by a model that did not learn
+        from it (an audit's out-of-fold probabilities): the protocol's splits, plus ``cv`` seeded folds over
+        the training-only samples of a held-out protocol (fewer when a class is smaller)."""
+        plan = self.splits()
+        train_only = np.flatnonzero(self.folds == TRAIN_ONLY)
+        if len(train_only):
+            _, counts = np.unique(self.y[train_only], return_counts=True)
+            n_folds = min(cv, int(counts.min()))
+            if n_folds >= 2:
+                folds = self.task_kind.folds(self.y[train_only], n_folds, seed)
+                plan += [(train_only[folds != f], train_only[folds == f]) for f in range(n_folds)]
+        return plan
 
     def subsplit(self, idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray] | None:
         """``idx`` split into (kept, held) with ``fraction`` held out by the kind's splitter (seeded), to

@@ -1,9 +1,9 @@
 """The fit stage: train and compare heads on cached features, one leaderboard row per
 (cache, tap, task, head), each fitted head saved with the feature specs it needs to be used again.
 
-Which images train and which are scored is the task's evaluation protocol (:mod:`pipeline.protocol`),
-decided on the first fit into a run and reused by every later one, by few-shot curves and by
-``finetune``. A cross-validated head is scored out of fold, then refit on all rows for saving.
+Which images train and which are scored is the task's evaluation protocol, decided on the first fit
+into a run and reused by every later one, by few-shot curves and by ``finetune``; rows are scored, saved
+and read through the evaluation service (:mod:`pipeline.evaluation`). A cross-validated head is scored out of fold, then refit on all rows for saving.
 
 Heads hold their training features in memory, except the ``chunked`` ones (``sgd``), which read them
 from the cache file ``chunk_rows`` rows at a time, so a cache larger than memory can be fit.
@@ -11,7 +11,6 @@ from the cache file ``chunk_rows`` rows at a time, so a cache larger than memory
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -26,27 +25,24 @@ from joblib import Parallel, delayed
 from joblib.parallel import get_active_backend
 from sklearn.base import clone
 
-from .cache import FeatureCache, find_caches
-from .errors import PipelineError
-from .fewshot import parse_shots, plan_draws, plot_fewshot, summarise
-from .files import atomic_path
-from .heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads,
-                    save_head)
-from .kinds import TaskKind, get_kind
-from .parallel import parallel_backend
-from .progress import progress_bar
-from .protocol import Protocol, decide
-from .report import markdown_table, publish, time_summary, write_fewshot
-from .runs import Row, RunFolder, slug
-from .similarity import leak_message, near_copies, normalized
-from .tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from .validation import at_least, check
+from ..cache import FeatureCache, find_caches
+from ..errors import PipelineError
+from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
+from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
+from ..kinds import TaskKind, get_kind
+from ..parallel import parallel_backend
+from ..progress import progress_bar
+from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, open_task
+from ..report import markdown_table, publish, time_summary, write_fewshot
+from ..similarity import leak_message, near_copies, normalized
+from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
+from ..validation import Settings, at_least, instance_of, list_of, optional
 
 DEFAULT_HEADS = get_kind("classification").default_heads
 
 
 @dataclass
-class FitConfig:
+class FitConfig(Settings):
     """How ``fit`` fits: the heads (registry names or ``module:Class`` with ``head_params``; None: each
     task kind's defaults), the taps (default: every tap of each cache), the folds and seed of a task
     without a split, the parallel jobs and where they run, the row chunk of chunked heads, the
@@ -67,18 +63,14 @@ class FitConfig:
     cluster: str | None = None
     overwrite: bool = False
 
-    RULES = dict(cv=at_least(2), chunk_rows=at_least(1), draws=at_least(1))
+    RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2),
+                 chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1))
 
     def checked(self) -> tuple[list[str] | None, dict[str, dict]]:
         """Validate; the heads (each once; None for the kinds' defaults) and the parameters of each
         ``module:Class`` head."""
-        check(asdict(self), self.RULES)
-        if isinstance(self.heads, str):
-            names = [h.strip() for h in self.heads.split(",") if h.strip()]
-            raise PipelineError(f"heads takes a list of names, e.g. heads={names!r}, not the string {self.heads!r}")
+        self.check()
         heads = None if self.heads is None else list(dict.fromkeys(self.heads))
-        if heads == []:
-            raise PipelineError("no heads given; e.g. --heads logreg,mlp,knn")
         user_heads = [h for h in heads or () if ":" in h]
         if self.head_params and not user_heads:
             raise PipelineError("--head-param sets parameters of module:Class heads, and --heads names none")
@@ -146,7 +138,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     ``labels`` are label files or folders of them (every ``*.csv``), one task each, beside the caches'
     own labels. Settings are :class:`FitConfig`'s fields, as keywords (``heads=["logreg"], cv=5``) or a
     whole ``config``. Each row has the task kind's metrics with their interval, its chance baseline and
-    tests against chance and against the task's best row (see :mod:`pipeline.protocol`).
+    tests against chance and against the task's best row (see :mod:`pipeline.evaluation.protocol`).
 
     Into a run that has rows, rows are merged by key; a task whose protocol would differ (other images,
     folds or seed) is refused unless ``overwrite``. The fits run through joblib on ``backend``."""
@@ -194,19 +186,18 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
                 run.save_protocol(protocol)
             rows = [_row(run, src, head, params.get(head), res) for (src, head), res in zip(meta, results)]
     few_results = iter(results[len(jobs):])
-    fewshot = [{**m, **_few_summary(m, next(few_results) if job is not None else None)}
-               for m, job in zip(few_meta, few_jobs)]
+    fewshot = [_few_summary(m, next(few_results) if job is not None else None) for m, job in zip(few_meta, few_jobs)]
     per_head: dict[str, float] = {}
     for (_, head), res in zip(meta, results):
         per_head[head] = round(per_head.get(head, 0.0) + res["job_seconds"], 3)
 
     with _stage(stages, "write leaderboard"):
         all_rows = run.add_rows(rows)
-        files = {"csv": run.path / "leaderboard.csv", "json": run.path / "leaderboard.json"}
+        files = {"csv": run.artifact("leaderboard_csv"), "json": run.artifact("leaderboard")}
         if fewshot:
-            files.update(write_fewshot(fewshot, run.path))
+            files.update(write_fewshot(fewshot, run))
             for task in dict.fromkeys(r["task"] for r in fewshot):
-                files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.path / f"fewshot_{slug(task)}.png")
+                files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.artifact("fewshot_plot", task))
     timings = dict(stages=stages, heads=per_head)  # the report is written from run.json, so it holds no time of its own
     run.record("fit", dict(caches=[str(p) for p in paths], labels=[str(x) for x in labels],
                            **{**asdict(cfg), "heads": heads}), time.time() - started, timings)
@@ -268,8 +259,8 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
         everywhere = set(ref.ids).intersection(*(set(j.ids) for j in joined[1:]))
         keep = np.array([i in everywhere for i in ref.ids], bool)
         _check_same_labels(name, joined)
-        proposed = decide(name, get_kind(entries[0][2].kind), ref.ids[keep], ref.y[keep], ref.splits[keep], cfg.cv, cfg.seed)
-        protocol = proposed if cfg.overwrite else run.check_protocol(proposed)
+        labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep])
+        protocol, _ = open_task(labelled, cfg.cv, cfg.seed, run, "replace" if cfg.overwrite else "exact")
         protocols[name] = protocol
         for (path, cache, _), data in zip(entries, joined):
             where = dict(zip(data.ids, data.rows))
@@ -325,16 +316,19 @@ def _fewshot_jobs(sources: list[_Source], by_kind: dict[str, list[str]], params:
                 meta.append(dict(backbone=src.backbone, weights=src.weights, tap=src.tap, task=src.data.task,
                                  head=_head_label(head, params.get(head)), shots=k,
                                  draws=0 if isinstance(plan, str) else len(plan), eval=split, n_test=len(test),
-                                 _skip=plan if isinstance(plan, str) else ""))
+                                 _skip=plan if isinstance(plan, str) else "", _scored=(src.protocol, test)))
                 jobs.append(None if isinstance(plan, str) else
                             delayed(_in_worker)(warm, _fit_draws, head, params.get(head), cfg.seed, rows, plan, test))
     return jobs, meta
 
 
 def _few_summary(meta: dict, result: dict | None) -> dict:
-    skip = meta.pop("_skip")
-    accs = result["accuracies"] if result else None
-    return dict(**summarise(accs), accuracies=accs, error=skip or (result or {}).get("error", ""))
+    """A few-shot row: each draw's predictions scored by the task's protocol on its scored images."""
+    meta = dict(meta)
+    skip, (protocol, test) = meta.pop("_skip"), meta.pop("_scored")
+    preds = result["predictions"] if result else None
+    accs = None if preds is None else [protocol.primary_score(test, p) for p in preds]
+    return dict(**meta, **summarise(accs), accuracies=accs, error=skip or (result or {}).get("error", ""))
 
 
 class _Rows:
@@ -365,11 +359,17 @@ class _Rows:
 
     def predict(self, est, idx: np.ndarray) -> np.ndarray:
         """Predictions in the task kind's form (classes, tag probabilities, numbers)."""
-        kind = get_kind(self.kind)
+        return self._apply(get_kind(self.kind).predict, est, idx)
+
+    def scores(self, est, idx: np.ndarray) -> np.ndarray:
+        """What the kind scores the rows with (class probabilities) for the metrics that rank."""
+        return self._apply(get_kind(self.kind).scores, est, idx)
+
+    def _apply(self, fn, est, idx: np.ndarray) -> np.ndarray:
         if self.source is None:
-            return kind.predict(est, self.data.X[idx], self.names)
+            return fn(est, self.data.X[idx], self.names)
         with FeatureCache(self.source[0]) as cache:
-            return np.concatenate([kind.predict(est, self._read(cache, part), self.names) for part in self._parts(idx)])
+            return np.concatenate([fn(est, self._read(cache, part), self.names) for part in self._parts(idx)])
 
     def _parts(self, idx: np.ndarray):
         step = self.source[2]
@@ -406,61 +406,58 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
             models = rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit]))
             seconds = time.perf_counter() - start
             preds = [rows.predict(model, test) for model, (_, test) in zip(models, splits)]
+            scores = _scores(rows, models, splits)
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300],
                     job_seconds=time.perf_counter() - job_start)
-    y_pred = np.concatenate(preds)[np.argsort(scored, kind="stable")]  # in sample order, as the protocol scores
-    return dict(estimator=models[-1], y_pred=y_pred, seconds=round(seconds, 4), error="; ".join(notes),
+    order = np.argsort(scored, kind="stable")  # in sample order, as the protocol scores
+    return dict(estimator=models[-1], y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
+                scores=None if scores is None else scores[order], error="; ".join(notes),
                 job_seconds=time.perf_counter() - job_start)
+
+
+def _scores(rows: _Rows, models: list, splits: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """The scored rows' scores (class probabilities), in split order, for a kind with a metric that ranks;
+    None where the kind has none or the head gives no scores (its row then has no such metric)."""
+    if not get_kind(rows.kind).needs_scores:
+        return None
+    try:
+        return np.concatenate([rows.scores(model, test) for model, (_, test) in zip(models, splits)])
+    except (AttributeError, NotImplementedError):  # neither predict_proba nor decision_function
+        return None
 
 
 def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: list[np.ndarray], test: np.ndarray) -> dict:
     """Fit ``head`` on each few-shot draw's rows as the leaderboard fits it (the draws as one batched
-    problem where the head allows it), and score it on ``test``: the accuracies, or the first error."""
-    y = rows.data.y
+    problem where the head allows it), and predict ``test``: each draw's predictions, or the first error."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             models = rows.fit_subsets(create_head(head, seed, params, rows.kind), draws)
-        accs = [float((rows.predict(est, test) == y[test]).mean()) for est in models]
+        preds = [rows.predict(est, test) for est in models]
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
-        return dict(accuracies=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
-    return dict(accuracies=accs, error="")
+        return dict(predictions=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+    return dict(predictions=preds, error="")
 
 
 def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict) -> Row:
-    """The leaderboard row of one fit; its head, card and predictions saved into the run."""
-    protocol = src.protocol
-    row = Row(backbone=src.backbone, weights=src.weights, spec=src.spec, tap=src.tap, task=protocol.task,
-              head=_head_label(head, params), eval=protocol.eval, protocol=protocol.id, task_kind=protocol.kind,
-              cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"])
+    """The leaderboard row of one fit, scored by the task's protocol; its head (with its card) and
+    predictions saved into the run."""
+    protocol, label = src.protocol, _head_label(head, params)
+    identity = dict(backbone=src.backbone, weights=src.weights, spec=src.spec, tap=src.tap, head=label,
+                    cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"])
     if res["estimator"] is None:
-        return row
-    row.metrics = protocol.score(res["y_pred"])
-    row.n_train, row.n_test = row.metrics.pop("n_train"), row.metrics.pop("n_test")
-    row.p_above_chance = row.metrics.pop("p_above_chance")
-    row.fit_seconds = res["seconds"]
-    row.head_file = run.relative(_save(run, res["estimator"], row, src))
-    scored = protocol.scored
-    run.write_predictions(row, protocol.ids[scored], protocol.y[scored], res["y_pred"])
-    return row
-
-
-def _save(run: RunFolder, estimator, row: Row, src: _Source) -> Path:
-    """Save a fitted head and, beside it, its card: the task, its classes, and per backbone (in the order
-    of its features) the feature spec, where the weights were read from, and the cache."""
-    path = run.head_path(f"{'+'.join(p.stem for p, _ in src.parts)}__{row.tap}__{row.task}__{row.head}")
-    with atomic_path(path) as tmp:
-        save_head(estimator, tmp)
-    card = dict(head=row.head, task=row.task, task_kind=row.task_kind, tap=row.tap, classes=src.protocol.names,
-                backbone=row.backbone, eval=row.eval, protocol=row.protocol,
-                parts=[dict(spec=cache.spec.to_dict(), weights_source=str(cache.attrs.get("weights_source", "")),
-                            cache=Path(os.path.relpath(p.resolve(), path.parent.resolve())).as_posix(),
-                            cache_abs=str(p.resolve())) for p, cache in src.parts])
-    with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(card, indent=1))
-    return path
+        return run.score(protocol, None, **identity)
+    name = f"{'+'.join(p.stem for p, _ in src.parts)}__{src.tap}__{protocol.task}__{label}"
+    card = HeadCard(label, protocol.task, protocol.kind, src.tap, protocol.names, src.backbone, protocol.eval,
+                    protocol.id)
+    path = run.head_path(name)
+    card.parts = [HeadCard.part(cache.spec, str(cache.attrs.get("weights_source", "")), p, path)
+                  for p, cache in src.parts]
+    run.save_model(res["estimator"], card, name)
+    return run.score(protocol, res["y_pred"], res["scores"], fit_seconds=res["seconds"], head_file=run.relative(path),
+                     **identity)
 
 
 def _head_label(head: str, params: dict | None) -> str:

@@ -21,30 +21,34 @@ import csv
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .cache import FeatureCache, find_caches
-from .sources import load_source
-from .errors import PipelineError
-from .files import atomic_path
-from .heads import create_head
-from .kinds import get_kind
-from .protocol import HOLDOUT_SPLITS, TRAIN_ONLY, Protocol, decide
-from .runs import RunFolder, slug
-from .similarity import BLOCK, DUPLICATE_COSINE, knn, leak_message, near_copies, normalized, pairs_above
-from .tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from .validation import at_least, between, check, one_of
+from ..cache import FeatureCache, find_caches
+from ..sources import load_source
+from ..errors import PipelineError
+from ..files import atomic_path
+from ..heads import create_head, has_head
+from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, open_task
+from ..findings import AuditResult, TaskAudit, label_issues_file
+from ..similarity import BLOCK, DUPLICATE_COSINE, knn, near_copies, normalized, pairs_above
+from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
+from ..validation import Rule, Settings, at_least, between, one_of, unknown
 
 MAP_METHODS = ("auto", "umap", "tsne", "none")
 
 
+def _gives_probabilities(head) -> bool:
+    """Whether ``head`` names a classification head with ``predict_proba``, which cleanlab reads."""
+    return isinstance(head, str) and has_head(head, "classification") and hasattr(create_head(head), "predict_proba")
+
+
 @dataclass
-class AuditConfig:
+class AuditConfig(Settings):
     """How ``audit`` looks: the tap; the head whose out-of-fold probabilities cleanlab reads (a registry
     head with ``predict_proba``) and the folds and seed of a task without a split (or of its training
     images); the near-duplicate threshold; the neighbours an outlier score averages over; the map's
@@ -61,69 +65,9 @@ class AuditConfig:
     top: int = 24
     block: int = BLOCK
 
-    RULES = dict(cv=at_least(2), dup_threshold=between(0, 1, low_open=True), k=at_least(1), map=one_of(*MAP_METHODS),
+    RULES = dict(head=Rule(_gives_probabilities, "a head with class probabilities (logreg, torch-logreg, sgd, ...)"),
+                 cv=at_least(2), dup_threshold=between(0, 1, low_open=True), k=at_least(1), map=one_of(*MAP_METHODS),
                  map_points=at_least(10), top=at_least(1), block=at_least(1))
-
-    def check(self) -> None:
-        check(asdict(self), self.RULES)
-        if not hasattr(create_head(self.head, self.seed), "predict_proba"):
-            raise PipelineError(f"--head {self.head} gives no class probabilities, which cleanlab needs; "
-                                "use logreg, torch-logreg or sgd")
-
-
-@dataclass
-class TaskAudit:
-    """One task's findings: its protocol, the flagged label issues (rows of the CSV, most suspicious
-    first), and the scored images with a near-copy among their training images."""
-
-    task: str
-    protocol: Protocol
-    issues: list[dict]
-    leaked: list[str]
-    note: str = ""
-
-    def lines(self, out: Path) -> list[str]:
-        p = self.protocol
-        lines = [f"label issues in {self.task} ({p.eval}, {len(p.ids)} images): {len(self.issues)} flagged"
-                 + (f"; {out / label_issues_file(self.task)}" if p.kind == "classification" else "")]
-        if self.note:
-            lines.append(f"  note: {self.note}")
-        lines.append(f"  possible leakage: {leak_message(len(self.leaked), p)}")
-        return lines
-
-
-@dataclass
-class AuditResult:
-    """What ``audit`` found and where it wrote it."""
-
-    out: Path
-    tasks: list[TaskAudit]
-    duplicates: list[dict]  # rows of duplicates.csv: cross-split pairs first, then by similarity
-    outliers: list[dict]  # rows of outliers.csv: every image, most outlying first
-    map_method: str
-    files: dict[str, Path] = field(default_factory=dict)
-    threshold: float = DUPLICATE_COSINE
-
-    @property
-    def cross_split(self) -> list[dict]:
-        return [d for d in self.duplicates if d["cross"]]
-
-    def lines(self) -> list[str]:
-        """A summary for people, one finding a line."""
-        lines = [line for t in self.tasks for line in t.lines(self.out)]
-        if not self.tasks:
-            lines.append("label issues: no labels in the cache and no --labels file, so none looked for")
-        evaluated = {d["id_a"] for d in self.cross_split}
-        lines.append(f"near-duplicates (cosine >= {self.threshold:g}): {len(self.duplicates)} pairs, "
-                     f"{len(self.cross_split)} across train and val/test ({len(evaluated)} evaluation images); "
-                     f"{self.files['duplicates']}")
-        flagged = sum(o["outlier"] for o in self.outliers)
-        lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
-        if "map" in self.files:
-            lines.append(f"map ({self.map_method}): {self.files['map']}")
-        if "page" in self.files:
-            lines.append(f"page: {self.files['page']}")
-        return lines
 
 
 def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -154,7 +98,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     if cfg.map != "none" and len(found.ids) >= 5:
         coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
         result.files.update(_write_map(out, found.ids[shown], coords, found.colour()[shown], audits))
-    from .audit_page import write_page
+    from ..audit_page import write_page
 
     result.files["page"] = write_page(result, images, cfg.top)
     if run_folder is not None:
@@ -208,7 +152,7 @@ def joined_features(caches: list[FeatureCache], tap: str) -> tuple[np.ndarray, n
     parts = []
     for c in caches:
         if tap not in c.taps:
-            raise PipelineError(f"{c.path.name} has no tap {tap!r}; it has {', '.join(c.taps)}")
+            raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
         position = {sid: i for i, sid in enumerate(c.ids)}
         parts.append(normalized(c.features(tap, np.array([position[i] for i in ids]))))
     return ids, np.hstack(parts) / np.sqrt(len(parts))
@@ -222,27 +166,13 @@ def out_of_fold(X: np.ndarray, protocol: Protocol, head: str, cv: int, seed: int
     classes = np.unique(protocol.y.astype(str))
     y = protocol.y.astype(str)
     probs = np.full((len(y), len(classes)), np.nan)
-    for train, test in oof_plan(protocol, cv, seed):
+    for train, test in protocol.oof_plan(cv, seed):
         if len(np.unique(y[train])) < 2 or not len(test):
             continue
         est = create_head(head, seed).fit(X[train], y[train])
         probs[test] = 0.0
         probs[np.ix_(test, np.searchsorted(classes, est.classes_.astype(str)))] = est.predict_proba(X[test])
     return classes, probs
-
-
-def oof_plan(protocol: Protocol, cv: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, predict) index pairs that give each sample one prediction by a model that did not learn
-    from it: the protocol's splits, plus folds over the training-only samples of a held-out protocol."""
-    plan = protocol.splits()
-    train_only = np.flatnonzero(protocol.folds == TRAIN_ONLY)
-    if len(train_only):
-        _, counts = np.unique(protocol.y[train_only], return_counts=True)
-        n_folds = min(cv, int(counts.min()))
-        if n_folds >= 2:
-            folds = protocol.task_kind.folds(protocol.y[train_only], n_folds, seed)
-            plan += [(train_only[folds != f], train_only[folds == f]) for f in range(n_folds)]
-    return plan
 
 
 def rank_label_issues(y: np.ndarray, classes: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,17 +244,13 @@ def embed_2d(X: np.ndarray, method: str, seed: int, max_points: int) -> tuple[np
     return coords, shown, "t-SNE"
 
 
-def label_issues_file(task: str) -> str:
-    return f"label_issues_{slug(task)}.csv"
-
-
 def _audit_task(task: Task, data: TaskData, found: _Found, run: RunFolder | None, cfg: AuditConfig) -> TaskAudit:
     """The protocol of a task on the images that have features, its label issues and its leaked images."""
     protocol, note = _protocol(task, data, found.row_of, run, cfg)
     X = found.X[[found.row_of[i] for i in protocol.ids]]
     leaked = list(protocol.ids[near_copies(X, protocol, cfg.dup_threshold, cfg.block)])
-    if protocol.kind != "classification":
-        return TaskAudit(task.name, protocol, [], leaked, f"label issues need a classification task, not {protocol.kind}")
+    if not protocol.task_kind.single_label:
+        return TaskAudit(task.name, protocol, [], leaked, f"label issues need one class per image, not {protocol.kind}")
     classes, probs = out_of_fold(X, protocol, cfg.head, cfg.cv, cfg.seed)
     flagged, scores = rank_label_issues(protocol.y, classes, probs)
     split_of = dict(zip(data.ids, data.splits))
@@ -334,17 +260,14 @@ def _audit_task(task: Task, data: TaskData, found: _Found, run: RunFolder | None
 
 
 def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, cfg: AuditConfig) -> tuple[Protocol, str]:
-    """The run's stored protocol of the task, else one decided as ``fit`` decides it; on the images with
-    features here (``row_of``)."""
-    stored = run.protocol(task.name) if run is not None else None
-    if stored is None:
-        keep = np.array([i in row_of for i in data.ids], bool)
-        note = f"{run.path} holds no protocol for it; decided as fit decides" if run is not None else ""
-        return decide(task.name, get_kind(task.kind), data.ids[keep], data.y[keep], data.splits[keep], cfg.cv,
-                      cfg.seed), note
-    keep = np.array([i in row_of for i in stored.ids], bool)
-    missing = int((~keep).sum())
-    return stored.restricted(keep), (f"{missing} images of the run's protocol have no features here" if missing else "")
+    """The run's protocol of the task on the images with features here (``row_of``: the evaluation
+    service's ``within`` policy), else one decided as ``fit`` decides it."""
+    keep = np.array([i in row_of for i in data.ids], bool)
+    labelled = Labelled(task.name, task.kind, data.ids[keep], data.y[keep], data.splits[keep])
+    protocol, note = open_task(labelled, cfg.cv, cfg.seed, run, "within")
+    if run is not None and run.protocol(task.name) is None:
+        note = f"{run.path} holds no protocol for it; decided as fit decides"
+    return protocol, note
 
 
 def _image_paths(data: str | os.PathLike | None) -> dict[str, Path]:
@@ -358,7 +281,7 @@ def _write(result: AuditResult) -> dict[str, Path]:
     out = result.out
     files = {}
     for t in result.tasks:
-        if t.protocol.kind == "classification":
+        if t.protocol.task_kind.single_label:
             files[f"label_issues_{t.task}"] = _write_csv(out / label_issues_file(t.task), t.issues,
                                                          ("id", "given", "suggested", "score", "split"))
     files["duplicates"] = _write_csv(out / "duplicates.csv", result.duplicates,
@@ -411,7 +334,7 @@ def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
 def _record(run: RunFolder, result: AuditResult, caches: list[Path], labels: Sequence, cfg: AuditConfig,
             seconds: float) -> None:
     """Note the audit in the run (``run.json``) and write its report again, which then links to the page."""
-    from .report import publish
+    from ..report import publish
 
     run.record("audit", dict(caches=[str(p) for p in caches], labels=[str(x) for x in labels],
                              out=run.relative(result.out), page=run.relative(result.files["page"]), **asdict(cfg)), seconds)

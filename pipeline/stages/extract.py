@@ -26,18 +26,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .backbones import check_taps
-from .devices import resolve_device
-from .batches import default_workers
-from .cache import DTYPES, CacheWriter, cache_path, check_master, shard_path, write_master
-from .errors import PipelineError
-from .featurizer import Featurizer, planned_spec
-from .sources import ImageSource, load_source, source_location, source_name
-from .locks import lock_cache
-from .preprocess import list_decoders
-from .spec import DEFAULT_DECODE
-from .validation import at_least, check, one_of, optional, positive
-from .workers import DEFAULT_TIMEOUT, Workers
+from ..backbones import check_taps
+from ..devices import resolve_device
+from ..batches import default_workers
+from ..cache import CacheWriter, cache_path, check_master, shard_path, write_master
+from ..errors import PipelineError
+from ..featurizer import Featurizer, planned_spec
+from ..sources import ImageSource, load_source, source_location, source_name
+from ..locks import lock_cache
+from ..spec import SPEC_INPUTS, spec_rules
+from ..validation import at_least, optional, positive, validate_params
+from ..workers import DEFAULT_TIMEOUT, Workers
 
 
 @dataclass
@@ -58,9 +57,8 @@ class ExtractResult:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
 
-TTA = ("flip",)
-
-
+@validate_params(dict(batch_size=at_least(1), workers=optional(at_least(0)), decode_timeout=positive(),
+                      **spec_rules()))
 def extract(
     source: str | os.PathLike,
     backbones: str | Sequence[str],
@@ -70,12 +68,12 @@ def extract(
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
-    dtype: str = "float16",
-    amp: str = "auto",
+    dtype: str = SPEC_INPUTS["dtype"].default,
+    amp: str = SPEC_INPUTS["amp"].default,
     channels_last: bool = True,
-    tta: str | None = None,
-    jpeg_draft: bool = True,
-    decode: str = DEFAULT_DECODE,
+    tta: str | None = SPEC_INPUTS["tta"].default,
+    jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default,
+    decode: str = SPEC_INPUTS["decode"].default,
     compile: bool = False,
     retry_failed: bool = False,
     allow_outside_root: bool = False,
@@ -99,9 +97,6 @@ def extract(
         raise PipelineError("no backbone given; pass --backbone NAME (e.g. tf_efficientnet_lite0.in1k)")
     if weights is not None and len(names) > 1:
         raise PipelineError("--weights names one file, so give exactly one --backbone with it")
-    check(dict(dtype=dtype, batch_size=batch_size, tta=tta, workers=workers, decode_timeout=decode_timeout, decode=decode),
-          dict(dtype=one_of(*DTYPES), batch_size=at_least(1), tta=optional(one_of(*TTA)), workers=optional(at_least(0)),
-               decode_timeout=positive(), decode=one_of(*list_decoders())))
     pool = Workers(default_workers() if workers is None else workers, decode_timeout)
     taps = check_taps(taps)
     rank, world, own_group = _distributed()

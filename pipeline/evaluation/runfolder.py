@@ -4,7 +4,7 @@ Layout (every path stored inside is relative to the folder, so a run can be move
 and used from any directory)::
 
     RUN/leaderboard.json|.csv   the rows (``Row``), best first within each task
-    RUN/protocols/<task>.json   each task's evaluation protocol (pipeline.protocol)
+    RUN/protocols/<task>.json   each task's evaluation protocol (:mod:`pipeline.evaluation.protocol`)
     RUN/heads/<name>.skops      fitted heads, each with <name>.json (its card: classes, feature specs)
                                 and <name>.predictions.csv (the scored samples: id, true, predicted)
     RUN/finetune/<name>.predictions.csv   the same for rows of fine-tuned networks (the model folder
@@ -12,9 +12,13 @@ and used from any directory)::
     RUN/run.json                every stage that wrote here: command, parameters, versions, machine
                                 (an ``audit --run RUN`` too, with where its page is)
 
+    RUN/leaderboard.md, report.html, confusion_*.png, fewshot*   renderings (``ARTIFACTS`` names them all)
+
 Writing rows into a run that has some merges by row key (a row of the same backbone, feature spec,
-tap, task and head is replaced; the others stay) and ranks and tests every task again. Rows are only merged
-under the same protocol: a task evaluated on other images is refused unless the run is overwritten.
+tap, task and head is replaced; the others stay) and ranks and tests every task again. Every stage takes
+a task's protocol through ``open_task``: fit's rows only under the same protocol (a task evaluated on
+other images is refused unless the run is overwritten); finetune and audit on the protocol's images they
+have, a row scored on fewer of them shown apart.
 """
 
 from __future__ import annotations
@@ -28,92 +32,82 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .errors import PipelineError
-from .files import atomic_path
-from .kinds import get_kind
-from .protocol import Protocol, check_same, rank_and_test
+from ..errors import PipelineError
+from ..files import atomic_path
+from ..validation import one_of, unknown, validate_params
+from ..kinds import get_kind
+from .card import HeadCard
+from .protocol import Protocol, check_same, decide, rank_and_test
+from .rows import Row, best_row, columns, score_row
 
-LEADERBOARD, RUN_FILE, REPORT_FILE = "leaderboard", "run.json", "report.html"
+# Every file and folder a run owns, by name: stages ask ``RunFolder.artifact(name, task=..., row=...)``
+# and never spell a path; ``--overwrite`` removes exactly these.
+ARTIFACTS = {
+    "leaderboard": "leaderboard.json", "leaderboard_csv": "leaderboard.csv", "leaderboard_md": "leaderboard.md",
+    "run": "run.json", "report": "report.html", "fewshot_csv": "fewshot.csv", "fewshot_json": "fewshot.json",
+    "fewshot_plot": "fewshot_{task}.png", "confusion": "confusion_{task}.png", "confusion_row": "confusion_row{row}.png",
+}
 HEADS, PROTOCOLS, FINETUNE = "heads", "protocols", "finetune"
+
+# How a stage takes a task's protocol from a run (see ``open_task``).
+POLICIES = {
+    "exact": "the run's protocol, which the data must give exactly: the same images, labels, folds and seed "
+             "(fit: its rows are ranked with the run's)",
+    "within": "the run's protocol on those of its images the data has, labelled as the run labels them "
+              "(finetune and audit read images or features of their own)",
+    "replace": "decided anew from the data (fit --overwrite)",
+}
 
 
 @dataclass
-class Row:
-    """One leaderboard row: a model of one task scored under a protocol.
+class Labelled:
+    """A task's labelled samples as a stage sees them: what a protocol is decided on."""
 
-    ``stage`` is ``fit`` (a scikit-learn head on cached features) or ``finetune`` (a fine-tuned network);
-    ``head_file`` is the head, or the fine-tuned model's folder, relative to the run folder; ``metrics``
-    are the task kind's columns (``accuracy``, ``acc_low``, ... for classification); ``protocol`` is the
-    id of the protocol the row was scored under, and ``comparable`` says whether it is the task's;
-    ``spec`` is the key of the feature spec the features came through (``+``-joined when concatenated).
-    """
-
-    backbone: str
-    weights: str
-    tap: str
     task: str
-    head: str
-    eval: str
-    spec: str = ""
-    protocol: str = ""
-    stage: str = "fit"
-    task_kind: str = "classification"
-    n_train: int | None = None
-    n_test: int | None = None
-    metrics: dict = field(default_factory=dict)
-    fit_seconds: float | None = None
-    p_vs_best: float | None = None
-    same_as_best: bool | None = None
-    p_above_chance: float | None = None
-    above_chance: bool | None = None
-    comparable: bool = True
-    head_file: str = ""
-    predictions: str = ""
-    cache: str = ""
-    error: str = ""
+    kind: str
+    ids: np.ndarray
+    y: np.ndarray
+    splits: np.ndarray
 
-    @property
-    def key(self) -> tuple:
-        """What a re-run replaces: the same model of the same task on the same features (a fine-tune: the
-        same model folder)."""
-        return (self.stage, self.backbone, self.spec, self.tap, self.task, self.head,
-                self.head_file if self.stage == "finetune" else "")
-
-    @property
-    def scored(self) -> bool:
-        return bool(self.metrics) and self.metrics.get(get_kind(self.task_kind).primary) is not None
-
-    @property
-    def score(self) -> float | None:
-        """The kind's primary metric (accuracy for classification)."""
-        return self.metrics.get(get_kind(self.task_kind).primary)
-
-    def rank_key(self) -> tuple:
-        return get_kind(self.task_kind).rank_key(self.metrics, self.fit_seconds)
-
-    def to_dict(self) -> dict:
-        """Flat: the metrics are columns beside the others, as in the CSV."""
-        d = asdict(self)
-        return {**{k: v for k, v in d.items() if k != "metrics"}, **d["metrics"]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Row":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names}, metrics={k: v for k, v in d.items() if k not in names})
+    def decide(self, cv: int, seed: int) -> Protocol:
+        return decide(self.task, get_kind(self.kind), self.ids, self.y, self.splits, cv, seed)
 
 
-def columns(kinds: Sequence[str]) -> list[str]:
-    """The leaderboard's columns: identity, the kinds' metric columns, tests, files."""
-    metric_cols = list(dict.fromkeys(c for k in kinds for c in get_kind(k).columns))
-    return ["backbone", "weights", "spec", "tap", "task", "head", "eval", "n_train", "n_test", *metric_cols,
-            "p_vs_best", "same_as_best", "p_above_chance", "above_chance", "fit_seconds", "comparable", "protocol",
-            "stage", "task_kind", "head_file", "predictions", "cache", "error"]
+@validate_params(dict(policy=one_of(*POLICIES)), spell=str)
+def open_task(labelled: Labelled, cv: int, seed: int, run: "RunFolder | None" = None,
+              policy: str = "exact") -> tuple[Protocol, str]:
+    """The protocol a stage evaluates ``labelled`` under, and a note when it is not the whole of the run's:
+    the one policy by which every stage reuses a run's protocol (``POLICIES``). A run without the task
+    (or no run) gets one decided from the data (``val``/``test`` split, else ``cv`` seeded folds)."""
+    stored = run.protocol(labelled.task) if run is not None and policy != "replace" else None
+    if stored is None:
+        return labelled.decide(cv, seed), ""
+    if policy == "exact":
+        proposed = labelled.decide(cv, seed)
+        check_same(stored, proposed, str(run.path))
+        return proposed, ""
+    return _within(stored, labelled, run)
+
+
+def _within(stored: Protocol, labelled: Labelled, run: "RunFolder") -> tuple[Protocol, str]:
+    kind = stored.task_kind
+    given = dict(zip(labelled.ids, kind.format(labelled.y)))
+    cells = dict(zip(stored.ids, kind.format(stored.y)))
+    differ = next((i for i in stored.ids if i in given and given[i] != cells[i]), None)
+    if differ is not None:
+        raise PipelineError(f"{run.path}: task {stored.task!r} labels {differ!r} {cells[differ]!r}, the data "
+                            f"{given[differ]!r}")
+    keep = np.array([i in given for i in stored.ids], bool)
+    if keep.all():
+        return stored, ""
+    return stored.restricted(keep), (f"{int((~keep).sum())} of the {len(keep)} images of {run.path}'s protocol of "
+                                     f"{stored.task!r} are not among these; evaluated on the rest")
 
 
 class RunFolder:
@@ -128,10 +122,16 @@ class RunFolder:
 
     @property
     def exists(self) -> bool:
-        return (self.path / f"{LEADERBOARD}.json").is_file()
+        return self.artifact("leaderboard").is_file()
+
+    def artifact(self, name: str, task: str = "", row: int | None = None) -> Path:
+        """Where the run keeps ``name`` (a key of ``ARTIFACTS``), for ``task`` or leaderboard row ``row``."""
+        if name not in ARTIFACTS:
+            raise unknown("run folder artifact", name, ARTIFACTS)
+        return self.path / ARTIFACTS[name].format(task=slug(task), row=row)
 
     def rows(self) -> list[Row]:
-        path = self.path / f"{LEADERBOARD}.json"
+        path = self.artifact("leaderboard")
         if not path.is_file():
             return []
         return [Row.from_dict(d) for d in json.loads(path.read_text())]
@@ -148,20 +148,33 @@ class RunFolder:
         self._protocols.update({p.task: p for p in found})
         return {t: p for t, p in self._protocols.items() if p is not None}
 
-    def check_protocol(self, proposed: Protocol) -> Protocol:
-        """The run's protocol of ``proposed.task``: the stored one when it is the same, ``proposed`` when
-        the run has none; a different one is refused (see ``check_same``)."""
-        stored = self.protocol(proposed.task)
-        if stored is not None:
-            check_same(stored, proposed, str(self.path))
-        return proposed
-
     def save_protocol(self, protocol: Protocol) -> None:
         protocol.save(self._protocol_path(protocol.task))
         self._protocols[protocol.task] = protocol
 
     def head_path(self, name: str) -> Path:
         return self.path / HEADS / f"{slug(name)}.skops"
+
+    def save_model(self, estimator, card: HeadCard, name: str) -> Path:
+        """Save a fitted head as ``heads/<name>.skops`` with its card beside it; its path."""
+        from ..heads import save_head
+
+        path = self.head_path(name)
+        with atomic_path(path) as tmp:
+            save_head(estimator, tmp)
+        card.write(path)
+        return path
+
+    def score(self, protocol: Protocol, y_pred: np.ndarray | None, scores: np.ndarray | None = None,
+              **identity) -> Row:
+        """The row of a model (``identity``: backbone, head, ``head_file``, ...) scored by ``protocol`` on its
+        predictions (and ``scores``) of the scored samples (see ``score_row``), its predictions saved into
+        the run."""
+        row = score_row(protocol, y_pred, scores, **identity)
+        if y_pred is not None:
+            scored = protocol.scored
+            self.write_predictions(row, protocol.ids[scored], protocol.y[scored], y_pred)
+        return row
 
     def predictions_path(self, row: Row) -> Path:
         if row.stage == "finetune":
@@ -220,16 +233,16 @@ class RunFolder:
         self._protocols.clear()
         for name in (HEADS, PROTOCOLS, FINETUNE):
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for pattern in (f"{LEADERBOARD}.*", RUN_FILE, REPORT_FILE, "confusion_*.png", "fewshot*"):
-            for p in self.path.glob(pattern):
+        for pattern in ARTIFACTS.values():
+            for p in self.path.glob(pattern.format(task="*", row="*")):
                 p.unlink()
 
     def record(self, stage: str, parameters: dict, seconds: float, timings: dict | None = None) -> Path:
         """Add to ``run.json`` the command line, parameters, library versions and machine of a stage, and
         where its time went (``timings``), when it says."""
-        from .cache import library_versions
+        from ..cache import library_versions
 
-        path = self.path / RUN_FILE
+        path = self.artifact("run")
         old = json.loads(path.read_text()) if path.is_file() else []
         entry = dict(stage=stage, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), parameters=parameters,
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
@@ -241,7 +254,7 @@ class RunFolder:
         return path
 
     def history(self) -> list[dict]:
-        path = self.path / RUN_FILE
+        path = self.artifact("run")
         return json.loads(path.read_text()) if path.is_file() else []
 
     def _names(self, row: Row) -> list[str]:
@@ -259,24 +272,12 @@ class RunFolder:
     def _write_leaderboard(self, rows: list[Row]) -> None:
         dicts = [r.to_dict() for r in rows]
         cols = columns(dict.fromkeys(r.task_kind for r in rows))
-        with atomic_path(self.path / f"{LEADERBOARD}.csv") as tmp, tmp.open("w", newline="") as fh:
+        with atomic_path(self.artifact("leaderboard_csv")) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, cols, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(dicts)
-        with atomic_path(self.path / f"{LEADERBOARD}.json") as tmp:
+        with atomic_path(self.artifact("leaderboard")) as tmp:
             tmp.write_text(json.dumps(dicts, indent=1, default=_jsonable))
-
-
-def best_row(rows: Sequence[Row], task: str | None = None, linear: bool = False, backbone: str | None = None,
-             weights: str | None = None) -> Row | None:
-    """The best row that is scored under its task's protocol and has a model, optionally of ``task``, of
-    a linear head, of ``backbone``, of ``weights``. Rows are kept best first within each task, so it is
-    the first that matches."""
-    from .heads import is_linear
-
-    return next((r for r in rows if r.comparable and r.scored and r.head_file
-                 and (task is None or r.task == task) and (backbone is None or r.backbone == backbone)
-                 and (weights is None or r.weights == weights) and (not linear or is_linear(r.head, r.task_kind))), None)
 
 
 def slug(text: str) -> str:

@@ -24,17 +24,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .cache import FeatureCache, cache_path
-from .data import HASH_BYTES
-from .sources import load_source
-from .errors import PipelineError
+from ..cache import FeatureCache, cache_path
+from ..data import HASH_BYTES
+from ..sources import load_source
+from ..errors import PipelineError
 from .extract import extract
-from .featurizer import Featurizer
-from .spec import DEFAULT_DECODE
-from .finetune import FinetuneConfig, finetune
+from ..backbones import LAYER, check_taps
+from ..featurizer import Featurizer, planned_spec
+from ..spec import SPEC_INPUTS
+from .finetune import METRICS_FILE, STATE_FILE, FinetuneConfig, finetune
 from .fit import FitConfig, fit
-from .runs import RunFolder
-from .tasks import label_files
+from ..evaluation import RunFolder
+from ..tasks import label_files
 
 _EXTRACT = ("taps", "dtype", "amp", "tta", "jpeg_draft", "decode", "compile", "batch_size", "workers", "device",
             "channels_last")
@@ -119,7 +120,7 @@ def run(study: str | os.PathLike, dry_run: bool = False, progress: bool = True,
     ``log`` receives each step's line as it starts."""
     log = log or (lambda line: None)
     s = Study.read(study)
-    extracts, caches = _extract_steps(s, progress)
+    extracts, caches = _extract_steps(s, progress, load=not dry_run)
     steps = extracts + [_fit_step(s, caches, any(e.needed for e in extracts), progress)]
     steps += [_finetune_step(s, t, progress) for t in s.finetune]
     for step in steps:
@@ -129,26 +130,47 @@ def run(study: str | os.PathLike, dry_run: bool = False, progress: bool = True,
     return steps
 
 
-def _extract_steps(s: Study, progress: bool) -> tuple[list[Step], list[Path]]:
+def _extract_steps(s: Study, progress: bool, load: bool) -> tuple[list[Step], list[Path]]:
     """A step per backbone, skipped when its cache (found by the feature spec's key) already holds every
-    image of the data with the same bytes; and the caches."""
+    image of the data with the same bytes; and the caches (those known: see :func:`_planned`)."""
     src = load_source(s.data)
     digests, _ = src.content_hashes()
     hashes = {sid: bytes(h).ljust(HASH_BYTES, b"\0") for sid, h in zip(src.ids, digests)}
     settings = {k: v for k, v in s.extract.items() if k != "taps"}
-    taps = tuple(s.extract.get("taps", ("pooled",)))
+    taps = check_taps(s.extract.get("taps", ("pooled",)))
     steps, paths = [], []
     for name in s.backbones:
-        fz = Featurizer.create(name, device=settings.get("device", "auto"), amp=settings.get("amp", "auto"),
-                               dtype=settings.get("dtype", "float16"), tta=settings.get("tta"),
-                               jpeg_draft=settings.get("jpeg_draft", True), decode=settings.get("decode", DEFAULT_DECODE))
-        path = cache_path(s.cache, src.name, fz.spec)
-        paths.append(path)
-        todo = _pending(path, hashes, fz.backbone.resolve_taps(taps))
+        action = lambda name=name: extract(s.data, name, s.cache, taps=taps, progress=progress, **settings)  # noqa: E731
+        path, stored = _planned(s.cache, src.name, name, settings, taps, load)
+        if path is not None:
+            paths.append(path)
+        if stored is None:  # a dry run, and only the model could tell
+            unknown = "which layers its taps are" if path else "the cache's name"
+            steps.append(Step("extract", f"{name} -> {path.name if path else 'cache name unknown until extraction'}",
+                              True, f"{unknown} is known once the model is loaded, and a dry run loads none", action))
+            continue
+        todo = _pending(path, hashes, stored)
         steps.append(Step("extract", f"{name} -> {path.name}", todo > 0,
                           f"{todo} of {len(hashes)} images to compute" if todo else f"the cache holds all {len(hashes)} images",
-                          lambda name=name: extract(s.data, name, s.cache, taps=taps, progress=progress, **settings)))
+                          action))
     return steps, paths
+
+
+def _planned(cache_dir: Path, source: str, name: str, settings: dict, taps: tuple[str, ...],
+             load: bool) -> tuple[Path | None, tuple[str, ...] | None]:
+    """The cache a backbone's extraction writes and the taps it stores, from the feature spec planned
+    without building the model. Where the model source cannot plan (weights from the hub, a user's
+    module) or a tap counts layers from the last (``layer-1``), the model is loaded, unless ``load`` is
+    false: then None for what stays unknown."""
+    inputs = {k: settings[k] for k in ("device", *SPEC_INPUTS) if k in settings}
+    spec = planned_spec(name, **inputs)
+    from_last = any((m := LAYER.match(t)) and int(m.group(1)) < 0 for t in taps)
+    if spec is not None and not from_last:
+        return cache_path(cache_dir, source, spec), taps
+    if not load:
+        return (None if spec is None else cache_path(cache_dir, source, spec)), None
+    fz = Featurizer.create(name, **inputs)
+    return cache_path(cache_dir, source, fz.spec), fz.backbone.resolve_taps(taps)
 
 
 def _pending(path: Path, hashes: dict[str, bytes], taps: tuple[str, ...]) -> int:
@@ -179,7 +201,7 @@ def _fit_step(s: Study, caches: list[Path], extracting: bool, progress: bool) ->
                and json.loads(json.dumps(v, default=str)) != last.get(k)]
     if changed:
         return Step("fit", str(s.out), True, f"{', '.join(changed)} differ from the run's last fit", action)
-    built = (s.out / "leaderboard.json").stat().st_mtime
+    built = run_folder.artifact("leaderboard").stat().st_mtime
     if any(c.stat().st_mtime > built for c in caches):
         return Step("fit", str(s.out), True, "a cache changed since the last fit", action)
     if any(f.stat().st_mtime > built for f in label_files(s.labels) if f.exists()):
@@ -194,10 +216,10 @@ def _finetune_step(s: Study, t: dict, progress: bool) -> Step:
     backbone = t.get("backbone", s.backbones[0])
     init = s.out if t.get("init", True) else None
     own = {k: t[k] for k in ("labels", "weights", "budget_minutes", "workers", "device") if k in t}
-    metrics = out / "metrics.json"
+    metrics = out / METRICS_FILE
     state = json.loads(metrics.read_text()).get("stopped") if metrics.is_file() else None
     finished = state in ("finished", "early-stopping")
-    resume = not finished and any(out.glob("**/last.pt"))  # a cross-validated one keeps it per fold
+    resume = not finished and any(out.glob(f"**/{STATE_FILE}"))  # a cross-validated one keeps it per fold
     action = lambda: finetune(s.data, backbone, out, init, run=s.out, resume=resume, progress=progress,  # noqa: E731
                               **own, **settings)
     reason = "finished" if finished else "interrupted: it resumes" if resume else "not trained yet"

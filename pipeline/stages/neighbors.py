@@ -14,40 +14,40 @@ from typing import Sequence
 
 import numpy as np
 
-from .batches import default_workers
-from .cache import FeatureCache
-from .data import Sample, list_images
-from .errors import PipelineError
-from .featurizer import Part, part_features
-from .files import atomic_path
-from .similarity import knn, normalized
-from .validation import at_least, check, optional
+from ..batches import default_workers
+from ..cache import FeatureCache
+from ..data import Sample, list_images
+from ..errors import PipelineError
+from ..featurizer import Featurizer, Part, part_features
+from ..files import atomic_path
+from ..similarity import knn, normalized
+from ..validation import at_least, optional, unknown, validate_params
 
 COLUMNS = ("query", "rank", "id", "similarity", "label", "split", "error")
 
 
+@validate_params(dict(k=at_least(1), batch_size=at_least(1), workers=optional(at_least(0))))
 def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: int = 8, tap: str = "pooled",
               out: str | os.PathLike | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
               workers: int | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
     """The ``k`` nearest valid rows of ``cache`` for every image (files or folders): one dict per
     (image, rank) with the neighbour's ``id``, cosine ``similarity``, ``label`` and ``split``; an image
     that cannot be read gets one row with its ``error``. Written as CSV to ``out`` when given."""
-    check(dict(k=k, batch_size=batch_size, workers=workers),
-          dict(k=at_least(1), batch_size=at_least(1), workers=optional(at_least(0))))
     paths = list_images(list(images))
     if not paths:
         raise PipelineError("no images to find neighbours of")
     samples = [Sample(str(p), p) for p in paths]
     with FeatureCache(cache) as c:
         if tap not in c.taps:
-            raise PipelineError(f"{c.path.name} has no tap {tap!r}; it has {', '.join(c.taps)}")
+            raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
         rows = np.flatnonzero(c.valid)
         base = normalized(c.features(tap, rows))
         ids, labels, splits = c.ids[rows], c.labels[rows], c.splits[rows]
         own = {i: int(np.searchsorted(rows, r)) for i, r in c.rows_of_files(paths).items()}
         part = Part(c.spec, tap, str(c.attrs.get("weights_source", "")), [c.path])
-    feats, errors = part_features(part, samples, list(map(Path, weights)), batch_size,
-                                  default_workers() if workers is None else workers, device, progress)
+    load = lambda: Featurizer.load(part.spec, list(map(Path, weights)), part.weights_source, device)  # noqa: E731
+    feats, errors = part_features(part, samples, load, batch_size, default_workers() if workers is None else workers,
+                                  progress)
     done = sorted(feats)
     found = {}
     if done:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import load_backbone
-from .cache import FeatureCache, schema_problems
-from .data import content_hash
-from .sources import load_source
-from .errors import PipelineError
-from .featurizer import Featurizer
-from .locks import open_h5
-from .spec import SAME_SPEC_MIN_COSINE as MIN_COSINE
+from ..backbones import load_backbone
+from ..cache import FeatureCache, schema_problems
+from ..data import content_hash
+from ..sources import load_source
+from ..errors import PipelineError
+from ..featurizer import Featurizer
+from ..locks import open_h5
+from ..spec import SAME_SPEC_MIN_COSINE as MIN_COSINE
 
 
 @dataclass

@@ -1,0 +1,70 @@
+"""What an audit found: per task its protocol, label issues and leaked images; near-duplicate pairs,
+outliers and the map; and the names of the files they are written to. Read by ``audit`` (which makes
+them) and by its page (:mod:`pipeline.audit_page`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .evaluation import Protocol, slug
+from .similarity import DUPLICATE_COSINE, leak_message
+
+
+def label_issues_file(task: str) -> str:
+    return f"label_issues_{slug(task)}.csv"
+
+
+@dataclass
+class TaskAudit:
+    """One task's findings: its protocol, the flagged label issues (rows of the CSV, most suspicious
+    first), and the scored images with a near-copy among their training images."""
+
+    task: str
+    protocol: Protocol
+    issues: list[dict]
+    leaked: list[str]
+    note: str = ""
+
+    def lines(self, out: Path) -> list[str]:
+        p = self.protocol
+        lines = [f"label issues in {self.task} ({p.eval}, {len(p.ids)} images): {len(self.issues)} flagged"
+                 + (f"; {out / label_issues_file(self.task)}" if p.task_kind.single_label else "")]
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        lines.append(f"  possible leakage: {leak_message(len(self.leaked), p)}")
+        return lines
+
+
+@dataclass
+class AuditResult:
+    """What ``audit`` found and where it wrote it."""
+
+    out: Path
+    tasks: list[TaskAudit]
+    duplicates: list[dict]  # rows of duplicates.csv: cross-split pairs first, then by similarity
+    outliers: list[dict]  # rows of outliers.csv: every image, most outlying first
+    map_method: str
+    files: dict[str, Path] = field(default_factory=dict)
+    threshold: float = DUPLICATE_COSINE
+
+    @property
+    def cross_split(self) -> list[dict]:
+        return [d for d in self.duplicates if d["cross"]]
+
+    def lines(self) -> list[str]:
+        """A summary for people, one finding a line."""
+        lines = [line for t in self.tasks for line in t.lines(self.out)]
+        if not self.tasks:
+            lines.append("label issues: no labels in the cache and no --labels file, so none looked for")
+        evaluated = {d["id_a"] for d in self.cross_split}
+        lines.append(f"near-duplicates (cosine >= {self.threshold:g}): {len(self.duplicates)} pairs, "
+                     f"{len(self.cross_split)} across train and val/test ({len(evaluated)} evaluation images); "
+                     f"{self.files['duplicates']}")
+        flagged = sum(o["outlier"] for o in self.outliers)
+        lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
+        if "map" in self.files:
+            lines.append(f"map ({self.map_method}): {self.files['map']}")
+        if "page" in self.files:
+            lines.append(f"page: {self.files['page']}")
+        return lines

@@ -1,0 +1,83 @@
+"""What a fitted scikit-learn head predicts (``predict``: the form the scoring reads; ``scores``: what
+``predict`` reports and score-reading metrics get), and how predictions are written to a run's
+``*.predictions.csv`` and to ``predict``'s columns."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.special import expit, softmax
+
+from .labels import SEPARATOR
+
+
+class ClassPredictions:
+    """Class names, with class probabilities as scores."""
+
+    def predict(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
+        return np.asarray(estimator.predict(X), dtype=object)
+
+    def scores(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
+        """Class probabilities in ``names`` order; for heads without them (linear-svm, ridge), the softmax of
+        their margins, which ranks like them but is not calibrated."""
+        order = [list(map(str, estimator.classes_)).index(c) for c in names]
+        if hasattr(estimator, "predict_proba"):
+            return estimator.predict_proba(X)[:, order]
+        scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
+        if scores.ndim == 1:
+            scores = np.stack([-scores / 2, scores / 2], axis=1)
+        return softmax(scores, axis=1)[:, order]
+
+    def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
+        return [str(v) for v in y_pred]
+
+    def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
+        return np.array(list(cells), dtype=object)
+
+    def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
+        """The most probable class, and each class's probability."""
+        return [{"prediction": names[int(np.argmax(p))], **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
+                for p in scores]
+
+
+class TagPredictions:
+    """A probability per tag (a column per name), which are also the scores."""
+
+    def predict(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
+        """Each tag's probability (the sigmoid of the margins for heads without probabilities)."""
+        if not hasattr(estimator, "predict_proba"):
+            return expit(np.asarray(estimator.decision_function(X), dtype=np.float64)).reshape(len(X), -1)
+        p = estimator.predict_proba(X)
+        if isinstance(p, list):  # one (n, classes) array per tag (k nearest neighbours)
+            return np.stack([q[:, list(c).index(1)] if 1 in c else np.zeros(len(X))
+                             for q, c in zip(p, estimator.classes_)], axis=1)
+        return np.asarray(p, dtype=np.float64)
+
+    def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
+        return [SEPARATOR.join(f"{v:.6g}" for v in row) for row in y_pred]
+
+    def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
+        rows = [[float(v) for v in c.split(SEPARATOR)] for c in cells]
+        return np.array(rows, dtype=np.float64).reshape(len(cells), len(names))
+
+    def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
+        """The tags at or above 0.5, and each tag's probability."""
+        return [{"prediction": SEPARATOR.join(t for t, v in zip(names, p) if v >= 0.5),
+                 **{f"prob_{t}": float(v) for t, v in zip(names, p)}} for p in scores]
+
+
+class NumberPredictions:
+    """A number per image, which is also the score."""
+
+    def predict(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
+        return np.asarray(estimator.predict(X), dtype=np.float64).ravel()
+
+    def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
+        return [repr(float(v)) for v in y_pred]
+
+    def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
+        return np.array([float(c) for c in cells], dtype=np.float64)
+
+    def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
+        return [{"prediction": float(v)} for v in scores]

@@ -1,0 +1,181 @@
+"""The predict stage: a saved model (a run's best row, one saved head, or a fine-tuned model folder) on
+new images, one row per image with the prediction and its scores.
+
+Every feature goes through the feature spec the model was trained on (weights, preprocessing, autocast,
+test-time augmentation, decoding): images already in the cache it was fit on (same bytes, same spec)
+are read from there, the others run through a backbone built from that spec, so both give the same
+prediction. :class:`LoadedModel` holds a model's backbones and head once loaded: ``predict`` makes one per
+call, the service (:mod:`pipeline.serve`) keeps one for every request.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..batches import default_workers
+from ..data import Sample, list_images
+from ..errors import PipelineError
+from ..evaluation import HeadCard, Protocol, Row, RunFolder
+from ..featurizer import Featurizer, Part, part_features
+from ..files import atomic_path
+from ..heads import load_head
+from ..kinds import get_kind
+from ..modeldir import MODEL_FILE, is_model_dir, read_config
+from ..spec import FeatureSpec
+from ..validation import at_least, between, check, optional, validate_params
+
+
+@dataclass
+class Model:
+    """What predict runs: the parts whose features it concatenates, then a scikit-learn head, or (for a
+    fine-tuned network, ``head_path`` None) its own classifier's logits; ``row`` and ``protocol``: the
+    leaderboard row it is and its task's protocol, when it was chosen from a run folder."""
+
+    classes: list[str]
+    parts: list[Part]
+    task_kind: str = "classification"
+    head_path: Path | None = None
+    extra_weights: list[Path] = field(default_factory=list)  # a model folder's own weights file
+    row: Row | None = None
+    protocol: Protocol | None = None
+
+
+def resolve_model(model: str | os.PathLike, task: str | None = None, row: int | None = None) -> Model:
+    """A fit run folder (its best row, of ``task`` if given, or its leaderboard row ``row``, counted from 1
+    as in ``leaderboard.md``), a ``.skops`` head, or a fine-tuned model folder."""
+    path = Path(model)
+    run = RunFolder(path)
+    if path.is_dir() and run.exists:
+        chosen = run.best_row(task) if row is None else _numbered_row(run, row, task)
+        found = run.resolve(chosen.head_file)
+        if not found.exists():
+            raise PipelineError(f"{path}: its row for task {chosen.task!r} ({chosen.head}) is at {chosen.head_file}, "
+                                f"relative to the run, and {found} does not exist; copy it along with the run")
+        return replace(resolve_model(found), row=chosen, protocol=run.protocol(chosen.task))
+    if row is not None:
+        raise PipelineError(f"--row picks a row of a fit run folder, and {path} is not one")
+    if path.is_dir() and is_model_dir(path):
+        cfg = read_config(path)
+        weights = path / MODEL_FILE
+        spec = FeatureSpec.from_dict(cfg["feature_spec"])
+        return Model(cfg["classes"], [Part(spec, "logits", str(weights.resolve()))], cfg.get("task_kind", "classification"),
+                     extra_weights=[weights])
+    if path.suffix == ".skops" and path.is_file():
+        card = HeadCard.read(path)
+        parts = [Part(p.spec, card.tap, p.weights_source, p.caches(path.parent)) for p in card.parts]
+        return Model(card.classes, parts, card.task_kind, path)
+    raise PipelineError(
+        f"cannot use {path} as a model: give a fit run folder (with leaderboard.json), a .skops head, "
+        "or a fine-tuned model folder (with model.safetensors and config.json)"
+    )
+
+
+def _numbered_row(run: RunFolder, row: int, task: str | None) -> Row:
+    rows = run.rows()
+    check(dict(row=row), dict(row=between(1, len(rows))))  # the run's rows, counted from 1
+    chosen = rows[row - 1]
+    if task is not None and chosen.task != task:
+        raise PipelineError(f"row {row} of {run.path} is of task {chosen.task!r}, not {task!r}; give --row or --task")
+    if not chosen.head_file:
+        raise PipelineError(f"row {row} of {run.path} ({chosen.head} on {chosen.task}) has no saved model: "
+                            f"{chosen.error or 'it was not scored'}")
+    return chosen
+
+
+class LoadedModel:
+    """A model resolved and its head loaded once, its backbones loaded on first need and kept, to predict
+    batch after batch: ``predict`` makes one per call, the service one for all its requests. With
+    ``from_cache``, images whose bytes are in the cache the head was fit on (same spec) are read from
+    there; the service computes every image instead, so it needs no cache (and none being written)."""
+
+    def __init__(self, model: str | os.PathLike, task: str | None = None, row: int | None = None,
+                 weights: Sequence[str | os.PathLike] = (), device: str = "auto", from_cache: bool = True):
+        self.model = resolve_model(model, task, row)
+        self.kind = get_kind(self.model.task_kind)
+        self.weights = [*self.model.extra_weights, *map(Path, weights)]
+        self.device, self.from_cache = device, from_cache
+        self._featurizers: dict[int, Featurizer] = {}
+        # the scikit-learn head; None for a fine-tuned network, whose logits are the scores
+        self.head = None if self.model.head_path is None else load_head(self.model.head_path)
+
+    def describe(self) -> dict:
+        """What the model is, as JSON: its row and protocol (from a run folder), classes, head and feature specs."""
+        m, protocol = self.model, self.model.protocol
+        return dict(
+            task_kind=m.task_kind, classes=m.classes, head=None if m.head_path is None else str(m.head_path),
+            row=None if m.row is None else m.row.to_dict(),
+            protocol=None if protocol is None else dict(
+                id=protocol.id, task=protocol.task, eval=protocol.eval, seed=protocol.seed, images=len(protocol.ids),
+                scored=len(protocol.scored), description=protocol.describe()),
+            feature_specs=[dict(key=p.spec.key, tap=p.tap, description=p.spec.describe(), spec=p.spec.to_dict())
+                           for p in m.parts])
+
+    def load(self) -> "LoadedModel":
+        """Load every backbone now (a service pays for them at start, not on its first request)."""
+        for k in range(len(self.model.parts)):
+            self.featurizer(k)
+        return self
+
+    def featurizer(self, k: int) -> Featurizer:
+        """The backbone of part ``k``, loaded through its spec."""
+        if k not in self._featurizers:
+            part = self.model.parts[k]
+            self._featurizers[k] = Featurizer.load(part.spec, self.weights, part.weights_source, self.device)
+        return self._featurizers[k]
+
+    def features(self, samples: Sequence[Sample], batch_size: int = 32, workers: int = 0,
+                 progress: bool = False) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """Each readable sample's features (by index; a head on concatenated backbones: theirs side by side),
+        and the reason for each sample that could not be read."""
+        feats, errors = None, {}
+        for k, part in enumerate(self.model.parts):
+            got, failed = part_features(part, list(samples), functools.partial(self.featurizer, k), batch_size, workers,
+                                        progress, self.from_cache)
+            errors.update(failed)
+            feats = got if feats is None else {i: np.concatenate([feats[i], got[i]]) for i in feats if i in got}
+        return feats, errors
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """What the task kind reports: class or tag probabilities (columns in ``classes`` order), or numbers."""
+        if self.head is None:
+            return self.kind.logit_scores(X)
+        return self.kind.scores(self.head, X, self.model.classes)
+
+    def predict(self, samples: Sequence[Sample], batch_size: int = 32, workers: int = 0,
+                progress: bool = False) -> list[dict]:
+        """One row per sample: ``path`` (the sample's id), ``prediction``, ``error`` and the kind's score columns."""
+        feats, errors = self.features(samples, batch_size, workers, progress)
+        classes, ok = self.model.classes, sorted(feats)
+        scores = self.scores(np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(classes)))
+        columns = dict(zip(ok, self.kind.predict_columns(classes, scores)))
+        blank = dict.fromkeys(["prediction", *(f"prob_{c}" for c in classes)], "")
+        return [{"path": s.id, "prediction": "", "error": errors.get(i, ""), **blank, **columns.get(i, {})}
+                for i, s in enumerate(samples)]
+
+
+@validate_params(dict(batch_size=at_least(1), workers=optional(at_least(0))))
+def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+            task: str | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
+            workers: int | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
+    """Predict every image (files or folders) in ``images``: one dict per image with ``path``,
+    ``prediction``, ``error`` and the task kind's score columns. ``weights`` are weights files to use
+    when those the model was trained with are not where they were (each is matched by its sha256)."""
+    loaded = LoadedModel(model, task, weights=weights, device=device)
+    paths = list_images(list(images))
+    if not paths:
+        raise PipelineError("no images to predict on")
+    rows = loaded.predict([Sample(str(p), p) for p in paths], batch_size,
+                          default_workers() if workers is None else workers, progress)
+    if out is not None:
+        with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
