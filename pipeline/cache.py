@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
@@ -200,6 +200,19 @@ class FeatureCache:
         """Each row's sha256 as the 32 bytes ``data.content_hash`` returns (numpy's fixed-width bytes drop
         trailing zero bytes, which would make one digest in 256 compare unequal)."""
         return np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in self._file["content_hash"][()]], dtype=object)
+
+    @cached_property
+    def _row_of_id(self) -> dict[str, int]:
+        return {sid: i for i, sid in enumerate(self.ids)}
+
+    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The row of each sample id, in ``ids`` order (``features(tap, rows_of(ids))`` reads them); an
+        error names an id the cache does not hold."""
+        missing = [sid for sid in ids if sid not in self._row_of_id]
+        if missing:
+            raise PipelineError(f"{len(missing)} id(s) not in cache {self.path.name}, e.g. {missing[0]!r}; ids are "
+                                "paths relative to the data root (or the manifest's ids)")
+        return np.fromiter((self._row_of_id[sid] for sid in ids), np.int64, len(ids))
 
     def rows_of_files(self, paths: list[Path]) -> dict[int, int]:
         """For each file (by position in ``paths``) whose bytes a valid row holds, that row: an image is

@@ -124,15 +124,10 @@ def cache_task(cache: FeatureCache) -> Task:
 def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool = True) -> TaskData:
     """Features of ``task``'s samples from ``cache`` (only their rows with ``load=False``); ids the cache
     does not know are an error."""
-    ids = cache.ids
-    index = {sid: i for i, sid in enumerate(ids)}
-    unknown = [sid for sid in task.ids if sid not in index]
-    if unknown:
-        raise PipelineError(
-            f"task {task.name!r}: {len(unknown)} id(s) not in cache {cache.path.name}, e.g. {unknown[0]!r}; "
-            "ids are paths relative to the data root (or the manifest's ids)"
-        )
-    rows = np.fromiter((index[sid] for sid in task.ids), np.int64, len(task.ids))
+    try:
+        rows = cache.rows_of(task.ids)
+    except PipelineError as e:
+        raise PipelineError(f"task {task.name!r}: {e}") from None
     valid = cache.valid[rows]
     splits = task.splits if task.splits is not None else cache.splits[rows]
     rows = rows[valid]
