@@ -18,8 +18,8 @@ import numpy as np
 from .cache import FeatureCache
 from .data import check_split
 from .errors import PipelineError
+from .evaluation import Labelled, RunFolder, eval_split, open_task
 from .kinds import get_kind, kind_of_columns
-from .evaluation import eval_split
 
 
 @dataclass
@@ -45,6 +45,7 @@ class TaskData:
     splits: np.ndarray
     dropped: int  # labelled rows left out because their image failed or is not yet extracted
     rows: np.ndarray  # each sample's row in the cache
+    kind: str = "classification"
 
     @property
     def holdout_split(self) -> str | None:
@@ -55,9 +56,20 @@ class TaskData:
         """``X_train, y_train, X_test, y_test`` for the task's train and held-out split."""
         split = self.holdout_split
         if split is None:
-            raise PipelineError(f"task {self.task!r} has no train and val/test splits; use cross-validation")
+            raise PipelineError(f"task {self.task!r} has no train and val/test splits; its cross-validation folds "
+                                "are task.folds()")
         tr, te = self.splits == "train", self.splits == split
         return self.X[tr], self.y[tr], self.X[te], self.y[te]
+
+    def folds(self, cv: int = 5, seed: int = 0, run: str | os.PathLike | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(train, test) indices into this task's rows as ``fit`` evaluates it (a run's protocol, when
+        ``run`` holds the task): the held-out split, or ``cv`` seeded folds for data without one. A
+        scikit-learn ``cv=`` argument: ``cross_val_score(est, task.X, task.y, cv=task.folds())``."""
+        labelled = Labelled(self.task, self.kind, self.ids, self.y, self.splits)
+        protocol, _ = open_task(labelled, cv, seed, RunFolder(run) if run is not None else None, "within")
+        position = {sid: i for i, sid in enumerate(self.ids)}
+        at = np.array([position[sid] for sid in protocol.ids], np.int64)
+        return [(at[train], at[test]) for train, test in protocol.splits()]
 
 
 def read_labels(path: str | os.PathLike) -> Task:
@@ -133,7 +145,7 @@ def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool =
     rows = rows[valid]
     return TaskData(
         task=task.name, ids=task.ids[valid], X=cache.features(tap, rows) if load else None, y=task.labels[valid],
-        splits=np.asarray(splits)[valid], dropped=int((~valid).sum()), rows=rows,
+        splits=np.asarray(splits)[valid], dropped=int((~valid).sum()), rows=rows, kind=task.kind,
     )
 
 

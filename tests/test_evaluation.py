@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import FeatureCache, HeadCard, PipelineError, RunFolder, fit, load_head
+from conftest import TINY, make_folder
+from pipeline import FeatureCache, HeadCard, PipelineError, RunFolder, extract, fit, load_head, load_task
 from pipeline.evaluation import ARTIFACTS, Labelled, open_task
 from pipeline.kinds import get_kind
 from pipeline.kinds.metrics import _METRICS, register_metric
@@ -115,3 +116,24 @@ def test_a_metric_is_one_registered_function(tiny_run, tmp_path):
         assert "errors" in (tmp_path / "run" / "leaderboard.csv").read_text().splitlines()[0].split(",")
     finally:
         del _METRICS["classification"]["errors"]
+
+
+def test_a_tasks_folds_are_the_ones_fit_scores(tiny_run, tmp_path):
+    """``task.folds()`` gives scikit-learn the (train, test) indices fit evaluates on: the val split of data
+    with one, the run's folds of data without one."""
+    task = load_task(tiny_run["cache"])
+    [(train, test)] = task.folds()
+    assert set(task.splits[train]) == {"train"} and set(task.splits[test]) == {"val"}
+    data = make_folder(tmp_path / "flat", n_train=8, n_val=2, splits=False)
+    [res] = extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
+    flat = load_task(res.cache)
+    with pytest.raises(PipelineError, match=r"its cross-validation folds are task.folds\(\)"):
+        flat.holdout()
+    fit(res.cache, tmp_path / "run", heads=["knn"], cv=4, n_jobs=1, progress=False)
+    protocol = RunFolder(tmp_path / "run").protocol("flat")
+    folds = flat.folds(run=tmp_path / "run")
+    assert len(folds) == 4 and sorted(np.concatenate([t for _, t in folds])) == list(range(20))
+    for k, (train, test) in enumerate(folds):
+        assert set(flat.ids[test]) == set(protocol.ids[protocol.folds == k])
+        assert not set(train) & set(test)
+    assert [list(t) for _, t in flat.folds(cv=4)] == [list(t) for _, t in folds]  # the same as fit decides

@@ -263,11 +263,11 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
         protocol, _ = open_task(labelled, cfg.cv, cfg.seed, run, "replace" if cfg.overwrite else "exact")
         protocols[name] = protocol
         for (path, cache, _), data in zip(entries, joined):
-            where = dict(zip(data.ids, data.rows))
-            rows = np.array([where[i] for i in protocol.ids], np.int64)
+            rows = cache.rows_of(protocol.ids)
             for tap in cfg.taps or cache.taps:
                 task_data = TaskData(task=name, ids=protocol.ids, X=cache.features(tap, rows) if load else None,
-                                     y=protocol.y, splits=np.full(len(rows), ""), dropped=data.dropped, rows=rows)
+                                     y=protocol.y, splits=np.full(len(rows), ""), dropped=data.dropped, rows=rows,
+                                     kind=protocol.kind)
                 sources.append(_Source(cache.backbone, cache.spec.weights_sha256[:12], cache.spec.key, tap, task_data,
                                        protocol, [(path, cache)]))
     return protocols, sources
