@@ -190,4 +190,5 @@ def test_sweep_goes_to_a_running_dask_cluster(tiny_run, tmp_path):
         ran_there = client.run(lambda: "pipeline.stages.fit" in sys.modules).values()
     assert any(ran_there)
     rows = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
-    assert [(x["head"], x["accuracy"]) for x in rows] == [(x.head, x.metrics["accuracy"]) for x in tiny_run["fit"].rows]
+    # rows of equal accuracy are ranked by their fit time, which differs from run to run
+    assert sorted((x["head"], x["accuracy"]) for x in rows) == sorted((x.head, x.metrics["accuracy"]) for x in tiny_run["fit"].rows)
