@@ -98,7 +98,7 @@ def fit(
     concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
     shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,
     draws: Annotated[int, typer.Option("--draws", help="seeded draws of the examples per --shots value (mean ± std over them)")] = 5,
-    backend: Annotated[str, typer.Option("--backend", help="where the fits run: loky (processes), threading, dask or ray (extras: pip install 'pipeline\\[dask]' / 'pipeline\\[ray]')")] = "loky",
+    backend: Annotated[str, typer.Option("--backend", help="where the fits run: loky (processes), threading, dask or ray (extras, in the repository: pip install -e '.\\[dask]' / '.\\[ray]')")] = "loky",
     cluster: Annotated[Optional[str], typer.Option("--cluster", help="address of an existing Dask scheduler (tcp://host:8786) or Ray cluster; default: a local one")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run whose tasks were evaluated on other images, folds or seed (default: rows are merged into the run by key, and such a run is refused)")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,

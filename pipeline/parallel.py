@@ -23,7 +23,7 @@ def parallel_backend(backend: str = "loky", address: str | None = None, n_jobs: 
 
     ``dask`` connects to the scheduler at ``address`` (``tcp://host:8786``), else starts a local
     cluster of ``n_jobs`` worker processes (all cores for -1) for the duration; ``ray`` does the same
-    with ``ray.init(address)``. Both are optional extras (``pip install 'pipeline[dask]'`` / ``[ray]``);
+    with ``ray.init(address)``. Both are optional extras (``pip install -e '.[dask]'`` / ``'.[ray]'`` in the repository);
     their workers need this package installed and, for heads that read the cache by chunks, the cache
     files at the same paths."""
     if address and backend not in ("dask", "ray"):
@@ -42,7 +42,7 @@ def _dask_client(stack: ExitStack, address: str | None, workers: int) -> None:
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise PipelineError("--backend dask needs dask.distributed: pip install 'pipeline[dask]'") from None
+        raise PipelineError("--backend dask needs dask.distributed: pip install -e '.[dask]' (in the repository)") from None
     if address is None:
         cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
                                                    dashboard_address=None, silence_logs=logging.ERROR))
@@ -58,7 +58,7 @@ def _ray_session(stack: ExitStack, address: str | None, workers: int) -> None:
         import ray
         from ray.util.joblib import register_ray
     except ImportError:
-        raise PipelineError("--backend ray needs ray: pip install 'pipeline[ray]'") from None
+        raise PipelineError("--backend ray needs ray: pip install -e '.[ray]' (in the repository)") from None
     register_ray()
     if ray.is_initialized():
         return

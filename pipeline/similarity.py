@@ -3,7 +3,7 @@ that leak between the images a protocol trains on and those it scores.
 
 Features are L2-normalised once, so cosine similarity is a dot product. Searches run in blocks of rows
 (``block`` x ``block`` similarities at a time), so memory stays bounded whatever the cache's size; with
-`faiss <https://github.com/facebookresearch/faiss>`_ installed (``pip install 'pipeline[faiss]'``) an
+`faiss <https://github.com/facebookresearch/faiss>`_ installed (``pip install -e '.[faiss]'`` in the repository) an
 exact inner-product index finds nearest neighbours faster on large caches, with the same answers.
 
 The near-duplicate threshold is decided here, once: :data:`DUPLICATE_COSINE` (see the README for the

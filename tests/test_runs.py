@@ -110,7 +110,7 @@ def test_cache_info_takes_several_caches_and_help_names_the_extras(tiny_run, tmp
     r = run_cli("cache", "info", tiny_run["cache"], other.cache, "--json")
     assert [c["dtype"] for c in json.loads(r.stdout)] == ["float16", "float32"]
     r = run_cli("fit", "--help", env={"COLUMNS": "300"})
-    assert "pip install 'pipeline[dask]' / 'pipeline[ray]'" in r.stdout, r.stdout
+    assert "pip install -e '.[dask]' / '.[ray]'" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("make", ["TorchLogisticRegression()", "TorchLogisticRegression(cv=3)", "TorchLinearSVC()",

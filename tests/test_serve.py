@@ -188,5 +188,5 @@ def test_without_the_serve_extra_the_error_names_it(tiny_run, monkeypatch):
     from pipeline.stages.serve import create_app
 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
-    with pytest.raises(PipelineError, match=r"serve needs fastapi: pip install 'pipeline\[serve\]'"):
+    with pytest.raises(PipelineError, match=r"serve needs fastapi: pip install -e '\.\[serve\]'"):
         create_app(tiny_run["run"])

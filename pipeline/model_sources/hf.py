@@ -61,7 +61,7 @@ def load(name: str, weights: Path | None) -> Backbone:
     try:
         from transformers import AutoImageProcessor, AutoModel
     except ImportError:
-        raise PipelineError(f"{name} needs the transformers package: pip install 'pipeline[hf]'") from None
+        raise PipelineError(f"{name} needs the transformers package: pip install -e '.[hf]' (in the repository)") from None
     ref = name[len("hf:"):]
     folder = Path(weights) if weights is not None else Path(ref) if Path(ref).is_dir() else None
     context, where = hub_access() if folder is None else (nullcontext(), str(folder))

@@ -235,7 +235,7 @@ def embed_2d(X: np.ndarray, method: str, seed: int, max_points: int) -> tuple[np
             import umap
         except ImportError:
             if method == "umap":
-                raise PipelineError("--map umap needs umap-learn: pip install 'pipeline[umap]'") from None
+                raise PipelineError("--map umap needs umap-learn: pip install -e '.[umap]' (in the repository)") from None
         else:
             return umap.UMAP(n_neighbors=min(15, len(Z) - 1), random_state=seed).fit_transform(Z), shown, "UMAP"
     from sklearn.manifold import TSNE
@@ -254,7 +254,7 @@ def _audit_task(task: Task, data: TaskData, found: _Found, run: RunFolder | None
     classes, probs = out_of_fold(X, protocol, cfg.head, cfg.cv, cfg.seed)
     flagged, scores = rank_label_issues(protocol.y, classes, probs)
     split_of = dict(zip(data.ids, data.splits))
-    issues = [dict(id=protocol.ids[i], given=protocol.y[i], suggested=classes[int(np.argmax(probs[i]))],
+    issues = [dict(id=str(protocol.ids[i]), given=str(protocol.y[i]), suggested=str(classes[int(np.argmax(probs[i]))]),
                    score=round(float(scores[i]), 4), split=split_of.get(protocol.ids[i], "")) for i in flagged]
     return TaskAudit(task.name, protocol, issues, leaked, note)
 

@@ -1,5 +1,5 @@
 """Export a model as one file for production: the backbone with its normalisation and the head, as ONNX
-(the ``export`` extra: ``pip install 'pipeline[export]'``) or TorchScript, with a JSON card beside it.
+(the ``export`` extra: ``pip install -e '.[export]'`` in the repository) or TorchScript, with a JSON card beside it.
 
 The file takes uint8 RGB images ``(N, 3, H, W)`` already decoded, resized and centre-cropped to the
 spec's input size as its data config says (the card has it: ``input_size``, ``interpolation``,
@@ -110,7 +110,8 @@ def head_layers(head, kind: TaskKind, names: list[str]) -> list[tuple[np.ndarray
             return _mlp_layers(pipe[0], pipe[-1], kind, names)
     name = type(parts[0][-1] if isinstance(parts[0], Pipeline) else parts[0]).__name__
     reason = _REFUSED.get(name, "export knows none for it")
-    raise PipelineError(f"the head ({name}) has no tensor form: {reason}. export takes the linear heads (logreg, "
+    raise PipelineError(f"the head ({name}) has no tensor form: {reason}. Pick another row with --row N (the rows of "
+                        "leaderboard.md, counted from 1). export takes the linear heads (logreg, "
                         "torch-logreg, linear-svm, ridge, torch-linear), the mlp of classes and tags, and fine-tuned "
                         "models")
 
@@ -195,7 +196,7 @@ def run_exported(path: str | os.PathLike, format: str, images: np.ndarray) -> np
         try:
             import onnxruntime
         except ImportError:
-            raise PipelineError("checking an ONNX export needs onnxruntime: pip install 'pipeline[export]'") from None
+            raise PipelineError("checking an ONNX export needs onnxruntime: pip install -e '.[export]' (in the repository)") from None
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {"images": images})[0]
     with warnings.catch_warnings():
@@ -221,7 +222,10 @@ def _card(loaded: LoadedModel, model, out: Path, format: str, difference: float,
         file=out.name, format=format, model=str(model),
         input=dict(name="images", dtype="uint8", shape=["batch", *dc["input_size"]],
                    pixels="RGB, channels first, 0-255: the image decoded upright, resized and centre-cropped as "
-                          "data_config says (timm's eval transform), not normalised"),
+                          "data_config says (timm's eval transform), not normalised"
+                          + (" (predict decodes large JPEGs at reduced DCT scale first, Pillow's draft, down to the "
+                             "size the resize needs: without it, expect differences in the third decimal)"
+                             if spec.jpeg_draft else "")),
         output=dict(name="scores", meaning=loaded.kind.scores_meaning),
         feature_spec_key=spec.key, data_config=dc, normalisation="in the graph: (pixels / 255 - mean) / std", computes="float32",
         spec_amp=spec.amp,

@@ -1,5 +1,5 @@
 """The prediction service: a model loaded once (its backbones and head, as ``predict`` loads them) behind
-an HTTP API on FastAPI and uvicorn (the ``serve`` extra: ``pip install 'pipeline[serve]'``).
+an HTTP API on FastAPI and uvicorn (the ``serve`` extra: ``pip install -e '.[serve]'`` in the repository).
 
 - ``POST /predict``: one or several images as multipart uploads in the field ``file`` (repeatable); a JSON
   list with one row per upload, in order, with the columns ``predict`` writes (``path`` is the upload's
@@ -39,7 +39,7 @@ def _require_extra():
         import multipart  # noqa: F401  (python-multipart: FastAPI parses uploads with it)
         import uvicorn
     except ImportError as e:
-        raise PipelineError(f"serve needs {e.name}: pip install 'pipeline[serve]'") from None
+        raise PipelineError(f"serve needs {e.name}: pip install -e '.[serve]' (in the repository)") from None
     return fastapi, uvicorn
 
 
