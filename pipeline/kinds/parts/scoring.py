@@ -46,7 +46,39 @@ class AccuracyScoring:
         return float(binomtest(only_best, only_best + only_mine).pvalue) if only_best + only_mine else 1.0
 
 
-class MeanAPScoring:
+class BootstrapScoring:
+    """A metric computed for many bootstrap resamples at once (``_metric(truth, predictions, draws)``):
+    its 95 % percentile interval, and the tests against chance and between rows paired on the same
+    resamples. A part built on it says how labels become ``_truth`` and which ``_metric``."""
+
+    primary: str
+    interval: tuple[str, str]
+
+    def _truth(self, y_true: np.ndarray, names: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _metric(self, truth: np.ndarray, pred: np.ndarray, draws: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
+              names: list[str]) -> dict:
+        truth = self._truth(y_true, names)
+        draws = bootstrap(len(truth))
+        mine, chance = self._metric(truth, y_pred, draws), self._metric(truth, y_chance, draws)
+        low, high = interval(mine)
+        return {self.primary: float(self._metric(truth, y_pred)[0]), self.interval[0]: low, self.interval[1]: high,
+                "chance": float(self._metric(truth, y_chance)[0]), "p_above_chance": p_greater(mine - chance)}
+
+    def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
+        return float(self._metric(self._truth(y_true, names), y_pred)[0])
+
+    def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
+        truth = self._truth(y_true, names)
+        draws = bootstrap(len(truth))
+        return p_two_sided(self._metric(truth, mine, draws) - self._metric(truth, best, draws))
+
+
+class MeanAPScoring(BootstrapScoring):
     """Mean average precision over tags (``map``) of score matrices, each tag's training prevalence as
     chance, paired bootstrap interval and tests. Reads the tags as ``target``'s 0/1 matrix."""
 
@@ -57,25 +89,14 @@ class MeanAPScoring:
     def chance(self, y_train: np.ndarray, n: int, names: list[str]) -> np.ndarray:
         return np.tile(self.target(y_train, names).mean(0), (n, 1)).astype(np.float64)
 
-    def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
-              names: list[str]) -> dict:
-        Y = self.target(y_true, names)
-        draws = bootstrap(len(Y))
-        mine, chance = mean_ap(Y, y_pred, draws), mean_ap(Y, y_chance, draws)
-        low, high = interval(mine)
-        return dict(map=float(mean_ap(Y, y_pred)[0]), map_low=low, map_high=high, chance=float(mean_ap(Y, y_chance)[0]),
-                    p_above_chance=p_greater(mine - chance))
+    def _truth(self, y_true: np.ndarray, names: list[str]) -> np.ndarray:
+        return self.target(y_true, names)
 
-    def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
-        return float(mean_ap(self.target(y_true, names), y_pred)[0])
-
-    def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
-        Y = self.target(y_true, names)
-        draws = bootstrap(len(Y))
-        return p_two_sided(mean_ap(Y, mine, draws) - mean_ap(Y, best, draws))
+    def _metric(self, truth: np.ndarray, pred: np.ndarray, draws: np.ndarray | None = None) -> np.ndarray:
+        return mean_ap(truth, pred, draws)
 
 
-class R2Scoring:
+class R2Scoring(BootstrapScoring):
     """R² of numbers, the training mean as chance, paired bootstrap interval and tests."""
 
     primary = "r2"
@@ -85,22 +106,11 @@ class R2Scoring:
     def chance(self, y_train: np.ndarray, n: int, names: list[str]) -> np.ndarray:
         return np.full(n, float(np.mean(np.asarray(y_train, dtype=np.float64))))
 
-    def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
-              names: list[str]) -> dict:
-        y = np.asarray(y_true, dtype=np.float64)
-        draws = bootstrap(len(y))
-        mine, chance = r2(y, y_pred, draws), r2(y, y_chance, draws)
-        low, high = interval(mine)
-        return dict(r2=float(r2(y, y_pred)[0]), r2_low=low, r2_high=high, chance=float(r2(y, y_chance)[0]),
-                    p_above_chance=p_greater(mine - chance))
+    def _truth(self, y_true: np.ndarray, names: list[str]) -> np.ndarray:
+        return np.asarray(y_true, dtype=np.float64)
 
-    def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
-        return float(r2(np.asarray(y_true, dtype=np.float64), y_pred)[0])
-
-    def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
-        y = np.asarray(y_true, dtype=np.float64)
-        draws = bootstrap(len(y))
-        return p_two_sided(r2(y, mine, draws) - r2(y, best, draws))
+    def _metric(self, truth: np.ndarray, pred: np.ndarray, draws: np.ndarray | None = None) -> np.ndarray:
+        return r2(truth, pred, draws)
 
 
 def mean_ap(Y: np.ndarray, S: np.ndarray, draws: np.ndarray | None = None) -> np.ndarray:
