@@ -77,8 +77,12 @@ def test_unknown_tag_names_the_tags_timm_has():
 
 
 def test_weights_that_do_not_fit(tmp_path, tiny_weights_dir):
-    with pytest.raises(PipelineError, match="does not fit backbone 'resnet10t'"):
+    """The error says what does not fit (torch's header line alone said nothing), and stays short."""
+    with pytest.raises(PipelineError, match="does not fit backbone 'resnet10t'") as err:
         load_backbone("resnet10t", weights=tiny_weights_dir / f"{TINY}.safetensors")
+    message = str(err.value)
+    assert "Missing key(s) in state_dict" in message and "Unexpected key(s) in state_dict" in message
+    assert len(message) < 1200 and "\n" not in message
 
 
 def test_missing_weights_file(tmp_path):

@@ -187,8 +187,16 @@ def _from_file(name: str, file: Path) -> torch.nn.Module:
         return timm.create_model(name, pretrained=True, num_classes=num_classes,
                                  pretrained_cfg_overlay=dict(file=str(file), num_classes=num_classes))
     except (RuntimeError, KeyError, ValueError, SafetensorError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PipelineError(f"weights file {file} does not fit backbone {name!r}: {first}") from e
+        raise PipelineError(f"weights file {file} does not fit backbone {name!r}: {_shortened(e)}") from e
+
+
+def _shortened(e: Exception, lines: int = 3, width: int = 200) -> str:
+    """A loading error whole but short: torch's state-dict error is a header line then one line per kind
+    of problem (missing keys, unexpected keys, each size mismatch), each possibly thousands of names long."""
+    parts = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    shown = [p if len(p) <= width else p[:width] + " ..." for p in parts[:lines + 1]]
+    more = f" (and {len(parts) - lines - 1} more)" if len(parts) > lines + 1 else ""
+    return " ".join(shown) + more
 
 
 def _from_local_dir(name: str, weights: Path | None) -> tuple[torch.nn.Module, str, str]:
