@@ -38,7 +38,6 @@ from ..similarity import leak_message, near_copies, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..validation import Settings, at_least, instance_of, list_of, optional
 
-DEFAULT_HEADS = get_kind("classification").default_heads
 
 
 @dataclass
