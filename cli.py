@@ -26,6 +26,17 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature caches.")
 app.add_typer(cache_app, name="cache")
 
 
+@app.callback()
+def _reporting(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines or bars (errors and results still print)")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="progress and events as one JSON object per line on stderr, for machines")] = False,
+) -> None:
+    """How every command reports progress: bars on a terminal, a line every few seconds in a log."""
+    from pipeline.progress import set_progress_mode
+
+    set_progress_mode("quiet" if quiet else "json" if log_json else "auto")
+
+
 def _split_list(values: list[str] | None) -> list[str]:
     """Accept both `--x a,b` and `--x a --x b`."""
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
@@ -42,7 +53,7 @@ def _one_of(name: str) -> str:
 
 @app.command()
 def extract(
-    data: Annotated[Path, typer.Argument(help="image folder laid out [split/]class/image, or a CSV manifest (path[,label,split,id])")],
+    data: Annotated[Path, typer.Argument(help="an image folder laid out [split/]class/image; a CSV manifest (path[,label,split,id]); WebDataset .tar shards (a folder of them or a brace pattern data-{000..009}.tar); or a .parquet file (or folder) of image bytes")],
     backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="timm model name; repeat for several backbones")],
     cache: Annotated[Path, typer.Option("--cache", help="directory for the cache files (one per backbone)")] = Path("cache"),
     weights: Annotated[Optional[Path], typer.Option("--weights", help="weights file (.safetensors) for a single --backbone; else $PIPELINE_WEIGHTS_DIR/<name>.safetensors, else timm's hub")] = None,
@@ -60,6 +71,7 @@ def extract(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile normalisation + forward for a fixed batch shape (pays off on long runs)")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="retry images that failed before even if their bytes did not change")] = False,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="let a CSV manifest name files outside its folder (absolute paths, ..)")] = False,
+    name: Annotated[Optional[str], typer.Option("--name", help="the source's name in its cache files (default: the folder's or file's name), so two sources of one name can share a --cache")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Run frozen backbones over every image once and cache the features in HDF5.
@@ -72,7 +84,7 @@ def extract(
     results = run(data, backbone, cache, weights=weights, taps=_split_list(taps) or ["pooled"], batch_size=batch_size,
                   workers=workers, device=device, dtype=dtype, amp=amp, channels_last=channels_last, tta=tta,
                   jpeg_draft=jpeg_draft, decode=decode, compile=compile, retry_failed=retry_failed,
-                  allow_outside_root=allow_outside_root, progress=progress, decode_timeout=decode_timeout)
+                  allow_outside_root=allow_outside_root, progress=progress, decode_timeout=decode_timeout, name=name)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for all
     for r in results:
@@ -94,7 +106,8 @@ def fit(
     cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
-    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (sgd); the others load a task's features whole")] = 65536,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (ridge, sgd); the others load a task's features whole")] = 65536,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features a head holds, e.g. 8GB or 512MB: over it, heads that train by chunks (ridge, sgd) read smaller chunks and the others are refused (their row says why)")] = None,
     concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
     shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,
     draws: Annotated[int, typer.Option("--draws", help="seeded draws of the examples per --shots value (mean ± std over them)")] = 5,
@@ -112,7 +125,7 @@ def fit(
     from pipeline.report import fewshot_table
 
     result = run(caches, out, labels=labels or [], heads=None if heads is None else _split_list(heads),
-                 taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows,
+                 taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows, max_memory=max_memory,
                  head_params=parse_head_params(head_param or []), concat=concat, shots=_split_list(shots),
                  draws=draws, backend=backend, cluster=cluster, overwrite=overwrite, progress=progress)
     typer.echo(result.markdown())
@@ -172,6 +185,7 @@ def finetune(
     budget_minutes: Annotated[Optional[float], typer.Option("--budget-minutes", help="stop cleanly before this much wall time, keeping the best epoch (continue with --resume)")] = None,
     checkpoint_minutes: Annotated[float, typer.Option("--checkpoint-minutes", help="save last.pt within an epoch this often (and after every epoch)")] = 1.0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last.pt after a kill or a budget stop")] = False,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="keep every last.pt and each fold's model once training has ended (default: only the final model, metrics and predictions stay)")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="starting weights file (.safetensors)")] = None,
     device: Annotated[str, _device_option()] = "auto",
@@ -187,7 +201,7 @@ def finetune(
     result = run_finetune(
         data, backbone, out, init, run=run, labels=labels, resume=resume, budget_minutes=budget_minutes,
         checkpoint_minutes=checkpoint_minutes, workers=workers, weights=weights, device=device, progress=progress,
-        log=typer.echo, strategy=strategy, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze, lr=lr,
+        log=typer.echo, keep_checkpoints=keep_checkpoints, strategy=strategy, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze, lr=lr,
         backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, aug=aug, bn=bn, amp=amp, batch_size=batch_size,
         accum_steps=accum_steps, patience=patience or None, select_fraction=select_fraction, cv=cv, seed=seed,
@@ -229,13 +243,16 @@ def predict(
     workers: Annotated[Optional[int], typer.Option("--workers")] = None,
     device: Annotated[str, _device_option()] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    coverage: Annotated[Optional[float], typer.Option("--coverage", help="with a run folder: add each image's prediction_set (numbers: prediction_low, prediction_high) holding the true label this often, e.g. 0.9, calibrated on the run's out-of-sample predictions")] = None,
+    ood_percentile: Annotated[float, typer.Option("--ood-percentile", help="flag an image ood when its distance to the nearest training image is above this percentile of the training images' own")] = 99.0,
 ) -> None:
     """Predict labels and class probabilities for new images, one row per image, through the feature spec
-    the model was trained on (images in its cache are read from there)."""
+    the model was trained on (images in its cache are read from there); with a run folder, also how
+    unlike the training data each image is (ood_score, ood) and, with --coverage, prediction sets."""
     from pipeline.stages.predict import predict as run
 
     rows = run(model, images, out=out, task=task, weights=weights or [], batch_size=batch_size, workers=workers,
-               device=device, progress=progress)
+               device=device, progress=progress, coverage=coverage, ood_percentile=ood_percentile)
     failed = sum(1 for r in rows if r["error"])
     if out is None:
         writer = csv.DictWriter(sys.stdout, list(rows[0]))
@@ -243,6 +260,8 @@ def predict(
         writer.writerows(rows)
     else:
         typer.echo(f"predicted {len(rows) - failed} image(s), {failed} failed; wrote {out}")
+    for line in rows.summary:
+        typer.echo(line, err=out is None)
 
 
 @app.command()
@@ -300,10 +319,10 @@ def audit(
     run: Annotated[Optional[Path], typer.Option("--run", help="fit run folder: score label issues under its stored protocols, and link the audit from its report.html")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="the image folder or manifest the cache was made from, for thumbnails on the page")] = None,
     tap: Annotated[str, typer.Option("--tap", help="features to audit")] = "pooled",
-    head: Annotated[str, typer.Option("--head", help="head whose out-of-fold probabilities cleanlab reads (needs predict_proba): logreg, torch-logreg, sgd, ...")] = "logreg",
+    head: Annotated[str, typer.Option("--head", help="head whose out-of-fold predictions rank the labels: auto (a plain logistic regression on unit-length features for classes, logreg for tags, ridge for numbers), run (the --run's best row that can), or a head name")] = "auto",
     cv: Annotated[int, typer.Option("--cv", help="folds for a task without a split, and over the training images of one with a split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    dup_threshold: Annotated[Optional[float], typer.Option("--dup-threshold", help="cosine similarity from which two images are near-duplicates (default: calibrated, see README)")] = None,
+    dup_threshold: Annotated[Optional[float], typer.Option("--dup-threshold", help="cosine similarity from which two images are copies when their pixels cannot be read (default: the cache's own upper fence, see docs/audit.md)")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="nearest neighbours the outlier score averages over")] = 10,
     map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
     top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
@@ -312,10 +331,9 @@ def audit(
     near-duplicates across splits, outliers, a map; one page to look at, audit.html."""
     from pipeline.stages.audit import audit as run_audit
     from pipeline.evaluation import RunFolder
-    from pipeline.similarity import DUPLICATE_COSINE
 
     result = run_audit(caches, out, labels or [], run=run, data=data, tap=tap, head=head, cv=cv, seed=seed,
-                       dup_threshold=DUPLICATE_COSINE if dup_threshold is None else dup_threshold, k=k, map=map_method,
+                       dup_threshold=dup_threshold, k=k, map=map_method,
                        top=top)
     for line in result.lines():
         typer.echo(line)
@@ -387,7 +405,8 @@ def cache_info(
         typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed; complete: {info['complete']}")
         typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
         dc = info["data_config"]
-        typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}")
+        typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}"
+                   if dc else "  preprocess none: embeddings imported with `pipeline cache import`")
         typer.echo(f"  forward    autocast {info['amp']}; test-time augmentation {info['tta'] or 'none'}; decode "
                    f"{spec['decode']}, JPEG draft {'on' if spec['jpeg_draft'] else 'off'}"
                    + (f"; virtual over {info['shards']} shard files" if info["shards"] else ""))
@@ -421,6 +440,23 @@ def cache_verify(
     typer.echo("  ok" if report.ok else f"  {len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@cache_app.command("import")
+def cache_import(
+    file: Annotated[Path, typer.Argument(help="embeddings made elsewhere: a .parquet file or a folder of them (columns id, embedding; optional label, labels, target, split), or a .npy array (rows, dims) with --ids")],
+    out: Annotated[Path, typer.Option("--out", help="directory for the cache file")],
+    ids: Annotated[Optional[Path], typer.Option("--ids", help="the .npy array's ids, row by row: a CSV with an id column (optional: label, labels, target, split), else one id per line")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="what made the embeddings; the cache's backbone is imported:NAME (default: the file's stem)")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help=f"storage dtype: {_one_of('dtype')}")] = SPEC_INPUTS["dtype"].default,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the cache of an earlier import of the same input (refused otherwise)")] = False,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read, checked and written at a time")] = 8192,
+) -> None:
+    """Make a feature cache from embeddings computed elsewhere, for fit and audit; there is no backbone
+    to run on new images, so predict refuses them."""
+    from pipeline.stages.cache_import import import_embeddings
+
+    typer.echo(import_embeddings(file, out, ids, name=name, dtype=dtype, overwrite=overwrite, chunk_rows=chunk_rows).summary())
 
 
 @app.command()

@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=24)
     ap.add_argument("--flip", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--head", default="logreg")
+    ap.add_argument("--head", default="auto")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def main() -> None:
     hits = len(set(flagged) & set(flipped))
     print(f"\nlabel issues ({len(flipped)} training labels flipped of {sum(1 for _ in task.protocol.ids)} images):")
     print(f"  flagged {len(flagged)}: precision {_ratio(hits, len(flagged))}, recall {_ratio(hits, len(flipped))}")
-    top = set(flagged[:len(flipped)])
+    top = {d["id"] for d in task.ranking[:len(flipped)]}
     print(f"  top {len(flipped)} of the ranking: {len(top & set(flipped))} flipped")
 
     cross = {(d["id_a"], d["id_b"]) for d in result.cross_split}

@@ -25,6 +25,7 @@ _EXPORTS = {
     "sources": ("ImageSource", "load_source", "register_source"),
     "spec": ("FeatureSpec",),
     "stages.audit": ("AuditConfig", "AuditResult", "audit"),
+    "stages.cache_import": ("ImportResult", "import_embeddings"),
     "stages.export": ("ExportResult", "export_model"),
     "stages.extract": ("ExtractResult", "extract"),
     "stages.finetune": ("FinetuneConfig", "FinetuneResult", "finetune"),
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .sources import ImageSource, load_source, register_source
     from .spec import FeatureSpec
     from .stages.audit import AuditConfig, AuditResult, audit
+    from .stages.cache_import import ImportResult, import_embeddings
     from .stages.export import ExportResult, export_model
     from .stages.extract import ExtractResult, extract
     from .stages.finetune import FinetuneConfig, FinetuneResult, finetune

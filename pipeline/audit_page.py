@@ -1,5 +1,5 @@
 """``audit.html``: an audit's findings on one static page (images inlined, no server): thumbnails of the
-most suspicious labels with their given and suggested labels, near-duplicate pairs side by side, the
+most suspicious labels with their given and suggested labels, copies side by side, the
 most outlying images, and the map of the embeddings. Thumbnails need the images, which the cache does
 not hold: without the data folder the page lists ids."""
 
@@ -55,9 +55,9 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
     if not images:
         body.append("<p class='note'>No thumbnails: give the images with <code>--data DIR</code> to see them.</p>")
     for t in result.tasks:
-        body.append(f"<h2>Label issues: {e(t.task)}</h2><p>{len(t.issues)} flagged by cleanlab's confident learning "
-                    f"from out-of-fold probabilities ({e(t.protocol.describe())}); <i>score</i> is the probability "
-                    "the model gave the label it was given (lowest first).</p>")
+        body.append(f"<h2>Label issues: {e(t.task)}</h2><p>{len(t.issues)} flagged by cleanlab from out-of-fold "
+                    f"predictions ({e(t.protocol.describe())}); <i>score</i> is cleanlab's label quality (for classes, "
+                    "the probability the model gave the label it was given), lowest first.</p>")
         if t.note:
             body.append(f"<p class='note'>{e(t.note)}</p>")
         body.append(_cards(
@@ -65,12 +65,13 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
              f"score {d['score']:.3f}" + (f" &middot; {e(d['split'])}" if d["split"] else ""))
             for d in t.issues[:top]))
         if t.leaked:
-            body.append(f"<p><b>Possible leakage</b>: {len(t.leaked)} scored images of this task have a near-copy "
+            body.append(f"<p><b>Possible leakage</b>: {len(t.leaked)} scored images of this task have a copy "
                         f"among the images their model trains on.</p>")
     cross = len(result.cross_split)
-    body.append(f"<h2>Near-duplicates</h2><p>{len(result.duplicates)} pairs with cosine similarity of at least "
-                f"{result.threshold:g}; {cross} across train and val/test (listed first, marked "
-                "<span class='leak'>leak</span>).</p>")
+    body.append(f"<h2>Copies</h2><p>{len(result.copies)} pairs of images that are one picture ({e(result.copy_rule)}); "
+                f"{cross} across train and val/test (listed first, marked <span class='leak'>leak</span>). Then the "
+                "pairs whose features alone would call them copies but whose pixels differ, marked "
+                "<span class='nocopy'>not a copy</span>.</p>")
     body.append(_pairs(result.duplicates[:top], thumb))
     flagged = [o for o in result.outliers if o["outlier"]]
     body.append(f"<h2>Outliers</h2><p>{len(flagged)} images beyond the fence of the outlier score (the mean cosine "
@@ -103,9 +104,11 @@ def _pairs(pairs: list[dict], thumb: Thumbnails) -> str:
         return "<p>None.</p>"
     rows = []
     for d in pairs:
-        mark = "<span class='leak'>leak</span> " if d["cross"] else ""
+        mark = ("<span class='nocopy'>not a copy</span> " if not d["confirmed"]
+                else "<span class='leak'>leak</span> " if d["cross"] else "")
+        pixels = f", pixels <b>{d['pixel_similarity']:.4f}</b>" if d["pixel_similarity"] != "" else ""
         rows.append(f"<div class='pair'>{thumb(d['id_a'])}{thumb(d['id_b'])}<div class='pairtext'>{mark}"
-                    f"cosine <b>{d['similarity']:.4f}</b><br>{e(d['id_a'])} ({e(d['split_a'] or '-')})<br>"
+                    f"cosine <b>{d['similarity']:.4f}</b>{pixels}<br>{e(d['id_a'])} ({e(d['split_a'] or '-')})<br>"
                     f"{e(d['id_b'])} ({e(d['split_b'] or '-')})</div></div>")
     return "".join(rows)
 
@@ -116,4 +119,4 @@ h2{border-bottom:2px solid #ddd;margin-top:32px}pre{background:#f6f6f6;padding:8
 .thumb{max-width:150px;max-height:150px;display:block;margin:0 auto 4px}.id{word-break:break-all;color:#555}
 .sub{color:#777;word-break:break-all}.pair{display:flex;gap:8px;align-items:center;border-bottom:1px solid #eee;padding:6px 0}
 .pairtext{font-size:12px;word-break:break-all}.leak{background:#c33;color:#fff;padding:1px 5px;border-radius:3px}
-.pair .thumb{margin:0}.note{color:#a60}.nothumb{color:#a33;font-size:11px}.map{max-width:760px;border:1px solid #eee}"""
+.nocopy{background:#888;color:#fff;padding:1px 5px;border-radius:3px}.pair .thumb{margin:0}.note{color:#a60}.nothumb{color:#a33;font-size:11px}.map{max-width:760px;border:1px solid #eee}"""

@@ -477,7 +477,7 @@ def _check_location(f: h5py.File, path: Path, location: str) -> None:
     had = str(f.attrs.get("source_location", ""))
     if location and had and had != location and location_exists(had):
         raise PipelineError(f"{path} holds the images of {had}, not of {location}: two data sources named "
-                            f"{f.attrs.get('source', '')!r} cannot share a cache folder; use another --cache")
+                            f"{f.attrs.get('source', '')!r} cannot share a cache folder; give this one another --name, or use another --cache")
     if location and had != location:
         f.attrs["source_location"] = location
 

@@ -1,4 +1,4 @@
-"""What an audit found: per task its protocol, label issues and leaked images; near-duplicate pairs,
+"""What an audit found: per task its protocol, label issues and leaked images; copies,
 outliers and the map; and the names of the files they are written to. Read by ``audit`` (which makes
 them) and by its page (:mod:`pipeline.audit_page`)."""
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .evaluation import Protocol, slug
-from .similarity import DUPLICATE_COSINE, leak_message
+from .copies import leak_message
 
 
 def label_issues_file(task: str) -> str:
@@ -17,19 +17,25 @@ def label_issues_file(task: str) -> str:
 
 @dataclass
 class TaskAudit:
-    """One task's findings: its protocol, the flagged label issues (rows of the CSV, most suspicious
-    first), and the scored images with a near-copy among their training images."""
+    """One task's findings: its protocol, the ranking of its labels (rows of the CSV, most suspicious
+    first, ``flagged`` marking cleanlab's label issues), and the scored images with a near-copy among
+    their training images."""
 
     task: str
     protocol: Protocol
-    issues: list[dict]
+    ranking: list[dict]
     leaked: list[str]
     note: str = ""
+
+    @property
+    def issues(self) -> list[dict]:
+        """The flagged rows of the ranking, most suspicious first."""
+        return [d for d in self.ranking if d["flagged"]]
 
     def lines(self, out: Path) -> list[str]:
         p = self.protocol
         lines = [f"label issues in {self.task} ({p.eval}, {len(p.ids)} images): {len(self.issues)} flagged"
-                 + (f"; {out / label_issues_file(self.task)}" if p.task_kind.single_label else "")]
+                 + (f"; {out / label_issues_file(self.task)}" if self.ranking else "")]
         if self.note:
             lines.append(f"  note: {self.note}")
         lines.append(f"  possible leakage: {leak_message(len(self.leaked), p)}")
@@ -42,15 +48,19 @@ class AuditResult:
 
     out: Path
     tasks: list[TaskAudit]
-    duplicates: list[dict]  # rows of duplicates.csv: cross-split pairs first, then by similarity
+    duplicates: list[dict]  # rows of duplicates.csv: confirmed copies first, cross-split pairs first within
     outliers: list[dict]  # rows of outliers.csv: every image, most outlying first
     map_method: str
     files: dict[str, Path] = field(default_factory=dict)
-    threshold: float = DUPLICATE_COSINE
+    copy_rule: str = ""  # how the copies were confirmed (pipeline.copies.Copies.rule)
+
+    @property
+    def copies(self) -> list[dict]:
+        return [d for d in self.duplicates if d["confirmed"]]
 
     @property
     def cross_split(self) -> list[dict]:
-        return [d for d in self.duplicates if d["cross"]]
+        return [d for d in self.copies if d["cross"]]
 
     def lines(self) -> list[str]:
         """A summary for people, one finding a line."""
@@ -58,9 +68,8 @@ class AuditResult:
         if not self.tasks:
             lines.append("label issues: no labels in the cache and no --labels file, so none looked for")
         evaluated = {d["id_a"] for d in self.cross_split}
-        lines.append(f"near-duplicates (cosine >= {self.threshold:g}): {len(self.duplicates)} pairs, "
-                     f"{len(self.cross_split)} across train and val/test ({len(evaluated)} evaluation images); "
-                     f"{self.files['duplicates']}")
+        lines.append(f"copies ({self.copy_rule}): {len(self.copies)} pairs, {len(self.cross_split)} across train "
+                     f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
         flagged = sum(o["outlier"] for o in self.outliers)
         lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
         if "map" in self.files:

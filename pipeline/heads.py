@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV, SGDClassifier
@@ -26,20 +27,50 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, Nearest
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .batched import batchable, fit_many
 from .errors import PipelineError
 from .kinds import get_kind
+from .similarity import NeighbourIndex, normalized
 from .splitters import StratifiedKFoldUpTo  # noqa: F401  (its old home: saved heads name it here)
 from .validation import Rule, check, check_estimator_params, unknown
 
 
 class _CappedNeighbours:
-    """k nearest neighbours with k capped at the number of training rows, so few-shot fits work."""
+    """k nearest neighbours with k capped at the number of training rows, so few-shot fits work. On cosine
+    distance with at least :data:`pipeline.similarity.EXACT_BELOW` training rows the neighbours come from
+    the project's similarity index (approximate, built at fit) instead of a brute-force search of every row."""
+
+    def fit(self, X, y):
+        super().fit(X, y)
+        self._index = None
+        if self.metric == "cosine" and not issparse(self._fit_X) and NeighbourIndex.approximates(self.n_samples_fit_):
+            self._fit_method = "similarity_index"  # not "brute": predict then asks kneighbors, never scikit-learn's own search
+            self._neighbour_index()
+        return self
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        check_is_fitted(self)
         n = min(n_neighbors or self.n_neighbors, self.n_samples_fit_ - (X is None))
-        return super().kneighbors(X, n, return_distance)
+        if self._fit_method != "similarity_index":
+            return super().kneighbors(X, n, return_distance)
+        index = self._neighbour_index()
+        queries = index.base if X is None else normalized(validate_data(self, X, reset=False))
+        sims, idx = index.search(queries, n, exclude=np.arange(len(queries)) if X is None else None)
+        return (np.clip(1.0 - sims, 0.0, 2.0), idx) if return_distance else idx
+
+    def _neighbour_index(self) -> NeighbourIndex:
+        """The approximate index of the training rows, kept from fit; built again after loading (the same:
+        it is seeded), as a faiss index is not saved."""
+        if getattr(self, "_index", None) is None:
+            self._index = NeighbourIndex(normalized(self._fit_X), exact_below=self.n_samples_fit_, n_jobs=self.n_jobs)
+        return self._index
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_index", None)
+        return state
 
 
 class CappedKNeighborsClassifier(_CappedNeighbours, KNeighborsClassifier):
@@ -67,6 +98,8 @@ TRUSTED_TYPES = (
     "pipeline.linear_probe.TorchLogisticRegression",
     "pipeline.linear_probe.TorchRidge",
     "pipeline.mlp_probe.TorchMLPClassifier",
+    "pipeline.streaming.StreamingRidge",
+    "pipeline.streaming.StreamingRidgeClassifier",
 )
 
 
@@ -78,18 +111,22 @@ class HeadSpec:
     doc: str
     linear: bool = False  # a scaler then a linear model: ``finetune --init`` can start a network's last layer from it
     chunked: bool = False  # trains by row chunks (``fit_by_chunks``), so the features need not fit in memory
+    streams: Callable[[int], BaseEstimator] | None = None  # the same model by row chunks, where the features do not fit
 
 
 _REGISTRY: dict[tuple[str, str], HeadSpec] = {}
 
 
-def register_head(name: str, doc: str, kind: str = "classification", linear: bool = False, chunked: bool = False):
+def register_head(name: str, doc: str, kind: str = "classification", linear: bool = False, chunked: bool = False,
+                  streams: Callable[[int], BaseEstimator] | None = None):
     """Register ``build(random_state) -> estimator`` under ``name`` for task kind ``kind`` (decorator). A
     name may have a version per kind (``ridge`` classifies, tags and regresses). A ``chunked`` head is a
-    ``Pipeline`` of a scaler and a classifier that both have ``partial_fit``."""
+    ``Pipeline`` of a scaler and a classifier that both have ``partial_fit``, or of a scaler and a model
+    fitted from sums over the rows (:mod:`pipeline.streaming`); ``streams`` builds such a version of a head
+    that otherwise holds its features, for features that do not fit in memory."""
 
     def wrap(build: Callable[[int], BaseEstimator]) -> Callable[[int], BaseEstimator]:
-        _REGISTRY[(kind, name)] = HeadSpec(name, kind, build, doc, linear, chunked)
+        _REGISTRY[(kind, name)] = HeadSpec(name, kind, build, doc, linear, chunked, streams)
         return build
 
     return wrap
@@ -135,11 +172,14 @@ def is_linear(name: str, kind: str = "classification") -> bool:
     return (kind, name) in _REGISTRY and _REGISTRY[(kind, name)].linear
 
 
-def create_head(name: str, random_state: int = 0, params: dict | None = None, kind: str = "classification") -> BaseEstimator:
+def create_head(name: str, random_state: int = 0, params: dict | None = None, kind: str = "classification",
+                by_chunks: bool = False) -> BaseEstimator:
     """A new, unfitted head of ``kind``: a registry name, or ``module:Class`` naming any scikit-learn
     classifier (a regressor for regression), built with ``params`` (``--head-param key=value``; for a
-    registry head, ``set_params`` names)."""
-    est = head_spec(name, kind).build(random_state)
+    registry head, ``set_params`` names); ``by_chunks``: its version that trains by row chunks, where it
+    has one (:attr:`HeadSpec.streams`)."""
+    spec = head_spec(name, kind)
+    est = (spec.streams if by_chunks and spec.streams is not None else spec.build)(random_state)
     if params:
         try:
             est.set_params(**params)
@@ -225,7 +265,15 @@ def _linear_svm(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), TorchLinearSVC(cv=5, scale_folds=True, random_state=random_state))
 
 
-@register_head("ridge", "standardise + ridge classifier (one-vs-rest least squares), alpha by efficient leave-one-out CV", linear=True)
+def _ridge_by_chunks(random_state: int) -> BaseEstimator:
+    from .streaming import StreamingRidgeClassifier
+
+    return make_pipeline(StandardScaler(), StreamingRidgeClassifier())
+
+
+@register_head("ridge", "standardise + ridge classifier (one-vs-rest least squares), alpha by efficient leave-one-out "
+               "CV; where the features do not fit in memory, from sums over the rows read by chunks in one pass, "
+               "alpha by 5-fold CV", linear=True, streams=_ridge_by_chunks)
 def _ridge(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 5, 13)))
 
@@ -250,8 +298,8 @@ def _logreg_tags(random_state: int) -> BaseEstimator:
     return OneVsRestClassifier(_logreg(random_state))
 
 
-@register_head("ridge", "standardise + multi-output ridge classifier, alpha by efficient leave-one-out CV",
-               kind="multilabel", linear=True)
+@register_head("ridge", "standardise + multi-output ridge classifier, alpha by efficient leave-one-out CV; by "
+               "chunks where the features do not fit in memory", kind="multilabel", linear=True, streams=_ridge_by_chunks)
 def _ridge_tags(random_state: int) -> BaseEstimator:
     return _ridge(random_state)
 
@@ -270,7 +318,14 @@ def _mlp_tags(random_state: int) -> BaseEstimator:
     )
 
 
-@register_head("ridge", "standardise + ridge regression, alpha by efficient leave-one-out CV", kind="regression", linear=True)
+def _ridge_target_by_chunks(random_state: int) -> BaseEstimator:
+    from .streaming import StreamingRidge
+
+    return make_pipeline(StandardScaler(), StreamingRidge())
+
+
+@register_head("ridge", "standardise + ridge regression, alpha by efficient leave-one-out CV; by chunks where the "
+               "features do not fit in memory", kind="regression", linear=True, streams=_ridge_target_by_chunks)
 def _ridge_target(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 13)))
 
@@ -310,7 +365,12 @@ def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tup
                   classes: np.ndarray, epochs: int = SGD_EPOCHS) -> BaseEstimator:
     """Fit a chunked head from ``chunks(epoch)``, which yields (X, y) row chunks covering the training
     rows (in a new order each epoch): one pass for the scaler's statistics, then ``epochs`` passes of the
-    classifier's ``partial_fit``. Memory holds one chunk at a time."""
+    classifier's ``partial_fit``; a head fitted from sums over the rows takes one pass, ``chunks(-1)``.
+    Memory holds one chunk at a time."""
+    from .streaming import accumulates, fit_subsets_in_one_pass
+
+    if accumulates(estimator):
+        return fit_subsets_in_one_pass(estimator, _numbered(chunks(-1)), classes=classes)[0]
     scaler, clf = estimator[0], estimator[-1]
     for X, _ in chunks(-1):
         scaler.partial_fit(X)
@@ -318,6 +378,14 @@ def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tup
         for X, y in chunks(epoch):
             clf.partial_fit(scaler.transform(X), y, classes=classes)
     return estimator
+
+
+def _numbered(chunks: Iterable[tuple[np.ndarray, np.ndarray]]):
+    """``(rows, X, y)``: each chunk with the positions of its rows in the stream."""
+    start = 0
+    for X, y in chunks:
+        yield np.arange(start, start + len(X)), X, y
+        start += len(X)
 
 
 def save_head(estimator: BaseEstimator, path: str | os.PathLike) -> Path:

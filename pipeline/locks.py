@@ -58,10 +58,11 @@ def open_h5(path: str | os.PathLike, mode: str, **kwargs) -> h5py.File:
 class CacheLock:
     """The right to write one cache, held until :meth:`release` or the process's death."""
 
-    def __init__(self, path: Path, fd: int | None, writer_file: Path | None):
+    def __init__(self, path: Path, fd: int | None, writer_file: Path | None, made_dir: Path | None = None):
         self.path = path
         self._fd = fd  # the flocked lock file, or None
         self._writer_file = writer_file  # the O_EXCL file where there are no kernel locks, or None
+        self._made_dir = made_dir  # the highest directory taking the lock created, or None
 
     def __enter__(self) -> "CacheLock":
         return self
@@ -70,42 +71,73 @@ class CacheLock:
         self.release()
 
     def release(self) -> None:
+        """Give the right up. Where no cache was made (a refused or failed run), the lock file and the
+        directories taking it created go too, so nothing is left behind."""
+        made_nothing = not self.path.exists()
         if self._fd is not None:
+            if made_nothing:
+                _lock_file(self.path).unlink(missing_ok=True)  # still held: a waiting writer retries (lock_cache)
             release_fd(self._fd)
             os.close(self._fd)  # drops the flock
             self._fd = None
         if self._writer_file is not None:
             self._writer_file.unlink(missing_ok=True)
             self._writer_file = None
+        if made_nothing and self._made_dir is not None:
+            _remove_empty(self.path.parent, self._made_dir)
+        self._made_dir = None
 
 
 def lock_cache(path: str | os.PathLike) -> CacheLock:
     """Take the right to write the cache at ``path``, or fail at once naming the process that has it
     (this one too: a process holds a cache's lock once)."""
     path = Path(path)
+    made_dir = next((p for p in reversed(path.parents) if not p.exists()), None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PipelineError(f"cannot create the cache directory {path.parent}: {e.strerror}") from e
-    try:
-        fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise PipelineError(f"cannot write in the cache directory {path.parent}: {e.strerror}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_pid(fd)
-        os.close(fd)
-        raise _busy(path, f"pid {holder}") from None
-    except OSError as e:
-        os.close(fd)
-        if e.errno not in NO_LOCKS:
-            raise
-        _said_no_locks(path.resolve().parent, f"flock: {os.strerror(e.errno)}")
-        return CacheLock(path, None, _claim_writer_file(path))
+    while True:
+        try:
+            fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PipelineError(f"cannot write in the cache directory {path.parent}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise _busy(path, f"pid {holder}") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_LOCKS:
+                raise
+            _said_no_locks(path.resolve().parent, f"flock: {os.strerror(e.errno)}")
+            return CacheLock(path, None, _claim_writer_file(path), made_dir)
+        if _still_linked(fd, _lock_file(path)):
+            break
+        os.close(fd)  # its holder removed it before letting go (it made no cache): take the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return CacheLock(path, private_fd(fd), None)
+    return CacheLock(path, private_fd(fd), None, made_dir)
+
+
+def _still_linked(fd: int, lock_file: Path) -> bool:
+    try:
+        return os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_empty(directory: Path, top: Path) -> None:
+    """Remove ``directory`` and its parents up to ``top`` while they are empty."""
+    for d in (directory, *directory.parents):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 def lock_holder(path: str | os.PathLike) -> str | None:

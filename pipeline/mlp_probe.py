@@ -108,7 +108,9 @@ class _Nets:
         self.dtype = COMPUTE_DTYPES[resolve_amp(est.amp, self.dev)]
         self.est, self.groups = est, groups
         d, h, o = X.shape[1], est.hidden_layer_size, 1 if n_classes == 2 else n_classes
-        self.X = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.dev)
+        with warnings.catch_warnings():  # joblib hands workers read-only memory maps; the tensor is only read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            self.X = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.dev)
         Y = torch.nn.functional.one_hot(torch.as_tensor(codes, device=self.dev), n_classes).float()
         self.Y = Y[:, 1:] if o == 1 else Y
         means, scales = group_scaling(groups, d)

@@ -144,7 +144,7 @@ def write_html_report(run: RunFolder) -> Path:
 
 
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:8px 0 16px;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f0f0f0}td.l,th.l{text-align:left}tr.same td{background:#eef6ee}tr.best td{font-weight:bold}
 td.err{color:#a33;text-align:left;font-size:12px;max-width:420px}img{max-width:100%;border:1px solid #eee}
 pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}h2{border-bottom:2px solid #ddd;margin-top:32px}"""

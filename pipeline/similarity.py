@@ -1,28 +1,49 @@
-"""Cosine similarity over cached features: nearest neighbours, near-duplicate pairs, and the near-copies
-that leak between the images a protocol trains on and those it scores.
+"""Cosine similarity over cached features: the nearest neighbours every stage searches (``neighbors``,
+the knn head, audit's outliers and copy candidates, predict's out-of-distribution score).
 
-Features are L2-normalised once, so cosine similarity is a dot product. Searches run in blocks of rows
-(``block`` x ``block`` similarities at a time), so memory stays bounded whatever the cache's size; with
-`faiss <https://github.com/facebookresearch/faiss>`_ installed (``pip install -e '.[faiss]'`` in the repository) an
-exact inner-product index finds nearest neighbours faster on large caches, with the same answers.
+Features are L2-normalised once, so cosine similarity is a dot product. Every search goes through one
+owner, :class:`NeighbourIndex`, built once per base and searched as often as needed: exact below
+:data:`EXACT_BELOW` rows (faiss's exact inner-product search, or numpy blocks of ``block`` x ``block``
+similarities without faiss), approximate from there, so nothing is quadratic in the number of rows by
+default.
 
-The near-duplicate threshold is decided here, once: :data:`DUPLICATE_COSINE` (see the README for the
-measurements it comes from).
+The approximate index is faiss's inverted file (``IndexIVFFlat``, inner product, ``nlist`` = 2 sqrt(n)
+cells): k-means cells, and a query compares itself with the rows of the ``nprobe`` cells nearest to it.
+``nprobe`` is not guessed: the build doubles it until the recall@10 against exact search, measured on a
+seeded sample of the base's own rows (:func:`recall`), reaches :data:`TARGET_RECALL`; where that takes more
+than a quarter of the cells (features with no neighbourhoods to speak of), the index stays exact, as it
+would be no faster. Measured with ``benchmarks/ann_index.py`` (AMD EPYC, 2 cores shared with other jobs, so
+absolute times are high; generated clustered features, 1,000 clusters; per query, k=10):
+
+    rows x dim     exact ms   IVF ms  nlist nprobe recall@10  IVF build
+    20,000 x 128     1.01      1.30     512   256    0.951       8 s   (exact wins)
+    100,000 x 128    6.84      0.082   1265     2    0.992      54 s   (4 sqrt(n) cells then)
+    10^6 x 128     122.6       0.447   2000     2    0.964     190 s   (a self-search: 447 s, not 34 h)
+    50,000 x 512     8.1      45.6      447   447    1.000      47 s   (-> exact)
+    200,000 x 512   34.1      41.5      894   256    0.959     116 s   (-> exact)
+
+10^6 x 512 (2 GiB of features, hours of exact reference search) was not measured on this machine. IVF
+was chosen over HNSW (``IndexHNSWFlat``, M=32): HNSW's build of 200,000 x 512 had not finished after
+4 minutes where IVF's took 82 s, and HNSW's threaded insertion builds a different graph each run, where
+seeded k-means makes IVF's answers reproducible.
+
+What counts as a copy is decided in :mod:`pipeline.copies`, from this index's candidates and the images.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 
-from .evaluation import Protocol
-
-# Calibrated on hymenoptera with tf_efficientnet_lite0 pooled features (benchmarks/audit_quality.py, README
-# "audit"): training images re-encoded into val (JPEG quality 50-90, resized to 50 % or 75 %, PNG) score
-# 0.862 to 1.0 against their originals, and the most similar pair of distinct images scores 0.809.
-DUPLICATE_COSINE = 0.85
 BLOCK = 2048
+# Where exact search stops being cheap (the table above): at 20,000 rows exact search beats the index, at
+# 100,000 it costs 80x more per query; searching 50,000 x 512 against itself exactly took 400 s there.
+EXACT_BELOW = 50_000
+TARGET_RECALL = 0.95
+RECALL_QUERIES = 500  # the sample nprobe is calibrated on: recall's standard error about 0.3 %
 
 
 def normalized(X: np.ndarray) -> np.ndarray:
@@ -40,57 +61,130 @@ def faiss_available() -> bool:
     return True
 
 
+class NeighbourIndex:
+    """The rows of ``base`` (normalised) most cosine-similar to any query: exact below ``exact_below`` rows
+    (:data:`EXACT_BELOW` when None), faiss IVF from there, with ``nprobe`` raised until recall@10 reaches ``target_recall``. ``seed`` fixes the
+    k-means cells and the calibration sample; ``n_jobs`` the threads faiss uses (all cores when None)."""
+
+    def __init__(self, base: np.ndarray, exact_below: int | None = None, target_recall: float = TARGET_RECALL,
+                 block: int = BLOCK, seed: int = 0, n_jobs: int | None = None):
+        self.base = np.ascontiguousarray(base, np.float32)
+        self.block, self.n_jobs = block, n_jobs
+        self.approximate = self.approximates(len(self.base), exact_below)
+        self._ivf = None
+        if self.approximate:
+            with _threads(n_jobs):
+                self._ivf = _ivf_index(self.base, seed)
+            self._ivf.nprobe = self._calibrated_nprobe(target_recall, seed)
+            if self._ivf.nprobe > self._ivf.nlist // 4:  # features without neighbourhoods: no cheaper than exact
+                self.approximate, self._ivf = False, None
+
+    @staticmethod
+    def approximates(rows: int, exact_below: int | None = None) -> bool:
+        """Whether an index of ``rows`` rows searches approximately."""
+        return rows >= (EXACT_BELOW if exact_below is None else exact_below)
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+               exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` rows of the base most similar to each (normalised) query, most similar first:
+        (similarities, indices), both ``(len(queries), k)``; ``-1`` indices and NaN similarities where
+        ``base`` has fewer rows. ``exclude[i]`` is a row query ``i`` may not get (itself), or -1. ``exact``
+        searches exactly whatever the base's size (the reference :func:`recall` measures against)."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        k_eff = min(k + (exclude is not None), len(self.base))
+        sims, idx = self._search(queries, k_eff, exact) if k_eff else _empty(len(queries))
+        if exclude is not None and k_eff:
+            drop = idx == np.asarray(exclude)[:, None]
+            drop[:, -1] |= ~drop.any(axis=1)  # keep k per row: the last one goes when nothing was excluded
+            sims, idx = sims[~drop].reshape(len(idx), -1), idx[~drop].reshape(len(idx), -1)
+        pad = k - idx.shape[1]
+        if pad > 0:
+            sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
+            idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+        return sims, idx
+
+    def _search(self, queries: np.ndarray, k: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        with _threads(self.n_jobs):
+            if self.approximate and not exact:
+                sims, idx = self._ivf.search(queries, k)
+                short = (idx < 0).any(axis=1)  # the probed cells held fewer than k rows: those few, exactly
+                if short.any():
+                    sims[short], idx[short] = self._search(queries[short], k, exact=True)
+                return sims, idx
+            if faiss_available():
+                import faiss
+
+                return faiss.knn(queries, self.base, k, metric=faiss.METRIC_INNER_PRODUCT)
+            return _numpy_knn(queries, self.base, k, self.block)
+
+    def _calibrated_nprobe(self, target: float, seed: int) -> int:
+        """The smallest power of two (or all the cells) whose recall@10 on a sample of the base reaches ``target``."""
+        sample = _sample(len(self.base), seed)
+        _, truth = self.search(self.base[sample], 10, sample, exact=True)
+        for nprobe in 2 ** np.arange(int(np.log2(self._ivf.nlist)) + 1):
+            self._ivf.nprobe = int(nprobe)
+            if _recall(self.search(self.base[sample], 10, sample)[1], truth) >= target:
+                return int(nprobe)
+        return self._ivf.nlist
+
+
+def recall(index: NeighbourIndex, queries: np.ndarray, k: int = 10, exclude: np.ndarray | None = None) -> float:
+    """The fraction of each query's exact ``k`` nearest rows that ``index`` finds (recall@k), averaged
+    over ``queries``: 1.0 for an exact index."""
+    return _recall(index.search(queries, k, exclude)[1], index.search(queries, k, exclude, exact=True)[1])
+
+
 def knn(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
         block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows of ``base`` most cosine-similar to each query, most similar first: (similarities,
     indices), both ``(len(queries), k)``; ``-1`` indices where ``base`` has fewer rows. Inputs are
-    normalised rows. ``exclude[i]`` is a row of ``base`` that query ``i`` may not get (itself), or -1."""
-    k_eff = min(k + (exclude is not None), len(base))
-    if faiss_available():
-        sims, idx = _faiss_index(base).search(np.ascontiguousarray(queries, np.float32), k_eff)
-    else:
-        sims, idx = _numpy_knn(queries, base, k_eff, block)
-    if exclude is not None:
-        drop = idx == np.asarray(exclude)[:, None]
-        drop[:, -1] |= ~drop.any(axis=1)  # keep k per row: the last one goes when nothing was excluded
-        sims, idx = sims[~drop].reshape(len(idx), -1), idx[~drop].reshape(len(idx), -1)
-    pad = k - idx.shape[1]
-    if pad > 0:
-        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
-        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-    return sims, idx
+    normalised rows. ``exclude[i]`` is a row of ``base`` that query ``i`` may not get (itself), or -1.
+    One search: to search a base more than once, build a :class:`NeighbourIndex` and keep it."""
+    return NeighbourIndex(base, block=block).search(queries, k, exclude)
 
 
-def pairs_above(X: np.ndarray, threshold: float, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair ``i < j`` of normalised rows with cosine similarity at least ``threshold``: (i, j,
-    similarity), most similar first. Always by numpy blocks: on 50,000 x 1,280 features they took 29 s
-    where faiss's ``range_search`` took 48 s (``benchmarks/similarity.py``)."""
-    found = list(_numpy_pairs(X, threshold, block))
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    i, j, s = (np.concatenate(parts) for parts in zip(*found))
-    order = np.lexsort((j, i, -s))
-    return i[order], j[order], s[order]
+def _ivf_index(base: np.ndarray, seed: int):
+    """An inverted file of 2 sqrt(n) k-means cells, the k-means on a seeded sample of 39 rows a cell
+    (faiss's minimum), 10 iterations. k-means costs nlist^2 and a search nlist + nprobe n / nlist, so
+    2 sqrt(n) cells, not 4: a whole base searched against itself costs about the same, the build 4x less."""
+    import faiss
+
+    n, dim = base.shape
+    nlist = max(1, min(round(2 * np.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = seed, 10, 39
+    index.train(base)
+    index.add(base)
+    return index
 
 
-def near_copies(X: np.ndarray, protocol: Protocol, threshold: float = DUPLICATE_COSINE,
-                block: int = BLOCK) -> np.ndarray:
-    """The scored samples of ``protocol`` (indices in its order; ``X`` holds their normalised features in
-    the same order) that have a near-copy among the images their fold trains on: possible leakage, an
-    evaluation image the model has in effect already seen."""
-    leaked = []
-    for train, scored in protocol.splits():
-        if len(train) and len(scored):
-            sims, _ = knn(X[scored], X[train], 1, block=block)
-            leaked.append(scored[sims[:, 0] >= threshold])
-    return np.sort(np.concatenate(leaked)) if leaked else np.zeros(0, np.int64)
+@contextmanager
+def _threads(n_jobs: int | None) -> Iterator[None]:
+    """faiss's OpenMP threads limited to ``n_jobs`` (-1: all cores) for the duration."""
+    if n_jobs is None:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads((os.cpu_count() or 1) if n_jobs < 0 else n_jobs)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
-def leak_message(n: int, protocol: Protocol) -> str:
-    """``12 val images have a near-copy in train`` (``in another fold`` under cross-validation)."""
-    where = "in another fold" if protocol.cross_validated else "in train"
-    scored = "" if protocol.cross_validated else f"{protocol.eval} "
-    return f"{n} {scored}image{'s have' if n != 1 else ' has'} a near-copy {where}"
+def _sample(n: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, RECALL_QUERIES), replace=False))
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
 
 
 def _blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
@@ -112,23 +206,3 @@ def _numpy_knn(queries: np.ndarray, base: np.ndarray, k: int, block: int) -> tup
         order = np.argsort(-best_s, axis=1, kind="stable")
         sims[qs:qe], idx[qs:qe] = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
     return sims, idx
-
-
-def _numpy_pairs(X: np.ndarray, threshold: float, block: int):
-    for rs, re_ in _blocks(len(X), block):
-        for cs, ce in _blocks(len(X), block):
-            if ce <= rs:
-                continue  # below the diagonal: found from the other side
-            s = X[rs:re_] @ X[cs:ce].T
-            i, j = np.nonzero(s >= threshold)
-            i, j = i + rs, j + cs
-            upper = i < j
-            yield i[upper], j[upper], s[i[upper] - rs, j[upper] - cs]
-
-
-def _faiss_index(base: np.ndarray):
-    import faiss
-
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(np.ascontiguousarray(base, np.float32))
-    return index

@@ -1,8 +1,10 @@
-"""Tasks: label tables (``id,<kind column>[,split]``) joined to a cache by sample id.
+"""Tasks: label tables (``id,<kind column>[,split][,group]``) joined to a cache by sample id.
 
 The cache's own labels (from the folder layout or the manifest) are the default task; every label file
 is one more task over the same features, at no extraction cost. The header's label column names the
-task's kind (``label``: classification; see :mod:`pipeline.kinds`), which reads the cells.
+task's kind (``label``: classification; see :mod:`pipeline.kinds`), which reads the cells. An optional
+``group`` column names the images that are not independent (several photos of one object or patient):
+cross-validation keeps each group in one fold (an empty cell: a group of its own).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from .kinds import get_kind, kind_of_columns
 @dataclass
 class Task:
     """A named label table of one kind; ``splits`` is None when the table has no split column (the
-    cache's are used)."""
+    cache's are used), ``groups`` when it has no group column."""
 
     name: str
     ids: np.ndarray
     labels: np.ndarray
     splits: np.ndarray | None = None
     kind: str = "classification"
+    groups: np.ndarray | None = None
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TaskData:
     dropped: int  # labelled rows left out because their image failed or is not yet extracted
     rows: np.ndarray  # each sample's row in the cache
     kind: str = "classification"
+    groups: np.ndarray | None = None  # each sample's group ("": none); None without a group column
 
     @property
     def holdout_split(self) -> str | None:
@@ -63,9 +67,9 @@ class TaskData:
 
     def folds(self, cv: int = 5, seed: int = 0, run: str | os.PathLike | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """(train, test) indices into this task's rows as ``fit`` evaluates it (a run's protocol, when
-        ``run`` holds the task): the held-out split, or ``cv`` seeded folds for data without one. A
-        scikit-learn ``cv=`` argument: ``cross_val_score(est, task.X, task.y, cv=task.folds())``."""
-        labelled = Labelled(self.task, self.kind, self.ids, self.y, self.splits)
+        ``run`` holds the task): the held-out split, or ``cv`` seeded folds for data without one, each group
+        in one fold. A scikit-learn ``cv=`` argument: ``cross_val_score(est, task.X, task.y, cv=task.folds())``."""
+        labelled = Labelled(self.task, self.kind, self.ids, self.y, self.splits, self.groups)
         protocol, _ = open_task(labelled, cv, seed, RunFolder(run) if run is not None else None, "within")
         position = {sid: i for i, sid in enumerate(self.ids)}
         at = np.array([position[sid] for sid in protocol.ids], np.int64)
@@ -73,8 +77,8 @@ class TaskData:
 
 
 def read_labels(path: str | os.PathLike) -> Task:
-    """Read a label table: a CSV with an ``id`` column, the label column of its kind (``label``) and an
-    optional ``split`` column."""
+    """Read a label table: a CSV with an ``id`` column, the label column of its kind (``label``) and
+    optional ``split`` and ``group`` columns."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -106,7 +110,8 @@ def read_labels(path: str | os.PathLike) -> Task:
         raise PipelineError(f"{path}: no rows")
     col = lambda c: np.array([(r.get(c) or "").strip() for r in rows], dtype=object)  # noqa: E731
     labels = kind.parse([r.get(kind.column) or "" for r in rows], [f"{path}:{line}" for line in range(2, len(rows) + 2)])
-    return Task(path.stem, col("id"), labels, col("split") if "split" in columns else None, kind.name)
+    return Task(path.stem, col("id"), labels, col("split") if "split" in columns else None, kind.name,
+                col("group") if "group" in columns else None)
 
 
 def label_files(labels: Sequence[str | os.PathLike]) -> list[Path]:
@@ -146,6 +151,7 @@ def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool =
     return TaskData(
         task=task.name, ids=task.ids[valid], X=cache.features(tap, rows) if load else None, y=task.labels[valid],
         splits=np.asarray(splits)[valid], dropped=int((~valid).sum()), rows=rows, kind=task.kind,
+        groups=None if task.groups is None else task.groups[valid],
     )
 
 

@@ -15,6 +15,8 @@ hold it is :func:`unknown`: ``unknown head 'svm'; choose from logreg, mlp, knn``
 
 from __future__ import annotations
 
+import re
+
 import functools
 import inspect
 from dataclasses import dataclass
@@ -70,6 +72,12 @@ def list_of(item: Rule, nonempty: bool = False) -> Rule:
     """A list or tuple (a string is not one) whose every item passes ``item``: ``a list of <words>``."""
     return Rule(lambda v: isinstance(v, (list, tuple)) and (bool(v) or not nonempty) and all(map(item.test, v)),
                 lambda: f"a {'non-empty ' if nonempty else ''}list of {item.describe()}")
+
+
+def name_part() -> Rule:
+    """A name that can stand in a file name as it is (a source's, which names its caches)."""
+    return Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._=-]+", v) is not None,
+                "letters, digits, '.', '_', '=' or '-'")
 
 
 def optional(rule: Rule) -> Rule:

@@ -375,6 +375,10 @@ def test_two_sources_of_one_name_never_share_a_cache(folder, tmp_path):
     with pytest.raises(PipelineError, match=f"holds the images of {folder.resolve()}, not of {other.resolve()}: "
                                             "two data sources named 'shapes' cannot share a cache folder"):
         _extract(other, tmp_path / "cache")
+    [named] = extract(other, TINY, tmp_path / "cache", name="shapes-2", workers=0, progress=False)
+    assert named.cache.name.startswith("shapes-2__") and named.extracted == 6  # 2 + 1 per class
+    with pytest.raises(PipelineError, match="--name must be letters, digits, '.', '_', '=' or '-', got 'a/b'"):
+        extract(other, TINY, tmp_path / "cache", name="a/b", workers=0, progress=False)
     moved = tmp_path / "moved" / folder.name
     moved.parent.mkdir()
     folder.rename(moved)

@@ -119,7 +119,8 @@ def test_a_folder_without_splits_is_fine_tuned_per_fold(tmp_path):
     assert row.metrics["acc_low"] <= row.metrics["accuracy"] <= row.metrics["acc_high"]
     assert row.metrics["chance"] is not None and row.p_above_chance is not None
     for f in ft.folds[:5]:
-        assert (tmp_path / "ft" / f["fold"] / "model.safetensors").is_file()
+        assert (tmp_path / "ft" / f["fold"] / "metrics.json").is_file()  # each fold's record stays ...
+        assert not (tmp_path / "ft" / f["fold"] / "model.safetensors").exists()  # ... its model goes
     assert (tmp_path / "ft" / "model.safetensors").is_file()  # the final model predict uses
     preds = predict(run, [data], workers=0, progress=False)
     assert len(preds) == 20
@@ -129,19 +130,22 @@ def test_freeze_unfreeze_trains_the_head_then_the_top_blocks(tiny_run, tmp_path,
     from safetensors.torch import load_file
 
     before = load_file(str(tiny_weights_dir / f"{TINY}.safetensors"))
-    head_only = finetune(tiny_run["data"], TINY, tmp_path / "head", epochs=1, head_epochs=1, unfreeze=1, **FAST)
+    head_only = finetune(tiny_run["data"], TINY, tmp_path / "head", epochs=1, head_epochs=1, unfreeze=1,
+                         keep_checkpoints=True, **FAST)
     assert head_only.strategy == "freeze-unfreeze"
     after = _state(tmp_path / "head")["model"]
     assert np.array_equal(before["conv_head.weight"], after["conv_head.weight"])
     assert after["classifier.weight"].shape == (2, 256)
 
-    finetune(tiny_run["data"], TINY, tmp_path / "top", epochs=2, head_epochs=1, unfreeze=1, **FAST)
+    finetune(tiny_run["data"], TINY, tmp_path / "top", epochs=2, head_epochs=1, unfreeze=1, keep_checkpoints=True,
+             **FAST)
     after = _state(tmp_path / "top")["model"]
     assert np.array_equal(before["conv_stem.weight"], after["conv_stem.weight"])
     assert not np.array_equal(before["conv_head.weight"], after["conv_head.weight"])
     # BatchNorm statistics are frozen by default, learned with --bn train
     assert torch.equal(before["bn2.running_mean"], after["bn2.running_mean"])
-    finetune(tiny_run["data"], TINY, tmp_path / "bn", epochs=1, head_epochs=0, unfreeze=1, bn="train", **FAST)
+    finetune(tiny_run["data"], TINY, tmp_path / "bn", epochs=1, head_epochs=0, unfreeze=1, bn="train",
+             keep_checkpoints=True, **FAST)
     assert not torch.equal(before["bn2.running_mean"], _state(tmp_path / "bn")["model"]["bn2.running_mean"])
 
 
@@ -161,7 +165,8 @@ def test_discriminative_learning_rates_decay_towards_the_stem(tiny_run, tmp_path
     assert scale["conv_stem.weight"] < scale["blocks.2.0.conv_exp.weight"] < scale["conv_head.weight"] <= 1.0
     assert len(body) == len(list(model.parameters())) - 2  # every block trains
 
-    res = finetune(tiny_run["data"], TINY, tmp_path / "ft", strategy="discriminative", epochs=1, head_epochs=0, **FAST)
+    res = finetune(tiny_run["data"], TINY, tmp_path / "ft", strategy="discriminative", epochs=1, head_epochs=0,
+                   keep_checkpoints=True, **FAST)
     before = load_file(str(tiny_weights_dir / f"{TINY}.safetensors"))
     assert not np.array_equal(before["conv_stem.weight"], _state(tmp_path / "ft")["model"]["conv_stem.weight"])
     assert res.strategy == "discriminative"
@@ -282,3 +287,18 @@ def test_init_needs_a_linear_head_for_this_task(tiny_run, tmp_path):
     fit(tiny_run["cache"], tmp_path / "knn_only", heads=["knn"], n_jobs=1, progress=False)
     with pytest.raises(PipelineError, match="no linear head for task 'shapes'"):
         finetune(tiny_run["data"], TINY, tmp_path / "ft", init=tmp_path / "knn_only", progress=False)
+
+
+def test_finished_folds_keep_only_the_model_unless_asked(tiny_run, tmp_path, capsys):
+    """Once every training has ended, last.pt and the folds' own models go (the final model, metrics and
+    predictions stay); --keep-checkpoints keeps them. --epochs within --head-epochs says no block trains."""
+    lines = []
+    finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, cv=2, labels=None, log=lines.append, **FAST)
+    kept = sorted(p.relative_to(tmp_path / "ft").as_posix() for p in (tmp_path / "ft").rglob("*") if p.is_file())
+    assert "model.safetensors" in kept and not [k for k in kept if k.endswith("last.pt")]
+    assert not [k for k in kept if "/" in k and k.endswith("model.safetensors")]
+    assert any("no block of the backbone is trained; --epochs 2 or more trains the blocks" in x for x in lines)
+    assert "model epoch 1 (head): train loss" in capsys.readouterr().err  # each evaluation said as it lands
+
+    finetune(tiny_run["data"], TINY, tmp_path / "keep", epochs=1, keep_checkpoints=True, **FAST)
+    assert (tmp_path / "keep" / "last.pt").is_file()

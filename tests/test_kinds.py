@@ -123,11 +123,11 @@ def test_predict_writes_the_kinds_columns(labelled, tmp_path):
     run = labelled["base"] / "run"
     images = sorted((labelled["data"] / "val").rglob("*.jpg"))
     tags = predict(run, images, task="tags", workers=0, progress=False)
-    assert list(tags[0]) == ["path", "prediction", "error", "prob_coin", "prob_reddish"]
+    assert list(tags[0]) == ["path", "prediction", "error", "prob_coin", "prob_reddish", "ood_score", "ood"]
     hits = [("reddish" in r["prediction"].split("|")) == ("/red/" in r["path"]) for r in tags]
     assert np.mean(hits) >= 0.9
     red = predict(run, images, task="redness", workers=0, progress=False)
-    assert list(red[0]) == ["path", "prediction", "error"]
+    assert list(red[0]) == ["path", "prediction", "error", "ood_score", "ood"]
     truth = [_redness(p) for p in images]
     assert np.corrcoef([r["prediction"] for r in red], truth)[0, 1] > 0.8
 

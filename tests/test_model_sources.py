@@ -140,5 +140,5 @@ def test_a_specs_weights_are_found_by_its_model_source(tmp_path, tiny_weights_di
     assert given_weights("m:f", "ab", [tmp_path / "x"], str(tmp_path / "w.safetensors")) == tmp_path / "x"
     assert given_weights("m:f", "ab", [], str(tmp_path / "w.safetensors")) == tmp_path / "w.safetensors"
     assert given_weights("m:f", "ab", [], "module:m:f") is None
-    with pytest.raises(PipelineError, match="unknown model source 'nope'; choose from hf, timm, module"):
+    with pytest.raises(PipelineError, match="unknown model source 'nope'; choose from hf, timm, imported, module"):
         model_source_named("nope")

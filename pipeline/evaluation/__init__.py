@@ -9,9 +9,10 @@ saves or reads a model through this package, and nowhere else.
 """
 
 from .card import CardPart, HeadCard
-from .protocol import HOLDOUT_SPLITS, TRAIN_ONLY, Protocol, decide, eval_split
-from .rows import Row, best_row, columns, score_row
+from .protocol import HOLDOUT_SPLITS, TRAIN_ONLY, Protocol, decide, eval_split, join_groups
+from .rows import Row, best_row, clean_ranking, columns, score_row
 from .runfolder import ARTIFACTS, POLICIES, Labelled, RunFolder, open_task, slug
 
 __all__ = ["ARTIFACTS", "HOLDOUT_SPLITS", "POLICIES", "TRAIN_ONLY", "CardPart", "HeadCard", "Labelled", "Protocol",
-           "Row", "RunFolder", "best_row", "columns", "decide", "eval_split", "open_task", "score_row", "slug"]
+           "Row", "RunFolder", "best_row", "clean_ranking", "columns", "decide", "eval_split", "join_groups",
+           "open_task", "score_row", "slug"]

@@ -6,6 +6,14 @@ by ``predict`` when it picks a row.
 - **Which images**: the task's ``val`` (else ``test``) split when it also has ``train`` rows; otherwise
   ``k`` seeded folds (stratified for classes) over every labelled image. Stored as one fold number per
   sample id (``-1``: trains only), so every stage scores exactly the same images.
+- **Groups**: images of one object or patient (a label file's ``group`` column) and groups given when the
+  protocol is decided (near-copies) are scored in one fold, never trained on beside themselves. Stored
+  with the folds and part of the protocol's id; a task without groups gets exactly the folds it had
+  before groups existed. A held-out split is the user's and kept: its scored images whose group also
+  trains are set aside (below).
+- **Set aside**: scored images a model has in effect seen (near-copies of training images) or whose label
+  is suspect; each row also reports its primary metric without them (``<primary>_clean``,
+  ``n_set_aside``), and the ranking says whether it holds without them (``rank_clean``).
 - **Scores**: the task kind's metrics and interval on the out-of-sample predictions (out-of-fold for
   cross-validation), the chance baseline scored on the same images, a paired test against the task's
   best row and a test against chance, both decided at 5 % after a Benjamini-Hochberg adjustment.
@@ -23,6 +31,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.stats import false_discovery_control
 
 from ..errors import PipelineError
@@ -45,7 +55,9 @@ def eval_split(splits: np.ndarray) -> str | None:
 @dataclass
 class Protocol:
     """One task's evaluation: its samples (``ids``, ``y``), the fold each is scored in (``-1``: trains
-    only), how the folds were made (``eval``: ``val``, ``test`` or ``cv<k>``; ``seed``) and the kind."""
+    only), how the folds were made (``eval``: ``val``, ``test`` or ``cv<k>``; ``seed``; ``groups``, each
+    sample's group, ``-1`` for none, None when no two samples share one) and the kind. ``aside`` marks
+    the samples each row's clean score leaves out (None: nothing was checked); it is not part of ``id``."""
 
     task: str
     kind: str
@@ -54,13 +66,17 @@ class Protocol:
     ids: np.ndarray
     y: np.ndarray
     folds: np.ndarray
+    groups: np.ndarray | None = None
+    aside: np.ndarray | None = None
 
     @property
     def id(self) -> str:
-        """A fingerprint of everything above: rows with the same one were scored on the same images, folds
-        and labels, and may be ranked against each other."""
-        blob = json.dumps([self.task, self.kind, self.eval, self.seed, list(map(str, self.ids)),
-                           self.task_kind.format(self.y), self.folds.tolist()])
+        """A fingerprint of the samples, labels, folds and groups: rows with the same one were scored on the
+        same images and folds, and may be ranked against each other (a protocol without groups has the id
+        it had before groups existed)."""
+        parts = [self.task, self.kind, self.eval, self.seed, list(map(str, self.ids)), self.task_kind.format(self.y),
+                 self.folds.tolist()]
+        blob = json.dumps(parts if self.groups is None else [*parts, self.groups.tolist()])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -97,6 +113,28 @@ class Protocol:
             unseen |= set(kind.names(self.y[scored])) - set(kind.names(self.y[train]))
         return sorted(unseen)
 
+    @property
+    def n_groups(self) -> int:
+        """How many groups of two or more samples the protocol keeps together."""
+        return 0 if self.groups is None else len(np.unique(self.groups[self.groups >= 0]))
+
+    def across(self) -> np.ndarray:
+        """Indices of the scored samples whose group also trains in their split: copies a held-out split
+        lets leak (folds never split a group, so none under cross-validation)."""
+        if self.groups is None:
+            return np.zeros(0, np.int64)
+        found = [scored[np.isin(self.groups[scored], self.groups[train]) & (self.groups[scored] >= 0)]
+                 for train, scored in self.splits()]
+        return np.sort(np.concatenate(found))
+
+    def set_aside(self, samples: np.ndarray) -> None:
+        """Leave ``samples`` (a mask over ``ids`` or indices into it) out of each row's clean score, beside
+        those already set aside: scored images a model has in effect seen (near-copies of its training
+        images) or whose label is suspect."""
+        aside = np.zeros(len(self.ids), bool) if self.aside is None else self.aside.copy()
+        aside[np.asarray(samples)] = True
+        self.aside = aside
+
     def refit(self) -> np.ndarray:
         """Indices a saved model trains on: all samples after cross-validation, the train split otherwise."""
         return np.arange(len(self.ids)) if self.cross_validated else np.flatnonzero(self.folds == TRAIN_ONLY)
@@ -105,19 +143,23 @@ class Protocol:
         """The same protocol on the samples ``keep`` marks (images a cache could not decode are left out);
         its id differs unless every sample is kept."""
         keep = np.asarray(keep, bool)
-        return Protocol(self.task, self.kind, self.eval, self.seed, self.ids[keep], self.y[keep], self.folds[keep])
+        return Protocol(self.task, self.kind, self.eval, self.seed, self.ids[keep], self.y[keep], self.folds[keep],
+                        None if self.groups is None else join_groups(self.groups[keep]),
+                        None if self.aside is None else self.aside[keep])
 
     def score(self, y_pred: np.ndarray, scores: np.ndarray | None = None) -> dict:
         """The kind's metrics for predictions of the scored samples (in ``scored`` order; ``scores``, the
-        kind's scores of them, for the metrics that rank), with the chance baseline of each fold predicted
-        from that fold's training labels, ``p_above_chance``, and ``n_train``, ``n_test``."""
+        kind's scores of them, for the metrics that rank), with the row's chance (its own predictions
+        shuffled within each fold, see :mod:`pipeline.kinds.parts.scoring`), ``p_above_chance``, ``n_train``,
+        ``n_test``, and the primary metric
+        without the samples set aside with their number (``set_aside_columns``) when any were checked."""
         kind, scored, names = self.task_kind, self.scored, self.names
-        parts = {}
-        for train, test in self.splits():
-            for i, c in zip(test, kind.chance(self.y[train], len(test), names)):
-                parts[i] = c
-        chance = np.array([parts[i] for i in scored])
-        metrics = kind.evaluate(self.y[scored], np.asarray(y_pred), chance, self.folds[scored], names, scores)
+        y_pred = np.asarray(y_pred)
+        metrics = kind.evaluate(self.y[scored], y_pred, self.folds[scored], names, scores)
+        if self.aside is not None:
+            clean = ~self.aside[scored]
+            value = kind.primary_score(self.y[scored][clean], y_pred[clean], names) if clean.any() else None
+            metrics.update(zip(kind.set_aside_columns, (value, int((~clean).sum()))))
         return dict(n_train=int(len(self.refit())), n_test=int(len(scored)), **metrics)
 
     def primary_score(self, idx: np.ndarray, y_pred: np.ndarray) -> float:
@@ -137,10 +179,12 @@ class Protocol:
         plan = self.splits()
         train_only = np.flatnonzero(self.folds == TRAIN_ONLY)
         if len(train_only):
-            _, counts = np.unique(self.y[train_only], return_counts=True)
-            n_folds = min(cv, int(counts.min()))
+            groups = None if self.groups is None else join_groups(self.groups[train_only])
+            n_folds = min(cv, _n_units(groups, len(train_only)))
+            if self.task_kind.single_label:  # every fold holds every class: as many folds as the rarest has images
+                n_folds = min(n_folds, int(np.unique(self.y[train_only], return_counts=True)[1].min()))
             if n_folds >= 2:
-                folds = self.task_kind.folds(self.y[train_only], n_folds, seed)
+                folds = _kind_folds(self.task_kind, self.y[train_only], n_folds, seed, groups)
                 plan += [(train_only[folds != f], train_only[folds == f]) for f in range(n_folds)]
         return plan
 
@@ -151,15 +195,24 @@ class Protocol:
         return None if parts is None else (idx[parts[0]], idx[parts[1]])
 
     def to_dict(self) -> dict:
-        return dict(task=self.task, kind=self.kind, eval=self.eval, seed=self.seed, id=self.id,
-                    ids=list(map(str, self.ids)), y=self.task_kind.format(self.y), folds=self.folds.tolist())
+        """The protocol as saved in a run; ``groups`` and ``set_aside`` (ids) only when it has them."""
+        d = dict(task=self.task, kind=self.kind, eval=self.eval, seed=self.seed, id=self.id,
+                 ids=list(map(str, self.ids)), y=self.task_kind.format(self.y), folds=self.folds.tolist())
+        if self.groups is not None:
+            d["groups"] = self.groups.tolist()
+        if self.aside is not None:
+            d["set_aside"] = list(map(str, self.ids[self.aside]))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Protocol":
         kind = get_kind(d["kind"])
         y = kind.parse(d["y"], [f"protocol of {d['task']!r}"] * len(d["y"]))
-        return cls(d["task"], d["kind"], d["eval"], int(d["seed"]), np.array(d["ids"], dtype=object), y,
-                   np.array(d["folds"], dtype=np.int64))
+        ids = np.array(d["ids"], dtype=object)
+        groups = np.array(d["groups"], dtype=np.int64) if "groups" in d else None
+        aside = np.isin(ids, d["set_aside"]) if "set_aside" in d else None
+        return cls(d["task"], d["kind"], d["eval"], int(d["seed"]), ids, y, np.array(d["folds"], dtype=np.int64),
+                   groups, aside)
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -171,26 +224,98 @@ class Protocol:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def describe(self) -> str:
-        return f"{self.eval} (seed {self.seed}) on {len(self.ids)} images, {len(self.scored)} scored"
+        grouped = f", {self.n_groups} groups" if self.n_groups else ""
+        return f"{self.eval} (seed {self.seed}) on {len(self.ids)} images, {len(self.scored)} scored{grouped}"
+
+    def group_note(self) -> str:
+        """A note when the task's held-out split trains on groups it also scores (the split is kept)."""
+        across = self.across()
+        if not len(across):
+            return ""
+        n, images = len(np.unique(self.groups[across])), f"{len(across)} {self.eval} image"
+        return (f"task {self.task!r}: {n} group{'s' if n != 1 else ''} of images both train and are scored in the "
+                f"{self.eval} split, which is kept as given; its {images}{'s' if len(across) != 1 else ''} of them "
+                f"{'are' if len(across) != 1 else 'is'} set aside in each row's clean score")
+
+
+def join_groups(*groupings: np.ndarray | None) -> np.ndarray | None:
+    """One group per sample from groupings of the same samples (a label file's ``group`` column, groups of
+    near-copies): samples that share a group in any of them share one here. Groups are numbered in sample
+    order, ``-1`` for a sample that shares none; None when no two samples share one. A grouping marks a
+    sample in no group with ``""`` (text) or a negative number; None stands for no grouping."""
+    given = [np.asarray(g) for g in groupings if g is not None]
+    if not given:
+        return None
+    n = len(given[0])
+    samples, nodes, offset = [], [], n
+    for g in given:
+        if len(g) != n:
+            raise PipelineError(f"groups of {len(g)} samples given for {n} samples")
+        has = g != "" if g.dtype.kind in "OUS" else g >= 0
+        names, inverse = np.unique(g[has], return_inverse=True)
+        samples.append(np.flatnonzero(has))
+        nodes.append(offset + inverse)
+        offset += len(names)
+    edges = np.concatenate(samples), np.concatenate(nodes)
+    graph = coo_matrix((np.ones(len(edges[0])), edges), shape=(offset, offset))
+    _, component = connected_components(graph, directed=False)
+    _, first, inverse, counts = np.unique(component[:n], return_index=True, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts > 1)
+    number = np.full(len(counts), -1, np.int64)
+    number[shared[np.argsort(first[shared])]] = np.arange(len(shared))
+    groups = number[inverse]
+    return groups if (groups >= 0).any() else None
+
+
+def _n_units(groups: np.ndarray | None, n: int) -> int:
+    """How many units folds are made of: the groups and the samples in none (every sample without groups)."""
+    if groups is None:
+        return n
+    return len(np.unique(groups[groups >= 0])) + int((groups < 0).sum())
+
+
+def _kind_folds(kind: TaskKind, y: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None) -> np.ndarray:
+    """The kind's folds, each group in one (a sample in none is a group of its own); the kind's plain folds
+    without groups."""
+    if groups is None:
+        return kind.folds(y, n_folds, seed)
+    alone = groups < 0
+    units = groups.copy()
+    units[alone] = groups.max() + 1 + np.arange(int(alone.sum()))
+    return kind.folds(y, n_folds, seed, units)
 
 
 def decide(task: str, kind: TaskKind, ids: Sequence[str], y: Sequence, splits: Sequence[str], cv: int,
-           seed: int) -> Protocol:
+           seed: int, groups: np.ndarray | None = None) -> Protocol:
     """The protocol of a task from its labelled samples: the ``val``/``test`` split when there is one
-    beside ``train`` (other splits left out), else ``cv`` seeded folds over all of them."""
+    beside ``train`` (other splits left out), else ``cv`` seeded folds over all of them, each group of
+    ``groups`` (one per sample in ``ids`` order, see ``join_groups``) in one fold. A held-out split is
+    kept as given: its scored samples whose group also trains are set aside (``group_note`` says so)."""
     order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
     ids, splits = (np.asarray(a, dtype=object)[order] for a in (ids, splits))
     y = np.asarray(y)[order]
+    groups = None if groups is None else np.asarray(groups)[order]
     split = eval_split(splits)
     if split is not None:
         keep = (splits == "train") | (splits == split)
         ids, y, splits = ids[keep], y[keep], splits[keep]
         kind.check(y[splits == "train"], task, None)
         kind.check(y, task, None)
-        folds = np.where(splits == "train", TRAIN_ONLY, 0)
-        return Protocol(task, kind.name, split, seed, ids, y, folds.astype(np.int64))
+        folds = np.where(splits == "train", TRAIN_ONLY, 0).astype(np.int64)
+        groups = join_groups(None if groups is None else groups[keep])
+        protocol = Protocol(task, kind.name, split, seed, ids, y, folds, groups)
+        if protocol.groups is not None:
+            protocol.set_aside(protocol.across())
+        return protocol
     kind.check(y, task, cv)
-    return Protocol(task, kind.name, f"cv{cv}", seed, ids, y, kind.folds(y, cv, seed))
+    groups = join_groups(groups)
+    if _n_units(groups, len(ids)) < cv:
+        raise PipelineError(f"task {task!r}: its {_n_units(groups, len(ids))} groups of images (each kept in one "
+                            f"fold) cannot fill {cv} folds; use fewer folds (--cv)")
+    folds = _kind_folds(kind, y, cv, seed, groups)
+    if len(np.unique(folds)) < cv:
+        raise PipelineError(f"task {task!r}: its groups of images leave a fold of {cv} empty; use fewer folds (--cv)")
+    return Protocol(task, kind.name, f"cv{cv}", seed, ids, y, folds, groups)
 
 
 def rank_and_test(rows: list, protocols: dict[str, "Protocol"], predictions: Callable) -> list:
@@ -199,14 +324,15 @@ def rank_and_test(rows: list, protocols: dict[str, "Protocol"], predictions: Cal
     Rows whose ``protocol`` is their task's are ``comparable``: they are ranked and get ``p_vs_best`` (the
     kind's paired test against the task's best row, on the samples both scored) and ``same_as_best``.
     Every scored row gets ``above_chance`` from its ``p_above_chance``. Both decisions are at 5 % after a
-    Benjamini-Hochberg adjustment over the task's rows. ``predictions(row)`` gives (ids, true, predicted)."""
+    Benjamini-Hochberg adjustment over the task's rows. Ranked rows with a clean score (without the samples
+    set aside) get ``rank_clean``, their rank by it. ``predictions(row)`` gives (ids, true, predicted)."""
     ordered = []
     for task in dict.fromkeys(r.task for r in rows):
         mine = [r for r in rows if r.task == task]
         protocol = protocols.get(task)
         for r in mine:
             r.comparable = protocol is not None and r.protocol == protocol.id
-            r.p_vs_best = r.same_as_best = r.above_chance = None
+            r.p_vs_best = r.same_as_best = r.above_chance = r.rank_clean = None
         scored = [r for r in mine if r.scored]
         if scored:
             adjusted = false_discovery_control([r.p_above_chance for r in scored])
@@ -215,9 +341,17 @@ def rank_and_test(rows: list, protocols: dict[str, "Protocol"], predictions: Cal
         ranked = sorted([r for r in scored if r.comparable], key=lambda r: r.rank_key(), reverse=True)
         if ranked:
             _test_against_best(ranked, protocol, predictions)
+            _rank_clean(ranked)
         apart = sorted([r for r in scored if not r.comparable], key=lambda r: r.rank_key(), reverse=True)
         ordered += ranked + apart + [r for r in mine if not r.scored]
     return ordered
+
+
+def _rank_clean(ranked: list) -> None:
+    """``rank_clean`` (1: best) of the ranked rows that have a clean score, by it; ties keep their rank."""
+    clean = [r for r in ranked if r.clean_score is not None and not np.isnan(r.clean_score)]
+    for rank, r in enumerate(sorted(clean, key=lambda r: r.clean_score, reverse=True), start=1):
+        r.rank_clean = rank
 
 
 def _test_against_best(ranked: list, protocol: Protocol, predictions: Callable) -> None:
@@ -241,9 +375,9 @@ def check_same(stored: Protocol, proposed: Protocol, where: str) -> None:
         return
     reasons = [f"{name} {a} -> {b}" for name, a, b in (
         ("evaluation", stored.eval, proposed.eval), ("seed", stored.seed, proposed.seed),
-        ("images", len(stored.ids), len(proposed.ids))) if a != b]
+        ("images", len(stored.ids), len(proposed.ids)), ("groups", stored.n_groups, proposed.n_groups)) if a != b]
     if not reasons:
-        reasons = ["the labels or the images differ"]
+        reasons = ["the labels, the images or their groups differ"]
     raise PipelineError(
         f"{where} holds task {stored.task!r} evaluated as {stored.describe()}; this one would be "
         f"{proposed.describe()} ({', '.join(reasons)}), so its rows could not be compared; pass --overwrite "

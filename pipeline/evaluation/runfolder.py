@@ -6,8 +6,12 @@ and used from any directory)::
     RUN/leaderboard.json|.csv   the rows (``Row``), best first within each task
     RUN/protocols/<task>.json   each task's evaluation protocol (:mod:`pipeline.evaluation.protocol`)
     RUN/heads/<name>.skops      fitted heads, each with <name>.json (its card: classes, feature specs)
-                                and <name>.predictions.csv (the scored samples: id, true, predicted)
-    RUN/finetune/<name>.predictions.csv   the same for rows of fine-tuned networks (the model folder
+                                and <name>.predictions.csv (the scored samples: id, true, predicted),
+                                <name>.scores.npy (their scores: class probabilities; what calibrates
+                                ``predict --coverage``)
+    RUN/heads/<source>.ood.json  per cache, tap and task: its training images' nearest-neighbour
+                                distances (what ``predict``'s ``ood_score`` is a percentile of)
+    RUN/finetune/<name>.predictions.csv|.scores.npy   the same for rows of fine-tuned networks (the model folder
                                 is wherever ``finetune --out`` put it; the row points at it)
     RUN/run.json                every stage that wrote here: command, parameters, versions, machine
                                 (an ``audit --run RUN`` too, with where its page is)
@@ -43,7 +47,7 @@ from ..files import atomic_path
 from ..validation import one_of, unknown, validate_params
 from ..kinds import get_kind
 from .card import HeadCard
-from .protocol import Protocol, check_same, decide, rank_and_test
+from .protocol import Protocol, check_same, decide, join_groups, rank_and_test
 from .rows import Row, best_row, columns, score_row
 
 # Every file and folder a run owns, by name: stages ask ``RunFolder.artifact(name, task=..., row=...)``
@@ -54,6 +58,9 @@ ARTIFACTS = {
     "fewshot_plot": "fewshot_{task}.png", "confusion": "confusion_{task}.png", "confusion_row": "confusion_row{row}.png",
 }
 HEADS, PROTOCOLS, FINETUNE = "heads", "protocols", "finetune"
+# Beside the artifacts above, inside HEADS and FINETUNE (removed with them): a row's predictions, their
+# scores, and each source's out-of-distribution reference.
+PREDICTIONS, SCORES, OOD_REFERENCE = ".predictions.csv", ".scores.npy", ".ood.json"
 
 # How a stage takes a task's protocol from a run (see ``open_task``).
 POLICIES = {
@@ -67,31 +74,41 @@ POLICIES = {
 
 @dataclass
 class Labelled:
-    """A task's labelled samples as a stage sees them: what a protocol is decided on."""
+    """A task's labelled samples as a stage sees them: what a protocol is decided on. ``groups``: each
+    sample's group from the label file (``""``: none), None without a group column."""
 
     task: str
     kind: str
     ids: np.ndarray
     y: np.ndarray
     splits: np.ndarray
+    groups: np.ndarray | None = None
 
-    def decide(self, cv: int, seed: int) -> Protocol:
-        return decide(self.task, get_kind(self.kind), self.ids, self.y, self.splits, cv, seed)
+    def decide(self, cv: int, seed: int, groups: np.ndarray | None = None) -> Protocol:
+        """The protocol decided from these samples, each of their groups and of ``groups`` in one fold."""
+        return decide(self.task, get_kind(self.kind), self.ids, self.y, self.splits, cv, seed,
+                      join_groups(self.groups, groups))
 
 
 @validate_params(dict(policy=one_of(*POLICIES)), spell=str)
 def open_task(labelled: Labelled, cv: int, seed: int, run: "RunFolder | None" = None,
-              policy: str = "exact") -> tuple[Protocol, str]:
-    """The protocol a stage evaluates ``labelled`` under, and a note when it is not the whole of the run's:
-    the one policy by which every stage reuses a run's protocol (``POLICIES``). A run without the task
-    (or no run) gets one decided from the data (``val``/``test`` split, else ``cv`` seeded folds)."""
+              policy: str = "exact", groups: np.ndarray | None = None) -> tuple[Protocol, str]:
+    """The protocol a stage evaluates ``labelled`` under, and a note when it is not the whole of the run's
+    or its held-out split trains on groups it scores (``Protocol.group_note``): the one policy by which
+    every stage reuses a run's protocol (``POLICIES``). A run without the task (or no run) gets one
+    decided from the data (``val``/``test`` split, else ``cv`` seeded folds).
+
+    ``groups`` are groups found beside the label file's (one integer per sample of ``labelled``, ``-1``:
+    none; confirmed near-copies): a decided protocol keeps each in one fold and records them, so ``exact``
+    refuses a run whose groups differ as it refuses other folds or seed; ``within`` keeps the run's."""
     stored = run.protocol(labelled.task) if run is not None and policy != "replace" else None
     if stored is None:
-        return labelled.decide(cv, seed), ""
+        decided = labelled.decide(cv, seed, groups)
+        return decided, decided.group_note()
     if policy == "exact":
-        proposed = labelled.decide(cv, seed)
+        proposed = labelled.decide(cv, seed, groups)
         check_same(stored, proposed, str(run.path))
-        return proposed, ""
+        return proposed, proposed.group_note()
     return _within(stored, labelled, run)
 
 
@@ -168,18 +185,31 @@ class RunFolder:
     def score(self, protocol: Protocol, y_pred: np.ndarray | None, scores: np.ndarray | None = None,
               **identity) -> Row:
         """The row of a model (``identity``: backbone, head, ``head_file``, ...) scored by ``protocol`` on its
-        predictions (and ``scores``) of the scored samples (see ``score_row``), its predictions saved into
-        the run."""
+        predictions (and ``scores``) of the scored samples (see ``score_row``), its predictions and scores
+        saved into the run."""
         row = score_row(protocol, y_pred, scores, **identity)
         if y_pred is not None:
             scored = protocol.scored
             self.write_predictions(row, protocol.ids[scored], protocol.y[scored], y_pred)
+            if scores is not None:
+                self.write_scores(row, scores)
+            else:  # a head refit without scores leaves none of its predecessor's
+                self.scores_path(row).unlink(missing_ok=True)
         return row
 
     def predictions_path(self, row: Row) -> Path:
         if row.stage == "finetune":
-            return self.path / FINETUNE / f"{slug(f'{row.task}__{Path(row.head_file).name}__{row.head}')}.predictions.csv"
-        return self.resolve(row.head_file).with_suffix(".predictions.csv")
+            return self.path / FINETUNE / f"{slug(f'{row.task}__{Path(row.head_file).name}__{row.head}')}{PREDICTIONS}"
+        return self.resolve(row.head_file).with_suffix(PREDICTIONS)
+
+    def scores_path(self, row: Row) -> Path:
+        """Where a row's scores are: beside its predictions."""
+        path = self.resolve(row.predictions) if row.predictions else self.predictions_path(row)
+        return path.with_name(path.name.removesuffix(PREDICTIONS) + SCORES)
+
+    def ood_path(self, source: str) -> Path:
+        """Where the out-of-distribution reference of ``source`` (``<caches>__<tap>__<task>``) is."""
+        return self.path / HEADS / f"{slug(source)}{OOD_REFERENCE}"
 
     def relative(self, path: str | os.PathLike) -> str:
         """``path`` as stored in the run: relative to the run folder, with forward slashes."""
@@ -209,6 +239,19 @@ class RunFolder:
         kind = get_kind(row.task_kind)
         true = kind.parse([p["true"] for p in saved], [str(path)] * len(saved))
         return [p["id"] for p in saved], true, kind.parse_predictions([p["predicted"] for p in saved], self._names(row))
+
+    def write_scores(self, row: Row, scores: np.ndarray) -> None:
+        """The scores of ``row``'s scored samples (in its predictions' order), beside its predictions."""
+        with atomic_path(self.scores_path(row)) as tmp, tmp.open("wb") as fh:
+            np.save(fh, np.asarray(scores, dtype=np.float64))
+
+    def read_scores(self, row: Row) -> np.ndarray:
+        """A row's saved scores (class probabilities), in its predictions' order."""
+        path = self.scores_path(row)
+        if not path.is_file():
+            raise PipelineError(f"row {row.head} of task {row.task!r} has no saved scores ({path}): its head gives "
+                                "none, or the run was fit before scores were saved; fit it again")
+        return np.load(path)
 
     def add_rows(self, new: Sequence[Row]) -> list[Row]:
         """Merge ``new`` into the run's rows by key, rank and test every task again, write the leaderboard."""

@@ -68,8 +68,8 @@ class TaskKind:
         """Raise when ``y`` cannot be evaluated (too few classes or rows, a class smaller than the folds)."""
         raise NotImplementedError
 
-    def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-        """The fold each row is scored in, for cross-validation."""
+    def folds(self, y: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+        """The fold each row is scored in, for cross-validation; rows with the same ``groups`` label in one."""
         raise NotImplementedError
 
     def subsplit(self, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -89,30 +89,32 @@ class TaskKind:
         what a metric that ``needs="scores"`` reads; by default the predictions themselves."""
         return self.predict(estimator, X, names)
 
-    def chance(self, y_train: np.ndarray, n: int, names: list[str]) -> np.ndarray:
-        """What the chance baseline predicts for ``n`` rows after seeing ``y_train``."""
-        raise NotImplementedError
-
-    def score(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
-              names: list[str]) -> dict:
-        """The ``core_columns`` of a row and ``p_above_chance``, the one-sided p-value that the row beats
-        the chance baseline on the same rows."""
+    def score(self, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray, names: list[str]) -> dict:
+        """The ``core_columns`` of a row, its ``chance`` (what its own predictions score when shuffled among
+        the scored images of each fold) and ``p_above_chance``, the one-sided p-value that the row beats it."""
         raise NotImplementedError
 
     @property
+    def set_aside_columns(self) -> tuple[str, str]:
+        """The primary metric without the scored samples a protocol sets aside (near-copies of training
+        images, suspected label errors), and how many it set aside."""
+        return f"{self.primary}_clean", "n_set_aside"
+
+    @property
     def columns(self) -> tuple[str, ...]:
-        """The metric columns of a leaderboard row, in order: the core ones, then the registered metrics."""
-        return (*self.core_columns, *(m.name for m in metrics_of(self.name)))
+        """The metric columns of a leaderboard row, in order: the core ones, the primary metric without the
+        samples set aside, then the registered metrics."""
+        return (*self.core_columns, *self.set_aside_columns, *(m.name for m in metrics_of(self.name)))
 
     @property
     def needs_scores(self) -> bool:
         """Whether a registered metric reads scores (``scores``), which stages then pass beside predictions."""
         return any(m.needs == "scores" for m in metrics_of(self.name))
 
-    def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray, y_chance: np.ndarray, folds: np.ndarray,
-                 names: list[str], scores: np.ndarray | None = None) -> dict:
+    def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray, names: list[str],
+                 scores: np.ndarray | None = None) -> dict:
         """Every metric column of a row (``score`` and the registered metrics) and ``p_above_chance``."""
-        core = self.score(y_true, y_pred, y_chance, folds, names)
+        core = self.score(y_true, y_pred, folds, names)
         p_above_chance = core.pop("p_above_chance")
         extra = {m.name: m(y_true, y_pred, scores, names) for m in metrics_of(self.name)}
         return {**core, **extra, "p_above_chance": p_above_chance}

@@ -4,7 +4,9 @@
   ``local-dir:FOLDER`` forms;
 - ``hf``: ``hf:FOLDER`` or ``hf:ORG/NAME``, a Hugging Face ``transformers`` vision model (its vision
   tower for CLIP and SigLIP) with its ``AutoImageProcessor``'s preprocessing;
-- ``module``: ``package.module:function``, a user's own ``torch.nn.Module`` with its data config.
+- ``module``: ``package.module:function``, a user's own ``torch.nn.Module`` with its data config;
+- ``imported``: ``imported:NAME``, embeddings made elsewhere (``pipeline cache import``): no network, so
+  building one is an error that says so.
 
 Each returns a :class:`~pipeline.model_sources.base.Backbone`; the feature spec records the source, so
 caches and heads from different sources never mix, and the source finds a spec's weights again
@@ -74,4 +76,4 @@ def model_source_named(source: str) -> ModelSource:
     return found
 
 
-from . import hf, timm, module  # noqa: E402,F401  (registers the built-in sources; module last: it takes any "a:b")
+from . import hf, timm, imported, module  # noqa: E402,F401  (registers the built-in sources; module last: it takes any "a:b")

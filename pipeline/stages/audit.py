@@ -1,13 +1,14 @@
 """The audit stage: what a feature cache says about the data itself, the questions that most often make a
 leaderboard lie or a model fail.
 
-- **Label issues**, per task: out-of-fold class probabilities from a linear head, under the task's
-  evaluation protocol (a run's stored one, or one decided as ``fit`` decides it), fed to cleanlab's
-  confident learning (``find_label_issues``), ranked by self-confidence (the probability of the given
-  label), most suspicious first.
-- **Near-duplicates**: pairs of images whose features have cosine similarity of at least a threshold
-  (:data:`pipeline.similarity.DUPLICATE_COSINE`), pairs across training and evaluation splits first; per
-  task, how many scored images have a near-copy among the images their model trains on (possible leakage).
+- **Label issues**, per task of any kind: out-of-fold predictions (class or tag probabilities, numbers)
+  from a head, under the task's evaluation protocol (a run's stored one, or one decided as ``fit``
+  decides it), scored by cleanlab (the label quality of every image, ranked most suspicious first;
+  its finders mark the label issues).
+- **Copies**: pairs of images that are one picture re-encoded, found by :mod:`pipeline.copies`
+  (candidates from the embeddings, confirmed by the pixels), pairs across training and evaluation splits
+  first; per task, how many scored images have a copy among the images their model trains on (possible
+  leakage).
 - **Outliers**: images whose ``k`` nearest neighbours are far (mean cosine distance), beyond the upper
   fence of the scores' box plot.
 - **A map**: the embeddings in 2-D (UMAP when installed, else t-SNE), coloured by label.
@@ -33,40 +34,51 @@ from ..sources import load_source
 from ..errors import PipelineError
 from ..files import atomic_path
 from ..heads import create_head, has_head
+from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, open_task
 from ..findings import AuditResult, TaskAudit, label_issues_file
-from ..similarity import BLOCK, DUPLICATE_COSINE, knn, near_copies, normalized, pairs_above
+from ..copies import Copies, Images, find_copies
+from ..copies import leaked as leaked_rows
+from ..similarity import BLOCK, knn, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Rule, Settings, at_least, between, one_of, unknown
+from ..validation import Rule, Settings, at_least, between, one_of, optional, unknown
 
 MAP_METHODS = ("auto", "umap", "tsne", "none")
 
 
-def _gives_probabilities(head) -> bool:
-    """Whether ``head`` names a classification head with ``predict_proba``, which cleanlab reads."""
-    return isinstance(head, str) and has_head(head, "classification") and hasattr(create_head(head), "predict_proba")
+def scores_labels(head: str, kind: str) -> bool:
+    """Whether ``head`` can score labels of ``kind``: a version of it for that kind, with class
+    probabilities (``predict_proba``) where one class per image is given, which cleanlab reads."""
+    return has_head(head, kind) and (not get_kind(kind).single_label
+                                     or hasattr(create_head(head, kind=kind), "predict_proba"))
+
+
+def _label_head_name(head) -> bool:
+    return isinstance(head, str) and (head in ("auto", "run") or any(scores_labels(head, k) for k in list_kinds()))
 
 
 @dataclass
 class AuditConfig(Settings):
-    """How ``audit`` looks: the tap; the head whose out-of-fold probabilities cleanlab reads (a registry
-    head with ``predict_proba``) and the folds and seed of a task without a split (or of its training
-    images); the near-duplicate threshold; the neighbours an outlier score averages over; the map's
-    method and most points; how many examples of each finding the page shows; the search block."""
+    """How ``audit`` looks: the tap; the head whose out-of-fold predictions cleanlab reads (``auto``: see
+    :func:`label_head`) and the folds and seed of a task without a split (or of its training images);
+    the cosine from which two images are copies when their pixels cannot be read (None: the cache's own,
+    see :mod:`pipeline.copies`); the neighbours an outlier score averages over; the map's method and
+    most points; how many examples of each finding the page shows; the search block."""
 
     tap: str = "pooled"
-    head: str = "logreg"
+    head: str = "auto"
     cv: int = 5
     seed: int = 0
-    dup_threshold: float = DUPLICATE_COSINE
+    dup_threshold: float | None = None
     k: int = 10
     map: str = "auto"
     map_points: int = 5000
     top: int = 24
     block: int = BLOCK
 
-    RULES = dict(head=Rule(_gives_probabilities, "a head with class probabilities (logreg, torch-logreg, sgd, ...)"),
-                 cv=at_least(2), dup_threshold=between(0, 1, low_open=True), k=at_least(1), map=one_of(*MAP_METHODS),
+    RULES = dict(head=Rule(_label_head_name, "auto, run, a head with class probabilities (logreg, torch-logreg, sgd, ...) "
+                                             "or one of tags or numbers (ridge, ...)"),
+                 cv=at_least(2), dup_threshold=optional(between(0, 1, low_open=True)), k=at_least(1), map=one_of(*MAP_METHODS),
                  map_points=at_least(10), top=at_least(1), block=at_least(1))
 
 
@@ -89,11 +101,13 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")
     images = _image_paths(data)
     paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
-    found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap)
-    audits = [_audit_task(t, d, found, run_folder, cfg) for t, d in found.tasks]
-    duplicates = find_duplicates(found.X, found.ids, found.splits, cfg.dup_threshold, cfg.block)
+    found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap, data)
+    heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
+    audits = [_audit_task(t, d, h, found, run_folder, cfg) for (t, d), h in zip(found.tasks, heads)]
+    copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block)
+    duplicates = duplicate_rows(copies, found.ids, found.splits)
     outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
-    result = AuditResult(out, audits, duplicates, outliers, "", threshold=cfg.dup_threshold)
+    result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
     result.files = _write(result)
     if cfg.map != "none" and len(found.ids) >= 5:
         coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
@@ -116,6 +130,7 @@ class _Found:
     labels: np.ndarray
     splits: np.ndarray
     tasks: list[tuple[Task, TaskData]]
+    pixels: Images | None  # the images, for the copies' pixel check (None where unreachable)
 
     @cached_property
     def row_of(self) -> dict[str, int]:
@@ -127,7 +142,7 @@ class _Found:
         return np.array([str(by_id.get(i, "")) for i in self.ids], dtype=object)
 
 
-def _load(paths: list[Path], extra: list[Task], tap: str) -> _Found:
+def _load(paths: list[Path], extra: list[Task], tap: str, data: str | os.PathLike | None) -> _Found:
     with ExitStack() as stack:
         opened = [stack.enter_context(FeatureCache(p)) for p in paths]
         ids, X = joined_features(opened, tap)
@@ -136,7 +151,7 @@ def _load(paths: list[Path], extra: list[Task], tap: str) -> _Found:
         position = {sid: i for i, sid in enumerate(first.ids)}
         rows = [position[i] for i in ids]
         return _Found(ids, X, first.labels[rows], first.splits[rows],
-                      [(t, join_task(first, t, load=False)) for t in tasks])
+                      [(t, join_task(first, t, load=False)) for t in tasks], Images.of_cache(first, data))
 
 
 def joined_features(caches: list[FeatureCache], tap: str) -> tuple[np.ndarray, np.ndarray]:
@@ -158,50 +173,115 @@ def joined_features(caches: list[FeatureCache], tap: str) -> tuple[np.ndarray, n
     return ids, np.hstack(parts) / np.sqrt(len(parts))
 
 
-def out_of_fold(X: np.ndarray, protocol: Protocol, head: str, cv: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities of every sample of ``protocol`` (rows of ``X`` in its order) from a ``head``
-    that never saw its label: the protocol's own splits for the scored samples, and ``cv`` folds of the
-    training-only samples among themselves. Returns (classes, probabilities); a row is NaN where no
-    fold could predict it."""
-    classes = np.unique(protocol.y.astype(str))
-    y = protocol.y.astype(str)
-    probs = np.full((len(y), len(classes)), np.nan)
+# The head that scores the labels of one class per image unless --head names one: scikit-learn's plain L2
+# logistic regression (C=1) on the unit-length features. On planted flips (benchmarks/label_issues.py)
+# it ranks them above logreg (standardised, C tuned by CV to the noisy labels), mlp and knn.
+CLASS_LABEL_HEAD = "sklearn.linear_model:LogisticRegression"
+
+
+def label_head(kind: str, task: str, run: RunFolder | None, head: str = "auto") -> str:
+    """The head whose out-of-fold predictions score a task's labels: ``head`` when named; ``auto``:
+    :data:`CLASS_LABEL_HEAD` for classes, the kind's first default head for the others (``logreg`` for
+    tags, ``ridge`` for numbers); ``run``: the best fitted head of the task in ``run`` that can score
+    them (:func:`scores_labels`), else ``auto``'s."""
+    if head not in ("auto", "run"):
+        if not scores_labels(head, kind):
+            raise PipelineError(f"--head {head} cannot score the labels of task {task!r} ({kind}): it needs a "
+                                f"{kind} version" + (" with class probabilities" if get_kind(kind).single_label else ""))
+        return head
+    default = CLASS_LABEL_HEAD if get_kind(kind).single_label else get_kind(kind).default_heads[0]
+    rows = run.rows() if run is not None and head == "run" else []
+    return next((r.head for r in rows if r.task == task and r.stage == "fit" and r.comparable and r.scored
+                 and scores_labels(r.head, kind)), default)
+
+
+def out_of_fold(X: np.ndarray, protocol: Protocol, head: str, cv: int, seed: int) -> np.ndarray:
+    """The kind's scores of every sample of ``protocol`` (rows of ``X`` in its order) from a ``head``
+    that never saw its label: class or tag probabilities (a column per name of the protocol), or numbers.
+    The protocol's own splits predict the scored samples, and ``cv`` folds of the training-only samples
+    predict those among themselves; a row is NaN where no fold could."""
+    kind, names, y = protocol.task_kind, protocol.names, protocol.y
+    out = np.full((len(y), len(names)) if names else len(y), np.nan)
     for train, test in protocol.oof_plan(cv, seed):
-        if len(np.unique(y[train])) < 2 or not len(test):
-            continue
-        est = create_head(head, seed).fit(X[train], y[train])
-        probs[test] = 0.0
-        probs[np.ix_(test, np.searchsorted(classes, est.classes_.astype(str)))] = est.predict_proba(X[test])
-    return classes, probs
+        try:
+            kind.check(y[train], protocol.task, None)
+        except PipelineError:
+            continue  # one class, no varied tag or one number: nothing to learn from
+        seen = kind.names(y[train])  # a class or tag the fold never shows gets probability 0
+        est = create_head(head, seed, kind=kind.name).fit(X[train], kind.target(y[train], seen))
+        if names:
+            out[test] = 0.0
+            out[np.ix_(test, np.searchsorted(names, seen))] = kind.scores(est, X[test], seen)
+        else:
+            out[test] = kind.scores(est, X[test], seen)
+    return out
 
 
-def rank_label_issues(y: np.ndarray, classes: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's confident learning on out-of-fold probabilities: the indices it flags, most suspicious
-    first (lowest self-confidence), and every sample's label quality score (NaN where no probability)."""
+def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Self-confidence (the probability of the given class) and confident learning's label issues."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    have = np.flatnonzero(~np.isnan(probs).any(axis=1))
-    scores = np.full(len(y), np.nan)
-    if len(np.unique(y[have])) < 2:
-        return np.zeros(0, np.int64), scores
-    given = np.searchsorted(classes, y[have].astype(str))
-    flagged = find_label_issues(given, probs[have], return_indices_ranked_by="self_confidence", n_jobs=1)
-    scores[have] = get_label_quality_scores(given, probs[have], method="self_confidence")
-    return have[flagged], scores
+    given = np.searchsorted(names, y.astype(str))
+    if len(np.unique(given)) < 2:
+        return np.full(len(y), np.nan), np.zeros(len(y), bool)
+    return (get_label_quality_scores(given, probs, method="self_confidence"),
+            find_label_issues(given, probs, n_jobs=1))
 
 
-def find_duplicates(X: np.ndarray, ids: np.ndarray, splits: np.ndarray, threshold: float, block: int = BLOCK) -> list[dict]:
-    """Pairs of images with cosine similarity of at least ``threshold``: pairs across a training and an
-    evaluation split first (the evaluation image as ``id_a``), then by similarity."""
+def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's multi-label quality (each tag's self-confidence, the worst weighted most) and label issues."""
+    from cleanlab.multilabel_classification.filter import find_label_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+    given = [list(np.searchsorted(names, list(tags))) for tags in y]
+    return get_label_quality_scores(given, probs), find_label_issues(given, probs, n_jobs=1)
+
+
+def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's regression label quality (OUTRE: the residual and how unusual it is among its
+    neighbours'); flagged: residuals "far out" among the absolute residuals (beyond Q3 + 3 IQR, Tukey's
+    outer fence: a wrong label pulls the fit, which widens the others' residuals)."""
+    from cleanlab.regression.rank import get_label_quality_scores
+
+    y = np.asarray(y, dtype=np.float64)
+    residual = np.abs(pred - y)
+    q1, q3 = np.percentile(residual, [25, 75])
+    return get_label_quality_scores(y, pred), residual > q3 + 3 * (q3 - q1)
+
+
+# each kind's label-quality scores and label issues from out-of-fold scores (``out_of_fold``'s rows)
+LABEL_FINDERS = {"classification": _class_issues, "multilabel": _tag_issues, "regression": _number_issues}
+
+
+def rank_label_issues(protocol: Protocol, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cleanlab on out-of-fold ``scores`` of ``protocol``'s samples: the samples with a score, most
+    suspicious (lowest label quality) first; every sample's label quality (NaN without a score); and
+    which ones cleanlab's finder flags as label issues."""
+    have = np.flatnonzero(~np.isnan(scores.reshape(len(scores), -1)).any(axis=1))
+    quality, flagged = np.full(len(scores), np.nan), np.zeros(len(scores), bool)
+    if len(have):
+        quality[have], flagged[have] = LABEL_FINDERS[protocol.kind](protocol.y[have], protocol.names, scores[have])
+    have = have[~np.isnan(quality[have])]
+    return have[np.argsort(quality[have], kind="stable")], quality, flagged
+
+
+def duplicate_rows(copies: Copies, ids: np.ndarray, splits: np.ndarray) -> list[dict]:
+    """The rows of ``duplicates.csv``: the confirmed copies, then the candidates whose cosine alone would
+    call them copies (the embeddings-only threshold) but whose pixels did not; within each, pairs across a
+    training and an evaluation split first (the evaluation image as ``id_a``), then by similarity."""
     rows = []
-    for i, j, s in zip(*pairs_above(X, threshold, block)):
+    for n in np.flatnonzero(copies.confirmed | (copies.similarity >= copies.embedding_cosine)):
+        i, j = copies.i[n], copies.j[n]
         cross = "train" in (splits[i], splits[j]) and bool({splits[i], splits[j]} & set(HOLDOUT_SPLITS))
         if cross and splits[i] == "train":
             i, j = j, i
-        rows.append(dict(id_a=ids[i], id_b=ids[j], similarity=round(float(s), 4), split_a=splits[i],
-                         split_b=splits[j], cross=bool(cross)))
-    return sorted(rows, key=lambda r: (not r["cross"], -r["similarity"]))
+        pixel = copies.pixel_similarity[n]
+        rows.append(dict(id_a=ids[i], id_b=ids[j], similarity=round(float(copies.similarity[n]), 4),
+                         split_a=splits[i], split_b=splits[j], cross=bool(cross),
+                         pixel_similarity="" if np.isnan(pixel) else round(float(pixel), 4),
+                         confirmed=bool(copies.confirmed[n])))
+    return sorted(rows, key=lambda r: (not r["confirmed"], not r["cross"], -r["similarity"]))
 
 
 def find_outliers(X: np.ndarray, ids: np.ndarray, labels: np.ndarray, splits: np.ndarray, k: int,
@@ -244,19 +324,28 @@ def embed_2d(X: np.ndarray, method: str, seed: int, max_points: int) -> tuple[np
     return coords, shown, "t-SNE"
 
 
-def _audit_task(task: Task, data: TaskData, found: _Found, run: RunFolder | None, cfg: AuditConfig) -> TaskAudit:
-    """The protocol of a task on the images that have features, its label issues and its leaked images."""
+def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFolder | None,
+                cfg: AuditConfig) -> TaskAudit:
+    """The protocol of a task on the images that have features, the ranking of its labels by ``head``'s
+    out-of-fold predictions, and its leaked images."""
     protocol, note = _protocol(task, data, found.row_of, run, cfg)
     X = found.X[[found.row_of[i] for i in protocol.ids]]
-    leaked = list(protocol.ids[near_copies(X, protocol, cfg.dup_threshold, cfg.block)])
-    if not protocol.task_kind.single_label:
-        return TaskAudit(task.name, protocol, [], leaked, f"label issues need one class per image, not {protocol.kind}")
-    classes, probs = out_of_fold(X, protocol, cfg.head, cfg.cv, cfg.seed)
-    flagged, scores = rank_label_issues(protocol.y, classes, probs)
-    split_of = dict(zip(data.ids, data.splits))
-    issues = [dict(id=str(protocol.ids[i]), given=str(protocol.y[i]), suggested=str(classes[int(np.argmax(probs[i]))]),
-                   score=round(float(scores[i]), 4), split=split_of.get(protocol.ids[i], "")) for i in flagged]
-    return TaskAudit(task.name, protocol, issues, leaked, note)
+    leaked = list(protocol.ids[leaked_rows(X, protocol.ids, protocol, found.pixels, cfg.dup_threshold, cfg.block)[0]])
+    if protocol.kind not in LABEL_FINDERS:
+        return TaskAudit(task.name, protocol, [], leaked, f"no label-issue finder for {protocol.kind} labels")
+    scores = out_of_fold(X, protocol, head, cfg.cv, cfg.seed)
+    order, quality, flagged = rank_label_issues(protocol, scores)
+    kind, split_of = protocol.task_kind, dict(zip(data.ids, data.splits))
+    given = kind.format(protocol.y[order])
+    suggested = [c["prediction"] for c in kind.predict_columns(protocol.names, scores[order])]
+    suggested = [f"{v:.4g}" if isinstance(v, float) else v for v in suggested]  # rows hold text; a number to 4 digits
+    ranking = [dict(id=str(protocol.ids[i]), given=g, suggested=s, score=round(float(quality[i]), 4),
+                    flagged=bool(flagged[i]), split=split_of.get(protocol.ids[i], ""))
+               for i, g, s in zip(order, given, suggested)]
+    unranked = len(protocol.ids) - len(order)
+    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions",
+                                   f"{unranked} images had no fold to predict them, so are not ranked" if unranked else ""]))
+    return TaskAudit(task.name, protocol, ranking, leaked, note)
 
 
 def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, cfg: AuditConfig) -> tuple[Protocol, str]:
@@ -281,11 +370,12 @@ def _write(result: AuditResult) -> dict[str, Path]:
     out = result.out
     files = {}
     for t in result.tasks:
-        if t.protocol.task_kind.single_label:
-            files[f"label_issues_{t.task}"] = _write_csv(out / label_issues_file(t.task), t.issues,
-                                                         ("id", "given", "suggested", "score", "split"))
+        if t.ranking:
+            files[f"label_issues_{t.task}"] = _write_csv(out / label_issues_file(t.task), t.ranking,
+                                                         ("id", "given", "suggested", "score", "flagged", "split"))
     files["duplicates"] = _write_csv(out / "duplicates.csv", result.duplicates,
-                                     ("id_a", "id_b", "similarity", "split_a", "split_b", "cross"))
+                                     ("id_a", "id_b", "similarity", "split_a", "split_b", "cross", "pixel_similarity",
+                                      "confirmed"))
     files["outliers"] = _write_csv(out / "outliers.csv", result.outliers,
                                    ("id", "label", "split", "score", "outlier", "nearest_id", "nearest_similarity"))
     return files

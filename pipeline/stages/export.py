@@ -120,8 +120,10 @@ def _is_linear(est) -> bool:
     from sklearn.linear_model import RidgeClassifierCV, RidgeCV
 
     from ..linear_probe import TorchLinearSVC, TorchLogisticRegression, TorchRidge
+    from ..streaming import StreamingRidge, StreamingRidgeClassifier
 
-    linear = (TorchLogisticRegression, TorchLinearSVC, TorchRidge, RidgeClassifierCV, RidgeCV)
+    linear = (TorchLogisticRegression, TorchLinearSVC, TorchRidge, RidgeClassifierCV, RidgeCV, StreamingRidge,
+              StreamingRidgeClassifier)
     return isinstance(est, linear)
 
 

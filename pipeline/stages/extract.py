@@ -35,7 +35,7 @@ from ..featurizer import Featurizer, planned_spec
 from ..sources import ImageSource, load_source, source_location, source_name
 from ..locks import lock_cache
 from ..spec import SPEC_INPUTS, spec_rules
-from ..validation import at_least, optional, positive, validate_params
+from ..validation import at_least, name_part, optional, positive, validate_params
 from ..workers import DEFAULT_TIMEOUT, Workers
 
 
@@ -58,7 +58,7 @@ class ExtractResult:
 
 
 @validate_params(dict(batch_size=at_least(1), workers=optional(at_least(0)), decode_timeout=positive(),
-                      **spec_rules()))
+                      name=optional(name_part()), **spec_rules()))
 def extract(
     source: str | os.PathLike,
     backbones: str | Sequence[str],
@@ -79,6 +79,7 @@ def extract(
     allow_outside_root: bool = False,
     progress: bool = True,
     decode_timeout: float = DEFAULT_TIMEOUT,
+    name: str | None = None,
 ) -> list[ExtractResult]:
     """Extract features of every image in ``source`` with each backbone into ``cache_dir``.
 
@@ -91,6 +92,9 @@ def extract(
     Images are decoded in ``workers`` processes: a batch whose decoder crashes its process, or takes longer
     than ``decode_timeout`` seconds, is decoded again one image per task, and an image that does it again
     is a recorded failure. ``workers=0`` decodes in this process, without that protection.
+
+    ``name`` names the source in its cache files instead of the folder's or file's own name (two sources
+    both called ``nat300``, a tar folder and a parquet file, can then share one cache folder).
     """
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     if not names:
@@ -107,7 +111,7 @@ def extract(
     with ExitStack() as held:
         # Every cache's lock before any slow work (listing, hashing, loading a model): a second writer
         # is refused at once. (Weights from the hub are hashed once loaded: their cache is locked then.)
-        name_of_source, locks = source_name(source), {}
+        name_of_source, locks = name or source_name(source), {}
         for name in names:
             spec = planned_spec(name, weights, str(dev), amp, dtype, tta, jpeg_draft, decode)
             if spec is not None:
@@ -121,7 +125,7 @@ def extract(
         jobs = []
         for name in names:
             fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft, decode, compile)
-            path = cache_path(cache_dir, src.name, fz.spec)
+            path = cache_path(cache_dir, name_of_source, fz.spec)
             if world > 1:
                 check_master(path, world)
             jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, _write_path(path, rank, world)))
@@ -133,7 +137,7 @@ def extract(
         results = []
         for group in groups.values():
             with ExitStack() as stack:
-                writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, src.name,
+                writers = [stack.enter_context(CacheWriter(j.write_to, j.fz.spec, j.fz.backbone.weights_source, name_of_source,
                                                            j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to),
                                                            location=source_location(source)))
                            for j in group]

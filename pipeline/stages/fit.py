@@ -12,6 +12,7 @@ from the cache file ``chunk_rows`` rows at a time, so a cache larger than memory
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -30,14 +31,35 @@ from ..errors import PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
 from ..kinds import TaskKind, get_kind
+from ..ood import Reference, reference_name
 from ..parallel import parallel_backend
 from ..progress import progress_bar
 from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, open_task
 from ..report import markdown_table, publish, time_summary, write_fewshot
-from ..similarity import leak_message, near_copies, normalized
+from ..copies import Images, leak_message, leaked
+from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Settings, at_least, instance_of, list_of, optional
+from ..streaming import accumulates, fit_subsets_in_one_pass
+from ..validation import Rule, Settings, at_least, instance_of, list_of, optional
 
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+COPIES = 3  # float32 copies of a tap's features a head in memory holds: loaded, a fold's rows, their standardised copy
+CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size written ``8GB``, ``512MB``, ``1.5G`` or ``1000000`` (bytes); K, M, G, T are powers
+    of 1024."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise PipelineError(f"--max-memory must be a size such as 8GB or 512MB, got {text!r}")
+    return int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
+
+
+SIZE = Rule(lambda v: isinstance(v, str) and _SIZE.fullmatch(v.strip()) is not None and parse_size(v) > 0,
+            "a size such as 8GB or 512MB")
 
 
 @dataclass
@@ -46,7 +68,8 @@ class FitConfig(Settings):
     task kind's defaults), the taps (default: every tap of each cache), the folds and seed of a task
     without a split, the parallel jobs and where they run, the row chunk of chunked heads, the
     concatenation of all caches as one more backbone, few-shot ``shots`` x ``draws`` (classification),
-    and ``overwrite`` (replace a run evaluated otherwise)."""
+    ``overwrite`` (replace a run evaluated otherwise) and ``max_memory``: the features a head may hold
+    (``8GB``; None: no bound). Over it, chunked heads read chunks sized to it and the others are refused."""
 
     heads: Sequence[str] | None = None
     taps: Sequence[str] | None = None
@@ -61,9 +84,10 @@ class FitConfig(Settings):
     backend: str = "loky"
     cluster: str | None = None
     overwrite: bool = False
+    max_memory: str | None = None
 
     RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2),
-                 chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1))
+                 chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1), max_memory=optional(SIZE))
 
     def checked(self) -> tuple[list[str] | None, dict[str, dict]]:
         """Validate; the heads (each once; None for the kinds' defaults) and the parameters of each
@@ -84,6 +108,16 @@ class FitConfig(Settings):
         for h in chosen:
             create_head(h, self.seed, params.get(h), kind.name)
         return chosen
+
+    def fits_in_memory(self, rows: int, dims: int) -> bool:
+        """Whether a head may hold ``rows`` x ``dims`` features in memory (with its copies) under ``max_memory``."""
+        return self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory)
+
+    def chunk_rows_for(self, dims: int) -> int:
+        """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs."""
+        if self.max_memory is None:
+            return self.chunk_rows
+        return max(1, min(self.chunk_rows, parse_size(self.max_memory) // (CHUNK_BYTES * dims)))
 
 
 @dataclass
@@ -120,12 +154,26 @@ class _Source:
     protocol: Protocol
     parts: list[tuple[Path, FeatureCache]]  # (cache file, its reader): one, or one per concatenated backbone
 
-    def rows(self, head: str, chunk_rows: int, seed: int) -> "_Rows":
-        """What ``head`` fits on: the features in memory, or read by chunks for a chunked head."""
-        kind = self.protocol.kind
-        chunked = head_spec(head, kind).chunked
-        return _Rows(self.data, (str(self.parts[0][0]), self.tap, chunk_rows) if chunked else None, seed, kind,
-                     self.protocol.names)
+    def rows(self, head: str, cfg: FitConfig) -> "_Rows":
+        """What ``head`` fits on: the features in memory, or read by chunks for a chunked head, in chunks
+        within ``cfg.max_memory``; a head that needs the features whole and would exceed it is refused (its
+        row says why, and which heads can)."""
+        kind, dims = self.protocol.kind, self.dims()
+        spec, fits = head_spec(head, kind), cfg.fits_in_memory(len(self.data.rows), dims) and self.data.X is not None
+        chunked = spec.chunked or (spec.streams is not None and not fits)
+        refused = ""
+        if not chunked and not fits:
+            can = [h for h in list_heads(kind) if head_spec(h, kind).chunked or head_spec(h, kind).streams]
+            refused = (f"{head} holds the features in memory: {len(self.data.rows)} x {dims} float32 with its "
+                       f"copies exceed --max-memory {cfg.max_memory}; heads that read by chunks: {', '.join(can)}")
+        source = (str(self.parts[0][0]), self.tap, cfg.chunk_rows_for(dims)) if chunked else None
+        return _Rows(self.data, source, cfg.seed, kind, self.protocol.names, refused)
+
+    def dims(self) -> int:
+        """Features per row (the parts' side by side)."""
+        if self.data.X is not None:
+            return self.data.X.shape[1]
+        return sum(cache.info()["taps"][self.tap] for _, cache in self.parts)
 
 
 def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -164,12 +212,13 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             sources += _concatenate(sources, len(paths))
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
         notes = _skipped(heads, by_kind, protocols) + _unseen(protocols)
+        notes += [note for p in protocols.values() if (note := p.group_note())]
         warm = tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs)
         jobs, meta = [], []
         for src in sources:
             splits, refit = src.protocol.splits(), src.protocol.refit() if src.protocol.cross_validated else None
             for head in by_kind[src.protocol.kind]:
-                rows = src.rows(head, cfg.chunk_rows, cfg.seed)
+                rows = src.rows(head, cfg)
                 jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit))
                 meta.append((src, head))
         few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
@@ -184,6 +233,9 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             for protocol in protocols.values():
                 run.save_protocol(protocol)
             rows = [_row(run, src, head, params.get(head), res) for (src, head), res in zip(meta, results)]
+        with _stage(stages, "ood reference"):
+            for src in sources:
+                _save_ood_reference(run, src)
     few_results = iter(results[len(jobs):])
     fewshot = [_few_summary(m, next(few_results) if job is not None else None) for m, job in zip(few_meta, few_jobs)]
     per_head: dict[str, float] = {}
@@ -230,13 +282,18 @@ def _skipped(heads: list[str] | None, by_kind: dict[str, list[str]], protocols: 
 
 
 def _near_copies(sources: list[_Source]) -> dict[str, str]:
-    """Per task, how many scored images have a near-copy among the images their model trains on (pooled
-    features of the task's first backbone), for tasks that have any: ``pipeline audit`` lists them."""
+    """Per task, how many scored images have a copy among the images their model trains on (pooled
+    features of the task's first backbone; candidates across folds confirmed by the images the cache was
+    made from, see :mod:`pipeline.copies`), for tasks that have any: ``pipeline audit`` lists them. They
+    are set aside in the task's protocol, so every row also has its score without them."""
     found = {}
     for src in sources:
         if src.tap == "pooled" and src.data.X is not None and src.data.task not in found:
-            n = len(near_copies(normalized(src.data.X), src.protocol))
-            found[src.data.task] = leak_message(n, src.protocol) if n else ""
+            images = Images.of_cache(src.parts[0][1])
+            rows, copies = leaked(normalized(src.data.X), src.protocol.ids, src.protocol, images)
+            src.protocol.set_aside(rows)
+            unread = "" if copies.by_pixels else f" ({copies.rule()})"
+            found[src.data.task] = leak_message(len(rows), src.protocol) + unread if len(rows) else ""
     return {task: message for task, message in found.items() if message}
 
 
@@ -258,13 +315,15 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
         everywhere = set(ref.ids).intersection(*(set(j.ids) for j in joined[1:]))
         keep = np.array([i in everywhere for i in ref.ids], bool)
         _check_same_labels(name, joined)
-        labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep])
+        labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep],
+                            None if ref.groups is None else ref.groups[keep])
         protocol, _ = open_task(labelled, cfg.cv, cfg.seed, run, "replace" if cfg.overwrite else "exact")
         protocols[name] = protocol
         for (path, cache, _), data in zip(entries, joined):
             rows = cache.rows_of(protocol.ids)
             for tap in cfg.taps or cache.taps:
-                task_data = TaskData(task=name, ids=protocol.ids, X=cache.features(tap, rows) if load else None,
+                within = cfg.fits_in_memory(len(rows), cache.info()["taps"][tap]) if tap in cache.taps else True
+                task_data = TaskData(task=name, ids=protocol.ids, X=cache.features(tap, rows) if load and within else None,
                                      y=protocol.y, splits=np.full(len(rows), ""), dropped=data.dropped, rows=rows,
                                      kind=protocol.kind)
                 sources.append(_Source(cache.backbone, cache.spec.weights_sha256[:12], cache.spec.key, tap, task_data,
@@ -310,7 +369,7 @@ def _fewshot_jobs(sources: list[_Source], by_kind: dict[str, list[str]], params:
             continue
         plans, test, split = plan_draws(src.protocol, shots, cfg.draws)
         for head in by_kind[src.protocol.kind]:
-            rows = src.rows(head, cfg.chunk_rows, cfg.seed)
+            rows = src.rows(head, cfg)
             for k, plan in plans.items():
                 meta.append(dict(backbone=src.backbone, weights=src.weights, tap=src.tap, task=src.data.task,
                                  head=_head_label(head, params.get(head)), shots=k,
@@ -332,10 +391,13 @@ def _few_summary(meta: dict, result: dict | None) -> dict:
 
 class _Rows:
     """Fit and predict on index sets of a task's rows: features from memory, or, for a chunked head,
-    read from the cache file ``chunk_rows`` rows at a time (``source = (path, tap, chunk_rows)``)."""
+    read from the cache file ``chunk_rows`` rows at a time (``source = (path, tap, chunk_rows)``); a head
+    ``refused`` (the reason) fits nothing."""
 
-    def __init__(self, data: TaskData, source: tuple[str, str, int] | None, seed: int, kind: str, names: list[str]):
+    def __init__(self, data: TaskData, source: tuple[str, str, int] | None, seed: int, kind: str, names: list[str],
+                 refused: str = ""):
         self.data, self.source, self.seed, self.kind, self.names = data, source, seed, kind, names
+        self.refused = refused
 
     def fit(self, est, idx: np.ndarray):
         y = get_kind(self.kind).target(self.data.y, self.names)
@@ -351,7 +413,16 @@ class _Rows:
             return fit_by_chunks(est, chunks, np.unique(y))
 
     def fit_subsets(self, est, subsets: list[np.ndarray]) -> list:
-        """Clones of ``est`` fitted on each index set (one batched problem where the head allows it)."""
+        """Clones of ``est`` fitted on each index set (one batched problem where the head allows it; one
+        pass over the rows of them all for a head fitted from sums over the rows)."""
+        if self.refused:
+            raise PipelineError(self.refused)
+        if self.source is not None and accumulates(est):
+            y = get_kind(self.kind).target(self.data.y, self.names)
+            with FeatureCache(self.source[0]) as cache:
+                chunks = ((part, self._read(cache, part), y[part])
+                          for part in self._parts(np.unique(np.concatenate(subsets))))
+                return fit_subsets_in_one_pass(est, chunks, subsets, np.unique(y) if y.ndim == 1 else None)
         if self.source is not None:
             return [self.fit(clone(est), idx) for idx in subsets]
         return fit_subsets(est, self.data.X, get_kind(self.kind).target(self.data.y, self.names), subsets)
@@ -396,7 +467,7 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
     also on ``refit`` (all rows) for saving. Returns the model to save, the predictions of the scored rows
     in sample order, the seconds all of the row's models took to fit, and the job's seconds."""
     job_start = time.perf_counter()
-    est = create_head(head, seed, params, rows.kind)
+    est = create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None)
     scored = np.concatenate([test for _, test in splits])
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -433,7 +504,7 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            models = rows.fit_subsets(create_head(head, seed, params, rows.kind), draws)
+            models = rows.fit_subsets(create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None), draws)
         preds = [rows.predict(est, test) for est in models]
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
         return dict(predictions=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
@@ -457,6 +528,17 @@ def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict
     run.save_model(res["estimator"], card, name)
     return run.score(protocol, res["y_pred"], res["scores"], fit_seconds=res["seconds"], head_file=run.relative(path),
                      **identity)
+
+
+def _save_ood_reference(run: RunFolder, src: _Source) -> None:
+    """What ``predict``'s ``ood_score`` of the source's models is a percentile of: the nearest-neighbour
+    distances among the images they train on (:mod:`pipeline.ood`). Not saved when the features are not
+    in memory (only chunked heads: the cache may be larger than memory, and the search needs them all)."""
+    if src.data.X is None:
+        return
+    reference = Reference.of(src.data.X[src.protocol.refit()], src.protocol.id)
+    if reference is not None:
+        reference.save(run.ood_path(reference_name([p for p, _ in src.parts], src.tap, src.data.task)))
 
 
 def _head_label(head: str, params: dict | None) -> str:

@@ -20,7 +20,7 @@ from ..data import Sample, list_images
 from ..errors import PipelineError
 from ..featurizer import Featurizer, Part, part_features
 from ..files import atomic_path
-from ..similarity import knn, normalized
+from ..similarity import NeighbourIndex, normalized
 from ..validation import at_least, optional, unknown, validate_params
 
 COLUMNS = ("query", "rank", "id", "similarity", "label", "split", "error")
@@ -41,7 +41,7 @@ def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: 
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
         rows = np.flatnonzero(c.valid)
-        base = normalized(c.features(tap, rows))
+        index = NeighbourIndex(normalized(c.features(tap, rows)))  # built once, searched by every image
         ids, labels, splits = c.ids[rows], c.labels[rows], c.splits[rows]
         own = {i: int(np.searchsorted(rows, r)) for i, r in c.rows_of_files(paths).items()}
         part = Part(c.spec, tap, str(c.attrs.get("weights_source", "")), [c.path])
@@ -52,7 +52,7 @@ def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: 
     found = {}
     if done:
         exclude = np.array([own.get(i, -1) for i in done])
-        sims, idx = knn(normalized(np.stack([feats[i] for i in done])), base, k, exclude)
+        sims, idx = index.search(normalized(np.stack([feats[i] for i in done])), k, exclude)
         found = dict(zip(done, zip(sims, idx)))
     result = []
     for i, s in enumerate(samples):

@@ -6,6 +6,12 @@ test-time augmentation, decoding): images already in the cache it was fit on (sa
 are read from there, the others run through a backbone built from that spec, so both give the same
 prediction. :class:`LoadedModel` holds a model's backbones and head once loaded: ``predict`` makes one per
 call, the service (:mod:`pipeline.serve`) keeps one for every request.
+
+A model from a fit run folder also says when it does not know: with a ``coverage``, each image's
+``prediction_set`` (or ``prediction_low``/``prediction_high`` for numbers), calibrated on the row's
+out-of-sample predictions (:mod:`pipeline.conformal`); always, its ``ood_score``, the percentile of its
+distance to the nearest training image among the training images' own (:mod:`pipeline.ood`), and ``ood``,
+whether that is above ``ood_percentile``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from ..batches import default_workers
+from ..cache import FeatureCache
+from ..conformal import Calibration, calibrate
 from ..data import Sample, list_images
 from ..errors import PipelineError
 from ..evaluation import HeadCard, Protocol, Row, RunFolder
@@ -28,6 +36,7 @@ from ..files import atomic_path
 from ..heads import load_head
 from ..kinds import get_kind
 from ..modeldir import MODEL_FILE, is_model_dir, read_config
+from ..ood import Reference, reference_name
 from ..spec import FeatureSpec
 from ..validation import at_least, between, check, optional, validate_params
 
@@ -45,6 +54,7 @@ class Model:
     extra_weights: list[Path] = field(default_factory=list)  # a model folder's own weights file
     row: Row | None = None
     protocol: Protocol | None = None
+    run: RunFolder | None = None
 
 
 def resolve_model(model: str | os.PathLike, task: str | None = None, row: int | None = None) -> Model:
@@ -58,7 +68,7 @@ def resolve_model(model: str | os.PathLike, task: str | None = None, row: int | 
         if not found.exists():
             raise PipelineError(f"{path}: its row for task {chosen.task!r} ({chosen.head}) is at {chosen.head_file}, "
                                 f"relative to the run, and {found} does not exist; copy it along with the run")
-        return replace(resolve_model(found), row=chosen, protocol=run.protocol(chosen.task))
+        return replace(resolve_model(found), row=chosen, protocol=run.protocol(chosen.task), run=run)
     if row is not None:
         raise PipelineError(f"--row picks a row of a fit run folder, and {path} is not one")
     if path.is_dir() and is_model_dir(path):
@@ -93,10 +103,17 @@ class LoadedModel:
     """A model resolved and its head loaded once, its backbones loaded on first need and kept, to predict
     batch after batch: ``predict`` makes one per call, the service one for all its requests. With
     ``from_cache``, images whose bytes are in the cache the head was fit on (same spec) are read from
-    there; the service computes every image instead, so it needs no cache (and none being written)."""
+    there; the service computes every image instead, so it needs no cache (and none being written).
 
+    A model from a run folder adds ``prediction_set`` (or ``prediction_low``, ``prediction_high``) when
+    given a ``coverage``, and ``ood_score``, ``ood`` (see the module docstring); the training features
+    those search are read from the cache once, on first need, and kept."""
+
+    @validate_params(dict(coverage=optional(between(0, 1, low_open=True, high_open=True)),
+                          ood_percentile=between(0, 100)))
     def __init__(self, model: str | os.PathLike, task: str | None = None, row: int | None = None,
-                 weights: Sequence[str | os.PathLike] = (), device: str = "auto", from_cache: bool = True):
+                 weights: Sequence[str | os.PathLike] = (), device: str = "auto", from_cache: bool = True,
+                 coverage: float | None = None, ood_percentile: float = 99.0):
         self.model = resolve_model(model, task, row)
         self.kind = get_kind(self.model.task_kind)
         self.weights = [*self.model.extra_weights, *map(Path, weights)]
@@ -104,6 +121,17 @@ class LoadedModel:
         self._featurizers: dict[int, Featurizer] = {}
         # the scikit-learn head; None for a fine-tuned network, whose logits are the scores
         self.head = None if self.model.head_path is None else load_head(self.model.head_path)
+        self.calibration = None if coverage is None else self._calibrate(coverage)
+        self.ood_percentile = ood_percentile
+        self._ood: tuple[Reference, np.ndarray] | None = None
+        self.ood_note = "" if self.model.run is not None else "ood scores need a fit run folder as the model"
+
+    def _calibrate(self, coverage: float) -> Calibration:
+        m = self.model
+        if m.run is None:
+            raise PipelineError("--coverage calibrates on a fit run's out-of-sample predictions: give the run "
+                                "folder as the model, not one of its heads or a model folder")
+        return calibrate(m.run, m.row, coverage)
 
     def describe(self) -> dict:
         """What the model is, as JSON: its row and protocol (from a run folder), classes, head and feature specs."""
@@ -115,13 +143,41 @@ class LoadedModel:
                 id=protocol.id, task=protocol.task, eval=protocol.eval, seed=protocol.seed, images=len(protocol.ids),
                 scored=len(protocol.scored), description=protocol.describe()),
             feature_specs=[dict(key=p.spec.key, tap=p.tap, description=p.spec.describe(), spec=p.spec.to_dict())
-                           for p in m.parts])
+                           for p in m.parts],
+            calibration=None if self.calibration is None else vars(self.calibration),
+            ood=dict(percentile=self.ood_percentile, note=self.ood_note))
 
     def load(self) -> "LoadedModel":
-        """Load every backbone now (a service pays for them at start, not on its first request)."""
+        """Load every backbone, and the training features ``ood_score`` searches, now (a service pays for
+        them at start, not on its first request)."""
         for k in range(len(self.model.parts)):
             self.featurizer(k)
+        self.ood_reference()
         return self
+
+    def ood_reference(self) -> tuple[Reference, np.ndarray] | None:
+        """The run's out-of-distribution reference for this model and the training features it was made
+        of, read once; None (and ``ood_note`` says why) when the run or the cache does not have them."""
+        if self._ood is None and not self.ood_note:
+            try:
+                self._ood = self._read_ood()
+            except PipelineError as e:
+                self.ood_note = str(e)
+        return self._ood
+
+    def _read_ood(self) -> tuple[Reference, np.ndarray]:
+        m = self.model
+        if not all(p.caches for p in m.parts):
+            raise PipelineError("a fine-tuned network's features are in no cache to compare with")
+        path = m.run.ood_path(reference_name([p.caches[0] for p in m.parts], m.parts[0].tap, m.row.task))
+        if not path.is_file():
+            raise PipelineError(f"the run has no out-of-distribution reference ({path.name}): it was fit before "
+                                "they were saved, or by chunked heads only, which hold no features in memory")
+        reference = Reference.load(path)
+        if reference.protocol != m.protocol.id:
+            raise PipelineError(f"{path.name} is of another protocol than the task's; fit it again")
+        ids = m.protocol.ids[m.protocol.refit()]
+        return reference, np.hstack([_training_features(p, ids) for p in m.parts])
 
     def featurizer(self, k: int) -> Featurizer:
         """The backbone of part ``k``, loaded through its spec."""
@@ -148,31 +204,90 @@ class LoadedModel:
             return self.kind.logit_scores(X)
         return self.kind.scores(self.head, X, self.model.classes)
 
+    def columns(self, X: np.ndarray) -> list[dict]:
+        """Each feature row's columns: the kind's (``prediction`` and scores), then the prediction set and
+        the ood columns where the model has them."""
+        scores = self.scores(X)
+        rows = self.kind.predict_columns(self.model.classes, scores)
+        if self.calibration is not None:
+            for row, extra in zip(rows, self.calibration.columns(self.model.classes, scores)):
+                row.update(extra)
+        if self.model.run is not None:
+            for row, extra in zip(rows, self._ood_columns(X)):
+                row.update(extra)
+        return rows
+
+    def _ood_columns(self, X: np.ndarray) -> list[dict]:
+        found = self.ood_reference()
+        if found is None:
+            return [dict(ood_score="", ood="")] * len(X)
+        reference, X_train = found
+        return [dict(ood_score=round(float(p), 1), ood=bool(p > self.ood_percentile))
+                for p in reference.scores(X, X_train)]
+
+    def blank(self) -> dict:
+        """The columns of a sample that could not be read, empty."""
+        names = ["prediction", *(f"prob_{c}" for c in self.model.classes)]
+        names += list(Calibration.blank(self.model.task_kind)) if self.calibration is not None else []
+        names += ["ood_score", "ood"] if self.model.run is not None else []
+        return dict.fromkeys(names, "")
+
     def predict(self, samples: Sequence[Sample], batch_size: int = 32, workers: int = 0,
                 progress: bool = False) -> list[dict]:
-        """One row per sample: ``path`` (the sample's id), ``prediction``, ``error`` and the kind's score columns."""
+        """One row per sample: ``path`` (the sample's id), ``prediction``, ``error`` and the columns of
+        ``columns``."""
         feats, errors = self.features(samples, batch_size, workers, progress)
-        classes, ok = self.model.classes, sorted(feats)
-        scores = self.scores(np.stack([feats[i] for i in ok])) if ok else np.zeros((0, len(classes)))
-        columns = dict(zip(ok, self.kind.predict_columns(classes, scores)))
-        blank = dict.fromkeys(["prediction", *(f"prob_{c}" for c in classes)], "")
+        ok = sorted(feats)
+        columns = dict(zip(ok, self.columns(np.stack([feats[i] for i in ok])))) if ok else {}
+        blank = self.blank()
         return [{"path": s.id, "prediction": "", "error": errors.get(i, ""), **blank, **columns.get(i, {})}
                 for i, s in enumerate(samples)]
+
+
+def _training_features(part: Part, ids: np.ndarray) -> np.ndarray:
+    """The features of ``ids`` that ``part`` reads, from the first of its caches that is there."""
+    path = next((c for c in part.caches if c.is_file()), None)
+    if path is None:
+        raise PipelineError(f"the cache the head was fit on is not reachable (looked in {', '.join(map(str, part.caches))})")
+    with FeatureCache(path) as cache:
+        if cache.spec != part.spec or part.tap not in cache.taps:
+            raise PipelineError(f"{path} is not the cache the head was fit on (another feature spec or no tap {part.tap!r})")
+        return cache.features(part.tap, cache.rows_of(ids))
+
+
+class Predictions(list):
+    """``predict``'s rows (a list of dicts), with ``summary``: what the model said about them as a whole."""
+
+    def __init__(self, rows: list[dict], loaded: LoadedModel):
+        super().__init__(rows)
+        self.summary: list[str] = []
+        if loaded.calibration is not None:
+            c = loaded.calibration
+            self.summary.append(f"prediction sets for {c.coverage:.0%} coverage, calibrated on {c.n} "
+                                f"out-of-sample predictions (threshold {c.threshold:.4g})")
+        if loaded.model.run is not None:
+            flagged = [r["ood"] for r in rows if r["ood"] != ""]
+            self.summary.append(f"{sum(flagged)} of {len(flagged)} images are unlike the training data (ood)"
+                                if not loaded.ood_note else f"ood columns are empty: {loaded.ood_note}")
 
 
 @validate_params(dict(batch_size=at_least(1), workers=optional(at_least(0))))
 def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
             task: str | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
-            workers: int | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
+            workers: int | None = None, device: str = "auto", progress: bool = True, coverage: float | None = None,
+            ood_percentile: float = 99.0) -> Predictions:
     """Predict every image (files or folders) in ``images``: one dict per image with ``path``,
-    ``prediction``, ``error`` and the task kind's score columns. ``weights`` are weights files to use
-    when those the model was trained with are not where they were (each is matched by its sha256)."""
-    loaded = LoadedModel(model, task, weights=weights, device=device)
+    ``prediction``, ``error`` and the task kind's score columns, then (a run folder's model) the
+    ``coverage`` prediction set and the ood columns (see :class:`LoadedModel`). ``weights`` are weights
+    files to use when those the model was trained with are not where they were (each is matched by its
+    sha256)."""
+    loaded = LoadedModel(model, task, weights=weights, device=device, coverage=coverage,
+                         ood_percentile=ood_percentile)
     paths = list_images(list(images))
     if not paths:
         raise PipelineError("no images to predict on")
-    rows = loaded.predict([Sample(str(p), p) for p in paths], batch_size,
-                          default_workers() if workers is None else workers, progress)
+    rows = Predictions(loaded.predict([Sample(str(p), p) for p in paths], batch_size,
+                                      default_workers() if workers is None else workers, progress), loaded)
     if out is not None:
         with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, list(rows[0]))

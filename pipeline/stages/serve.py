@@ -3,7 +3,8 @@ an HTTP API on FastAPI and uvicorn (the ``serve`` extra: ``pip install -e '.[ser
 
 - ``POST /predict``: one or several images as multipart uploads in the field ``file`` (repeatable); a JSON
   list with one row per upload, in order, with the columns ``predict`` writes (``path`` is the upload's
-  file name). An upload that cannot be decoded makes the request a 422 naming it and why; a request
+  file name; from a run folder, ``ood_score`` and ``ood`` too, and ``prediction_set`` with a ``coverage``:
+  the same :class:`LoadedModel` makes them). An upload that cannot be decoded makes the request a 422 naming it and why; a request
   body over ``max_bytes`` is a 413, refused by its Content-Length before it is read.
 - ``GET /health``: ``ok``, and how many requests, images and forward passes it has served.
 - ``GET /model``: the model's row, its protocol, classes, head and feature specs.
@@ -109,14 +110,17 @@ def upload_sample(name: str, data: bytes) -> Sample:
 @validate_params(APP_RULES)
 def create_app(model: str | os.PathLike, task: str | None = None, row: int | None = None,
                weights: Sequence[str | os.PathLike] = (), device: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
-               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS):
+               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, coverage: float | None = None,
+               ood_percentile: float = 99.0):
     """The FastAPI app serving ``model`` (a fit run folder: its best row, of ``task``, or its row ``row``;
-    a ``.skops`` head; a fine-tuned model folder), loaded now; run it with any ASGI server."""
+    a ``.skops`` head; a fine-tuned model folder), loaded now; run it with any ASGI server. ``coverage``
+    and ``ood_percentile`` are ``predict``'s."""
     fastapi, _ = _require_extra()
     # FastAPI reads the endpoints' annotations as objects: this module has no `from __future__ import annotations`
     from fastapi import File, HTTPException, UploadFile
 
-    loaded = LoadedModel(model, task, row, weights, device, from_cache=False).load()
+    loaded = LoadedModel(model, task, row, weights, device, from_cache=False, coverage=coverage,
+                         ood_percentile=ood_percentile).load()
     batcher = Batcher(loaded, max_batch, max_wait_ms / 1000)
     about = dict(model=str(model), **loaded.describe(),
                  serving=dict(max_bytes=max_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms, device=device))

@@ -1,12 +1,14 @@
-"""Paired bootstrap statistics shared by the scoring parts whose metric has no closed-form interval or
-test (mean average precision, R²): the same seeded resamples for every row of a task, so two rows (or a
-row and chance) are compared on the same draws."""
+"""Resampling statistics shared by the scoring parts whose metric has no closed-form interval or test
+(mean average precision, R²): seeded bootstrap resamples, the same for every row of a task, so two rows
+are compared on the same draws; and seeded permutations of the scored images within their folds, the
+null of a row whose predictions know nothing of the images, for the test against chance."""
 
 from __future__ import annotations
 
 import numpy as np
 
 BOOTSTRAP_DRAWS = 1000
+PERMUTATION_DRAWS = 1000
 
 
 def bootstrap(n: int, seed: int = 0, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
@@ -29,6 +31,27 @@ def p_greater(diffs: np.ndarray) -> float:
     """One-sided bootstrap p-value that a difference is above 0 (with the +1 that keeps it above 0)."""
     diffs = diffs[np.isfinite(diffs)]
     return float((np.sum(diffs <= 0) + 1) / (len(diffs) + 1))
+
+
+def permutations(groups: np.ndarray, seed: int = 0, draws: int = PERMUTATION_DRAWS) -> np.ndarray:
+    """``draws`` seeded permutations of ``len(groups)`` rows (a row of indices each), every one moving rows
+    only among the rows of their own group (fold): row ``i`` of draw ``b`` is paired with row
+    ``perms[b, i]``, which is in ``i``'s group."""
+    groups = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    keys = groups + np.random.default_rng(seed).random((draws, len(groups)))  # group first, random within it
+    perms = np.empty((draws, len(groups)), np.int64)
+    perms[:, np.argsort(groups, kind="stable")] = np.argsort(keys, axis=1)
+    return perms
+
+
+def p_permutation(observed: float, null: np.ndarray) -> float:
+    """One-sided permutation p-value that ``observed`` is above the permuted values ``null``: (1 + the
+    draws at or above it) / (1 + the draws), which keeps its false-positive rate at any number of draws. A
+    value that is not finite (R² of equal targets) is never above chance."""
+    if not np.isfinite(observed):
+        return 1.0
+    reached = null >= observed - 1e-12 * max(1.0, abs(observed))  # a draw equal but for rounding counts
+    return float((1 + np.sum(reached)) / (1 + len(null)))
 
 
 def p_two_sided(diffs: np.ndarray) -> float:

@@ -1,0 +1,187 @@
+"""`pipeline cache import`: caches from embeddings made elsewhere (parquet as clip-retrieval writes it, or a
+.npy array with its ids), what fit, audit and predict do with them, and bad inputs refused with nothing
+left behind."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_image
+from pipeline import FeatureCache, PipelineError, audit, fit, import_embeddings, predict, read_labels
+from pipeline.stages.neighbors import neighbors
+
+N, D = 60, 16
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    """Two separable classes of N embeddings, a train/val split and tags."""
+    rng = np.random.default_rng(0)
+    y = np.array(["cat", "dog"])[np.arange(N) % 2]
+    X = rng.normal(size=(N, D)).astype(np.float32)
+    X[y == "cat", :4] += 3.0
+    return dict(ids=[f"img/{i:03d}" for i in range(N)], X=X, y=y, split=np.where(np.arange(N) < 40, "train", "val"),
+                tags=[["x", "y"] if i % 3 else ["x"] for i in range(N)])
+
+
+def table(d: dict, rows: slice = slice(None), **columns) -> pa.Table:
+    base = {"id": d["ids"][rows], "embedding": [list(map(float, r)) for r in d["X"][rows]],
+            "label": list(d["y"][rows]), "split": list(d["split"][rows])}
+    return pa.table({**base, **columns})
+
+
+def write_npy(tmp: Path, d: dict, labelled: bool = True) -> tuple[Path, Path]:
+    np.save(tmp / "emb.npy", d["X"])
+    if labelled:
+        ids = tmp / "ids.csv"
+        ids.write_text("id,label,split\n" + "".join(f"{i},{y},{s}\n" for i, y, s in zip(d["ids"], d["y"], d["split"])))
+    else:
+        ids = tmp / "ids.txt"
+        ids.write_text("\n".join(d["ids"]) + "\n")
+    return tmp / "emb.npy", ids
+
+
+def accuracies(run: Path, cache: Path) -> dict[str, float]:
+    rows = fit(cache, run, heads=["logreg", "knn", "ridge"], n_jobs=1, progress=False).rows
+    return {r.head: r.metrics["accuracy"] for r in rows}
+
+
+def test_parquet_row_groups_a_folder_and_npy_give_the_same_cache_and_leaderboard(tmp_path, data):
+    pq.write_table(table(data, labels=data["tags"]), tmp_path / "emb.parquet", row_group_size=16)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(table(data, slice(0, 25)), folder / "a.parquet", row_group_size=10)
+    pq.write_table(table(data, slice(25, None)), folder / "b.parquet", row_group_size=10)
+    npy, ids = write_npy(tmp_path, data)
+
+    one = import_embeddings(tmp_path / "emb.parquet", tmp_path / "out", chunk_rows=7)
+    two = import_embeddings(folder, tmp_path / "out", chunk_rows=7)
+    arr = import_embeddings(npy, tmp_path / "out", ids, name="clip", chunk_rows=7)
+
+    assert (one.rows, one.dims, one.labelled) == (N, D, N)
+    for result in (one, two, arr):
+        with FeatureCache(result.cache) as c:
+            assert list(c.ids) == data["ids"] and list(c.labels) == list(data["y"]) and list(c.splits) == list(data["split"])
+            assert c.valid.all() and c.attrs["complete"]
+            np.testing.assert_array_equal(c.features("pooled"), data["X"].astype(np.float16).astype(np.float32))
+            assert c.content_hash[3] == hashlib.sha256(b"img/003").digest()
+            assert (c.spec.source, c.spec.data_config, c.spec.dtype) == ("imported", {}, "float16")
+    with FeatureCache(one.cache) as c:
+        assert c.spec.backbone == "imported:emb"
+        assert c.spec.weights_sha256 == hashlib.sha256((tmp_path / "emb.parquet").read_bytes()).hexdigest()
+    with FeatureCache(arr.cache) as c:
+        assert c.spec.backbone == "imported:clip"
+        assert c.spec.weights_sha256 == hashlib.sha256(npy.read_bytes() + ids.read_bytes()).hexdigest()
+    assert len({one.cache, two.cache, arr.cache}) == 3  # other bytes, other spec keys
+
+    # the tags column, not the cache's own task, is a label file beside the cache
+    assert [p.name for p in one.label_files] == [one.cache.stem + ".labels.csv"]
+    tags = read_labels(one.label_files[0])
+    assert tags.kind == "multilabel" and list(tags.ids) == data["ids"] and list(tags.splits) == list(data["split"])
+
+    parquet_acc = accuracies(tmp_path / "run_parquet", one.cache)
+    assert set(parquet_acc) == {"logreg", "knn", "ridge"} and parquet_acc["logreg"] > 0.8
+    assert accuracies(tmp_path / "run_npy", arr.cache) == parquet_acc
+
+
+def test_float32_target_and_plain_ids(tmp_path, data):
+    pq.write_table(table(data, target=[float(i) / 10 for i in range(N)]).drop(["label"]), tmp_path / "t.parquet")
+    result = import_embeddings(tmp_path / "t.parquet", tmp_path / "out", dtype="float32")
+    with FeatureCache(result.cache) as c:
+        assert c.attrs["label_kind"] == "regression" and c.labels[12] == "1.2" and c.spec.dtype == "float32"
+        np.testing.assert_array_equal(c.features("pooled"), data["X"])
+    npy, ids = write_npy(tmp_path, data, labelled=False)
+    plain = import_embeddings(npy, tmp_path / "out", ids)
+    with FeatureCache(plain.cache) as c:
+        assert list(c.ids) == data["ids"] and (c.labels == "").all() and plain.labelled == 0
+
+
+def test_audit_works_and_predict_and_neighbors_refuse_new_images(tmp_path, data):
+    pq.write_table(table(data), tmp_path / "emb.parquet")
+    cache = import_embeddings(tmp_path / "emb.parquet", tmp_path / "out").cache
+    found = audit(cache, tmp_path / "audit", map="none")
+    assert len(found.outliers) == N and found.tasks[0].protocol.eval == "val"
+    run = tmp_path / "run"
+    fit(cache, run, heads=["logreg"], n_jobs=1, progress=False)
+    image = make_image(tmp_path / "new.jpg", (200, 40, 40), 0)
+    for call in (lambda: predict(run, [image], progress=False), lambda: neighbors(cache, [image], progress=False)):
+        with pytest.raises(PipelineError, match=r"imported from .*emb\.parquet: no backbone to run on new images"):
+            call()
+
+
+def test_cli_prints_the_summary(tmp_path, data):
+    from cli import app
+
+    pq.write_table(table(data), tmp_path / "emb.parquet")
+    done = CliRunner().invoke(app, ["cache", "import", str(tmp_path / "emb.parquet"), "--out", str(tmp_path / "out"),
+                                    "--name", "clip-b32"])
+    assert done.exit_code == 0, done.output
+    assert f"imported {N} rows x {D} dims, {N} labelled" in done.output
+    assert "emb__imported_clip-b32__" in done.output
+
+
+def _ragged(d: dict, at: int) -> pa.Table:
+    emb = [list(map(float, r)) for r in d["X"]]
+    emb[at] = emb[at][:-1]
+    return table(d).set_column(1, "embedding", pa.array(emb))
+
+
+def _nan(d: dict) -> pa.Table:
+    X = d["X"].copy()
+    X[33, 4] = np.nan
+    return table({**d, "X": X})
+
+
+BAD = {
+    "no id column": (lambda d: table(d).drop(["id"]), r"missing column\(s\) id;"),
+    "no embedding column": (lambda d: table(d).drop(["embedding"]), r"missing column\(s\) embedding;"),
+    "ragged in the first chunk": (lambda d: _ragged(d, 5), "rows differ in length: id 'img/005' has 15 values"),
+    "ragged in a later chunk": (lambda d: _ragged(d, 50), "rows differ in length: id 'img/050' has 15 values"),
+    "NaN": (_nan, "the embedding of id 'img/033' has NaN or infinite values"),
+    "beyond float16": (lambda d: table({**d, "X": d["X"] * 1e5}), "beyond the range of float16"),
+    "duplicate id": (lambda d: table({**d, "ids": d["ids"][:7] + ["img/002"] + d["ids"][8:]}),
+                     r"duplicate id 'img/002' \(rows 2 and 7\)"),
+    "bad split": (lambda d: table({**d, "split": np.where(d["split"] == "val", "valid", "train")}), "split must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_parquet_is_refused_with_nothing_left(tmp_path, data, case):
+    make, message = BAD[case]
+    pq.write_table(make(data), tmp_path / "emb.parquet", row_group_size=16)
+    with pytest.raises(PipelineError, match=message):
+        import_embeddings(tmp_path / "emb.parquet", tmp_path / "out", chunk_rows=16)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_npy_inputs_are_refused(tmp_path, data):
+    npy, ids = write_npy(tmp_path, data, labelled=False)
+    with pytest.raises(PipelineError, match=r"give its ids with --ids FILE"):
+        import_embeddings(npy, tmp_path / "out")
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(data["ids"][:-1]))
+    with pytest.raises(PipelineError, match=rf"{N - 1} ids for the {N} rows"):
+        import_embeddings(npy, tmp_path / "out", short)
+    np.save(tmp_path / "flat.npy", data["X"].ravel())
+    with pytest.raises(PipelineError, match=r"shape \(960,\)"):
+        import_embeddings(tmp_path / "flat.npy", tmp_path / "out", ids)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_cache_is_refused_unless_overwrite(tmp_path, data):
+    pq.write_table(table(data), tmp_path / "emb.parquet")
+    first = import_embeddings(tmp_path / "emb.parquet", tmp_path / "out")
+    before = first.cache.stat().st_mtime_ns
+    with pytest.raises(PipelineError, match=r"exists .*pass --overwrite"):
+        import_embeddings(tmp_path / "emb.parquet", tmp_path / "out")
+    assert first.cache.stat().st_mtime_ns == before
+    again = import_embeddings(tmp_path / "emb.parquet", tmp_path / "out", overwrite=True)
+    assert again.cache == first.cache and again.cache.stat().st_mtime_ns != before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [first.cache.name, first.cache.name + ".lock"]

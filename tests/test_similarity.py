@@ -1,0 +1,76 @@
+"""The similarity index: exact below its threshold, approximate (faiss IVF, calibrated recall) above,
+and the searches built on it (knn, near-duplicate pairs, the knn head)."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline import similarity
+from pipeline.heads import CappedKNeighborsClassifier, load_head, save_head
+
+pytestmark = pytest.mark.skipif(not similarity.faiss_available(), reason="faiss not installed")
+
+
+def clustered(n=4000, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, dim))
+    labels = rng.integers(40, size=n)
+    return similarity.normalized(centres[labels] + 0.4 * rng.normal(size=(n, dim))), labels
+
+
+def test_index_is_exact_below_its_threshold_and_approximate_with_the_recall_it_promises():
+    X, _ = clustered()
+    rows = np.arange(0, len(X), 7)
+    exact = similarity.NeighbourIndex(X, exact_below=len(X) + 1)
+    approx = similarity.NeighbourIndex(X, exact_below=len(X))
+    assert not exact.approximate and approx.approximate
+    assert similarity.recall(exact, X[rows], 10, rows) == 1.0
+    found = similarity.recall(approx, X[rows], 10, rows)
+    assert similarity.TARGET_RECALL <= found < 1.0  # approximate, yet as good as calibrated
+    sims, idx = approx.search(X[rows], 10, rows)
+    assert (idx >= 0).all() and not (idx == rows[:, None]).any()  # always k others, never itself
+    np.testing.assert_allclose(sims, np.take_along_axis(X[rows] @ X.T, idx, 1), atol=1e-5)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    again = similarity.NeighbourIndex(X, exact_below=len(X)).search(X[rows], 10, rows)
+    np.testing.assert_array_equal(again[1], idx)  # seeded: the same cells, the same answers
+
+
+def test_knn_follows_the_threshold(monkeypatch):
+    X, _ = clustered(3000)
+    X[2999] = X[5]  # a planted copy
+    monkeypatch.setattr(similarity, "EXACT_BELOW", 1000)
+    assert similarity.NeighbourIndex(X).approximate
+    sims, idx = similarity.knn(X[:50], X, 5, exclude=np.arange(50))
+    assert idx[5, 0] == 2999 and sims[5, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_knn_head_searches_the_index_above_the_threshold(monkeypatch, tmp_path):
+    X, y = clustered(3000)
+    monkeypatch.setattr(similarity, "EXACT_BELOW", 1000)
+    head = CappedKNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance").fit(X[:2500], y[:2500])
+    assert head._fit_method == "similarity_index" and head._index.approximate
+    monkeypatch.setattr(similarity, "EXACT_BELOW", 10**9)
+    brute = CappedKNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance").fit(X[:2500], y[:2500])
+    assert brute._fit_method == "brute"
+    dist, idx = head.kneighbors(X[2500:])
+    want_dist, want_idx = brute.kneighbors(X[2500:])
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, want_idx)]) >= similarity.TARGET_RECALL
+    assert np.mean(np.isclose(dist[:, 0], want_dist[:, 0], atol=1e-4)) >= 0.98  # cosine distances, as scikit-learn's
+    assert np.mean(head.predict(X[2500:]) == brute.predict(X[2500:])) >= 0.98
+    assert not (head.kneighbors()[1] == np.arange(2500)[:, None]).any()  # fitted rows are not their own neighbours
+    for loaded in (pickle.loads(pickle.dumps(head)), load_head(save_head(head, tmp_path / "knn.skops"))):
+        assert "_index" not in vars(loaded)  # a faiss index is not saved: built again (the same) when first needed
+        np.testing.assert_array_equal(loaded.predict(X[2500:]), head.predict(X[2500:]))
+
+
+@pytest.mark.parametrize("exact_below", [10**9, pytest.param(20, marks=pytest.mark.slow)])
+def test_knn_head_is_a_scikit_learn_estimator(exact_below, monkeypatch):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    from pipeline.heads import CappedKNeighborsRegressor
+
+    monkeypatch.setattr(similarity, "EXACT_BELOW", exact_below)  # 20: the checks' data goes through the index
+    for est in (CappedKNeighborsClassifier(metric="cosine", weights="distance"), CappedKNeighborsRegressor(metric="cosine")):
+        results = check_estimator(est, on_fail=None)
+        assert not [r["check_name"] for r in results if r["status"] == "failed"] and len(results) >= 50

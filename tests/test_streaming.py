@@ -1,0 +1,124 @@
+"""The streaming ridge (pipeline.streaming): the same models as scikit-learn's ridges, from sums read in
+one pass, and ``fit --max-memory``."""
+
+import inspect
+
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge, RidgeClassifier
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.cache import FeatureCache
+from pipeline.errors import PipelineError
+from pipeline.heads import create_head, fit_by_chunks
+from pipeline.stages.fit import FitConfig, fit, parse_size
+from pipeline.streaming import (Moments, StreamingRidge, StreamingRidgeClassifier, fit_subsets_in_one_pass, ridge_path,
+                                squared_error)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 8)) * rng.uniform(0.1, 5, 8) + rng.normal(size=8) * 3
+    w = rng.normal(size=(8, 3))
+    labels = np.array(["ant", "bee", "cat"])[np.argmax(X @ w + rng.normal(size=(150, 3)), axis=1)]
+    return X, X @ w[:, 0] + rng.normal(size=150), labels, (X @ w + rng.normal(size=(150, 3)) > 0).astype(int)
+
+
+def test_one_alpha_is_scikit_learns_ridge_on_standardised_features(data):
+    X, target, labels, tags = data
+    Z = StandardScaler().fit_transform(X)
+    np.testing.assert_allclose(StreamingRidge(alphas=(3.0,)).fit(X, target).predict(X),
+                               Ridge(alpha=3.0).fit(Z, target).predict(Z), atol=1e-9)
+    for y in (labels, labels == "bee", tags):  # multiclass, binary (one column), tags
+        ours, ref = StreamingRidgeClassifier(alphas=(2.0,)).fit(X, y), RidgeClassifier(alpha=2.0).fit(Z, y)
+        np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(Z), atol=1e-9)
+        np.testing.assert_array_equal(ours.predict(X), ref.predict(Z))
+
+
+def test_held_out_error_from_the_sums_is_the_error_of_the_rows(data):
+    X, target, _, tags = data
+    Y = np.column_stack([target, tags[:, 0]])
+    m = Moments.zeros(2, 8, 2).add(X, Y, np.arange(150) % 2)
+    W, b = ridge_path(m.block(0))(5.0)
+    held = np.arange(150) % 2 == 1
+    assert squared_error(m.block(1), W, b) == pytest.approx(((X[held] @ W + b - Y[held]) ** 2).sum(), rel=1e-10)
+
+
+def test_alpha_is_chosen_on_inner_folds_and_chunks_change_nothing(data):
+    X, target, labels, _ = data
+    whole = StreamingRidgeClassifier().fit(X, labels)
+    assert len(whole.path_) == 13 and whole.alpha_ == min(whole.path_, key=lambda p: p[1])[0]
+    chunked = StreamingRidgeClassifier()
+    for i in range(0, 150, 17):
+        chunked.partial_fit(X[i:i + 17], labels[i:i + 17], classes=np.unique(labels))
+    assert chunked.alpha_ == whole.alpha_
+    np.testing.assert_allclose(chunked.coef_, whole.coef_, rtol=1e-9, atol=1e-12)
+    noisy = StreamingRidge().fit(X, target + np.random.default_rng(1).normal(scale=30, size=150))
+    assert noisy.alpha_ > StreamingRidge().fit(X, target).alpha_  # noise is regularised more
+
+
+def test_subsets_fit_in_one_pass_as_each_alone(data):
+    """The fit stage's folds and refit from one pass over the rows: each model is the head fitted on its
+    subset alone (one alpha: no inner folds to differ), and a fold's scaler is its rows'."""
+    X, _, labels, _ = data
+    head = create_head("ridge", by_chunks=True)
+    head[-1].set_params(alphas=(4.0,))
+    subsets = [np.arange(50, 150), np.r_[0:50, 100:150], np.arange(150)]
+    chunks = [(rows, X[rows], labels[rows]) for rows in np.array_split(np.arange(150), 7)]
+    models = fit_subsets_in_one_pass(head, chunks, subsets, np.unique(labels))
+    for model, rows in zip(models, subsets):
+        alone = create_head("ridge", by_chunks=True).set_params(streamingridgeclassifier__alphas=(4.0,)).fit(X[rows], labels[rows])
+        np.testing.assert_allclose(model[0].mean_, alone[0].mean_)
+        np.testing.assert_allclose(model[0].scale_, alone[0].scale_)
+        np.testing.assert_allclose(model.decision_function(X), alone.decision_function(X), atol=1e-8)
+    fitted = fit_by_chunks(create_head("ridge", by_chunks=True), lambda epoch: ((X[i:i + 40], labels[i:i + 40]) for i in range(0, 150, 40)),
+                           np.unique(labels))
+    np.testing.assert_allclose(fitted.decision_function(X), create_head("ridge", by_chunks=True).fit(X, labels).decision_function(X),
+                               atol=1e-8)
+
+
+def test_a_class_missing_from_a_subset_is_left_out_as_scikit_learn_does(data):
+    X, _, labels, _ = data
+    two = labels != "cat"
+    [model] = fit_subsets_in_one_pass(StreamingRidgeClassifier(), [(np.arange(150), X, labels)], [np.flatnonzero(two)],
+                                      np.unique(labels))
+    assert list(model.classes_) == ["ant", "bee"] and model.coef_.shape == (1, 8)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        StreamingRidgeClassifier().fit(X[:5], np.array(["ant"] * 5))
+
+
+@pytest.mark.parametrize("make", [StreamingRidgeClassifier, StreamingRidge])
+def test_streaming_ridges_are_scikit_learn_estimators(make):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(make(), on_fail=None)
+    assert len(results) >= 50 and not [r["check_name"] for r in results if r["status"] == "failed"]
+
+
+def test_max_memory_is_a_size():
+    assert parse_size("512MB") == 512 * 2 ** 20 and parse_size("8GB") == 8 * 2 ** 30 and parse_size("1.5g") == 3 * 2 ** 29
+    with pytest.raises(PipelineError, match="--max-memory must be a size such as 8GB or 512MB, got 'lots'"):
+        FitConfig(max_memory="lots").check()
+    assert FitConfig(max_memory="64KB").chunk_rows_for(16) == 128  # 64 KiB / (32 bytes x 16 values)
+
+
+def test_over_max_memory_ridge_reads_small_chunks_and_knn_is_refused(tiny_run, tmp_path, monkeypatch):
+    reads = []
+    real = FeatureCache.features
+
+    def features(self, tap="pooled", rows=None):
+        if inspect.stack()[1].function == "_read":  # a head's reads (not the stage's own)
+            reads.append(None if rows is None else len(rows))
+        return real(self, tap, rows)
+
+    monkeypatch.setattr(FeatureCache, "features", features)
+    with FeatureCache(tiny_run["cache"]) as cache:
+        dims = cache.info()["taps"]["pooled"]
+    budget = f"{32 * dims * 6}B"  # chunks of 6 rows; 36 rows x dims x 4 bytes x 3 copies is more
+    result = fit(tiny_run["cache"], tmp_path / "run", heads=["ridge", "knn"], taps=["pooled"], max_memory=budget,
+                 n_jobs=1, progress=False)
+    rows = {r.head: r for r in result.rows}
+    assert rows["ridge"].error == "" and rows["ridge"].metrics["accuracy"] is not None
+    assert "knn holds the features in memory" in rows["knn"].error and "heads that read by chunks: ridge, sgd" in rows["knn"].error
+    assert reads and None not in reads and max(reads) <= 6
