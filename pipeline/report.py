@@ -169,7 +169,7 @@ def _html_leaderboard(numbered: list[tuple[int, Row]], kind) -> str:
                  f"<td class='l'>{e(r.head)}", e(r.eval), _fmt(r.n_test), _fmt(m.get(metric)), ci,
                  *(_fmt(m.get(c)) for c in others), _fmt(r.p_vs_best), "&#9679;" if r.same_as_best else "",
                  {True: "yes", False: "<b>no</b>"}.get(r.above_chance, ""), _fmt(r.fit_seconds),
-                 f"<td class='err'>{e(r.error)}"]
+                 f"<td class='err'>{e('; '.join(x for x in (r.error, r.warnings) if x))}"]
         out.append(f"<tr class='{cls}'>" + "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells) + "</tr>")
     return "".join(out) + "</table>"
 

@@ -119,16 +119,19 @@ def test_heads_without_a_tensor_form_are_refused_with_the_reason(float32_run, tm
         export_model(float32_run, tmp_path / "m.tflite", format="tflite")
 
 
-def test_a_spec_under_autocast_is_exported_with_a_note(tiny_run, tmp_path):
-    """The graph computes in float32; a spec computed under bf16 autocast (the default where the CPU or GPU
-    has it) differs by that rounding, and the result and card say so."""
+def test_a_spec_under_autocast_keeps_it_in_torchscript_and_says_so_in_onnx(tiny_run, tmp_path):
+    """A spec computed under bf16 autocast (the default where the CPU or GPU has it): the TorchScript file
+    runs the backbone under it and gives predict's scores; the ONNX graph computes in float32, differs by
+    that rounding, and the result and card say so."""
     spec = LoadedModel(tiny_run["run"]).model.parts[0].spec
     if spec.amp == "off":
         pytest.skip("this machine computes the default spec in float32")
     row = row_of(tiny_run["run"], "logreg")
-    result = export_model(tiny_run["run"], tmp_path / "m.pt", format="torchscript", row=row)
-    assert len(result.notes) == 1 and f"under {spec.amp} autocast" in result.notes[0]
-    assert json.loads(result.card.read_text())["notes"] == result.notes
+    kept = export_model(tiny_run["run"], tmp_path / "m.pt", format="torchscript", row=row)
+    assert kept.notes == [] and kept.max_difference <= 1e-4
+    onnx = export_model(tiny_run["run"], tmp_path / "m.onnx", row=row)
+    assert len(onnx.notes) == 1 and f"under {spec.amp} autocast" in onnx.notes[0]
+    assert json.loads(onnx.card.read_text())["notes"] == onnx.notes
 
 
 @pytest.mark.real

@@ -160,6 +160,15 @@ def test_chunked_head_cross_validates_without_splits(tmp_path):
     assert row.eval == "cv5" and row.n_train == 36 and row.metrics["accuracy"] is not None
 
 
+def test_a_warning_is_recorded_apart_from_errors(tiny_run, tmp_path):
+    """A head that warns (a solver stopped early) is scored; the warning goes to ``warnings``, not ``error``."""
+    res = fit(tiny_run["cache"], tmp_path / "run", heads=["sklearn.linear_model:LogisticRegression"],
+              head_params={"max_iter": 1}, n_jobs=1, progress=False)
+    [row] = res.rows
+    assert row.scored and row.error == "" and row.warnings.startswith("ConvergenceWarning: ")
+    assert "warnings" in (res.out / "leaderboard.csv").read_text().splitlines()[0].split(",")
+
+
 def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):
     res = fit(tiny_run["cache"], tmp_path / "run", heads=["torch-logreg", "linear-svm", "ridge", "centroid",
                                                           "sklearn.svm:SVC"],

@@ -137,9 +137,15 @@ def test_tta_head_predicts_reencoded_images_as_it_predicts_cached_ones(tiny_run,
     assert diffs["flip"] < 0.02 < diffs[""]
 
 
-def test_not_a_model(tmp_path):
+def test_not_a_model_and_missing_images_are_said_before_any_model_loads(tmp_path, tiny_run, monkeypatch):
+    from pipeline.stages import predict as predict_module
+
+    image = next((tiny_run["data"] / "val" / "red").glob("*.jpg"))
     with pytest.raises(PipelineError, match="cannot use .* as a model"):
-        predict(tmp_path, [tmp_path])
+        predict(tmp_path, [image])
+    monkeypatch.setattr(predict_module, "LoadedModel", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(PipelineError, match="missing.jpg"):
+        predict(tiny_run["run"], [tmp_path / "missing.jpg"])
 
 
 @pytest.mark.slow

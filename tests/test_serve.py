@@ -190,3 +190,17 @@ def test_without_the_serve_extra_the_error_names_it(tiny_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
     with pytest.raises(PipelineError, match=r"serve needs fastapi: pip install -e '\.\[serve\]'"):
         create_app(tiny_run["run"])
+
+
+def test_a_busy_port_fails_at_once_before_the_model_loads(tiny_run, tiny_weights_dir, tmp_path, monkeypatch):
+    from pipeline.stages import serve as serve_module
+
+    loaded = []
+    monkeypatch.setattr(serve_module, "create_app", lambda *a, **k: loaded.append(a))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(PipelineError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another --port"):
+            serve_module.serve(tiny_run["run"], port=port)
+    assert loaded == []

@@ -50,7 +50,8 @@ class Row:
     head_file: str = ""
     predictions: str = ""
     cache: str = ""
-    error: str = ""
+    error: str = ""  # why the row has no score
+    warnings: str = ""  # what the fit warned of (a solver that did not converge, ...), the row scored
 
     @property
     def key(self) -> tuple:
@@ -108,7 +109,7 @@ def columns(kinds: Sequence[str]) -> list[str]:
     metric_cols = list(dict.fromkeys(c for k in kinds for c in get_kind(k).columns))
     return ["backbone", "weights", "spec", "tap", "task", "head", "eval", "n_train", "n_test", *metric_cols,
             "p_vs_best", "same_as_best", "p_above_chance", "above_chance", "rank_clean", "fit_seconds", "comparable",
-            "protocol", "stage", "task_kind", "head_file", "predictions", "cache", "error"]
+            "protocol", "stage", "task_kind", "head_file", "predictions", "cache", "error", "warnings"]
 
 
 def best_row(rows: Sequence[Row], task: str | None = None, linear: bool = False, backbone: str | None = None,

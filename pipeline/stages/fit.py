@@ -483,7 +483,7 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
                     job_seconds=time.perf_counter() - job_start)
     order = np.argsort(scored, kind="stable")  # in sample order, as the protocol scores
     return dict(estimator=models[-1], y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
-                scores=None if scores is None else scores[order], error="; ".join(notes),
+                scores=None if scores is None else scores[order], error="", warnings="; ".join(notes),
                 job_seconds=time.perf_counter() - job_start)
 
 
@@ -516,7 +516,8 @@ def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict
     predictions saved into the run."""
     protocol, label = src.protocol, _head_label(head, params)
     identity = dict(backbone=src.backbone, weights=src.weights, spec=src.spec, tap=src.tap, head=label,
-                    cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"])
+                    cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"],
+                    warnings=res.get("warnings", ""))
     if res["estimator"] is None:
         return run.score(protocol, None, **identity)
     name = f"{'+'.join(p.stem for p, _ in src.parts)}__{src.tap}__{protocol.task}__{label}"

@@ -281,11 +281,11 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: 
     ``coverage`` prediction set and the ood columns (see :class:`LoadedModel`). ``weights`` are weights
     files to use when those the model was trained with are not where they were (each is matched by its
     sha256)."""
-    loaded = LoadedModel(model, task, weights=weights, device=device, coverage=coverage,
-                         ood_percentile=ood_percentile)
-    paths = list_images(list(images))
+    paths = list_images(list(images))  # before the model loads: a missing file is said at once
     if not paths:
         raise PipelineError("no images to predict on")
+    loaded = LoadedModel(model, task, weights=weights, device=device, coverage=coverage,
+                         ood_percentile=ood_percentile)
     rows = Predictions(loaded.predict([Sample(str(p), p) for p in paths], batch_size,
                                       default_workers() if workers is None else workers, progress), loaded)
     if out is not None:

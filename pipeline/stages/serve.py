@@ -17,7 +17,9 @@ needs none, and its answers are ``predict``'s for images that are not in that ca
 """
 
 import asyncio
+import logging
 import os
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,5 +197,22 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, t
     """Serve ``model`` on ``host``:``port`` until interrupted (SIGINT or SIGTERM end it cleanly: requests
     in flight are answered first). Binds to loopback unless ``host`` says otherwise."""
     _, uvicorn = _require_extra()
+    sock = _listening(host, port)  # before the model loads: a busy port fails at once
     app = create_app(model, task, row, weights, device, max_bytes, max_batch, max_wait_ms)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)  # sets up uvicorn's loggers
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Ctrl-C or SIGTERM stops it)", url)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` for the service, or a PipelineError saying why not."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; another service may hold it: "
+                            "choose another --port") from None
+    return sock
