@@ -20,7 +20,7 @@ import numpy as np
 from .errors import PipelineError
 from .files import atomic_path
 from .kinds import get_kind
-from .evaluation import Row, RunFolder
+from .evaluation import Row, RunFolder, clean_ranking
 from .validation import between, check
 
 FEWSHOT_COLUMNS = ("backbone", "weights", "tap", "task", "head", "shots", "draws", "eval", "n_test",
@@ -113,6 +113,9 @@ def write_html_report(run: RunFolder) -> Path:
             body.append(f"<p>Best: <b>{e(best.backbone)} / {e(best.tap)} / {e(best.head)}</b>, {metric} "
                         f"{_fmt(m[metric])} (95 % CI {_fmt(m.get(low))}&ndash;{_fmt(m.get(high))}) "
                         f"on {e(best.eval)}, n = {best.n_test}.</p>")
+        holds = clean_ranking([r for _, r in numbered]).get(task)
+        if holds:
+            body.append(f"<p>Without the scored images set aside (copies of training images): {e(holds)}.</p>")
         body.append("<h3>Leaderboard</h3>" + _html_leaderboard([(i, r) for i, r in numbered if r.comparable], kind))
         apart = [(i, r) for i, r in numbered if not r.comparable]
         if apart:

@@ -212,3 +212,29 @@ def test_an_audits_out_of_fold_plan_keeps_groups_together():
         for _, other in plan:
             if other is not predicted:
                 assert not (inside - {-1}) & set(protocol.groups[other])
+
+
+def test_fit_keeps_confirmed_copies_in_one_fold(tmp_path, monkeypatch):
+    """A task without a split: fit's copy check runs before the folds are decided, and each confirmed
+    copy lands in its original's fold (the check's answer planted here: the tiny model's features and
+    generated images have no real copies)."""
+    from conftest import TINY, make_folder
+    from pipeline import extract
+    from pipeline.copies import Copies
+    from pipeline.stages import fit as fit_module
+
+    data = make_folder(tmp_path / "flat", n_train=10, n_val=0, splits=False)
+    [res] = extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
+    pairs = [(0, 7), (3, 12), (12, 15)]  # 3, 12 and 15: a copy of a copy
+
+    def planted(X, ids, images, **_):
+        i, j = (np.array(p) for p in zip(*pairs))
+        one = np.ones(len(pairs))
+        return Copies(i, j, one, one, one.astype(bool), 0.5, 0.99, True)
+
+    monkeypatch.setattr(fit_module, "find_copies", planted)
+    run = fit(res.cache, tmp_path / "run", heads=["centroid"], cv=5, n_jobs=1, progress=False)
+    protocol = RunFolder(run.out).protocol(run.rows[0].task)
+    folds = protocol.folds
+    assert protocol.cross_validated and folds[0] == folds[7] and folds[3] == folds[12] == folds[15]
+    assert protocol.groups is not None and len(set(folds)) == 5

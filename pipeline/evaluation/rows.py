@@ -132,8 +132,8 @@ def clean_ranking(rows: Sequence[Row]) -> dict[str, str]:
     lines = {}
     for task in dict.fromkeys(r.task for r in rows):
         ranked = [r for r in rows if r.task == task and r.comparable and r.rank_clean is not None]
-        if len(ranked) < 2:
-            continue
+        if len(ranked) < 2 or not any(r.metrics.get(get_kind(r.task_kind).set_aside_columns[1]) for r in ranked):
+            continue  # nothing set aside: the clean ranking is the ranking
         tau = kendalltau(np.arange(len(ranked)), [r.rank_clean for r in ranked]).statistic
         n_aside = "/".join(map(str, sorted({r.metrics[get_kind(r.task_kind).set_aside_columns[1]] for r in ranked})))
         lines[task] = (f"task {task!r} without its {n_aside} set-aside images: best row unchanged: "

@@ -34,9 +34,9 @@ from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name
 from ..parallel import parallel_backend
 from ..progress import progress_bar
-from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, open_task
+from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, clean_ranking, open_task
 from ..report import markdown_table, publish, time_summary, write_fewshot
-from ..copies import Images, leak_message, leaked
+from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..streaming import accumulates, fit_subsets_in_one_pass
@@ -244,6 +244,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
 
     with _stage(stages, "write leaderboard"):
         all_rows = run.add_rows(rows)
+        notes += list(clean_ranking(all_rows).values())
         files = {"csv": run.artifact("leaderboard_csv"), "json": run.artifact("leaderboard")}
         if fewshot:
             files.update(write_fewshot(fewshot, run))
@@ -297,6 +298,17 @@ def _near_copies(sources: list[_Source]) -> dict[str, str]:
     return {task: message for task, message in found.items() if message}
 
 
+def _copy_groups(labelled: Labelled, cache: FeatureCache, cfg: FitConfig) -> np.ndarray | None:
+    """For a task without a split, a group per sample joining its confirmed copies (pooled features of the
+    first cache, :mod:`pipeline.copies`), so cross-validation keeps each copy with its original; None for
+    a task with a split (its copies across train and val are set aside instead) or features over budget."""
+    tap = "pooled" if "pooled" in cache.taps else cache.taps[0]
+    if (labelled.splits != "").any() or not cfg.fits_in_memory(len(labelled.ids), cache.info()["taps"][tap]):
+        return None
+    X = normalized(cache.features(tap, cache.rows_of(labelled.ids)))
+    return copy_groups(find_copies(X, labelled.ids, Images.of_cache(cache)), len(labelled.ids))
+
+
 def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], cfg: FitConfig, run: RunFolder,
              load: bool) -> tuple[dict[str, Protocol], list[_Source]]:
     """Each task's protocol (decided on its labelled images that every cache holds valid features of,
@@ -317,7 +329,8 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
         _check_same_labels(name, joined)
         labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep],
                             None if ref.groups is None else ref.groups[keep])
-        protocol, _ = open_task(labelled, cfg.cv, cfg.seed, run, "replace" if cfg.overwrite else "exact")
+        copies = _copy_groups(labelled, entries[0][1], cfg)
+        protocol, _ = open_task(labelled, cfg.cv, cfg.seed, run, "replace" if cfg.overwrite else "exact", copies)
         protocols[name] = protocol
         for (path, cache, _), data in zip(entries, joined):
             rows = cache.rows_of(protocol.ids)
