@@ -516,8 +516,8 @@ def main() -> None:
         reason = os.strerror(e.errno) if e.errno else e.strerror or str(e).splitlines()[0]
         typer.echo(f"error: {reason}" + (f": {e.filename}" if e.filename else ""), err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
         sys.exit(130)
 
 

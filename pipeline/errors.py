@@ -7,3 +7,8 @@ class PipelineError(Exception):
     The CLI prints its message on one line and exits with status 1; library callers catch it like any
     other exception.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a stage that kept what it had finished: the message says what was kept and
+    the command that goes on. The CLI prints it and exits with status 130."""

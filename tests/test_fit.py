@@ -384,3 +384,29 @@ def test_report_row_per_class_and_confusion(tiny_run, tmp_path):
     assert r.returncode == 0 and "confusion (rows: true" in r.stdout and (tmp_path / "run" / "confusion_row2.png").is_file()
     r = run_cli("report", tmp_path / "run", "--row", "3")
     assert r.returncode == 1 and r.stderr.strip() == "error: --row must be in [1, 2], got 3", r.stderr
+
+
+def test_a_rerun_fits_only_missing_rows_and_an_interrupted_fit_keeps_its_rows(tiny_run, tmp_path, monkeypatch):
+    from pipeline import RunFolder
+    from pipeline.errors import Interrupted
+    from pipeline.stages import fit as fit_module
+
+    real, calls = fit_module._fit_one, []
+
+    def stop_at_second(head, *args):
+        calls.append(head)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(head, *args)
+
+    monkeypatch.setattr(fit_module, "_fit_one", stop_at_second)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match=f"1 of 2 row\\(s\\) fitted and saved in {run}; the same command fits the others"):
+        fit(tiny_run["cache"], run, heads=["centroid", "ridge"], taps=["pooled"], n_jobs=1, progress=False)
+    assert [r.head for r in RunFolder(run).rows()] == ["centroid"]
+    monkeypatch.setattr(fit_module, "_fit_one", real)
+    calls.clear()
+    monkeypatch.setattr(fit_module, "_fit_one", lambda head, *a: calls.append(head) or real(head, *a))
+    res = fit(tiny_run["cache"], run, heads=["centroid", "ridge", "knn"], taps=["pooled"], n_jobs=1, progress=False)
+    assert sorted(calls) == ["knn", "ridge"] and {r.head for r in res.rows} == {"centroid", "ridge", "knn"}
+    assert any("1 row(s) already in" in n for n in res.notes)

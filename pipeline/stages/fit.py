@@ -19,7 +19,7 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -27,7 +27,7 @@ from joblib.parallel import get_active_backend
 from sklearn.base import clone
 
 from ..cache import FeatureCache, find_caches
-from ..errors import PipelineError
+from ..errors import Interrupted, PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
 from ..kinds import TaskKind, get_kind
@@ -214,25 +214,42 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         notes = _skipped(heads, by_kind, protocols) + _unseen(protocols)
         notes += [note for p in protocols.values() if (note := p.group_note())]
         warm = tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs)
+        done = set() if cfg.overwrite else _fitted(run, protocols)
         jobs, meta = [], []
         for src in sources:
             splits, refit = src.protocol.splits(), src.protocol.refit() if src.protocol.cross_validated else None
             for head in by_kind[src.protocol.kind]:
+                if _key(src, head, params.get(head)) in done:
+                    continue
                 rows = src.rows(head, cfg)
                 jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit))
                 meta.append((src, head))
         few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
         if shots and any(not get_kind(p.kind).fewshot for p in protocols.values()):
             notes.append("few-shot curves are drawn for classification tasks only")
-        with _stage(stages, "fit heads"), parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
-            results = _run_jobs(jobs + [j for j in few_jobs if j is not None], cfg.n_jobs, progress)
+        if done:
+            notes.append(f"{len(done)} row(s) already in {run.path} under the same protocols: kept, not fitted again "
+                         "(--overwrite fits every row again)")
+        if cfg.overwrite:
+            run.clear()
+        for protocol in protocols.values():
+            run.save_protocol(protocol)
+        rows: list[Row] = []
 
-        with _stage(stages, "save heads"):
-            if cfg.overwrite:
-                run.clear()
-            for protocol in protocols.values():
-                run.save_protocol(protocol)
-            rows = [_row(run, src, head, params.get(head), res) for (src, head), res in zip(meta, results)]
+        def keep(n: int, res: dict) -> None:
+            """Save a finished row at once (its head, predictions, leaderboard line): an interrupted fit keeps it."""
+            if n < len(jobs):
+                with _stage(stages, "save heads"):
+                    rows.append(_row(run, *meta[n], params.get(meta[n][1]), res))
+                    run.add_rows(rows[-1:])
+
+        try:
+            with _stage(stages, "fit heads"), parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
+                results = _run_jobs(jobs + [j for j in few_jobs if j is not None], cfg.n_jobs, progress, keep)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{len(rows)} of {len(jobs)} row(s) fitted and saved in {run.path}; the same command "
+                              "fits the others") from None
+        stages["fit heads"] = round(stages["fit heads"] - stages.get("save heads", 0.0), 3)
         with _stage(stages, "ood reference"):
             for src in sources:
                 _save_ood_reference(run, src)
@@ -243,7 +260,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         per_head[head] = round(per_head.get(head, 0.0) + res["job_seconds"], 3)
 
     with _stage(stages, "write leaderboard"):
-        all_rows = run.add_rows(rows)
+        all_rows = run.add_rows([])
         notes += list(clean_ranking(all_rows).values())
         files = {"csv": run.artifact("leaderboard_csv"), "json": run.artifact("leaderboard")}
         if fewshot:
@@ -581,9 +598,11 @@ def _check_writable(out: Path) -> None:
         raise PipelineError(f"cannot write the run directory {out}: {e.strerror} ({existing})") from None
 
 
-def _run_jobs(jobs: list, n_jobs: int, progress: bool) -> list[dict]:
+def _run_jobs(jobs: list, n_jobs: int, progress: bool, done: Callable[[int, dict], None] = lambda n, res: None
+              ) -> list[dict]:
     """Run joblib jobs (on the backend configured around the call), with a progress bar that advances
-    per job where the backend returns results as they come (Ray's returns them all at the end)."""
+    per job, and ``done(n, result)`` called on each, as the backend returns them (in order; Ray's all at
+    the end)."""
     backend, _ = get_active_backend()
     streams = getattr(backend, "supports_return_generator", False)
     out = []
@@ -592,6 +611,19 @@ def _run_jobs(jobs: list, n_jobs: int, progress: bool) -> list[dict]:
         warnings.filterwarnings("ignore", "A worker stopped while some jobs were given", UserWarning)
         task = bar.add_task("fit", total=len(jobs))
         for res in Parallel(n_jobs=n_jobs, return_as="generator" if streams else "list")(jobs):
+            done(len(out), res)
             out.append(res)
             bar.advance(task)
     return out
+
+
+def _key(src: _Source, head: str, params: dict | None) -> tuple:
+    """The key of the leaderboard row ``head`` makes on ``src`` (:attr:`Row.key`)."""
+    return ("fit", src.backbone, src.spec, src.tap, src.data.task, _head_label(head, params), "")
+
+
+def _fitted(run: RunFolder, protocols: dict[str, Protocol]) -> set[tuple]:
+    """The keys of the run's scored rows fitted under the protocols of this fit whose head file is there:
+    a re-run of the same fit (an interrupted one, a study with one more head) fits only the others."""
+    return {r.key for r in run.rows() if r.stage == "fit" and r.scored and r.task in protocols
+            and r.protocol == protocols[r.task].id and r.head_file and run.resolve(r.head_file).is_file()}
