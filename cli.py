@@ -304,11 +304,28 @@ def run_study(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Run every stage of a study that its caches and run folder do not already hold."""
-    from pipeline.stages.study import run
+    from pipeline.stages.study import Study, run
 
     steps = run(study, dry_run=dry_run, progress=progress, log=typer.echo)
     done = sum(s.needed for s in steps)
     typer.echo(f"{'would run' if dry_run else 'ran'} {done} of {len(steps)} steps")
+    if not dry_run:
+        _best_rows(Study.read(study).out)
+
+
+def _best_rows(out: Path) -> None:
+    """Each task's best row of the run ``out`` and where its report is."""
+    from pipeline import RunFolder, best_row
+    from pipeline.kinds import get_kind
+
+    run = RunFolder(out)
+    rows = run.rows()
+    for task in dict.fromkeys(r.task for r in rows):
+        best = best_row(rows, task)
+        if best is not None:
+            typer.echo(f"best on {task}: {best.backbone} / {best.tap} / {best.head}, {get_kind(best.task_kind).primary} "
+                       f"{best.score:.4f} on {best.eval}")
+    typer.echo(f"report: {run.artifact('report')}")
 
 
 @app.command()

@@ -45,9 +45,14 @@ def test_a_study_runs_what_it_needs_and_then_nothing(study, tmp_path, monkeypatc
     plan = run(study, dry_run=True)
     assert [(s.stage, s.needed) for s in plan] == [("extract", False), ("extract", False), ("fit", True), ("finetune", False)]
     assert "heads differ" in plan[2].reason
+    from pipeline.stages import fit as fit_module
+
+    real, fitted = fit_module._fit_one, []
+    monkeypatch.setattr(fit_module, "_fit_one", lambda head, *a: fitted.append(head) or real(head, *a))
     run(study, progress=False)
     rows = RunFolder(tmp_path / "runs" / "s").rows()
     assert len(rows) == 3 * 2 * 3 + 1  # the fine-tune's row kept
+    assert fitted == ["centroid"] * 6  # only the new head's rows were fitted (3 backbones x 2 tasks)
     # a label file edited in place is a reason to fit again
     labels = tmp_path / "coin.csv"
     labels.write_text(labels.read_text().replace(",h\n", ",t\n", 1))

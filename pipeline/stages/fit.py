@@ -214,12 +214,12 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         notes = _skipped(heads, by_kind, protocols) + _unseen(protocols)
         notes += [note for p in protocols.values() if (note := p.group_note())]
         warm = tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs)
-        done = set() if cfg.overwrite else _fitted(run, protocols)
+        done = {} if cfg.overwrite else _fitted(run, protocols)
         jobs, meta = [], []
         for src in sources:
             splits, refit = src.protocol.splits(), src.protocol.refit() if src.protocol.cross_validated else None
             for head in by_kind[src.protocol.kind]:
-                if _key(src, head, params.get(head)) in done:
+                if _current(run, done.get(_key(src, head, params.get(head))), src):
                     continue
                 rows = src.rows(head, cfg)
                 jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit))
@@ -227,9 +227,10 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
         if shots and any(not get_kind(p.kind).fewshot for p in protocols.values()):
             notes.append("few-shot curves are drawn for classification tasks only")
-        if done:
-            notes.append(f"{len(done)} row(s) already in {run.path} under the same protocols: kept, not fitted again "
-                         "(--overwrite fits every row again)")
+        kept = sum(len(by_kind[src.protocol.kind]) for src in sources) - len(jobs)
+        if kept:
+            notes.append(f"{kept} row(s) already in {run.path} under the same protocols and caches: kept, not fitted "
+                         "again (--overwrite fits every row again)")
         if cfg.overwrite:
             run.clear()
         for protocol in protocols.values():
@@ -622,8 +623,15 @@ def _key(src: _Source, head: str, params: dict | None) -> tuple:
     return ("fit", src.backbone, src.spec, src.tap, src.data.task, _head_label(head, params), "")
 
 
-def _fitted(run: RunFolder, protocols: dict[str, Protocol]) -> set[tuple]:
-    """The keys of the run's scored rows fitted under the protocols of this fit whose head file is there:
-    a re-run of the same fit (an interrupted one, a study with one more head) fits only the others."""
-    return {r.key for r in run.rows() if r.stage == "fit" and r.scored and r.task in protocols
-            and r.protocol == protocols[r.task].id and r.head_file and run.resolve(r.head_file).is_file()}
+def _fitted(run: RunFolder, protocols: dict[str, Protocol]) -> dict[tuple, Row]:
+    """The run's scored rows fitted under the protocols of this fit, by key: a re-run of the same fit (an
+    interrupted one, a study with one more head) fits only the others (see :func:`_current`)."""
+    return {r.key: r for r in run.rows() if r.stage == "fit" and r.scored and r.task in protocols
+            and r.protocol == protocols[r.task].id}
+
+
+def _current(run: RunFolder, row: Row | None, src: _Source) -> bool:
+    """Whether ``row`` is there to keep: its head file exists and is newer than every cache it was fitted
+    on (a cache extracted into since, with new or changed images, makes its rows fit again)."""
+    head = run.resolve(row.head_file) if row is not None and row.head_file else None
+    return head is not None and head.is_file() and all(head.stat().st_mtime >= p.stat().st_mtime for p, _ in src.parts)
