@@ -154,6 +154,9 @@ def fit(
         elif name.startswith("fewshot_") and path.suffix == ".png":
             typer.echo(f"few-shot plot ({name[len('fewshot_'):]}): {path}")
     typer.echo(f"report: {result.files['report']}")
+    if not any(row.scored for row in result.rows):
+        typer.echo("error: no row could be fitted (see the warnings above)", err=True)
+        sys.exit(1)
 
 
 @app.command()

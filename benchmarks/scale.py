@@ -95,6 +95,7 @@ def run_stage(name: str, args: list[str], cwd: Path) -> dict:
         out["error"] = f"exit {code}: {lines[-1][:200]} ({log})"
     elif lines[-1].startswith("{"):
         out.update(json.loads(lines[-1]))
+    print(f"  {cwd.name} {name}: {json.dumps(out)}", flush=True)  # as it lands: a long run can be followed
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,7 @@ THUMB = 128
 COARSE, COARSE_GATE = 32, 0.8
 EXACT = 0.9999  # a cosine that only the same pixels reach
 PIXEL_COPY = 0.975  # benchmarks/copies_quality.py: copies 0.983 and up, distinct pairs at most 0.963
+EDGE_IMAGES = 512  # images whose edge maps are kept (each up to ~0.6 MB as float16 with every alignment)
 ALIGNMENTS = (("crop", 0.9),) + tuple(("rotate", d) for d in (-5, -4, -3, -2, 2, 3, 4, 5))
 
 
@@ -72,6 +74,7 @@ class Images:
     def __init__(self, where: dict[str, Path | Member], hashes: dict[str, bytes] | None = None):
         self.where, self.hashes = where, hashes
         self._grey: dict[str, Image.Image | None] = {}
+        self._edges: OrderedDict[str, EdgeMaps | None] = OrderedDict()  # the last EDGE_IMAGES used
 
     @classmethod
     def of_cache(cls, cache, data: str | os.PathLike | None = None) -> "Images | None":
@@ -88,6 +91,16 @@ class Images:
         except (PipelineError, OSError):
             return None
         return cls({s.id: s.path for s in source.samples}, dict(zip(cache.ids, cache.content_hash)))
+
+    def edge_maps(self, sid: str) -> "EdgeMaps | None":
+        """The image's edge maps, kept for its other candidates (None when unreadable or changed)."""
+        if sid not in self._edges:
+            grey = self.grey(sid)
+            self._edges[sid] = None if grey is None else EdgeMaps(grey)
+            if len(self._edges) > EDGE_IMAGES:
+                self._edges.popitem(last=False)
+        self._edges.move_to_end(sid)
+        return self._edges[sid]
 
     def grey(self, sid: str) -> Image.Image | None:
         """Autocontrasted grey image at least ``2 * THUMB`` a side (None when unreadable or changed)."""
@@ -164,26 +177,44 @@ def _aligned(img: Image.Image, how: str, amount: float) -> Image.Image:
     return img.rotate(amount, Image.BICUBIC, fillcolor=fill)
 
 
-def pixel_similarity(a: Image.Image, b: Image.Image) -> float:
+class EdgeMaps:
+    """An image's edge maps (:func:`edges`), each size and alignment computed once: a picture is the
+    candidate of several others, and rotating it is what a comparison costs."""
+
+    def __init__(self, img: Image.Image):
+        self.img, self._maps = img, {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.img.size
+
+    def of(self, side: int, alignment: tuple[str, float] | None = None) -> np.ndarray:
+        key = (side, alignment)
+        if key not in self._maps:
+            img = _shrunk(self.img, 2 * side)
+            self._maps[key] = edges(img if alignment is None else _aligned(img, *alignment), side).astype(np.float16)
+        return self._maps[key].astype(np.float32)
+
+
+def pixel_similarity(a: "Image.Image | EdgeMaps", b: "Image.Image | EdgeMaps") -> float:
     """How alike two grey images are, from 1 (the same picture) down: the correlation of their edge maps,
     the best of as-is and each of :data:`ALIGNMENTS` applied to either image; at ``THUMB`` pixels a side,
     or the smaller image's side (an upscaled small copy has no edges as sharp as its original's). A pair
     below :data:`COARSE_GATE` at ``COARSE`` pixels (16 times cheaper) is not looked at closer: copies score
     0.93 and up there, distinct photos 0.68 at most (``benchmarks/copies_quality.py``)."""
+    a, b = (x if isinstance(x, EdgeMaps) else EdgeMaps(x) for x in (a, b))
     side = min(THUMB, *a.size, *b.size)
     coarse = _best_alignment(a, b, min(COARSE, side))
     return coarse if coarse < COARSE_GATE or side <= COARSE else _best_alignment(a, b, side)
 
 
-def _best_alignment(a: Image.Image, b: Image.Image, side: int) -> float:
-    a, b = (_shrunk(img, 2 * side) for img in (a, b))
-    ea, eb = edges(a, side), edges(b, side)
+def _best_alignment(a: EdgeMaps, b: EdgeMaps, side: int) -> float:
+    ea, eb = a.of(side), b.of(side)
     best = float(ea @ eb)
-    for how, amount in ALIGNMENTS:
+    for alignment in ALIGNMENTS:
         if best >= PIXEL_COPY:
             break
-        best = max(best, float(edges(_aligned(a, how, amount), side) @ eb),
-                   float(ea @ edges(_aligned(b, how, amount), side)))
+        best = max(best, float(a.of(side, alignment) @ eb), float(ea @ b.of(side, alignment)))
     return best
 
 
@@ -204,8 +235,8 @@ def find_copies(X: np.ndarray, ids: np.ndarray, images: Images | None, k: int = 
     strict = embedding_threshold(sims[:, 0]) if embedding_cosine is None else embedding_cosine
     if images is not None:
         look = s >= threshold
-        for n in np.flatnonzero(look):
-            a, b = images.grey(ids[i[n]]), images.grey(ids[j[n]])
+        for n in np.flatnonzero(look)[np.argsort(i[look], kind="stable")]:  # by first image: its maps are reused
+            a, b = images.edge_maps(ids[i[n]]), images.edge_maps(ids[j[n]])
             if a is not None and b is not None:
                 pixel[n] = pixel_similarity(a, b)
         if not look.any() or (~np.isnan(pixel[look])).any():

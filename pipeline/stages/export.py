@@ -85,8 +85,9 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, format: str =
     notes = [] if graph.amp == fz.spec.amp else [
         f"the feature spec computes the backbone under {fz.spec.amp} autocast and the exported {format} model in "
         f"float32 (onnxruntime has no bf16 or fp16 convolutions on the CPU; --format torchscript keeps the autocast): "
-        f"their scores differ by that rounding, {difference:.2e} at most on the check's generated images and more on "
-        f"real ones (0.082 on hymenoptera's val with lite0); where scores must match, export --format torchscript"]
+        f"their scores differ by that rounding, {difference:.2e} at most on the check's generated images and often "
+        f"more on photos (up to 0.08 measured for lite0 on hymenoptera's val); where scores must match, export "
+        f"--format torchscript"]
     card = out.with_name(f"{out.name}.json")
     with atomic_path(card) as tmp:
         tmp.write_text(json.dumps(_card(loaded, model, out, format, difference, notes), indent=1, default=str))

@@ -307,6 +307,8 @@ def _near_copies(sources: list[_Source]) -> dict[str, str]:
     are set aside in the task's protocol, so every row also has its score without them."""
     found = {}
     for src in sources:
+        if src.protocol.cross_validated:
+            continue  # its confirmed copies were put in one fold (_copy_groups): none crosses folds
         if src.tap == "pooled" and src.data.X is not None and src.data.task not in found:
             images = Images.of_cache(src.parts[0][1])
             rows, copies = leaked(normalized(src.data.X), src.protocol.ids, src.protocol, images)
