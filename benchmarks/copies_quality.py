@@ -141,10 +141,22 @@ def report(cache_path: Path, root: Path, planted: dict[str, tuple[str, str]]) ->
             print(f"    pairs whose pixels were compared: {int((~np.isnan(found.pixel_similarity)).sum())} of {len(found.i)} candidates")
 
 
+def _hash_checks(rgb: dict) -> dict:
+    """Perceptual hashes as checks, where ``imagehash`` is installed (``pip install imagehash``: only this
+    comparison uses it; the project's check is the edge correlation)."""
+    try:
+        import imagehash
+    except ImportError:
+        print("    (imagehash not installed: perceptual hashes left out of the comparison)")
+        return {}
+    hashes = {name: {n: fn(im) for n, im in rgb.items()} for name, fn in (("phash", imagehash.phash), ("dhash", imagehash.dhash))}
+    return {"phash (1 - bits/64)": lambda a, b: 1 - (hashes["phash"][a] - hashes["phash"][b]) / 64,
+            "dhash (1 - bits/64)": lambda a, b: 1 - (hashes["dhash"][a] - hashes["dhash"][b]) / 64}
+
+
 def compare_checks(ids: np.ndarray, root: Path, truth: dict, pairs: list[tuple[int, int]]) -> None:
     """Each pixel check's score of the planted copies (lowest per kind) against the highest score of a
     distinct candidate pair: a check separates them when the first is above the second."""
-    import imagehash
     from PIL import ImageOps
 
     paths = {s.id: s.path for s in load_source(root).samples}
@@ -156,12 +168,10 @@ def compare_checks(ids: np.ndarray, root: Path, truth: dict, pairs: list[tuple[i
         v -= v.mean()
         return v / (np.linalg.norm(v) or 1.0)
 
-    hashes = {name: {n: fn(im) for n, im in rgb.items()} for name, fn in (("phash", imagehash.phash), ("dhash", imagehash.dhash))}
     checks = {
         "grey 16x16 correlation": lambda a, b: float(thumb(a, 16) @ thumb(b, 16)),
         "grey 32x32 correlation": lambda a, b: float(thumb(a, 32) @ thumb(b, 32)),
-        "phash (1 - bits/64)": lambda a, b: 1 - (hashes["phash"][a] - hashes["phash"][b]) / 64,
-        "dhash (1 - bits/64)": lambda a, b: 1 - (hashes["dhash"][a] - hashes["dhash"][b]) / 64,
+        **_hash_checks(rgb),
         "edges 128, as is": lambda a, b: float(edges(grey[a]) @ edges(grey[b])),
         "edges 128, aligned (chosen)": lambda a, b: pixel_similarity(grey[a], grey[b]),
     }
