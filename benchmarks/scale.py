@@ -36,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 CHUNK = 50_000
+# Class means drawn with this spread per dimension against unit noise: images of one class have cosine
+# about 0.7, of two classes about 0 (as pooled features of a pretrained backbone roughly do), so the data
+# has neighbourhoods an approximate index can find, and flipped labels and copies something to stand out from.
+SPREAD = 1.5
 
 
 def generate(folder: Path, n: int, dims: int, classes: int, seed: int = 0, copies: float = 0.005,
@@ -43,12 +47,12 @@ def generate(folder: Path, n: int, dims: int, classes: int, seed: int = 0, copie
     """Write ``n`` rows of parquet (id, embedding) in row groups of :data:`CHUNK`, and two label files:
     ``labels_split.csv`` (id, label, split: 80 % train) and ``labels_cv.csv`` (id, label: 5 folds). Return
     the planted copies (pairs of ids) and the flipped ids. A copy repeats a row of its own chunk with
-    noise of 5 % of the row's scale; a flip gives a row another class's label (its features keep theirs)."""
+    noise of 5 % of the noise's scale; a flip gives a row another class's label (its features keep theirs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    means = rng.normal(size=(classes, dims)).astype(np.float32) * (4.5 / math.sqrt(dims))
+    means = rng.normal(size=(classes, dims)).astype(np.float32) * SPREAD
     planted, flipped = [], []
     schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
     with (pq.ParquetWriter(folder / "embeddings.parquet", schema) as writer,

@@ -5,17 +5,28 @@ null of a row whose predictions know nothing of the images, for the test against
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 BOOTSTRAP_DRAWS = 1000
 PERMUTATION_DRAWS = 1000
+BATCH_ENTRIES = 10_000_000  # numbers in one batch of draws: 80 MB of float64
 
 
-def bootstrap(n: int, seed: int = 0, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+def bootstrap(n: int, seed: int = 0, draws: int = BOOTSTRAP_DRAWS) -> Iterator[np.ndarray]:
     """``draws`` resamples of ``n`` rows as weights (how often each row is drawn), seeded: the same
-    resamples for every row of a task, so paired comparisons see the same draws."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
+    resamples for every row of a task, so paired comparisons see the same draws. Yielded a batch of draws
+    at a time (:func:`batch_sizes`), so memory stays bounded however many rows are scored."""
+    rng, even = np.random.default_rng(seed), np.full(n, 1.0 / max(n, 1))
+    for size in batch_sizes(draws, n):
+        yield rng.multinomial(n, even, size=size).astype(np.float64)
+
+
+def batch_sizes(draws: int, n: int, entries: int = BATCH_ENTRIES) -> list[int]:
+    """``draws`` split into batches of about ``entries`` numbers of ``n`` rows each."""
+    batch = max(1, entries // max(n, 1))
+    return [min(batch, draws - start) for start in range(0, draws, batch)]
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -33,15 +44,17 @@ def p_greater(diffs: np.ndarray) -> float:
     return float((np.sum(diffs <= 0) + 1) / (len(diffs) + 1))
 
 
-def permutations(groups: np.ndarray, seed: int = 0, draws: int = PERMUTATION_DRAWS) -> np.ndarray:
+def permutations(groups: np.ndarray, seed: int = 0, draws: int = PERMUTATION_DRAWS) -> Iterator[np.ndarray]:
     """``draws`` seeded permutations of ``len(groups)`` rows (a row of indices each), every one moving rows
     only among the rows of their own group (fold): row ``i`` of draw ``b`` is paired with row
-    ``perms[b, i]``, which is in ``i``'s group."""
+    ``perms[b, i]``, which is in ``i``'s group. Yielded a batch of draws at a time, like :func:`bootstrap`."""
     groups = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
-    keys = groups + np.random.default_rng(seed).random((draws, len(groups)))  # group first, random within it
-    perms = np.empty((draws, len(groups)), np.int64)
-    perms[:, np.argsort(groups, kind="stable")] = np.argsort(keys, axis=1)
-    return perms
+    rng, order = np.random.default_rng(seed), np.argsort(groups, kind="stable")
+    for size in batch_sizes(draws, len(groups)):
+        keys = groups + rng.random((size, len(groups)))  # group first, random within it
+        perms = np.empty(keys.shape, np.int64)
+        perms[:, order] = np.argsort(keys, axis=1)
+        yield perms
 
 
 def p_permutation(observed: float, null: np.ndarray) -> float:

@@ -37,7 +37,7 @@ class ShuffledChance:
         """``chance`` and ``p_above_chance`` of a row's predictions of ``truth``."""
         observed = float(self._metric(truth, pred)[0])
         chance = self._expected(truth, pred, folds)
-        null = self._metric(truth, pred, perms=permutations(folds))
+        null = np.concatenate([self._metric(truth, pred, perms=p) for p in permutations(folds)])
         if len(np.unique(folds)) > 1:
             null = chance + np.sqrt(2) * (null - chance)
         return dict(chance=chance, p_above_chance=p_permutation(observed, null))
@@ -93,7 +93,7 @@ class ResamplingScoring(ShuffledChance):
 
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray, names: list[str]) -> dict:
         truth = self._truth(y_true, names)
-        low, high = interval(self._metric(truth, y_pred, bootstrap(len(truth))))
+        low, high = interval(np.concatenate([self._metric(truth, y_pred, w) for w in bootstrap(len(truth))]))
         return {self.primary: float(self._metric(truth, y_pred)[0]), self.interval[0]: low,
                 self.interval[1]: high, **self._against_chance(truth, y_pred, folds)}
 
@@ -102,8 +102,8 @@ class ResamplingScoring(ShuffledChance):
 
     def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
         truth = self._truth(y_true, names)
-        draws = bootstrap(len(truth))
-        return p_two_sided(self._metric(truth, mine, draws) - self._metric(truth, best, draws))
+        return p_two_sided(np.concatenate([self._metric(truth, mine, w) - self._metric(truth, best, w)
+                                           for w in bootstrap(len(truth))]))
 
 
 class MeanAPScoring(ResamplingScoring):
