@@ -7,7 +7,8 @@ resident set, from ``wait4``):
 
 - ``import``: ``pipeline cache import``;
 - ``fit``: ``pipeline fit CACHE --heads H --max-memory M`` on the file's own split (``split``), and on a
-  label file without one (``cv``, 5 folds);
+  label file without one (``cv``, 5 folds), with each head's accuracy; with ``--max-memory``, also the
+  split without it (``fit in memory``), so each head's accuracy read by chunks meets its fit in memory;
 - ``audit``: ``pipeline audit CACHE --map none``, with the recall of the planted copies in its
   ``duplicates.csv`` and the precision of its label issues on the flipped labels (top k, k = flips);
 - ``neighbors``: the cache's index (:class:`pipeline.similarity.NeighbourIndex`) built, then 200 queries:
@@ -151,12 +152,25 @@ def one_size(n: int, a: argparse.Namespace, root: Path) -> dict:
         stages[f"fit {protocol}"] = run_stage(f"fit {protocol}", [
             *exe, "fit", str(cache), "--labels", f"labels_{protocol}.csv", "--heads", a.heads, "--out",
             f"run_{protocol}", "--overwrite", *memory], here)
+        stages[f"fit {protocol}"].update(scores(here / f"run_{protocol}"))
+    if memory:  # the same heads holding the features: what reading by chunks costs in accuracy
+        stages["fit in memory"] = run_stage("fit in memory", [
+            *exe, "fit", str(cache), "--labels", "labels_split.csv", "--heads", a.heads, "--out", "run_memory",
+            "--overwrite"], here)
+        stages["fit in memory"].update(scores(here / "run_memory"))
     stages["audit"] = run_stage("audit", [*exe, "audit", str(cache), "--labels", "labels_split.csv", "--out", "audit",
                                           "--map", "none"], here)
     stages["audit"].update(audit_quality(here / "audit", truth))
     for name, script, extra in (("neighbors", NEIGHBOURS, []), ("predict", PREDICT, [f"run_{a.protocols.split(',')[0]}"])):
         stages[name] = run_stage(name, [sys.executable, "-c", script, str(cache), *extra], here)
     return stages
+
+
+def scores(run: Path) -> dict:
+    """Each head's primary metric in the run's leaderboard (or its error)."""
+    with open(run / "leaderboard.csv", newline="") as fh:
+        return {r["head"]: round(float(r["accuracy"]), 4) if r["accuracy"] else r["error"][:60]
+                for r in csv.DictReader(fh)}
 
 
 def audit_quality(folder: Path, truth: dict) -> dict:

@@ -2,9 +2,12 @@
 rows (or a few-shot curve's draws), as one batched problem instead of one fit after another. A head
 takes part when it is a ``StandardScaler`` then an estimator with ``_fit_groups(X, y, groups, models)``
 (the torch heads of :mod:`pipeline.linear_probe` and :mod:`pipeline.mlp_probe`); the result is the
-models fitting each clone on its own rows gives. Also what those estimators share about classes."""
+models fitting each clone on its own rows gives. The linear heads also fit on features too large to hold
+(:class:`RowChunks`: read a chunk at a time, every pass). Also what those estimators share about classes."""
 
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import numpy as np
 from scipy.special import expit, softmax
@@ -13,6 +16,32 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import assert_all_finite, validate_data
+
+
+class RowChunks:
+    """A feature matrix read ``step`` rows at a time by ``read(positions)`` (an array of row positions ->
+    float32 rows), for features that do not fit in memory: the batched linear heads fit on it, one read
+    of every chunk per pass, so memory holds one chunk. ``RowChunks[rows]`` reads those rows whole."""
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], n: int, d: int, step: int):
+        self.read, self.shape, self.step = read, (n, d), step
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.read(np.asarray(rows))
+
+    def __iter__(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(positions, rows)`` of each chunk, in order."""
+        for start in range(0, self.shape[0], self.step):
+            where = slice(start, min(start + self.step, self.shape[0]))
+            yield where, self.read(np.arange(where.start, where.stop))
+
+    def take(self, rows: np.ndarray) -> "RowChunks":
+        """The rows ``rows`` of this matrix, in that order, still read by chunks."""
+        rows = np.asarray(rows)
+        return RowChunks(lambda positions: self.read(rows[positions]), len(rows), self.shape[1], self.step)
 
 
 class Group:
@@ -32,38 +61,53 @@ class GroupFitMixin:
         return self
 
 
-def batchable(estimator: BaseEstimator) -> bool:
-    """Whether ``fit_many`` fits clones of ``estimator`` as one batch."""
+def batchable(estimator: BaseEstimator, chunks: bool = False) -> bool:
+    """Whether ``fit_many`` fits clones of ``estimator`` as one batch (``chunks``: on :class:`RowChunks`)."""
     return (isinstance(estimator, Pipeline) and len(estimator.steps) == 2 and isinstance(estimator[0], StandardScaler)
-            and hasattr(estimator[-1], "_fit_groups"))
+            and hasattr(estimator[-1], "_fit_groups") and (not chunks or getattr(estimator[-1], "_reads_chunks", False)))
 
 
-def fit_many(estimator: Pipeline, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray],
+def fit_many(estimator: Pipeline, X: np.ndarray | RowChunks, y: np.ndarray, subsets: list[np.ndarray],
              max_cells: int = 2 ** 26) -> list[Pipeline]:
     """Clones of ``estimator`` (see :func:`batchable`) fitted on each row subset of ``X``, ``y``: one
-    batched fit per ``max_cells`` outputs (rows x problems x outputs, where a group's problems are its
-    held-out splits and its own fit). Only the rows of some subset take part (so a class that only
-    scored rows hold is no class of the models); a subset that lacks one of their classes is fitted alone."""
-    assert_all_finite(X, input_name="X")  # the batched solvers would train on a NaN silently
+    batched fit per ``max_cells`` outputs (rows, or a chunk's rows, x problems x outputs, where a group's
+    problems are its held-out splits and its own fit). Only the rows of some subset take part (so a class
+    that only scored rows hold is no class of the models); a subset that lacks one of their classes is
+    fitted alone (its rows read whole)."""
+    if not isinstance(X, RowChunks):
+        assert_all_finite(X, input_name="X")  # the batched solvers would train on a NaN silently (chunks: as read)
     used = np.unique(np.concatenate(subsets))
     if len(used) < len(y):
-        X, y, subsets = X[used], y[used], [np.searchsorted(used, s) for s in subsets]
+        X = X.take(used) if isinstance(X, RowChunks) else X[used]
+        y, subsets = y[used], [np.searchsorted(used, s) for s in subsets]
     scaler, clf = estimator[0], estimator[-1]
     models = [clone(estimator) for _ in subsets]
     classes = len(np.unique(y))
-    together = []
-    for i, rows in enumerate(subsets):
-        if len(np.unique(y[rows])) < classes:
-            models[i].fit(X[rows], y[rows])
-        else:
-            together.append(i)
-            models[i].steps[0] = (models[i].steps[0][0], clone(scaler).fit(X[rows]))
+    together = [i for i, rows in enumerate(subsets) if len(np.unique(y[rows])) == classes]
+    for i, scaled in zip(together, _scalers(scaler, X, [subsets[i] for i in together])):
+        models[i].steps[0] = (models[i].steps[0][0], scaled)
+    for i in sorted(set(range(len(subsets))) - set(together)):
+        models[i].fit(X[subsets[i]], y[subsets[i]])
     groups = [Group(subsets[i], models[i][0]) for i in together]
-    per_batch = max(1, max_cells // (len(y) * clf._problems_per_group * (1 if classes == 2 else classes)))
+    rows = X.step if isinstance(X, RowChunks) else len(y)
+    per_batch = max(1, max_cells // (rows * clf._problems_per_group * (1 if classes == 2 else classes)))
     for start in range(0, len(groups), per_batch):
         part = together[start:start + per_batch]
         clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] for i in part])
     return models
+
+
+def _scalers(scaler: StandardScaler, X: np.ndarray | RowChunks, subsets: list[np.ndarray]) -> list[StandardScaler]:
+    """Clones of ``scaler`` fitted on each subset's rows of ``X``: of :class:`RowChunks` in one pass."""
+    if not isinstance(X, RowChunks):
+        return [clone(scaler).fit(X[rows]) for rows in subsets]
+    fitted, masks = [clone(scaler) for _ in subsets], [np.isin(np.arange(len(X)), rows) for rows in subsets]
+    for where, chunk in X:
+        assert_all_finite(chunk, input_name="X")
+        for s, mask in zip(fitted, masks):
+            if mask[where].any():
+                s.partial_fit(chunk[mask[where]])
+    return fitted
 
 
 def encode_classes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

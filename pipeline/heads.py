@@ -14,12 +14,13 @@ import ast
 import importlib
 import os
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 from scipy.sparse import issparse
-from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
+from sklearn.base import BaseEstimator, ClassifierMixin, clone, is_classifier, is_regressor
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV, SGDClassifier
 from sklearn.multiclass import OneVsRestClassifier
@@ -27,12 +28,13 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, Nearest
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import batchable, fit_many
+from .batched import RowChunks, batchable, encode_classes, fit_many
 from .errors import PipelineError
 from .kinds import get_kind
-from .similarity import NeighbourIndex, normalized
+from .similarity import ChunkedIndex, NeighbourIndex, normalized
 from .splitters import StratifiedKFoldUpTo  # noqa: F401  (its old home: saved heads name it here)
 from .validation import Rule, check, check_estimator_params, unknown
 
@@ -81,6 +83,58 @@ class CappedKNeighborsRegressor(_CappedNeighbours, KNeighborsRegressor):
     __doc__ = _CappedNeighbours.__doc__
 
 
+class ChunkedKNeighborsClassifier(ClassifierMixin, BaseEstimator):
+    """``knn`` for features that do not fit in memory: the ``n_neighbors`` nearest training rows on cosine
+    distance vote, weighted by inverse distance, as ``KNeighborsClassifier(metric="cosine",
+    weights="distance")`` does, the training rows held in a :class:`pipeline.similarity.ChunkedIndex` (a
+    byte per feature, approximate search at the recall it was calibrated to) filled from row chunks by
+    :meth:`fit_chunks`; ``fit(X, y)`` is one chunk. Learned: ``classes_``, ``codes_`` (each indexed row's
+    class) and ``index_``, saved with the head."""
+
+    _parameter_constraints: dict = {"n_neighbors": [Interval(Integral, 1, None, closed="left")],
+                                    "random_state": ["random_state"]}
+
+    def __init__(self, n_neighbors: int = 10, random_state: int | None = 0):
+        self.n_neighbors = n_neighbors
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        return self.fit_chunks(lambda epoch: [(X, y)])
+
+    def fit_chunks(self, chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]) -> "ChunkedKNeighborsClassifier":
+        """Index the rows ``chunks(-1)`` yields as ``(X, y)`` (it is read twice)."""
+        check_estimator_params(self)
+        labels = []
+
+        def rows():
+            labels.clear()
+            for X, y in chunks(-1):
+                labels.append(np.asarray(y))
+                yield normalized(X)
+
+        self.index_ = ChunkedIndex(rows, seed=self.random_state or 0)
+        self.classes_, self.codes_ = encode_classes(np.concatenate(labels))
+        self.n_features_in_ = self.index_.dims
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        sims, idx = self.index_.search(normalized(X), min(self.n_neighbors, self.index_.ntotal))
+        found = idx >= 0
+        dist = np.where(found, np.clip(1.0 - np.nan_to_num(sims), 0.0, 2.0), np.inf)
+        exact = dist == 0  # as scikit-learn: a row at distance 0 takes the whole vote (with any others at 0)
+        weights = np.where(exact.any(axis=1, keepdims=True), exact, 1.0 / np.where(exact, 1.0, dist))
+        proba = np.zeros((len(X), len(self.classes_)))
+        np.add.at(proba, (np.nonzero(found)[0], self.codes_[idx[found]]), weights[found])
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
 # What skops may rebuild when loading a head: scikit-learn internals its own check flags, plus ours.
 TRUSTED_TYPES = (
     "sklearn.metrics._classification.log_loss",
@@ -94,6 +148,8 @@ TRUSTED_TYPES = (
     f"{__name__}.StratifiedKFoldUpTo",  # its name in heads saved before it moved to pipeline.splitters
     f"{__name__}.CappedKNeighborsClassifier",
     f"{__name__}.CappedKNeighborsRegressor",
+    f"{__name__}.ChunkedKNeighborsClassifier",
+    "pipeline.similarity.ChunkedIndex",
     "pipeline.linear_probe.TorchLinearSVC",
     "pipeline.linear_probe.TorchLogisticRegression",
     "pipeline.linear_probe.TorchRidge",
@@ -224,7 +280,8 @@ def parse_head_params(items: Iterable[str]) -> dict:
 
 
 @register_head("logreg", "standardise + L2 logistic regression, C chosen by 5-fold CV (log loss) on the training data; "
-               "the folds and the refit on all rows solved as one batched problem in torch", linear=True)
+               "the folds and the refit on all rows solved as one batched problem in torch; by chunks where the "
+               "features do not fit in memory", linear=True, streams=lambda random_state: _logreg(random_state))
 def _logreg(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLogisticRegression
 
@@ -244,13 +301,20 @@ def _mlp(random_state: int) -> BaseEstimator:
                                                               max_iter=MLP["max_iter"], random_state=random_state))
 
 
-@register_head("knn", "k=10 nearest neighbours (fewer when there are fewer training rows) on cosine distance, distance-weighted votes")
+def _knn_by_chunks(random_state: int) -> BaseEstimator:
+    return ChunkedKNeighborsClassifier(n_neighbors=10, random_state=random_state)
+
+
+@register_head("knn", "k=10 nearest neighbours (fewer when there are fewer training rows) on cosine distance, "
+               "distance-weighted votes; where the features do not fit in memory, from an index of a byte per "
+               "feature filled by chunks", streams=_knn_by_chunks)
 def _knn(random_state: int) -> BaseEstimator:
     return CappedKNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance")
 
 
 @register_head("torch-logreg", "standardise + logistic regression by full-batch L-BFGS in torch (GPU when present), "
-               "C from a warm-started path scored on a 20 % hold-out; much faster than logreg at scale", linear=True)
+               "C from a warm-started path scored on a 20 % hold-out; much faster than logreg at scale; by chunks "
+               "where the features do not fit in memory", linear=True, streams=lambda random_state: _torch_logreg(random_state))
 def _torch_logreg(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLogisticRegression
 
@@ -258,7 +322,8 @@ def _torch_logreg(random_state: int) -> BaseEstimator:
 
 
 @register_head("linear-svm", "standardise + linear SVM (squared hinge), C chosen by 5-fold CV (accuracy); "
-               "the folds and the refit on all rows solved as one batched problem in torch", linear=True)
+               "the folds and the refit on all rows solved as one batched problem in torch; by chunks where the "
+               "features do not fit in memory", linear=True, streams=lambda random_state: _linear_svm(random_state))
 def _linear_svm(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLinearSVC
 
@@ -352,11 +417,13 @@ def _torch_linear(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), TorchRidge(random_state=random_state))
 
 
-def fit_subsets(estimator: BaseEstimator, X: np.ndarray, y: np.ndarray, subsets: list[np.ndarray]) -> list[BaseEstimator]:
+def fit_subsets(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarray,
+                subsets: list[np.ndarray]) -> list[BaseEstimator]:
     """Clones of ``estimator`` fitted on each row subset of ``X``, ``y`` (the folds of a cross-validation
     and the refit on all rows): as one batched problem where :func:`pipeline.batched.batchable` says the
-    head allows it (``logreg``, ``linear-svm``, ``torch-logreg``, ``mlp``), else one by one."""
-    if batchable(estimator):
+    head allows it (``logreg``, ``linear-svm``, ``torch-logreg``, ``mlp``; the linear ones also on
+    :class:`~pipeline.batched.RowChunks`), else one by one."""
+    if batchable(estimator, chunks=isinstance(X, RowChunks)):
         return fit_many(estimator, X, y, subsets)
     return [clone(estimator).fit(X[s], y[s]) for s in subsets]
 
@@ -369,6 +436,8 @@ def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tup
     Memory holds one chunk at a time."""
     from .streaming import accumulates, fit_subsets_in_one_pass
 
+    if hasattr(estimator, "fit_chunks"):
+        return estimator.fit_chunks(chunks)
     if accumulates(estimator):
         return fit_subsets_in_one_pass(estimator, _numbered(chunks(-1)), classes=classes)[0]
     scaler, clf = estimator[0], estimator[-1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from numbers import Integral, Real
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group, GroupFitMixin, encode_classes, group_scaling, probabilities
+from .batched import Group, GroupFitMixin, RowChunks, encode_classes, group_scaling, probabilities
 from .devices import resolve_device
 from .splitters import StratifiedKFoldUpTo
 from .validation import check_estimator_params
@@ -65,23 +66,26 @@ class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
     """What the linear classifiers share: the batched path fit, and predictions from ``coef_``."""
 
     _loss = "log"  # or "squared_hinge"
+    _reads_chunks = True  # fits on RowChunks too (pipeline.batched): features larger than memory
     _stop_after_rises = 0  # stop the path once the held-out score worsened this often in a row (0: never)
 
-    def _fit_groups(self, X: np.ndarray, y: np.ndarray, groups: list[Group], models: list) -> None:
+    def _fit_groups(self, X: np.ndarray | RowChunks, y: np.ndarray, groups: list[Group], models: list) -> None:
         """Fit ``models[i]`` (clones of this estimator) on ``groups[i]``'s rows of ``X``, standardised by the
-        group's scaler if it has one, all in one batch; every group holds every class of ``y``."""
+        group's scaler if it has one, all in one batch; every group holds every class of ``y``. ``X`` may
+        be :class:`~pipeline.batched.RowChunks`: each L-BFGS step then reads it chunk by chunk."""
         check_estimator_params(self)
         classes, codes = encode_classes(y)
         Cs = np.sort(np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
         for group in groups:
             group.splits = self._splits(codes[group.rows]) if Cs.size > 1 else []
-        X = torch.tensor(X, dtype=torch.float32, device=resolve_device(self.device))
+        device = torch.device(resolve_device(self.device))
+        X = X if isinstance(X, RowChunks) else torch.tensor(X, dtype=torch.float32, device=device)
         # a group too small to hold out from gets scikit-learn's default C
         for grid, members in ((Cs, [i for i, g in enumerate(groups) if g.splits or Cs.size == 1]),
                               (np.array([1.0]), [i for i, g in enumerate(groups) if not g.splits and Cs.size > 1])):
             if not members:
                 continue
-            batch = _Batch(X, codes, len(classes), self._loss, [groups[i] for i in members], self.scale_folds)
+            batch = _Batch(X, codes, len(classes), self._loss, [groups[i] for i in members], self.scale_folds, device)
             with _threads_for(batch):
                 solved = batch.path(grid, self.max_iter, self.tol, self._stop_after_rises)
             for i, (C, path, W, b, n_iter) in zip(members, solved):
@@ -196,7 +200,7 @@ def _threads_for(batch: "_Batch"):
     """One torch thread on a CPU for a batch whose products are small: each L-BFGS step is dozens of
     small operations, too little work to share, and with a busy core (another job, a worker of the
     sweep) every operation would wait for the slowest thread: 10x slower on a loaded 2-core machine."""
-    small = batch.X.device.type == "cpu" and batch.X.numel() * batch.train.shape[1] * batch.outputs < SMALL_PRODUCT
+    small = batch.device.type == "cpu" and batch.n * batch.d * batch.train.shape[1] * batch.outputs < SMALL_PRODUCT
     before = torch.get_num_threads()
     if small and before > 1:
         torch.set_num_threads(1)
@@ -207,17 +211,22 @@ def _threads_for(batch: "_Batch"):
             torch.set_num_threads(before)
 
 
+CHUNK_CELLS = 2 ** 24  # rows x problems x outputs of one logits product: bounds what autograd keeps per step
+
+
 class _Batch:
     """Linear problems on rows of ``X``, solved side by side. Per group: one problem per held-out split
     (on its training rows) and one on all the group's rows, each on the group's standardisation (a split
     problem on its own rows' with ``scale_folds``). ``loss``
     is ``log`` (binary on one logit for two classes, else multinomial) or ``squared_hinge`` (one-vs-rest,
-    one margin for two classes)."""
+    one margin for two classes). Every pass over the rows goes a chunk at a time (:meth:`_chunks`), so
+    memory holds one chunk's logits, and ``X`` may be :class:`~pipeline.batched.RowChunks` read from disk."""
 
-    def __init__(self, X: torch.Tensor, codes: np.ndarray, n_classes: int, loss: str, groups: list[Group],
-                 scale_folds: bool = False):
-        n, d, dev = len(codes), X.shape[1], X.device
-        self.X, self.loss, self.outputs = X, loss, 1 if n_classes == 2 else n_classes
+    def __init__(self, X: torch.Tensor | RowChunks, codes: np.ndarray, n_classes: int, loss: str,
+                 groups: list[Group], scale_folds: bool = False, device: torch.device | None = None):
+        (n, d), dev = X.shape, X.device if isinstance(X, torch.Tensor) else device
+        self.X, self.n, self.d, self.device = X, n, d, dev
+        self.loss, self.outputs = loss, 1 if n_classes == 2 else n_classes
         self.y = torch.as_tensor(codes, dtype=torch.long, device=dev)
         train, held, held_problem, owner, self.refits, self.held_of = [], [], [], [], [], []
         for g, group in enumerate(groups):
@@ -238,7 +247,7 @@ class _Batch:
         self.n_train = self.train.sum(0)
         means, scales = (a[:, owner] for a in group_scaling(groups, d))
         if scale_folds and held_problem:  # each split problem standardised on its own training rows
-            split_means, split_scales = _column_stats(X, self.train[:, held_problem])
+            split_means, split_scales = _column_stats(self._chunks(), self.train[:, held_problem])
             means[:, held_problem], scales[:, held_problem] = split_means, split_scales
         self.scaled = scale_folds or any(g.scaler is not None for g in groups)
         if self.scaled:  # problem p sees (x - mean_p) / scale_p = x * inv_scale[:, p] - shift[:, p]
@@ -274,10 +283,11 @@ class _Batch:
 
     def solve(self, C: float, max_iter: int, tol: float, init=None):
         """Minimise every problem's ``mean loss + ||W||^2 / (2 C n)`` from ``init`` (else zeros): weights
-        ``(d, problems, outputs)``, biases ``(problems, outputs)``, L-BFGS iterations."""
-        d, P = self.X.shape[1], self.train.shape[1]
-        W = torch.zeros((d, P, self.outputs), device=self.X.device) if init is None else init[0].clone()
-        b = torch.zeros((P, self.outputs), device=self.X.device) if init is None else init[1].clone()
+        ``(d, problems, outputs)``, biases ``(problems, outputs)``, L-BFGS iterations. Each evaluation
+        adds up the loss and its gradient chunk by chunk."""
+        P = self.train.shape[1]
+        W = torch.zeros((self.d, P, self.outputs), device=self.device) if init is None else init[0].clone()
+        b = torch.zeros((P, self.outputs), device=self.device) if init is None else init[1].clone()
         W.requires_grad_(True)
         b.requires_grad_(True)
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-9,
@@ -287,9 +297,14 @@ class _Batch:
         def closure():
             opt.zero_grad()
             norms = W.pow(2).sum((0, 2)) + (b.pow(2).sum(1) if self.loss == "squared_hinge" else 0)
-            objective = ((self._losses(W, b) * self.train).sum(0) / self.n_train + scale * norms).sum()
+            objective = (scale * norms).sum()
             objective.backward()
-            return objective
+            total = objective.detach()
+            for rows, x in self._chunks():
+                part = ((self._losses(x, rows, W, b) * self.train[rows]).sum(0) / self.n_train).sum()
+                part.backward()
+                total = total + part.detach()
+            return total
 
         opt.step(closure)
         return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
@@ -298,40 +313,59 @@ class _Batch:
         """Per group, the mean over its splits of the held-out log loss (``log``) or error rate
         (``squared_hinge``)."""
         W, b, _ = params
+        summed = torch.zeros(self.held.shape[1], dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            if self.loss == "log":
-                per_row = self._losses(W, b)[:, self.held_problem]
-            else:
-                z = self._logits(W, b)[:, self.held_problem]
-                guess = (z[..., 0] > 0).long() if self.outputs == 1 else z.argmax(-1)
-                per_row = (guess != self.y[:, None]).float()
-            per_split = ((per_row * self.held).sum(0) / self.held.sum(0)).cpu().numpy()
+            for rows, x in self._chunks():
+                if self.loss == "log":
+                    per_row = self._losses(x, rows, W, b)[:, self.held_problem]
+                else:
+                    z = self._logits(x, W, b)[:, self.held_problem]
+                    guess = (z[..., 0] > 0).long() if self.outputs == 1 else z.argmax(-1)
+                    per_row = (guess != self.y[rows, None]).float()
+                summed += (per_row * self.held[rows]).sum(0).double()
+        per_split = (summed / self.held.sum(0).double()).cpu().numpy()
         return np.array([per_split[cols].mean() for cols in self.held_of])
 
-    def _logits(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, features)`` in chunks of at most :data:`CHUNK_CELLS` logits: slices of the tensor ``X``,
+        or of each chunk read from :class:`~pipeline.batched.RowChunks`."""
+        step = max(1, CHUNK_CELLS // (self.train.shape[1] * self.outputs))
+        parts = ((slice(0, self.n), self.X),) if isinstance(self.X, torch.Tensor) else self.X
+        for where, x in parts:
+            x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            for start in range(0, len(x), step):
+                stop = min(start + step, len(x))
+                yield slice(where.start + start, where.start + stop), x[start:stop]
+
+    def _logits(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         d, P, o = W.shape
         if not self.scaled:
-            return (self.X @ W.reshape(d, P * o)).reshape(-1, P, o) + b
-        z = self.X @ (W * self.inv_scale[:, :, None]).reshape(d, P * o)
+            return (x @ W.reshape(d, P * o)).reshape(-1, P, o) + b
+        z = x @ (W * self.inv_scale[:, :, None]).reshape(d, P * o)
         return z.reshape(-1, P, o) + (b - torch.einsum("dp,dpo->po", self.shift, W))
 
-    def _losses(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Each row's loss in each problem, ``(n, problems)``."""
-        z = self._logits(W, b)
+    def _losses(self, x: torch.Tensor, rows: slice, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The loss of each row of the chunk ``x`` (rows ``rows``) in each problem, ``(len(x), problems)``."""
+        z, y = self._logits(x, W, b), self.y[rows]
         if self.loss == "squared_hinge":
-            return torch.clamp(1 - self.signs[:, None, :] * z, min=0).pow(2).sum(-1)
+            return torch.clamp(1 - self.signs[rows, None, :] * z, min=0).pow(2).sum(-1)
         if self.outputs == 1:
-            return torch.nn.functional.softplus(z[..., 0]) - self.y[:, None] * z[..., 0]
-        return torch.logsumexp(z, -1) - z.gather(-1, self.y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]
+            return torch.nn.functional.softplus(z[..., 0]) - y[:, None] * z[..., 0]
+        return torch.logsumexp(z, -1) - z.gather(-1, y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]
 
 
-def _column_stats(X: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per mask column, the mean and standard deviation of the rows of ``X`` it selects, ``(d, columns)``
-    each; a constant feature's deviation is 1, as ``StandardScaler`` has it."""
-    X64, M = X.double(), masks.double()
+def _column_stats(chunks: Iterator[tuple[slice, torch.Tensor]], masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per mask column, the mean and standard deviation of the rows it selects, summed over the chunks
+    ``(rows, features)``, ``(d, columns)`` each; a constant feature's deviation is 1, as ``StandardScaler`` has it."""
+    M = masks.double()
+    sums = squares = 0
+    for rows, x in chunks:
+        x64 = x.double()
+        sums = sums + x64.T @ M[rows]
+        squares = squares + x64.pow(2).T @ M[rows]
     n = M.sum(0)
-    mean = (X64.T @ M) / n
-    var = torch.clamp((X64.pow(2).T @ M) / n - mean.pow(2), min=0)
+    mean = sums / n
+    var = torch.clamp(squares / n - mean.pow(2), min=0)
     std = var.sqrt()
     std[std < 10 * torch.finfo(torch.float64).eps * mean.abs().clamp(min=1)] = 1.0
     return mean.cpu().numpy(), std.cpu().numpy()

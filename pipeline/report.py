@@ -269,6 +269,9 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None) ->
     return "\n".join(lines)
 
 
+MANY_CLASSES = 30  # above this a confusion matrix is drawn as a heat map without counts
+
+
 def plot_confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], path: str | os.PathLike, title: str) -> Path:
     """Save a confusion-matrix PNG (rows: true class, columns: predicted)."""
     import matplotlib
@@ -278,9 +281,13 @@ def plot_confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], pa
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 3), max(3.5, 0.5 * n + 2.5)))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(labels), ax=ax, colorbar=False,
-                                            xticks_rotation=45 if n > 6 else "horizontal")
+    many = n > MANY_CLASSES  # no counts in the cells, a bounded figure: 100 classes drew 6,000 x 6,000 pixels (2 GB)
+    side = min(0.12 * n, 12) if many else 0.5 * n
+    fig, ax = plt.subplots(figsize=(max(4, side + 3), max(3.5, side + 2.5)))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(labels), ax=ax, colorbar=many,
+                                            include_values=not many, xticks_rotation=45 if n > 6 else "horizontal")
+    if many:
+        ax.tick_params(labelsize=max(2, 8 - n // 25))
     ax.set_title(textwrap.fill(title, 48), fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -27,6 +27,10 @@ was chosen over HNSW (``IndexHNSWFlat``, M=32): HNSW's build of 200,000 x 512 ha
 4 minutes where IVF's took 82 s, and HNSW's threaded insertion builds a different graph each run, where
 seeded k-means makes IVF's answers reproducible.
 
+Rows that do not fit in memory go into :class:`ChunkedIndex` instead: the same inverted file and
+calibration, built from chunks of rows, each row kept as a byte per feature (faiss's 8-bit scalar
+quantizer: a quarter of float32).
+
 What counts as a copy is decided in :mod:`pipeline.copies`, from this index's candidates and the images.
 """
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -126,6 +130,98 @@ class NeighbourIndex:
             if _recall(self.search(self.base[sample], 10, sample)[1], truth) >= target:
                 return int(nprobe)
         return self._ivf.nlist
+
+
+class ChunkedIndex:
+    """The rows most cosine-similar to a query, for a base read in chunks that never sits in memory whole.
+    ``chunks()`` yields the base's rows (normalised, float32) in the same order each time it is called; it
+    is read twice. The first chunks, up to ``sample_values`` numbers, train the k-means cells (2 sqrt(n),
+    as :class:`NeighbourIndex`) and the 8-bit quantizer; the second read adds every row and finds the exact
+    10 nearest rows of a seeded sample of :data:`RECALL_QUERIES` rows, against which ``nprobe`` is raised
+    until recall@10 reaches ``target_recall``. Pickles as faiss's own bytes."""
+
+    def __init__(self, chunks: Callable[[], Iterable[np.ndarray]], seed: int = 0,
+                 target_recall: float = TARGET_RECALL, sample_values: int = 2 ** 25):
+        import faiss
+
+        sample, n = _first_rows(chunks(), sample_values)
+        d = sample.shape[1]
+        nlist = max(1, min(round(2 * np.sqrt(n)), len(sample) // 39))
+        self._index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                    faiss.METRIC_INNER_PRODUCT)
+        self._index.cp.seed, self._index.cp.niter, self._index.cp.min_points_per_centroid = seed, 10, 1
+        self._index.train(sample)
+        queries = sample[_sample(len(sample), seed)]
+        truth = _ExactTop(queries, 11)
+        for chunk in chunks():
+            truth.add(chunk, self._index.ntotal)
+            self._index.add(np.ascontiguousarray(chunk, np.float32))
+        self._index.nprobe = self._calibrated_nprobe(queries, truth.idx, target_recall)
+
+    @property
+    def ntotal(self) -> int:
+        return self._index.ntotal
+
+    @property
+    def dims(self) -> int:
+        return self._index.d
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`NeighbourIndex.search` (without ``exclude``): (similarities, indices), most similar
+        first; a query whose probed cells held fewer than ``k`` rows searches every cell."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        sims, idx = self._index.search(queries, k)
+        short = (idx < 0).any(axis=1)
+        if short.any():
+            nprobe, self._index.nprobe = self._index.nprobe, self._index.nlist
+            sims[short], idx[short] = self._index.search(queries[short], k)
+            self._index.nprobe = nprobe
+        sims[idx < 0] = np.nan
+        return sims, idx
+
+    def _calibrated_nprobe(self, queries: np.ndarray, truth: np.ndarray, target: float) -> int:
+        for nprobe in 2 ** np.arange(int(np.log2(self._index.nlist)) + 1):
+            self._index.nprobe = int(nprobe)
+            if _recall(self._index.search(queries, 11)[1], truth) >= target:
+                return int(nprobe)
+        return self._index.nlist
+
+    def __getstate__(self) -> dict:
+        import faiss
+
+        return dict(index=faiss.serialize_index(self._index))
+
+    def __setstate__(self, state: dict) -> None:
+        import faiss
+
+        self._index = faiss.deserialize_index(np.asarray(state["index"], np.uint8))
+
+
+class _ExactTop:
+    """The exact ``k`` most similar rows of a stream of chunks to fixed queries, kept as the chunks go by."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = queries, k
+        self.sims = np.full((len(queries), k), -np.inf, np.float32)
+        self.idx = np.full((len(queries), k), -1, np.int64)
+
+    def add(self, chunk: np.ndarray, offset: int) -> None:
+        s = self.queries @ np.asarray(chunk, np.float32).T
+        sims = np.concatenate([self.sims, s], axis=1)
+        idx = np.concatenate([self.idx, np.broadcast_to(np.arange(offset, offset + len(chunk)), s.shape)], axis=1)
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :self.k]
+        self.sims, self.idx = np.take_along_axis(sims, top, 1), np.take_along_axis(idx, top, 1)
+
+
+def _first_rows(chunks: Iterable[np.ndarray], values: int) -> tuple[np.ndarray, int]:
+    """The first rows of the chunks, up to ``values`` numbers (at least one chunk), and how many rows there are."""
+    kept, held, n = [], 0, 0
+    for chunk in chunks:
+        n += len(chunk)
+        if not kept or held + chunk.size <= values:
+            kept.append(np.asarray(chunk, np.float32))
+            held += chunk.size
+    return np.ascontiguousarray(np.concatenate(kept)), n
 
 
 def recall(index: NeighbourIndex, queries: np.ndarray, k: int = 10, exclude: np.ndarray | None = None) -> float:

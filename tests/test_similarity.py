@@ -74,3 +74,36 @@ def test_knn_head_is_a_scikit_learn_estimator(exact_below, monkeypatch):
     for est in (CappedKNeighborsClassifier(metric="cosine", weights="distance"), CappedKNeighborsRegressor(metric="cosine")):
         results = check_estimator(est, on_fail=None)
         assert not [r["check_name"] for r in results if r["status"] == "failed"] and len(results) >= 50
+
+
+def test_knn_head_by_chunks_votes_as_the_exact_knn_from_an_index_of_bytes(tmp_path):
+    """The knn of features larger than memory: filled from chunks (read twice) into an 8-bit inverted
+    file, calibrated to the target recall on the rows it indexed; its votes are the exact knn's almost
+    always, and the index travels with the saved head."""
+    from pipeline.heads import ChunkedKNeighborsClassifier, fit_by_chunks
+
+    X, y = clustered(4000)
+    reads = []
+
+    def chunks(epoch):
+        reads.append(epoch)
+        return ((X[i:i + 500], y[i:i + 500]) for i in range(0, 3500, 500))
+
+    head = fit_by_chunks(ChunkedKNeighborsClassifier(), chunks, np.unique(y))
+    assert reads == [-1, -1] and head.index_.ntotal == 3500 and head.index_._index.nlist > 1
+    exact = CappedKNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance").fit(X[:3500], y[:3500])
+    assert np.mean(head.predict(X[3500:]) == exact.predict(X[3500:])) >= 0.97
+    np.testing.assert_allclose(head.predict_proba(X[3500:]).sum(1), 1.0)
+    twin = ChunkedKNeighborsClassifier().fit(X[:3500], y[:3500])  # fit(X, y): one chunk, the same index
+    np.testing.assert_array_equal(twin.predict(X[3500:]), head.predict(X[3500:]))
+    for loaded in (pickle.loads(pickle.dumps(head)), load_head(save_head(head, tmp_path / "knn.skops"))):
+        np.testing.assert_array_equal(loaded.predict_proba(X[3500:]), head.predict_proba(X[3500:]))
+
+
+def test_knn_head_by_chunks_is_a_scikit_learn_estimator():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    from pipeline.heads import ChunkedKNeighborsClassifier
+
+    results = check_estimator(ChunkedKNeighborsClassifier(), on_fail=None)
+    assert not [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"] and len(results) >= 40

@@ -139,6 +139,10 @@ class TaskKind:
     def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def prediction(self, names: list[str], scores: np.ndarray) -> list:
+        """The prediction each row of ``scores`` makes (a class, the tags at or above 0.5, a number)."""
+        raise NotImplementedError
+
     def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
         """``predict``'s columns for each row of ``scores``: ``prediction`` first, then any scores."""
         raise NotImplementedError

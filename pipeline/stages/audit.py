@@ -337,7 +337,7 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
     order, quality, flagged = rank_label_issues(protocol, scores)
     kind, split_of = protocol.task_kind, dict(zip(data.ids, data.splits))
     given = kind.format(protocol.y[order])
-    suggested = [c["prediction"] for c in kind.predict_columns(protocol.names, scores[order])]
+    suggested = kind.prediction(protocol.names, scores[order])
     suggested = [f"{v:.4g}" if isinstance(v, float) else v for v in suggested]  # rows hold text; a number to 4 digits
     ranking = [dict(id=str(protocol.ids[i]), given=g, suggested=s, score=round(float(quality[i]), 4),
                     flagged=bool(flagged[i]), split=split_of.get(protocol.ids[i], ""))

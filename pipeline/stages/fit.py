@@ -19,7 +19,7 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -29,6 +29,7 @@ from sklearn.base import clone
 from ..cache import FeatureCache, find_caches
 from ..errors import Interrupted, PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
+from ..batched import RowChunks, batchable
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
 from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name
@@ -166,7 +167,7 @@ class _Source:
             can = [h for h in list_heads(kind) if head_spec(h, kind).chunked or head_spec(h, kind).streams]
             refused = (f"{head} holds the features in memory: {len(self.data.rows)} x {dims} float32 with its "
                        f"copies exceed --max-memory {cfg.max_memory}; heads that read by chunks: {', '.join(can)}")
-        source = (str(self.parts[0][0]), self.tap, cfg.chunk_rows_for(dims)) if chunked else None
+        source = _OnDisk(str(self.parts[0][0]), self.tap, cfg.chunk_rows_for(dims), dims) if chunked else None
         return _Rows(self.data, source, cfg.seed, kind, self.protocol.names, refused)
 
     def dims(self) -> int:
@@ -422,12 +423,21 @@ def _few_summary(meta: dict, result: dict | None) -> dict:
     return dict(**meta, **summarise(accs), accuracies=accs, error=skip or (result or {}).get("error", ""))
 
 
+class _OnDisk(NamedTuple):
+    """Where a chunked head reads its features: the cache file, its tap, rows per read and features per row."""
+
+    path: str
+    tap: str
+    step: int
+    dims: int
+
+
 class _Rows:
     """Fit and predict on index sets of a task's rows: features from memory, or, for a chunked head,
-    read from the cache file ``chunk_rows`` rows at a time (``source = (path, tap, chunk_rows)``); a head
-    ``refused`` (the reason) fits nothing."""
+    read from the cache file ``chunk_rows`` rows at a time (``source``); a head ``refused`` (the reason)
+    fits nothing."""
 
-    def __init__(self, data: TaskData, source: tuple[str, str, int] | None, seed: int, kind: str, names: list[str],
+    def __init__(self, data: TaskData, source: "_OnDisk | None", seed: int, kind: str, names: list[str],
                  refused: str = ""):
         self.data, self.source, self.seed, self.kind, self.names = data, source, seed, kind, names
         self.refused = refused
@@ -437,7 +447,7 @@ class _Rows:
         if self.source is None:
             return est.fit(self.data.X[idx], y[idx])
         rng = np.random.default_rng(self.seed)
-        with FeatureCache(self.source[0]) as cache:
+        with FeatureCache(self.source.path) as cache:
 
             def chunks(epoch: int):
                 for part in self._parts(idx if epoch < 0 else rng.permutation(idx)):
@@ -445,19 +455,25 @@ class _Rows:
 
             return fit_by_chunks(est, chunks, np.unique(y))
 
-    def fit_subsets(self, est, subsets: list[np.ndarray]) -> list:
+    def fit_subsets(self, est, subsets: list[np.ndarray]) -> Iterable:
         """Clones of ``est`` fitted on each index set (one batched problem where the head allows it; one
-        pass over the rows of them all for a head fitted from sums over the rows)."""
+        pass over the rows of them all for a head fitted from sums over the rows; else fitted one by one
+        as they are iterated)."""
         if self.refused:
             raise PipelineError(self.refused)
         if self.source is not None and accumulates(est):
             y = get_kind(self.kind).target(self.data.y, self.names)
-            with FeatureCache(self.source[0]) as cache:
+            with FeatureCache(self.source.path) as cache:
                 chunks = ((part, self._read(cache, part), y[part])
                           for part in self._parts(np.unique(np.concatenate(subsets))))
                 return fit_subsets_in_one_pass(est, chunks, subsets, np.unique(y) if y.ndim == 1 else None)
-        if self.source is not None:
-            return [self.fit(clone(est), idx) for idx in subsets]
+        if self.source is not None and batchable(est, chunks=True):
+            y = get_kind(self.kind).target(self.data.y, self.names)
+            with FeatureCache(self.source.path) as cache:
+                X = RowChunks(lambda rows: self._read(cache, rows), len(self.data.rows), self.source.dims, self.source.step)
+                return fit_subsets(est, X, y, subsets)
+        if self.source is not None:  # one model at a time, as the caller asks: each holds its own index or state
+            return (self.fit(clone(est), idx) for idx in subsets)
         return fit_subsets(est, self.data.X, get_kind(self.kind).target(self.data.y, self.names), subsets)
 
     def predict(self, est, idx: np.ndarray) -> np.ndarray:
@@ -471,17 +487,17 @@ class _Rows:
     def _apply(self, fn, est, idx: np.ndarray) -> np.ndarray:
         if self.source is None:
             return fn(est, self.data.X[idx], self.names)
-        with FeatureCache(self.source[0]) as cache:
+        with FeatureCache(self.source.path) as cache:
             return np.concatenate([fn(est, self._read(cache, part), self.names) for part in self._parts(idx)])
 
     def _parts(self, idx: np.ndarray):
-        step = self.source[2]
+        step = self.source.step
         return (idx[i:i + step] for i in range(0, len(idx), step))
 
     def _read(self, cache: FeatureCache, part: np.ndarray) -> np.ndarray:
         if self.data.X is not None:  # loaded for other heads (or a concatenation): the same rows from memory
             return self.data.X[part]
-        return cache.features(self.source[1], self.data.rows[part])
+        return cache.features(self.source.tap, self.data.rows[part])
 
 
 def _in_worker(warm: tuple[tuple[str, dict | None, str], ...], fn, *args):
@@ -505,28 +521,41 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            start = time.perf_counter()
+            start, preds, scores = time.perf_counter(), [], []
             models = rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit]))
-            seconds = time.perf_counter() - start
-            preds = [rows.predict(model, test) for model, (_, test) in zip(models, splits)]
-            scores = _scores(rows, models, splits)
+            seconds = time.perf_counter() - start  # a batched head's whole fit; a generator's comes as it is iterated
+            for i, (model, took) in enumerate(_timed(models)):  # a fold's model goes once it has predicted
+                seconds += took
+                if i < len(splits):
+                    preds.append(rows.predict(model, splits[i][1]))
+                    scores.append(_scores(rows, model, splits[i][1]))
+            scores = None if any(s is None for s in scores) else np.concatenate(scores)
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300],
                     job_seconds=time.perf_counter() - job_start)
     order = np.argsort(scored, kind="stable")  # in sample order, as the protocol scores
-    return dict(estimator=models[-1], y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
+    return dict(estimator=model, y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
                 scores=None if scores is None else scores[order], error="", warnings="; ".join(notes),
                 job_seconds=time.perf_counter() - job_start)
 
 
-def _scores(rows: _Rows, models: list, splits: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
-    """The scored rows' scores (class probabilities), in split order, for a kind with a metric that ranks;
-    None where the kind has none or the head gives no scores (its row then has no such metric)."""
+def _timed(models: Iterable) -> Iterator[tuple[object, float]]:
+    """Each model of ``models`` (a list, or a generator fitting each as it is asked for) with the seconds
+    it took to come."""
+    models, start = iter(models), time.perf_counter()
+    for model in models:
+        yield model, time.perf_counter() - start
+        start = time.perf_counter()
+
+
+def _scores(rows: _Rows, model, test: np.ndarray) -> np.ndarray | None:
+    """The scores (class probabilities) of ``model`` on the scored rows ``test``, for a kind with a metric
+    that ranks; None where the kind has none or the head gives no scores (its row then has no such metric)."""
     if not get_kind(rows.kind).needs_scores:
         return None
     try:
-        return np.concatenate([rows.scores(model, test) for model, (_, test) in zip(models, splits)])
+        return rows.scores(model, test)
     except (AttributeError, NotImplementedError):  # neither predict_proba nor decision_function
         return None
 

@@ -7,7 +7,7 @@
 - :mod:`.scoring`: ``primary``, ``interval``, ``core_columns``, ``chance``, ``score``, ``primary_score``,
   ``p_same`` (``AccuracyScoring``, ``MeanAPScoring``, ``R2Scoring``; the paired bootstrap in :mod:`.bootstrap`);
 - :mod:`.predictions`: ``predict``, ``scores``, ``format_predictions``, ``parse_predictions``,
-  ``predict_columns`` (``ClassPredictions``, ``TagPredictions``, ``NumberPredictions``);
+  ``prediction``, ``predict_columns`` (``ClassPredictions``, ``TagPredictions``, ``NumberPredictions``);
 - :mod:`.layers`: the fine-tuned network's last layer, ``outputs``, ``loss``, ``loss_scale``, ``targets``,
   ``from_logits``, ``logit_scores``, ``initial_bias``, ``linear_start`` (``SoftmaxLayer``, ``SigmoidLayer``,
   ``LinearLayer``).

@@ -11,7 +11,7 @@ import numpy as np
 
 BOOTSTRAP_DRAWS = 1000
 PERMUTATION_DRAWS = 1000
-BATCH_ENTRIES = 10_000_000  # numbers in one batch of draws: 80 MB of float64
+BATCH_ENTRIES = 2_000_000  # numbers in one batch of draws: 16 MB of float64
 
 
 def bootstrap(n: int, seed: int = 0, draws: int = BOOTSTRAP_DRAWS) -> Iterator[np.ndarray]:

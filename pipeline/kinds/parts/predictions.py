@@ -35,10 +35,14 @@ class ClassPredictions:
     def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
         return np.array(list(cells), dtype=object)
 
+    def prediction(self, names: list[str], scores: np.ndarray) -> list:
+        """The most probable class of each row of scores."""
+        return [names[i] for i in np.argmax(scores, axis=1)]
+
     def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
         """The most probable class, and each class's probability."""
-        return [{"prediction": names[int(np.argmax(p))], **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
-                for p in scores]
+        return [{"prediction": d, **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
+                for d, p in zip(self.prediction(names, scores), scores)]
 
 
 class TagPredictions:
@@ -61,10 +65,14 @@ class TagPredictions:
         rows = [[float(v) for v in c.split(SEPARATOR)] for c in cells]
         return np.array(rows, dtype=np.float64).reshape(len(cells), len(names))
 
+    def prediction(self, names: list[str], scores: np.ndarray) -> list:
+        """The tags at or above 0.5 of each row of scores."""
+        return [SEPARATOR.join(t for t, v in zip(names, p) if v >= 0.5) for p in scores]
+
     def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
         """The tags at or above 0.5, and each tag's probability."""
-        return [{"prediction": SEPARATOR.join(t for t, v in zip(names, p) if v >= 0.5),
-                 **{f"prob_{t}": float(v) for t, v in zip(names, p)}} for p in scores]
+        return [{"prediction": d, **{f"prob_{t}": float(v) for t, v in zip(names, p)}}
+                for d, p in zip(self.prediction(names, scores), scores)]
 
 
 class NumberPredictions:
@@ -79,5 +87,8 @@ class NumberPredictions:
     def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
         return np.array([float(c) for c in cells], dtype=np.float64)
 
+    def prediction(self, names: list[str], scores: np.ndarray) -> list:
+        return [float(v) for v in scores]
+
     def predict_columns(self, names: list[str], scores: np.ndarray) -> list[dict]:
-        return [{"prediction": float(v)} for v in scores]
+        return [{"prediction": v} for v in self.prediction(names, scores)]
