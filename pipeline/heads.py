@@ -418,14 +418,15 @@ def _torch_linear(random_state: int) -> BaseEstimator:
 
 
 def fit_subsets(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarray,
-                subsets: list[np.ndarray]) -> list[BaseEstimator]:
+                subsets: list[np.ndarray]) -> Iterable[BaseEstimator]:
     """Clones of ``estimator`` fitted on each row subset of ``X``, ``y`` (the folds of a cross-validation
     and the refit on all rows): as one batched problem where :func:`pipeline.batched.batchable` says the
     head allows it (``logreg``, ``linear-svm``, ``torch-logreg``, ``mlp``; the linear ones also on
-    :class:`~pipeline.batched.RowChunks`), else one by one."""
+    :class:`~pipeline.batched.RowChunks`), a list; else one by one as they are iterated, so a caller that
+    is done with a model before asking for the next never holds two (a knn holds its training rows)."""
     if batchable(estimator, chunks=isinstance(X, RowChunks)):
         return fit_many(estimator, X, y, subsets)
-    return [clone(estimator).fit(X[s], y[s]) for s in subsets]
+    return (clone(estimator).fit(X[s], y[s]) for s in subsets)
 
 
 def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],

@@ -34,6 +34,7 @@ from ..sources import load_source
 from ..errors import PipelineError
 from ..files import atomic_path
 from ..heads import create_head, has_head
+from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, open_task
 from ..findings import AuditResult, TaskAudit, label_issues_file
@@ -103,21 +104,43 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
     found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap, data)
     heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
-    audits = [_audit_task(t, d, h, found, run_folder, cfg) for (t, d), h in zip(found.tasks, heads)]
+    step = _Steps(started)
+    step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks")
+    audits = []
+    for (task, task_data), head in zip(found.tasks, heads):
+        audits.append(_audit_task(task, task_data, head, found, run_folder, cfg))
+        step.done(f"task {task.name}: labels ranked by {head}, {len(audits[-1].issues)} flagged; "
+                  f"{len(audits[-1].leaked)} scored images leaked")
     copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block)
     duplicates = duplicate_rows(copies, found.ids, found.splits)
+    step.done(f"copies: {len(duplicates)} pairs")
     outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
+    step.done(f"outliers: {len(outliers)}")
     result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
     result.files = _write(result)
     if cfg.map != "none" and len(found.ids) >= 5:
         coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
         result.files.update(_write_map(out, found.ids[shown], coords, found.colour()[shown], audits))
+        step.done(f"map: {result.map_method} of {len(shown)} images")
     from ..audit_page import write_page
 
     result.files["page"] = write_page(result, images, cfg.top)
     if run_folder is not None:
         _record(run_folder, result, paths, labels, cfg, time.time() - started)
     return result
+
+
+class _Steps:
+    """Says each finished step of an audit as it ends (:func:`pipeline.progress.say`): a long audit in a
+    log is followed step by step, with the seconds each took."""
+
+    def __init__(self, started: float):
+        self.last = started
+
+    def done(self, what: str) -> None:
+        now = time.time()
+        say(f"audit: {what} ({now - self.last:.1f} s)", step=what, seconds=round(now - self.last, 1))
+        self.last = now
 
 
 @dataclass

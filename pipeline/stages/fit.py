@@ -567,7 +567,7 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             models = rows.fit_subsets(create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None), draws)
-        preds = [rows.predict(est, test) for est in models]
+            preds = [rows.predict(est, test) for est in models]  # (a generator fits each draw here)
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
         return dict(predictions=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
     return dict(predictions=preds, error="")
