@@ -36,7 +36,7 @@ def test_fitting_again_merges_rows_and_keeps_a_fine_tune(tiny_run, run_copy, tmp
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
     assert sum(r.p_vs_best is None for r in ranked) == 1  # re-tested against one best row
     heads_after = sorted(p.name for p in (run_copy / "heads").iterdir())
-    assert set(heads_before) < set(heads_after) and len(heads_after) == len(heads_before) + 3  # a head, card, predictions
+    assert set(heads_before) < set(heads_after) and len(heads_after) == len(heads_before) + 4  # a head, card, predictions, scores
     r = run_cli("fit", tiny_run["cache"], "--out", run_copy, "--heads", "knn", "--n-jobs", "1", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert len(RunFolder(run_copy).rows()) == len(rows)
@@ -57,7 +57,8 @@ def test_another_protocol_is_refused_unless_overwritten(tmp_path):
     new = fit(res.cache, run, heads=["knn"], cv=4, overwrite=True, n_jobs=1, progress=False)
     assert [(r.head, r.eval) for r in new.rows] == [("knn", "cv4")]
     assert sorted(p.name for p in (run / "heads").iterdir()) == sorted(
-        Path(new.rows[0].head_file).with_suffix(s).name for s in (".skops", ".json", ".predictions.csv"))
+        [Path(new.rows[0].head_file).with_suffix(s).name for s in (".skops", ".json", ".predictions.csv", ".scores.npy")]
+        + [p.name for p in (run / "heads").glob("*.ood.json")])  # the task's ood reference, kept with its rows
 
 
 def test_caches_of_one_backbone_with_other_specs_keep_their_own_rows(tiny_run, tmp_path):
