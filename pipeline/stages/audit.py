@@ -113,9 +113,9 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
                   f"{len(audits[-1].leaked)} scored images leaked")
     copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block)
     duplicates = duplicate_rows(copies, found.ids, found.splits)
-    step.done(f"copies: {len(duplicates)} pairs")
+    step.done(f"copies: {int(copies.confirmed.sum())} pairs confirmed of {len(duplicates)} listed")
     outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
-    step.done(f"outliers: {len(outliers)}")
+    step.done(f"outliers: {sum(bool(o['outlier']) for o in outliers)} of {len(outliers)} images beyond the fence")
     result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
     result.files = _write(result)
     if cfg.map != "none" and len(found.ids) >= 5:
