@@ -174,15 +174,17 @@ _REGISTRY: dict[tuple[str, str], HeadSpec] = {}
 
 
 def register_head(name: str, doc: str, kind: str = "classification", linear: bool = False, chunked: bool = False,
-                  streams: Callable[[int], BaseEstimator] | None = None):
+                  streams: Callable[[int], BaseEstimator] | bool = False):
     """Register ``build(random_state) -> estimator`` under ``name`` for task kind ``kind`` (decorator). A
     name may have a version per kind (``ridge`` classifies, tags and regresses). A ``chunked`` head is a
     ``Pipeline`` of a scaler and a classifier that both have ``partial_fit``, or of a scaler and a model
     fitted from sums over the rows (:mod:`pipeline.streaming`); ``streams`` builds such a version of a head
-    that otherwise holds its features, for features that do not fit in memory."""
+    that otherwise holds its features, for features that do not fit in memory (``True``: the head itself
+    also fits on :class:`~pipeline.batched.RowChunks`, as the batched linear heads do)."""
 
     def wrap(build: Callable[[int], BaseEstimator]) -> Callable[[int], BaseEstimator]:
-        _REGISTRY[(kind, name)] = HeadSpec(name, kind, build, doc, linear, chunked, streams)
+        _REGISTRY[(kind, name)] = HeadSpec(name, kind, build, doc, linear, chunked,
+                                           build if streams is True else streams or None)
         return build
 
     return wrap
@@ -281,7 +283,7 @@ def parse_head_params(items: Iterable[str]) -> dict:
 
 @register_head("logreg", "standardise + L2 logistic regression, C chosen by 5-fold CV (log loss) on the training data; "
                "the folds and the refit on all rows solved as one batched problem in torch; by chunks where the "
-               "features do not fit in memory", linear=True, streams=lambda random_state: _logreg(random_state))
+               "features do not fit in memory", linear=True, streams=True)
 def _logreg(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLogisticRegression
 
@@ -314,7 +316,7 @@ def _knn(random_state: int) -> BaseEstimator:
 
 @register_head("torch-logreg", "standardise + logistic regression by full-batch L-BFGS in torch (GPU when present), "
                "C from a warm-started path scored on a 20 % hold-out; much faster than logreg at scale; by chunks "
-               "where the features do not fit in memory", linear=True, streams=lambda random_state: _torch_logreg(random_state))
+               "where the features do not fit in memory", linear=True, streams=True)
 def _torch_logreg(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLogisticRegression
 
@@ -323,7 +325,7 @@ def _torch_logreg(random_state: int) -> BaseEstimator:
 
 @register_head("linear-svm", "standardise + linear SVM (squared hinge), C chosen by 5-fold CV (accuracy); "
                "the folds and the refit on all rows solved as one batched problem in torch; by chunks where the "
-               "features do not fit in memory", linear=True, streams=lambda random_state: _linear_svm(random_state))
+               "features do not fit in memory", linear=True, streams=True)
 def _linear_svm(random_state: int) -> BaseEstimator:
     from .linear_probe import TorchLinearSVC
 

@@ -156,7 +156,7 @@ class ChunkedIndex:
         for chunk in chunks():
             truth.add(chunk, self._index.ntotal)
             self._index.add(np.ascontiguousarray(chunk, np.float32))
-        self._index.nprobe = self._calibrated_nprobe(queries, truth.idx, target_recall)
+        self._index.nprobe = self._calibrated_nprobe(queries, truth.result()[1], target_recall)
 
     @property
     def ntotal(self) -> int:
@@ -198,19 +198,25 @@ class ChunkedIndex:
 
 
 class _ExactTop:
-    """The exact ``k`` most similar rows of a stream of chunks to fixed queries, kept as the chunks go by."""
+    """The exact ``k`` most similar rows of a base seen a block at a time to fixed queries, kept as the
+    blocks go by (``add``), most similar first at the end (``result``)."""
 
     def __init__(self, queries: np.ndarray, k: int):
         self.queries, self.k = queries, k
         self.sims = np.full((len(queries), k), -np.inf, np.float32)
         self.idx = np.full((len(queries), k), -1, np.int64)
 
-    def add(self, chunk: np.ndarray, offset: int) -> None:
-        s = self.queries @ np.asarray(chunk, np.float32).T
+    def add(self, block: np.ndarray, offset: int) -> None:
+        """Merge the rows of ``block``, rows ``offset`` on of the base."""
+        s = self.queries @ np.asarray(block, np.float32).T
         sims = np.concatenate([self.sims, s], axis=1)
-        idx = np.concatenate([self.idx, np.broadcast_to(np.arange(offset, offset + len(chunk)), s.shape)], axis=1)
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :self.k]
+        idx = np.concatenate([self.idx, np.broadcast_to(np.arange(offset, offset + len(block)), s.shape)], axis=1)
+        top = np.argpartition(-sims, self.k - 1, axis=1)[:, :self.k]
         self.sims, self.idx = np.take_along_axis(sims, top, 1), np.take_along_axis(idx, top, 1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-self.sims, axis=1, kind="stable")
+        return np.take_along_axis(self.sims, order, 1), np.take_along_axis(self.idx, order, 1)
 
 
 def _first_rows(chunks: Iterable[np.ndarray], values: int) -> tuple[np.ndarray, int]:
@@ -292,13 +298,8 @@ def _numpy_knn(queries: np.ndarray, base: np.ndarray, k: int, block: int) -> tup
     sims = np.full((len(queries), k), -np.inf, np.float32)
     idx = np.full((len(queries), k), -1, np.int64)
     for qs, qe in _blocks(len(queries), block):
-        best_s, best_i = sims[qs:qe], idx[qs:qe]
+        top = _ExactTop(queries[qs:qe], k)
         for bs, be in _blocks(len(base), block):
-            s = queries[qs:qe] @ base[bs:be].T
-            cand_s = np.concatenate([best_s, s], axis=1)
-            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(bs, be), s.shape)], axis=1)
-            top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
-            best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
-        order = np.argsort(-best_s, axis=1, kind="stable")
-        sims[qs:qe], idx[qs:qe] = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+            top.add(base[bs:be], bs)
+        sims[qs:qe], idx[qs:qe] = top.result()
     return sims, idx

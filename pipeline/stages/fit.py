@@ -18,6 +18,7 @@ import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -442,18 +443,30 @@ class _Rows:
         self.data, self.source, self.seed, self.kind, self.names = data, source, seed, kind, names
         self.refused = refused
 
-    def fit(self, est, idx: np.ndarray):
-        y = get_kind(self.kind).target(self.data.y, self.names)
-        if self.source is None:
-            return est.fit(self.data.X[idx], y[idx])
-        rng = np.random.default_rng(self.seed)
+    @cached_property
+    def _y(self) -> np.ndarray:
+        """The task's targets as the heads fit them."""
+        return get_kind(self.kind).target(self.data.y, self.names)
+
+    @contextmanager
+    def _chunks(self) -> Iterator[RowChunks]:
+        """The task's rows read from the cache ``source.step`` at a time (from memory where they are loaded)."""
         with FeatureCache(self.source.path) as cache:
+            yield RowChunks(lambda rows: self._read(cache, rows), len(self.data.rows), self.source.dims,
+                            self.source.step)
+
+    def fit(self, est, idx: np.ndarray):
+        if self.source is None:
+            return est.fit(self.data.X[idx], self._y[idx])
+        rng = np.random.default_rng(self.seed)
+        with self._chunks() as X:
 
             def chunks(epoch: int):
-                for part in self._parts(idx if epoch < 0 else rng.permutation(idx)):
-                    yield self._read(cache, part), y[part]
+                order = idx if epoch < 0 else rng.permutation(idx)
+                for where, x in X.take(order):
+                    yield x, self._y[order[where]]
 
-            return fit_by_chunks(est, chunks, np.unique(y))
+            return fit_by_chunks(est, chunks, np.unique(self._y))
 
     def fit_subsets(self, est, subsets: list[np.ndarray]) -> Iterable:
         """Clones of ``est`` fitted on each index set (one batched problem where the head allows it; one
@@ -461,20 +474,17 @@ class _Rows:
         as they are iterated)."""
         if self.refused:
             raise PipelineError(self.refused)
-        if self.source is not None and accumulates(est):
-            y = get_kind(self.kind).target(self.data.y, self.names)
-            with FeatureCache(self.source.path) as cache:
-                chunks = ((part, self._read(cache, part), y[part])
-                          for part in self._parts(np.unique(np.concatenate(subsets))))
-                return fit_subsets_in_one_pass(est, chunks, subsets, np.unique(y) if y.ndim == 1 else None)
-        if self.source is not None and batchable(est, chunks=True):
-            y = get_kind(self.kind).target(self.data.y, self.names)
-            with FeatureCache(self.source.path) as cache:
-                X = RowChunks(lambda rows: self._read(cache, rows), len(self.data.rows), self.source.dims, self.source.step)
-                return fit_subsets(est, X, y, subsets)
-        if self.source is not None:  # one model at a time, as the caller asks: each holds its own index or state
-            return (self.fit(clone(est), idx) for idx in subsets)
-        return fit_subsets(est, self.data.X, get_kind(self.kind).target(self.data.y, self.names), subsets)
+        if self.source is None:
+            return fit_subsets(est, self.data.X, self._y, subsets)
+        if accumulates(est):
+            used = np.unique(np.concatenate(subsets))
+            with self._chunks() as X:
+                chunks = ((used[where], x, self._y[used[where]]) for where, x in X.take(used))
+                return fit_subsets_in_one_pass(est, chunks, subsets, np.unique(self._y) if self._y.ndim == 1 else None)
+        if batchable(est, chunks=True):
+            with self._chunks() as X:
+                return fit_subsets(est, X, self._y, subsets)
+        return (self.fit(clone(est), idx) for idx in subsets)  # one at a time, as asked: each holds its own state
 
     def predict(self, est, idx: np.ndarray) -> np.ndarray:
         """Predictions in the task kind's form (classes, tag probabilities, numbers)."""
@@ -487,12 +497,8 @@ class _Rows:
     def _apply(self, fn, est, idx: np.ndarray) -> np.ndarray:
         if self.source is None:
             return fn(est, self.data.X[idx], self.names)
-        with FeatureCache(self.source.path) as cache:
-            return np.concatenate([fn(est, self._read(cache, part), self.names) for part in self._parts(idx)])
-
-    def _parts(self, idx: np.ndarray):
-        step = self.source.step
-        return (idx[i:i + step] for i in range(0, len(idx), step))
+        with self._chunks() as X:
+            return np.concatenate([fn(est, x, self.names) for _, x in X.take(idx)])
 
     def _read(self, cache: FeatureCache, part: np.ndarray) -> np.ndarray:
         if self.data.X is not None:  # loaded for other heads (or a concatenation): the same rows from memory
