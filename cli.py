@@ -9,16 +9,31 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from pipeline.spec import SPEC_INPUTS
 
+
+class _Commands(TyperGroup):
+    """Says why a command stopped on Ctrl-C or SIGTERM (the stage's :class:`~pipeline.errors.Interrupted`
+    line: what it kept, the command that goes on) before exit status 130, which typer would give silently."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     help="Extract frozen-backbone features once into an HDF5 cache, compare cheap heads on it, "
     "fine-tune where it pays, predict on new images.",
 )
@@ -497,6 +512,9 @@ def serve(
     Stops cleanly on Ctrl-C or SIGTERM."""
     from pipeline.stages.serve import serve as run
 
+    # A server ends on SIGTERM as servers do (killed by the signal, which service managers count as a clean
+    # stop; uvicorn re-raises it once shut down), not as an interrupted stage.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run(model, host=host, port=port, task=task, row=row, weights=weights or [], device=device, max_bytes=max_bytes,
         max_batch=max_batch, max_wait_ms=max_wait_ms)
 
@@ -524,9 +542,11 @@ def export(
 
 
 def main() -> None:
-    """Console entry point: a PipelineError or an OSError becomes one line on stderr and exit status 1."""
+    """Console entry point: a PipelineError or an OSError becomes one line on stderr and exit status 1
+    (Ctrl-C and SIGTERM: see :class:`_Commands`)."""
     from pipeline.errors import PipelineError
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a stage as Ctrl-C does, said the same way
     try:
         app()
     except PipelineError as e:
@@ -536,9 +556,6 @@ def main() -> None:
         reason = os.strerror(e.errno) if e.errno else e.strerror or str(e).splitlines()[0]
         typer.echo(f"error: {reason}" + (f": {e.filename}" if e.filename else ""), err=True)
         sys.exit(1)
-    except KeyboardInterrupt as e:
-        typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

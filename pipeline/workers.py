@@ -146,6 +146,7 @@ def _serve(job: Job, conn: Any, parent: int) -> None:
     """A worker: run each task received, send back its result, until the pipe closes."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle; it ends the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker does not take on the CLI's SIGTERM handler
     job.start()
     while True:
         try:

@@ -364,3 +364,18 @@ def test_real_backbone_finds_planted_copies_and_flipped_labels(tmp_path):
     issues = [d["id"] for d in next(t for t in result.tasks if t.task == "flipped").issues]
     assert len(set(issues) & flipped) >= 0.6 * len(flipped)
     assert len(set(issues) & flipped) >= 0.6 * len(issues)
+
+
+def test_an_interrupted_audit_says_that_it_wrote_nothing(planted, tmp_path, monkeypatch):
+    from pipeline.errors import Interrupted
+    from pipeline.stages import audit as audit_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit_module, "find_copies", stop)
+    out = tmp_path / "audit"
+    with pytest.raises(Interrupted, match=f"audit stopped after 2 finished step\\(s\\); its files are written only "
+                                          f"once every step has ended, so {out} holds none of them"):
+        audit(planted["cache"], out, map="none", **FAST)
+    assert not out.exists() or not any(out.iterdir())

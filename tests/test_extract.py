@@ -401,3 +401,26 @@ def test_a_name_without_its_tag_is_the_same_backbone(folder, tmp_path):
     first = _extract(folder, tmp_path / "cache")
     [again] = extract(folder, TINY.split(".")[0], tmp_path / "cache", workers=0, progress=False)
     assert again.cache == first.cache and again.backbone == TINY and again.extracted == 0
+
+
+def test_an_interrupted_extract_says_what_it_kept_and_the_rerun_extracts_the_rest(folder, tmp_path, monkeypatch):
+    from pipeline.errors import Interrupted
+    from pipeline.featurizer import Featurizer
+
+    real, calls = Featurizer.features, []
+
+    def stop_at_second(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(Featurizer, "features", stop_at_second)
+    with pytest.raises(Interrupted, match=r"8 image\(s\) written to .*\.h5 and kept, 28 still to extract; "
+                                          "the same command extracts the rest"):
+        _extract(folder, tmp_path / "cache", batch_size=8)
+    [path] = (tmp_path / "cache").glob("*.h5")
+    with h5py.File(path, "r") as f:
+        assert f["valid"][()].sum() == 8  # the batch handed to the writer before the stop is written whole
+    monkeypatch.setattr(Featurizer, "features", real)
+    assert _extract(folder, tmp_path / "cache").extracted == 28

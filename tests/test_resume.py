@@ -4,6 +4,8 @@ that the next run completes by computing only the rest."""
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PATCHED_CLI, TINY, held_at, kill_when_rows, make_many, run_cli
+from conftest import PATCHED_CLI, TINY, held_at, kill_when_rows, make_many, run_cli, valid_rows
 from pipeline import FeatureCache, extract, fit
 
 pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
@@ -79,6 +81,30 @@ def test_kill_at_any_moment_then_resume(tmp_path, trigger):
     with FeatureCache(resumed.cache) as a, FeatureCache(clean.cache) as b:
         assert a.valid.all() and a.attrs["complete"] and list(a.ids) == list(b.ids)
         np.testing.assert_allclose(a.features(), b.features(), rtol=2e-3, atol=2e-3)
+
+
+def test_sigterm_keeps_the_written_rows_and_says_how_to_go_on(tmp_path):
+    """SIGTERM (as Ctrl-C) ends an extract with one line on what it kept and exit status 130; the same
+    command then extracts exactly the rest."""
+    data = make_many(tmp_path / "many", 120)
+    cache_dir = tmp_path / "cache"
+    proc = _start_extract(data, cache_dir, stderr=subprocess.PIPE, hold=held_at(tmp_path, "0118.jpg"))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and valid_rows(list(cache_dir.glob("*.h5"))) < 100:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130, err
+    said = re.fullmatch(r"interrupted: (\d+) image\(s\) written to (.+\.h5) and kept, (\d+) still to extract; "
+                        r"the same command extracts the rest\n", err)
+    assert said, err
+    kept, path, rest = int(said[1]), said[2], int(said[3])
+    assert kept + rest == 120 and kept >= 100
+    with FeatureCache(path) as c:
+        assert int(c.valid.sum()) == kept
+    [resumed] = extract(data, TINY, cache_dir, workers=0, progress=False)
+    assert (resumed.reused, resumed.extracted) == (kept, rest)
 
 
 def test_reader_during_a_write_is_told_who_writes(tmp_path):

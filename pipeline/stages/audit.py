@@ -21,17 +21,17 @@ from __future__ import annotations
 import csv
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..cache import FeatureCache, find_caches
 from ..sources import load_source
-from ..errors import PipelineError
+from ..errors import Interrupted, PipelineError
 from ..files import atomic_path
 from ..heads import create_head, has_head
 from ..progress import say
@@ -100,33 +100,35 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     run_folder = RunFolder(run) if run is not None else None
     if run_folder is not None and not run_folder.exists:
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")
-    images = _image_paths(data)
-    paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
-    found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap, data)
-    heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
     step = _Steps(started)
-    step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks")
-    audits = []
-    for (task, task_data), head in zip(found.tasks, heads):
-        audits.append(_audit_task(task, task_data, head, found, run_folder, cfg))
-        step.done(f"task {task.name}: labels ranked by {head}, {len(audits[-1].issues)} flagged; "
-                  f"{len(audits[-1].leaked)} scored images leaked")
-    copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block)
-    duplicates = duplicate_rows(copies, found.ids, found.splits)
-    step.done(f"copies: {int(copies.confirmed.sum())} pairs confirmed of {len(duplicates)} listed")
-    outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
-    step.done(f"outliers: {sum(bool(o['outlier']) for o in outliers)} of {len(outliers)} images beyond the fence")
-    result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
-    result.files = _write(result)
-    if cfg.map != "none" and len(found.ids) >= 5:
-        coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
-        result.files.update(_write_map(out, found.ids[shown], coords, found.colour()[shown], audits))
-        step.done(f"map: {result.map_method} of {len(shown)} images")
-    from ..audit_page import write_page
+    with step.said_when_stopped(out):
+        images = _image_paths(data)
+        paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
+        found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap, data)
+        heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
+        step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks")
+        audits = []
+        for (task, task_data), head in zip(found.tasks, heads):
+            audits.append(_audit_task(task, task_data, head, found, run_folder, cfg))
+            step.done(f"task {task.name}: labels ranked by {head}, {len(audits[-1].issues)} flagged; "
+                      f"{len(audits[-1].leaked)} scored images leaked")
+        copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block)
+        duplicates = duplicate_rows(copies, found.ids, found.splits)
+        step.done(f"copies: {int(copies.confirmed.sum())} pairs confirmed of {len(duplicates)} listed")
+        outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
+        step.done(f"outliers: {sum(bool(o['outlier']) for o in outliers)} of {len(outliers)} images beyond the fence")
+        result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
+        step.writing = True
+        result.files = _write(result)
+        if cfg.map != "none" and len(found.ids) >= 5:
+            coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
+            result.files.update(_write_map(out, found.ids[shown], coords, found.colour()[shown], audits))
+            step.done(f"map: {result.map_method} of {len(shown)} images")
+        from ..audit_page import write_page
 
-    result.files["page"] = write_page(result, images, cfg.top)
-    if run_folder is not None:
-        _record(run_folder, result, paths, labels, cfg, time.time() - started)
+        result.files["page"] = write_page(result, images, cfg.top)
+        if run_folder is not None:
+            _record(run_folder, result, paths, labels, cfg, time.time() - started)
     return result
 
 
@@ -135,12 +137,24 @@ class _Steps:
     log is followed step by step, with the seconds each took."""
 
     def __init__(self, started: float):
-        self.last = started
+        self.last, self.count, self.writing = started, 0, False
+
+    @contextmanager
+    def said_when_stopped(self, out: Path) -> Iterator[None]:
+        """Ctrl-C or SIGTERM becomes :class:`Interrupted` saying what the stopped audit left in ``out``."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            left = (f"it was writing its files into {out}, so some may be missing" if self.writing else
+                    f"its files are written only once every step has ended, so {out} holds none of them "
+                    "(an earlier audit's files there are untouched)")
+            raise Interrupted(f"audit stopped after {self.count} finished step(s); {left}; the same command "
+                              "starts it again") from None
 
     def done(self, what: str) -> None:
         now = time.time()
         say(f"audit: {what} ({now - self.last:.1f} s)", step=what, seconds=round(now - self.last, 1))
-        self.last = now
+        self.last, self.count = now, self.count + 1
 
 
 @dataclass

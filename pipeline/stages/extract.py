@@ -30,7 +30,7 @@ from ..backbones import check_taps
 from ..devices import resolve_device
 from ..batches import default_workers
 from ..cache import CacheWriter, cache_path, check_master, shard_path, write_master
-from ..errors import PipelineError
+from ..errors import Interrupted, PipelineError
 from ..featurizer import Featurizer, planned_spec
 from ..sources import ImageSource, load_source, source_location, source_name
 from ..locks import lock_cache
@@ -264,16 +264,21 @@ def _run(src: ImageSource, group: list[_Job], writers: list[CacheWriter], plans:
         rows.append(row)
     done = [0] * len(group)
     label = "extract " + ", ".join(j.fz.spec.backbone for j in group)
-    with _InOrder() as background:
-        for idx, x, failed in group[0].fz.device_batches(todo, batch_size, workers, progress, label):
-            for k, (job, writer, row_of) in enumerate(zip(group, writers, rows)):
-                lost = [(todo.ids[i], "decode", err) for i, err in failed if row_of[i] >= 0]
-                if lost:
-                    background.submit(writer.record_failures, lost)
-                sel = [j for j, i in enumerate(idx) if row_of[i] >= 0]
-                if not sel:
-                    continue
-                feats = job.fz.features(x if len(sel) == len(idx) else x[sel], job.taps)
-                background.submit(writer.write, row_of[[idx[j] for j in sel]], feats)
-                done[k] += len(sel)
+    try:
+        with _InOrder() as background:  # on Ctrl-C, the writes already handed over finish before it exits
+            for idx, x, failed in group[0].fz.device_batches(todo, batch_size, workers, progress, label):
+                for k, (job, writer, row_of) in enumerate(zip(group, writers, rows)):
+                    lost = [(todo.ids[i], "decode", err) for i, err in failed if row_of[i] >= 0]
+                    if lost:
+                        background.submit(writer.record_failures, lost)
+                    sel = [j for j, i in enumerate(idx) if row_of[i] >= 0]
+                    if not sel:
+                        continue
+                    feats = job.fz.features(x if len(sel) == len(idx) else x[sel], job.taps)
+                    background.submit(writer.write, row_of[[idx[j] for j in sel]], feats)
+                    done[k] += len(sel)
+    except KeyboardInterrupt:
+        kept = "; ".join(f"{n} image(s) written to {w.path} and kept, {len(plan.indices) - n} still to extract"
+                         for n, plan, w in zip(done, plans, writers))
+        raise Interrupted(f"{kept}; the same command extracts the rest") from None
     return done
