@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from pipeline.progress import tell
 from pipeline.spec import SPEC_INPUTS
 
 
@@ -28,7 +29,7 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
-            typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+            tell("interrupted", str(e) or "stopped")
             raise typer.Exit(130) from None
 
 
@@ -153,14 +154,14 @@ def fit(
             typer.echo(f"{name:{width}s}  " + "  ".join(f"{v:>13s}" for v in values))
     for row in result.fewshot:
         if row["error"]:
-            typer.echo(f"note: few-shot {row['head']} / {row['backbone']} on {row['task']} at {row['shots']}: {row['error']}", err=True)
+            tell("note", f"few-shot {row['head']} / {row['backbone']} on {row['task']} at {row['shots']}: {row['error']}")
     for row in result.rows:
         if not row.scored:
-            typer.echo(f"warning: {row.head} on {row.task}/{row.tap} failed: {row.error}", err=True)
+            tell("warning", f"{row.head} on {row.task}/{row.tap} failed: {row.error}")
     for note in result.notes:
-        typer.echo(f"note: {note}", err=True)
+        tell("note", note)
     for task, message in result.near_copies.items():
-        typer.echo(f"{task}: {message}; see pipeline audit", err=True)
+        tell("", f"{task}: {message}; see pipeline audit", task=task)
     typer.echo(f"\n{result.time_summary()}")
     typer.echo(f"leaderboard: {result.files['csv']}  heads: {result.out / 'heads'}")
     for name, path in result.files.items():
@@ -170,7 +171,7 @@ def fit(
             typer.echo(f"few-shot plot ({name[len('fewshot_'):]}): {path}")
     typer.echo(f"report: {result.files['report']}")
     if not any(row.scored for row in result.rows):
-        typer.echo("error: no row could be fitted (see the warnings above)", err=True)
+        tell("error", "no row could be fitted (see the warnings above)")
         sys.exit(1)
 
 
@@ -538,7 +539,7 @@ def export(
     typer.echo(f"checked against predict's path on {result.checked} generated images: max |difference| "
                f"{result.max_difference:.2e}")
     for note in result.notes:
-        typer.echo(f"note: {note}", err=True)
+        tell("note", note)
 
 
 def main() -> None:
@@ -550,11 +551,11 @@ def main() -> None:
     try:
         app()
     except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
+        tell("error", str(e))
         sys.exit(1)
     except OSError as e:  # a write the file system refused (full, read-only, gone); outputs are written whole or not at all
         reason = os.strerror(e.errno) if e.errno else e.strerror or str(e).splitlines()[0]
-        typer.echo(f"error: {reason}" + (f": {e.filename}" if e.filename else ""), err=True)
+        tell("error", reason + (f": {e.filename}" if e.filename else ""))
         sys.exit(1)
 
 

@@ -11,14 +11,18 @@ once per process by :func:`set_progress_mode` (the CLI's ``--quiet`` and ``--log
   machines.
 
 Stages also say single events through :func:`say` (a fold's kept epoch, a finished step), which follows
-the same mode.
+the same mode. Notes, warnings, errors and interruptions go through :func:`tell`: never silenced, and under
+``json`` objects too, as are Python warnings and log records, so that a machine reading stderr reads
+nothing but JSON lines.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -34,6 +38,14 @@ def set_progress_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
     _mode["mode"] = mode
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _JsonLogHandler)]:
+        root.removeHandler(handler)
+    if warnings.showwarning is _warning_as_json:
+        warnings.showwarning = _warning_as_json.plain
+    if mode == "json":
+        _warning_as_json.plain, warnings.showwarning = warnings.showwarning, _warning_as_json
+        root.addHandler(_JsonLogHandler())
 
 
 def progress_mode() -> str:
@@ -59,6 +71,26 @@ def say(message: str, **fields) -> None:
         return
     line = json.dumps({"event": message, **fields}) if mode == "json" else message
     print(line, file=sys.stderr, flush=True)
+
+
+def tell(level: str, message: str, **fields) -> None:
+    """A line for whoever reads stderr: ``level`` is ``note``, ``warning``, ``error`` or ``interrupted``
+    (``note: ...``), or empty for a bare message. Printed in every mode, quiet too; under ``json`` as
+    ``{"level": ..., "message": ...}`` with ``fields``."""
+    if progress_mode() == "json":
+        line = json.dumps({"level": level or "note", "message": message, **fields})
+    else:
+        line = f"{level}: {message}" if level else message
+    print(line, file=sys.stderr, flush=True)
+
+
+def _warning_as_json(message, category, filename, lineno, file=None, line=None) -> None:
+    tell("warning", str(message), category=category.__name__, source=f"{filename}:{lineno}")
+
+
+class _JsonLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tell(record.levelname.lower(), record.getMessage(), logger=record.name)
 
 
 @dataclass

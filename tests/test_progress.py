@@ -61,3 +61,38 @@ def test_json_and_quiet_modes(capsys):
     with pytest.raises(ValueError, match="progress mode must be one of auto, quiet, json, got 'loud'"):
         set_progress_mode("loud")
     assert progress.progress_mode() == "quiet"
+
+
+def test_under_log_json_every_line_on_stderr_is_json(capsys):
+    import logging
+    import warnings
+
+    from pipeline.progress import tell
+
+    plain = warnings.showwarning
+    set_progress_mode("json")
+    try:
+        tell("note", "1 row(s) already in runs/x", rows=1)
+        warnings.warn("the loss still improved")
+        logging.getLogger("somelib").warning("disk %s is slow", "sda")
+        logging.getLogger("somelib").info("not shown: below the root's level")
+    finally:
+        set_progress_mode("auto")
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert lines[0] == {"level": "note", "message": "1 row(s) already in runs/x", "rows": 1}
+    assert lines[1]["level"] == "warning" and lines[1]["message"] == "the loss still improved"
+    assert lines[1]["category"] == "UserWarning" and lines[1]["source"].startswith(__file__)
+    assert lines[2] == {"level": "warning", "message": "disk sda is slow", "logger": "somelib"}
+    assert len(lines) == 3 and warnings.showwarning is plain  # plain again once the mode is not json
+    tell("note", "plain")
+    tell("", "a bare line")
+    assert capsys.readouterr().err == "note: plain\na bare line\n"
+
+
+def test_cli_errors_are_json_under_log_json(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("--log-json", "fit", str(tmp_path / "missing"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 1
+    [line] = [json.loads(x) for x in r.stderr.splitlines()]
+    assert line["level"] == "error" and "missing" in line["message"]
