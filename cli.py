@@ -122,8 +122,9 @@ def fit(
     cv: Annotated[int, typer.Option("--cv", help="folds of stratified CV when a task has no train/val split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
-    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (ridge, sgd); the others load a task's features whole")] = 65536,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features a head holds, e.g. 8GB or 512MB: over it, heads that train by chunks (ridge, sgd) read smaller chunks and the others are refused (their row says why)")] = None,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (`pipeline heads` says which); the others load a task's features whole")] = 65536,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features a head holds, e.g. 8GB or 512MB: over it, heads that train by chunks (`pipeline heads` says which) read smaller chunks and the others are refused (their row says why)")] = None,
+    portable: Annotated[bool, typer.Option("--portable", help="knn heads carry their training features (default: they keep the images' ids, and predict reads the features from the cache, so the head file stays small)")] = False,
     concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
     shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,
     draws: Annotated[int, typer.Option("--draws", help="seeded draws of the examples per --shots value (mean ± std over them)")] = 5,
@@ -143,7 +144,7 @@ def fit(
     result = run(caches, out, labels=labels or [], heads=None if heads is None else _split_list(heads),
                  taps=_split_list(taps) or None, cv=cv, seed=seed, n_jobs=n_jobs, chunk_rows=chunk_rows, max_memory=max_memory,
                  head_params=parse_head_params(head_param or []), concat=concat, shots=_split_list(shots),
-                 draws=draws, backend=backend, cluster=cluster, overwrite=overwrite, progress=progress)
+                 draws=draws, backend=backend, cluster=cluster, overwrite=overwrite, portable=portable, progress=progress)
     typer.echo(result.markdown())
     for task in dict.fromkeys(r["task"] for r in result.fewshot):
         columns, table = fewshot_table(result.fewshot, task)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "errors": ("PipelineError",),
     "evaluation": ("HeadCard", "Protocol", "Row", "RunFolder", "best_row", "open_task"),
     "featurizer": ("Featurizer",),
-    "heads": ("create_head", "list_heads", "load_head", "register_head", "save_head"),
+    "heads": ("create_head", "list_heads", "register_head", "save_head"),
     "kinds": ("TaskKind", "register_kind"),
     "sources": ("ImageSource", "load_source", "register_source"),
     "spec": ("FeatureSpec",),
@@ -31,7 +31,7 @@ _EXPORTS = {
     "stages.finetune": ("FinetuneConfig", "FinetuneResult", "finetune"),
     "stages.fit": ("FitConfig", "FitResult", "fit"),
     "stages.neighbors": ("neighbors",),
-    "stages.predict": ("LoadedModel", "predict"),
+    "stages.predict": ("LoadedModel", "load_head", "predict"),
     "stages.serve": ("create_app", "serve"),
     "stages.study": ("run",),
     "strategies": ("register_strategy",),
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .errors import PipelineError
     from .evaluation import HeadCard, Protocol, Row, RunFolder, best_row, open_task
     from .featurizer import Featurizer
-    from .heads import create_head, list_heads, load_head, register_head, save_head
+    from .heads import create_head, list_heads, register_head, save_head
     from .kinds import TaskKind, register_kind
     from .sources import ImageSource, load_source, register_source
     from .spec import FeatureSpec
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from .stages.finetune import FinetuneConfig, FinetuneResult, finetune
     from .stages.fit import FitConfig, FitResult, fit
     from .stages.neighbors import neighbors
-    from .stages.predict import LoadedModel, predict
+    from .stages.predict import LoadedModel, load_head, predict
     from .stages.serve import create_app, serve
     from .stages.study import run
     from .strategies import register_strategy

@@ -11,6 +11,8 @@ passing everything through.
 from __future__ import annotations
 
 import ast
+import copy
+import hashlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -54,6 +56,10 @@ class _CappedNeighbours:
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         check_is_fitted(self)
+        if self.needs_rows:
+            raise PipelineError(f"this knn head holds the ids of its {len(self.training_ids_)} training images, not "
+                                "their features: load it with pipeline.load_head(path), which reads them from the "
+                                "cache it was fit on, or fit it with portable=True (--portable)")
         n = min(n_neighbors or self.n_neighbors, self.n_samples_fit_ - (X is None))
         if self._fit_method != "similarity_index":
             return super().kneighbors(X, n, return_distance)
@@ -73,6 +79,32 @@ class _CappedNeighbours:
         state = super().__getstate__()
         state.pop("_index", None)
         return state
+
+    def without_rows(self, ids: np.ndarray) -> "_CappedNeighbours":
+        """A copy to save that holds the ids of its training images (``training_ids_``, in fit order) and a
+        digest of their features instead of the features (a knn head is otherwise as large as its
+        training features): :meth:`with_rows` puts them back, read from the cache."""
+        light = copy.copy(self)
+        light.training_ids_ = np.asarray(ids, dtype=str)
+        light.training_digest_ = _digest(self._fit_X)
+        light._fit_X, light._index = self._fit_X[:0], None
+        return light
+
+    @property
+    def needs_rows(self) -> bool:
+        """Saved by :meth:`without_rows` and not given its rows back yet."""
+        return len(getattr(self, "training_ids_", ())) > 0 and len(self._fit_X) == 0
+
+    def with_rows(self, X: np.ndarray) -> "_CappedNeighbours":
+        """Give back the training features (those of ``training_ids_``, in order), checked against the
+        digest taken when the head was saved."""
+        X = np.ascontiguousarray(X, dtype=self._fit_X.dtype)
+        if X.shape != (len(self.training_ids_), self.n_features_in_) or _digest(X) != self.training_digest_:
+            raise PipelineError(f"the cache's features of the head's {len(self.training_ids_)} training images are "
+                                "not those it was fit on (the cache was made again, or is another one): fit it again")
+        self._fit_X = X
+        return self
+
 
 
 class CappedKNeighborsClassifier(_CappedNeighbours, KNeighborsClassifier):
@@ -460,6 +492,10 @@ def _numbered(chunks: Iterable[tuple[np.ndarray, np.ndarray]]):
         start += len(X)
 
 
+def _digest(X: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(X)).cast("B")).hexdigest()
+
+
 def save_head(estimator: BaseEstimator, path: str | os.PathLike) -> Path:
     """Write a fitted head with skops (no code runs when it is loaded)."""
     import skops.io as sio  # imported here: it pulls in torch, which processes that only fit heads skip
@@ -469,8 +505,9 @@ def save_head(estimator: BaseEstimator, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_head(path: str | os.PathLike) -> BaseEstimator:
-    """Load a skops head, refusing any type outside :data:`TRUSTED_TYPES`."""
+def read_head(path: str | os.PathLike) -> BaseEstimator:
+    """Read a skops head, refusing any type outside :data:`TRUSTED_TYPES` (a knn head saved without its
+    training features comes back without them: :func:`pipeline.load_head` gives them back)."""
     import skops.io as sio
 
     path = Path(path)

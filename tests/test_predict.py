@@ -155,3 +155,34 @@ def test_cli_predict_to_stdout(tiny_run):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("path,prediction,error,prob_") and len(lines) == 2
+
+
+def test_a_knn_head_keeps_ids_and_reads_its_training_features_from_the_cache(tiny_run, tmp_path):
+    from pipeline import load_head
+    from pipeline.heads import read_head
+
+    light = fit(tiny_run["cache"], tmp_path / "light", heads=["knn"], n_jobs=1, progress=False)
+    portable = fit(tiny_run["cache"], tmp_path / "portable", heads=["knn"], n_jobs=1, progress=False, portable=True)
+    small, whole = _head(light, "knn"), _head(portable, "knn")
+    assert whole.stat().st_size - small.stat().st_size > 0.8 * 24 * 256 * 4  # the 24 training rows' float32 features
+    raw = read_head(small)
+    with pytest.raises(PipelineError, match=r"holds the ids of its 24 training images, not their features: load "
+                                            r"it with pipeline.load_head\(path\)"):
+        raw.predict(np.zeros((1, raw.n_features_in_), np.float32))
+    ids = RunFolder(light.out).protocol("shapes").ids
+    X = FeatureCache(tiny_run["cache"]).features(rows=FeatureCache(tiny_run["cache"]).rows_of(ids))
+    a, b = load_head(small), load_head(whole)
+    np.testing.assert_array_equal(a._fit_X, b._fit_X)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    with pytest.raises(PipelineError, match="not those it was fit on"):
+        raw.with_rows(a._fit_X + 1)
+    moved = tmp_path / "elsewhere" / "cache.h5"
+    moved.parent.mkdir()
+    shutil.move(tiny_run["cache"], moved)
+    try:
+        with pytest.raises(PipelineError, match="not reachable .*; this knn head reads its training features from it "
+                                                r"\(a head fit with --portable carries them\)"):
+            load_head(small)
+        assert load_head(whole).predict(X).shape == (len(X),)
+    finally:
+        shutil.move(moved, tiny_run["cache"])

@@ -126,7 +126,7 @@ def test_reader_during_a_write_is_told_who_writes(tmp_path):
 
 def _whole(run) -> int:
     """Every output file of a fit run directory (not the hidden temporaries) parses whole; how many."""
-    from pipeline.heads import load_head
+    from pipeline import load_head
 
     files = [p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")]
     for p in files:

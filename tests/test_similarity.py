@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import similarity
-from pipeline.heads import CappedKNeighborsClassifier, load_head, save_head
+from pipeline.heads import CappedKNeighborsClassifier, read_head as load_head, save_head
 
 pytestmark = pytest.mark.skipif(not similarity.faiss_available(), reason="faiss not installed")
 

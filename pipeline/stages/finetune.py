@@ -48,7 +48,7 @@ from ..errors import PipelineError
 from ..evaluation import TRAIN_ONLY, HeadCard, Labelled, Protocol, Row, RunFolder, best_row, open_task, score_row
 from ..featurizer import Featurizer
 from ..files import atomic_path
-from ..heads import load_head
+from ..heads import read_head
 from ..kinds import TaskKind, get_kind
 from ..modeldir import MODEL_FILE, write_config
 from ..progress import progress_bar, say
@@ -289,7 +289,7 @@ class _Probe:
         self.path = run.resolve(row.head_file)
         part = HeadCard.read(self.path).parts[0]
         self.spec, self.caches = part.spec, part.caches(self.path.parent)
-        self.head = load_head(self.path)
+        self.head = read_head(self.path)
         self.kind, self.names = protocol.task_kind, protocol.names
 
     def start(self, ids: list[str], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

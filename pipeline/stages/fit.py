@@ -70,8 +70,10 @@ class FitConfig(Settings):
     task kind's defaults), the taps (default: every tap of each cache), the folds and seed of a task
     without a split, the parallel jobs and where they run, the row chunk of chunked heads, the
     concatenation of all caches as one more backbone, few-shot ``shots`` x ``draws`` (classification),
-    ``overwrite`` (replace a run evaluated otherwise) and ``max_memory``: the features a head may hold
-    (``8GB``; None: no bound). Over it, chunked heads read chunks sized to it and the others are refused."""
+    ``overwrite`` (replace a run evaluated otherwise), ``max_memory``: the features a head may hold
+    (``8GB``; None: no bound; over it, chunked heads read chunks sized to it and the others are refused)
+    and ``portable``: knn heads that carry their training features (else they keep the images' ids and
+    ``predict`` reads the features from the cache)."""
 
     heads: Sequence[str] | None = None
     taps: Sequence[str] | None = None
@@ -87,6 +89,7 @@ class FitConfig(Settings):
     cluster: str | None = None
     overwrite: bool = False
     max_memory: str | None = None
+    portable: bool = False
 
     RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2),
                  chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1), max_memory=optional(SIZE))
@@ -243,7 +246,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             """Save a finished row at once (its head, predictions, leaderboard line): an interrupted fit keeps it."""
             if n < len(jobs):
                 with _stage(stages, "save heads"):
-                    rows.append(_row(run, *meta[n], params.get(meta[n][1]), res))
+                    rows.append(_row(run, *meta[n], params.get(meta[n][1]), res, cfg.portable))
                     run.add_rows(rows[-1:])
 
         try:
@@ -579,9 +582,10 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
     return dict(predictions=preds, error="")
 
 
-def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict) -> Row:
+def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict, portable: bool) -> Row:
     """The leaderboard row of one fit, scored by the task's protocol; its head (with its card) and
-    predictions saved into the run."""
+    predictions saved into the run. A knn head is saved with the ids of its training images instead of
+    their features, which ``predict`` reads from the cache, unless ``portable``."""
     protocol, label = src.protocol, _head_label(head, params)
     identity = dict(backbone=src.backbone, weights=src.weights, spec=src.spec, tap=src.tap, head=label,
                     cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"],
@@ -594,7 +598,10 @@ def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict
     path = run.head_path(name)
     card.parts = [HeadCard.part(cache.spec, str(cache.attrs.get("weights_source", "")), p, path)
                   for p, cache in src.parts]
-    run.save_model(res["estimator"], card, name)
+    estimator = res["estimator"]
+    if not portable and hasattr(estimator, "without_rows"):
+        estimator = estimator.without_rows(protocol.ids[protocol.refit()])
+    run.save_model(estimator, card, name)
     return run.score(protocol, res["y_pred"], res["scores"], fit_seconds=res["seconds"], head_file=run.relative(path),
                      **identity)
 

@@ -33,7 +33,7 @@ from ..errors import PipelineError
 from ..evaluation import HeadCard, Protocol, Row, RunFolder
 from ..featurizer import Featurizer, Part, part_features
 from ..files import atomic_path
-from ..heads import load_head
+from ..heads import read_head
 from ..kinds import get_kind
 from ..modeldir import MODEL_FILE, is_model_dir, read_config
 from ..ood import Reference, reference_name
@@ -85,6 +85,20 @@ def resolve_model(model: str | os.PathLike, task: str | None = None, row: int | 
         f"cannot use {path} as a model: give a fit run folder (with leaderboard.json), a .skops head, "
         "or a fine-tuned model folder (with model.safetensors and config.json)"
     )
+
+
+def load_head(path: str | os.PathLike):
+    """A saved ``.skops`` head, ready to predict from features: read with skops against the trusted types,
+    a knn head given back its training features from the cache its card names (see
+    :meth:`pipeline.heads._CappedNeighbours.without_rows`)."""
+    head = read_head(path)
+    if getattr(head, "needs_rows", False):
+        try:
+            head.with_rows(np.hstack([_training_features(p, head.training_ids_) for p in resolve_model(path).parts]))
+        except PipelineError as e:
+            raise PipelineError(f"{e}; this knn head reads its training features from it (a head fit with "
+                                "--portable carries them)") from None
+    return head
 
 
 def _numbered_row(run: RunFolder, row: int, task: str | None) -> Row:
