@@ -107,7 +107,8 @@ def extract(
         speed = f"{r.images_per_s:.1f} images/s" if r.extracted else "nothing to compute"
         typer.echo(
             f"{r.backbone}: extracted {r.extracted}, reused from cache {r.reused}, failed {r.failed} "
-            f"(new {r.new}, changed {r.changed}); {speed}; cache {r.cache}"
+            f"(new {r.new}, changed {r.changed}{f', copied from caches of other sources {r.copied}' if r.copied else ''}); "
+            f"{speed}; cache {r.cache}"
         )
 
 

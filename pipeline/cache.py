@@ -17,7 +17,8 @@ import os
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from glob import escape as glob_escape
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +44,13 @@ _CHUNK_ROWS = 256
 def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec) -> Path:
     """``<source>__<backbone>__<spec key>.h5``: a change to anything that determines the features is a new file."""
     return Path(cache_dir) / f"{source_name}__{re.sub(r'[^A-Za-z0-9._=-]+', '_', spec.backbone)}__{spec.key}.h5"
+
+
+def same_spec_caches(path: Path) -> list[Path]:
+    """The other caches in ``path``'s folder made with the same backbone and feature spec (other sources'),
+    whose rows may hold the features of the same images."""
+    suffix = path.name.split("__", 1)[1] if "__" in path.name else path.name
+    return sorted(p for p in path.parent.glob(f"*__{glob_escape(suffix)}") if p != path and p.is_file())
 
 
 def shard_path(path: Path, rank: int, world: int) -> Path:
@@ -283,6 +291,7 @@ class SyncResult:
     reused: int
     changed: int
     new: int
+    copied: int = 0  # of the reused rows, copied from other caches of the same spec
 
 
 class CacheWriter:
@@ -297,7 +306,7 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike, spec: FeatureSpec, weights_source: str, source: str,
                  tap_dims: dict[str, int], lock: CacheLock | None = None, location: str = ""):
         self.path = Path(path)
-        self.dtype = spec.dtype
+        self.spec, self.dtype = spec, spec.dtype
         self._own_lock = lock_cache(self.path) if lock is None else None  # released by close()
         try:
             if not self.path.exists():
@@ -375,6 +384,38 @@ class CacheWriter:
         f.attrs["complete"] = False
         _flush(f)
         return match.plan(skip)
+
+    def copy_from(self, others: Iterable[Path], plan: SyncResult, hashes: np.ndarray) -> SyncResult:
+        """Copy the features of ``plan``'s images that other caches of this spec hold valid (matched by
+        content hash, with every tap of this one), and return what is left to compute: the same bytes
+        listed by another source (a parquet file of a folder's images) cost no forward pass. A cache being
+        written, or of another version, is passed over."""
+        left = np.ones(len(plan.todo), bool)
+        wanted = np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in np.asarray(hashes, _HASH)[plan.indices]], dtype=object)
+        for path in others:
+            if not left.any():
+                break
+            try:
+                with FeatureCache(path) as other:
+                    if other.spec == self.spec and set(self.taps) <= set(other.taps):
+                        left &= ~self._copy_rows(other, plan.todo, wanted, left)
+            except PipelineError:
+                continue
+        return replace(plan, todo=plan.todo[left], indices=plan.indices[left], reused=plan.reused + int((~left).sum()),
+                       copied=int((~left).sum()))
+
+    def _copy_rows(self, other: "FeatureCache", rows: np.ndarray, wanted: np.ndarray, open_: np.ndarray) -> np.ndarray:
+        """Write into ``rows`` (where ``open_``) the features of ``other``'s valid rows of the same hash; the
+        mask of the rows written."""
+        valid = np.flatnonzero(other.valid)
+        row_of = dict(zip(other.content_hash[valid].tolist(), valid.tolist()))
+        found = np.fromiter((o and h in row_of for h, o in zip(wanted.tolist(), open_)), bool, len(rows))
+        hits = np.flatnonzero(found)
+        for start in range(0, len(hits), _CHUNK_ROWS * 16):
+            part = hits[start:start + _CHUNK_ROWS * 16]
+            donors, back = np.unique([row_of[h] for h in wanted[part].tolist()], return_inverse=True)
+            self.write(rows[part], {tap: other.features(tap, donors)[back] for tap in self.taps})
+        return found
 
     def write(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
         """Store one batch: features first, flushed, then the rows' ``valid`` flags, flushed."""

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, make_image
 from pipeline import FeatureCache, PipelineError, extract, fit, load_source
 from pipeline.data import content_hash
 from pipeline.sources import source_name
@@ -195,3 +195,28 @@ tracemalloc.stop()
 stored = sum(len(i) + 49 + 8 for i in src.ids) + 8 * 2 * len(src) + hashes.nbytes  # ids (str objects), label/split pointers, hashes
 print(len(src), peak, stored)
 """
+
+
+def test_the_same_images_from_another_source_are_copied_not_computed(folder, tmp_path, monkeypatch):
+    """A parquet file and tar shards of a folder's images, extracted into the folder's cache folder, take
+    every row from the folder's cache (matched by content hash): no forward pass, the same features."""
+    import hashlib
+
+    from pipeline.featurizer import Featurizer
+
+    image = (folder / "train" / "blue" / "blue_000.jpg").read_bytes()
+    tail = next(bytes([k % 256, k // 256]) for k in range(65536) if hashlib.sha256(image + bytes([k % 256, k // 256])).digest()[-1] == 0)
+    (folder / "train" / "blue" / "zero_tail.jpg").write_bytes(image + tail)  # numpy's fixed-width bytes would drop its digest's last byte
+    [base] = extract(folder, TINY, tmp_path / "cache", workers=0, progress=False)
+    make_image(folder / "train" / "red" / "only_in_the_parquet.jpg", (200, 40, 40), 999)
+    table = make_parquet(folder, tmp_path / "images.parquet")
+    computed = []
+    real = Featurizer.features
+    monkeypatch.setattr(Featurizer, "features", lambda self, x, taps: computed.append(len(x)) or real(self, x, taps))
+    [res] = extract(table, TINY, tmp_path / "cache", workers=0, progress=False)
+    assert (res.copied, res.reused, res.extracted, sum(computed)) == (37, 37, 1, 1)
+    got, reference = _by_hash(res.cache), _by_hash(base.cache)
+    assert len(got) == 38 and len(set(got) & set(reference)) == 37
+    np.testing.assert_array_equal(np.stack([got[h] for h in reference]), np.stack(list(reference.values())))
+    [shards] = extract(make_shards(folder, tmp_path / "shards"), TINY, tmp_path / "cache", workers=0, progress=False)
+    assert (shards.copied, shards.extracted, sum(computed)) == (38, 0, 1)  # the new image too, from the parquet's cache

@@ -1,7 +1,8 @@
 """The extract stage: run frozen backbones over a source's images once and keep their features.
 
 Only rows that are missing, invalid, or whose file bytes changed are computed; everything else is
-reused. Images that cannot be read or decoded are recorded in the cache's ``failures`` and skipped.
+reused, and an image whose bytes another source's cache of the same spec holds (a parquet file of a
+folder's images) is copied from there. Images that cannot be read or decoded are recorded in the cache's ``failures`` and skipped.
 
 Everything but the forward pass hides behind it: images are decoded (at reduced JPEG scale where the
 resize allows), cut and resized to uint8 pixels in supervised worker processes, copied from pinned memory
@@ -29,7 +30,7 @@ import torch
 from ..backbones import check_taps
 from ..devices import resolve_device
 from ..batches import default_workers
-from ..cache import CacheWriter, cache_path, check_master, shard_path, write_master
+from ..cache import CacheWriter, cache_path, check_master, same_spec_caches, shard_path, write_master
 from ..errors import Interrupted, PipelineError
 from ..featurizer import Featurizer, planned_spec
 from ..sources import ImageSource, load_source, source_location, source_name
@@ -51,6 +52,7 @@ class ExtractResult:
     new: int
     failed: int
     seconds: float
+    copied: int = 0  # of ``reused``, copied from other sources' caches of the same spec (same bytes)
 
     @property
     def images_per_s(self) -> float:
@@ -141,7 +143,8 @@ def extract(
                                                            j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to),
                                                            location=source_location(source)))
                            for j in group]
-                plans = [w.sync(src, hashes, read_errors, retry_failed=retry_failed) for w in writers]
+                plans = [w.copy_from(same_spec_caches(j.path), w.sync(src, hashes, read_errors, retry_failed=retry_failed),
+                                     hashes) for j, w in zip(group, writers)]
                 start = time.perf_counter()
                 try:
                     done = _run(src, group, writers, plans, batch_size, pool, progress and rank == 0)
@@ -155,7 +158,7 @@ def extract(
                 for job, w, plan, n in zip(group, writers, plans, done):
                     w.finish()
                     results.append(ExtractResult(job.fz.spec.backbone, job.path, n, plan.reused, plan.changed,
-                                                 plan.new, len(w.failed_ids() & present), seconds))
+                                                 plan.new, len(w.failed_ids() & present), seconds, plan.copied))
     if world > 1:
         results = _gather(results, jobs, rank, world)
         if own_group:
@@ -213,7 +216,7 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
         r0 = per_backbone[0]
         out.append(ExtractResult(
             r0.backbone, r0.cache, *(sum(getattr(r, k) for r in per_backbone) for k in ("extracted", "reused", "changed", "new", "failed")),
-            max(r.seconds for r in per_backbone),
+            max(r.seconds for r in per_backbone), sum(r.copied for r in per_backbone),
         ))
     return out
 
