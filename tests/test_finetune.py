@@ -302,3 +302,16 @@ def test_finished_folds_keep_only_the_model_unless_asked(tiny_run, tmp_path, cap
 
     finetune(tiny_run["data"], TINY, tmp_path / "keep", epochs=1, keep_checkpoints=True, **FAST)
     assert (tmp_path / "keep" / "last.pt").is_file()
+
+
+def test_an_interrupted_finetune_says_how_to_go_on(tiny_run, tmp_path, monkeypatch):
+    from pipeline.errors import Interrupted
+    from pipeline.stages import finetune as finetune_module
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module._FoldTraining, "_train", stop)
+    with pytest.raises(Interrupted, match=f"0 of 1 training\\(s\\) finished in {tmp_path / 'ft'}; the one under way "
+                                          "keeps its last.pt .*; the same command with --resume goes on from there"):
+        finetune(tiny_run["data"], TINY, tmp_path / "ft", epochs=1, **FAST)

@@ -44,7 +44,7 @@ from ..batches import default_workers, image_batches
 from ..cache import FeatureCache
 from ..data import Member, Sample, load_image
 from ..sources import load_source
-from ..errors import PipelineError
+from ..errors import Interrupted, PipelineError
 from ..evaluation import TRAIN_ONLY, HeadCard, Labelled, Protocol, Row, RunFolder, best_row, open_task, score_row
 from ..featurizer import Featurizer
 from ..files import atomic_path
@@ -203,13 +203,18 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
     spec = probe.spec if probe else FeatureSpec(bb.name, bb.weights_sha256, bb.data_config, "float32", bb.amp)
 
     done = []
-    for k, fold in enumerate(folds):
-        if k:
-            bb = load_backbone(backbone, weights, device, cfg.amp, channels_last=True)  # every fold starts afresh
-        training = _FoldTraining(fold, out, bb, cfg, protocol, samples, classes, spec, identity, ctl)
-        done.append(training.run(probe, resume, len(folds) if k == 0 else 0))
-        if done[-1]["stopped"] == "budget":
-            break
+    try:
+        for k, fold in enumerate(folds):
+            if k:
+                bb = load_backbone(backbone, weights, device, cfg.amp, channels_last=True)  # every fold starts afresh
+            training = _FoldTraining(fold, out, bb, cfg, protocol, samples, classes, spec, identity, ctl)
+            done.append(training.run(probe, resume, len(folds) if k == 0 else 0))
+            if done[-1]["stopped"] == "budget":
+                break
+    except KeyboardInterrupt:
+        raise Interrupted(f"{len(done)} of {len(folds)} training(s) finished in {out}; the one under way keeps its "
+                          f"{STATE_FILE} (saved after every epoch and every {checkpoint_minutes:g} min); the same "
+                          "command with --resume goes on from there") from None
     last = done[-1]
     if not keep_checkpoints and last["stopped"] != "budget":
         _drop_checkpoints(out, folds)
