@@ -35,7 +35,7 @@ from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, h
 from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name
 from ..parallel import parallel_backend
-from ..progress import progress_bar
+from ..progress import progress_bar, say
 from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, clean_ranking, open_task
 from ..report import markdown_table, publish, time_summary, write_fewshot
 from ..copies import Images, copy_groups, find_copies, leak_message, leaked
@@ -248,6 +248,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
                 with _stage(stages, "save heads"):
                     rows.append(_row(run, *meta[n], params.get(meta[n][1]), res, cfg.portable))
                     run.add_rows(rows[-1:])
+                _say_row(rows[-1], n, len(jobs))
 
         try:
             with _stage(stages, "fit heads"), parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
@@ -641,6 +642,16 @@ def _check_writable(out: Path) -> None:
             pass
     except OSError as e:
         raise PipelineError(f"cannot write the run directory {out}: {e.strerror} ({existing})") from None
+
+
+def _say_row(row: Row, n: int, total: int) -> None:
+    """``fit 3/18: knn on hymenoptera (pooled, tf_efficientnet_lite0.in1k): accuracy 0.9608, 0.1 s``: a
+    row as it lands, for whoever follows a long fit in its log."""
+    kind = get_kind(row.task_kind)
+    result = f"{kind.primary} {row.score:.4f}" if row.scored else f"not scored: {row.error}"
+    say(f"fit {n + 1}/{total}: {row.head} on {row.task} ({row.tap}, {row.backbone}): {result}, "
+        f"{row.fit_seconds or 0:.1f} s", row=n + 1, rows=total, head=row.head, task=row.task, tap=row.tap,
+        backbone=row.backbone, **{kind.primary: row.score})
 
 
 def _run_jobs(jobs: list, n_jobs: int, progress: bool, done: Callable[[int, dict], None] = lambda n, res: None
