@@ -180,3 +180,29 @@ def test_coverage_needs_a_run_folder(blob_run):
         LoadedModel(run.resolve(run.best_row("blobs").head_file), coverage=0.9)
     with pytest.raises(PipelineError, match="coverage"):
         LoadedModel(blob_run["run"], task="blobs", coverage=1.5)
+
+
+def test_a_fit_by_chunks_has_an_ood_reference_of_a_sample_of_its_training_images(tiny_run, tmp_path, monkeypatch):
+    """Features never loaded (every head reads by chunks) and more training images than a reference holds:
+    the reference is made of a seeded sample read from the cache, and predict searches that sample."""
+    import json
+
+    from pipeline import ood
+
+    monkeypatch.setattr(ood, "REFERENCE_ROWS", 150)
+    with h5py.File(tiny_run["cache"]) as f:
+        blobs = Blobs(1, f["features/pooled"].shape[1])
+    X, y, _ = blobs.draw(N_TRAIN + 100)
+    splits = np.array(["train"] * N_TRAIN + ["val"] * 100)
+    cache = tmp_path / tiny_run["cache"].name
+    _generated_cache(tiny_run["cache"], cache, X, y, splits)
+    res = fit(cache, tmp_path / "run", heads=["torch-logreg"], n_jobs=1, progress=False, max_memory="1MB")
+    assert res.rows[0].scored
+    [path] = (tmp_path / "run" / "heads").glob("*.ood.json")
+    saved = json.loads(path.read_text())
+    assert saved["n"] == 150 and len(saved["ids"]) == 150 and all(i.startswith("train/") for i in saved["ids"])
+    loaded = LoadedModel(tmp_path / "run")
+    same, _, _ = blobs.draw(2000)
+    elsewhere, _, _ = blobs.draw(200, shift=10.0)
+    assert np.mean([row["ood"] for row in loaded.columns(same)]) < 0.04  # 1 % expected, 150 reference images
+    assert np.mean([row["ood"] for row in loaded.columns(elsewhere)]) > 0.9

@@ -33,7 +33,7 @@ from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
 from ..batched import RowChunks, batchable
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
 from ..kinds import TaskKind, get_kind
-from ..ood import Reference, reference_name
+from ..ood import Reference, reference_name, reference_sample
 from ..parallel import parallel_backend
 from ..progress import progress_bar, say
 from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, clean_ranking, open_task
@@ -609,11 +609,17 @@ def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict
 
 def _save_ood_reference(run: RunFolder, src: _Source) -> None:
     """What ``predict``'s ``ood_score`` of the source's models is a percentile of: the nearest-neighbour
-    distances among the images they train on (:mod:`pipeline.ood`). Not saved when the features are not
-    in memory (only chunked heads: the cache may be larger than memory, and the search needs them all)."""
-    if src.data.X is None:
-        return
-    reference = Reference.of(src.data.X[src.protocol.refit()], src.protocol.id)
+    distances among the images they train on, or a sample of them (:mod:`pipeline.ood`), read from the
+    cache when the features are not in memory."""
+    train = src.protocol.refit()
+    sample = reference_sample(len(train))
+    rows = train if sample is None else train[sample]
+    if src.data.X is not None:
+        X = src.data.X[rows]
+    else:
+        ids = src.protocol.ids[rows]
+        X = np.hstack([cache.features(src.tap, cache.rows_of(ids)) for _, cache in src.parts])
+    reference = Reference.of(X, src.protocol.id, None if sample is None else src.protocol.ids[rows])
     if reference is not None:
         reference.save(run.ood_path(reference_name([p for p, _ in src.parts], src.tap, src.data.task)))
 

@@ -186,11 +186,11 @@ class LoadedModel:
         path = m.run.ood_path(reference_name([p.caches[0] for p in m.parts], m.parts[0].tap, m.row.task))
         if not path.is_file():
             raise PipelineError(f"the run has no out-of-distribution reference ({path.name}): it was fit before "
-                                "they were saved, or by chunked heads only, which hold no features in memory")
+                                "they were saved")
         reference = Reference.load(path)
         if reference.protocol != m.protocol.id:
             raise PipelineError(f"{path.name} is of another protocol than the task's; fit it again")
-        ids = m.protocol.ids[m.protocol.refit()]
+        ids = m.protocol.ids[m.protocol.refit()] if reference.ids is None else np.asarray(reference.ids, dtype=object)
         return reference, np.hstack([_training_features(p, ids) for p in m.parts])
 
     def featurizer(self, k: int) -> Featurizer:
