@@ -53,6 +53,7 @@ class AuditResult:
     map_method: str
     files: dict[str, Path] = field(default_factory=dict)
     copy_rule: str = ""  # how the copies were confirmed (pipeline.copies.Copies.rule)
+    set_aside: list[str] = field(default_factory=list)  # with a run: the label issues it set aside, and the ranking then
 
     @property
     def copies(self) -> list[dict]:
@@ -72,6 +73,7 @@ class AuditResult:
                      f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
         flagged = sum(o["outlier"] for o in self.outliers)
         lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
+        lines += self.set_aside
         if "map" in self.files:
             lines.append(f"map ({self.map_method}): {self.files['map']}")
         if "page" in self.files:

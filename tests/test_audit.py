@@ -379,3 +379,35 @@ def test_an_interrupted_audit_says_that_it_wrote_nothing(planted, tmp_path, monk
                                           f"once every step has ended, so {out} holds none of them"):
         audit(planted["cache"], out, map="none", **FAST)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_audit_into_a_run_sets_aside_suspected_label_errors_and_a_refit_keeps_them_aside(planted, tmp_path):
+    """Two val labels flipped: the audit flags them, sets them aside in the run's protocol and scores the
+    rows again without them; a task no row of which is above chance keeps its images; fit again, the
+    rows still leave them out."""
+    ids = sorted(p.relative_to(planted["data"]).as_posix() for p in planted["data"].rglob("*.*") if p.name != Path(ODD).name)
+    flipped_val = ["val/red/red_001.jpg", "val/blue/blue_002.jpg"]
+    flip = {"red": "blue", "blue": "red"}
+    labels, coin = tmp_path / "noisy.csv", tmp_path / "coin.csv"
+    rng = np.random.default_rng(0)
+    with labels.open("w", newline="") as fh, coin.open("w", newline="") as gh:
+        w, c = csv.writer(fh), csv.writer(gh)
+        w.writerow(("id", "label", "split"))
+        c.writerow(("id", "label", "split"))
+        for i in ids:
+            split, label = i.split("/")[:2]
+            w.writerow((i, flip[label] if i in flipped_val else label, split))
+            c.writerow((i, rng.choice(["heads", "tails"]), split))
+    run = tmp_path / "run"
+    fit(planted["cache"], run, labels=[labels, coin], heads=["ridge", "centroid"], n_jobs=1, progress=False)
+    result = audit(planted["cache"], tmp_path / "audit", [labels, coin], run=run, map="none", **FAST)
+    [said, kept] = sorted(result.set_aside, key=lambda line: line.startswith("not"))
+    assert said.startswith(f"set aside in {run}: 2 scored images of noisy with a suspected label error "
+                           "(each row's accuracy_clean); task 'noisy' without its 3 set-aside images: best row unchanged")
+    assert kept.startswith(f"not set aside in {run}: the suspected label errors of coin, as no row of it is above chance")
+    protocol = RunFolder(run).protocol("noisy")
+    assert sorted(protocol.ids[protocol.aside]) == sorted([COPY, *flipped_val])  # the leaked copy, and the two
+    for r in [r for r in RunFolder(run).rows() if r.task == "noisy"]:
+        assert r.metrics["n_set_aside"] == 3 and r.metrics["accuracy"] < r.metrics["accuracy_clean"] == 1.0
+    again = fit(planted["cache"], run, labels=[labels], heads=["ridge", "knn"], n_jobs=1, progress=False)
+    assert {r.metrics["n_set_aside"] for r in again.rows if r.task == "noisy"} == {3}

@@ -156,11 +156,17 @@ class Protocol:
         kind, scored, names = self.task_kind, self.scored, self.names
         y_pred = np.asarray(y_pred)
         metrics = kind.evaluate(self.y[scored], y_pred, self.folds[scored], names, scores)
-        if self.aside is not None:
-            clean = ~self.aside[scored]
-            value = kind.primary_score(self.y[scored][clean], y_pred[clean], names) if clean.any() else None
-            metrics.update(zip(kind.set_aside_columns, (value, int((~clean).sum()))))
-        return dict(n_train=int(len(self.refit())), n_test=int(len(scored)), **metrics)
+        return dict(n_train=int(len(self.refit())), n_test=int(len(scored)), **metrics, **self.clean_columns(y_pred))
+
+    def clean_columns(self, y_pred: np.ndarray) -> dict:
+        """The primary metric of predictions of the scored samples without those set aside, and their
+        number (``set_aside_columns``); nothing when nothing was checked."""
+        if self.aside is None:
+            return {}
+        kind, scored, y_pred = self.task_kind, self.scored, np.asarray(y_pred)
+        clean = ~self.aside[scored]
+        value = kind.primary_score(self.y[scored][clean], y_pred[clean], self.names) if clean.any() else None
+        return dict(zip(kind.set_aside_columns, (value, int((~clean).sum()))))
 
     def primary_score(self, idx: np.ndarray, y_pred: np.ndarray) -> float:
         """The kind's primary metric of predictions of the samples ``idx`` (few-shot draws are scored so)."""

@@ -108,6 +108,8 @@ def open_task(labelled: Labelled, cv: int, seed: int, run: "RunFolder | None" = 
     if policy == "exact":
         proposed = labelled.decide(cv, seed, groups)
         check_same(stored, proposed, str(run.path))
+        if stored.aside is not None:  # what an audit set aside (suspected label errors) stays aside
+            proposed.set_aside(stored.aside)
         return proposed, proposed.group_note()
     return _within(stored, labelled, run)
 
@@ -260,6 +262,20 @@ class RunFolder:
         rows = rank_and_test(rows, self.protocols(), self.read_predictions)
         self._write_leaderboard(rows)
         return rows
+
+    def set_aside(self, task: str, samples: np.ndarray) -> list[Row]:
+        """Set ``samples`` (indices into the task's protocol) aside too, and score each of the task's rows
+        again without them from its saved predictions; the run's rows, ranked again."""
+        protocol = self.protocol(task)
+        protocol.set_aside(samples)
+        self.save_protocol(protocol)
+        rows = [r for r in self.rows() if r.task == task and r.scored and r.protocol == protocol.id and r.predictions]
+        expected = list(map(str, protocol.ids[protocol.scored]))
+        for r in rows:
+            ids, _, predicted = self.read_predictions(r)
+            if ids == expected:
+                r.metrics.update(protocol.clean_columns(predicted))
+        return self.add_rows(rows)
 
     def best_row(self, task: str | None = None) -> Row:
         """The task's best comparable row (the first task's by default): what ``predict RUN`` uses."""

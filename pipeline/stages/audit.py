@@ -36,7 +36,7 @@ from ..files import atomic_path
 from ..heads import create_head, has_head
 from ..progress import say
 from ..kinds import get_kind, list_kinds
-from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, open_task
+from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task
 from ..findings import AuditResult, TaskAudit, label_issues_file
 from ..copies import Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
@@ -128,6 +128,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
 
         result.files["page"] = write_page(result, images, cfg.top)
         if run_folder is not None:
+            result.set_aside = _set_aside_suspects(run_folder, audits)
             _record(run_folder, result, paths, labels, cfg, time.time() - started)
     return result
 
@@ -456,6 +457,30 @@ def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def _set_aside_suspects(run: RunFolder, audits: list[TaskAudit]) -> list[str]:
+    """Set aside, in the run's protocol of each task, the scored images whose label the audit flags, and
+    score the task's rows again without them: lines saying how many, and whether the ranking holds. (A
+    clean score is higher by construction, the images models disagree with being gone: it is there to
+    rank by, ``rank_clean``.) A task no row of which is above chance keeps its images."""
+    lines = []
+    for a in audits:
+        protocol = run.protocol(a.task)
+        if protocol is None or not a.issues:
+            continue
+        if not any(r.above_chance for r in run.rows() if r.task == a.task):
+            lines.append(f"not set aside in {run.path}: the suspected label errors of {a.task}, as no row of it is above "
+                         "chance (where no model learns the labels, disagreeing with one says nothing about it)")
+            continue
+        suspects = np.intersect1d(np.flatnonzero(np.isin(protocol.ids, [d["id"] for d in a.issues])), protocol.scored)
+        if not len(suspects):
+            continue
+        rows = run.set_aside(a.task, suspects)
+        holds = clean_ranking([r for r in rows if r.task == a.task]).get(a.task, "a single ranked row")
+        lines.append(f"set aside in {run.path}: {len(suspects)} scored images of {a.task} with a suspected label "
+                     f"error (each row's {get_kind(protocol.kind).set_aside_columns[0]}); {holds}")
+    return lines
 
 
 def _record(run: RunFolder, result: AuditResult, caches: list[Path], labels: Sequence, cfg: AuditConfig,
