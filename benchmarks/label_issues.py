@@ -16,6 +16,14 @@ Extracts each dataset once (lite0, ``PIPELINE_WEIGHTS_DIR``), then per seed flip
   folds over every image, ranked by self-confidence.
 
 Medians (min / max) over the seeds.
+
+With ``--kinds tags,numbers``, the same for a tags task and a numbers task made from each image's class
+(the data has no others): tags are the class and the parity of its index in sorted order
+(``parity_0``, ``parity_1``), corrupted by swapping both tags to another class's for --flip of the
+images; numbers are the class's index plus Gaussian noise (sd 0.1), corrupted by adding 2 or more.
+``audit`` ranks them with cleanlab's multi-label and regression label quality (its default heads); the
+plain script ranks out-of-fold scikit-learn probabilities (one-vs-rest ``LogisticRegression``, lowest
+given-tag probability) or absolute residuals (``RidgeCV``), 5 shuffled folds.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import FeatureCache, extract  # noqa: E402
 from pipeline.evaluation import Labelled  # noqa: E402
+from pipeline.kinds import get_kind  # noqa: E402
 from pipeline.stages.audit import joined_features, label_head, out_of_fold, rank_label_issues  # noqa: E402
 
 RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
@@ -73,6 +82,49 @@ def audit_rankings(X: np.ndarray, ids: np.ndarray, y: np.ndarray, splits: np.nda
     return ranked, protocol.eval
 
 
+def planted(labels: np.ndarray, kind: str, fraction: float, seed: int) -> tuple[list[str], np.ndarray]:
+    """Label cells of a ``kind`` task made from the class ``labels``, ``fraction`` of them (seeded)
+    corrupted, and the indices corrupted (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels))
+    index = np.searchsorted(classes, labels)
+    bad = rng.choice(len(labels), round(fraction * len(labels)), replace=False)
+    shown = index.copy()
+    shown[bad] = [(k + rng.integers(1, len(classes))) % len(classes) for k in index[bad]]
+    if kind == "multilabel":
+        return [f"{classes[k]}|parity_{k % 2}" for k in shown], bad
+    value = index + rng.normal(0, 0.1, len(labels))
+    value[bad] += 2 + rng.random(len(bad))
+    return [f"{v:.4f}" for v in value], bad
+
+
+def audit_kind_ranking(X: np.ndarray, ids: np.ndarray, cells: list[str], splits: np.ndarray, kind: str) -> list[str]:
+    """``audit``'s ranking of a ``kind`` task of label cells ``cells``, most suspicious first."""
+    y = get_kind(kind).parse(cells, list(ids))
+    protocol = Labelled("planted", kind, ids, y, splits).decide(5, 0)
+    row = {s: i for i, s in enumerate(ids)}
+    scores = out_of_fold(X[[row[i] for i in protocol.ids]], protocol, label_head(kind, "planted", None, "auto"), 5, 0)
+    return list(protocol.ids[rank_label_issues(protocol, scores)[0]])
+
+
+def plain_kind_ranking(X: np.ndarray, cells: list[str], kind: str, seed: int) -> np.ndarray:
+    """The plain script for tags (lowest out-of-fold probability of a given tag) or numbers (largest
+    out-of-fold absolute residual): indices, most suspicious first."""
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    folds = KFold(5, shuffle=True, random_state=seed)
+    if kind == "multilabel":
+        Y = MultiLabelBinarizer().fit_transform([c.split("|") for c in cells])
+        probs = cross_val_predict(OneVsRestClassifier(LogisticRegression(max_iter=2000)), X, Y, cv=folds,
+                                  method="predict_proba")
+        return np.argsort(np.where(Y == 1, probs, np.inf).min(axis=1), kind="stable")
+    y = np.array(cells, dtype=float)
+    return np.argsort(-np.abs(cross_val_predict(RidgeCV(), X, y, cv=folds) - y), kind="stable")
+
+
 def precision_at(ranked: list[str], truth: set[str]) -> float:
     return len(set(ranked[:len(truth)]) & truth) / len(truth)
 
@@ -85,6 +137,7 @@ def main() -> None:
     ap.add_argument("--flip", type=float, default=0.05)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--head", default="auto", help="audit's --head")
+    ap.add_argument("--kinds", default="classes", help="comma-separated: classes, tags, numbers")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,6 +147,19 @@ def main() -> None:
             ids, X = joined_features([c], "pooled")  # audit's features: L2-normalised
             rows = np.array([list(c.ids).index(i) for i in ids])
             labels, splits, raw = c.labels[rows].astype(str), c.splits[rows], c.features("pooled", rows)
+        kinds = args.kinds.split(",")
+        for kind in [k for k in kinds if k != "classes"]:
+            kind_name = {"tags": "multilabel", "numbers": "regression"}[kind]
+            found = {"audit": [], "plain": []}
+            for seed in range(args.seeds):
+                cells, bad = planted(labels, kind_name, args.flip, seed)
+                found["audit"].append(precision_at(audit_kind_ranking(X, ids, cells, splits, kind_name), set(ids[bad])))
+                found["plain"].append(precision_at(list(ids[plain_kind_ranking(raw, cells, kind_name, seed)]), set(ids[bad])))
+            print(f"\n{data.name} {kind}: {len(bad)} of {len(ids)} labels corrupted, {args.seeds} seeds")
+            for name, values in found.items():
+                print(f"  {name:36s} {np.median(values):.3f} ({min(values):.3f} / {max(values):.3f})")
+        if "classes" not in kinds:
+            continue
         got: dict[str, list[float]] = {}
         seconds = []
         for seed in range(args.seeds):

@@ -130,6 +130,11 @@ def test_tags_are_ranked_by_cleanlabs_multilabel_quality():
     order, _, flagged = rank_label_issues(protocol, probs)
     assert len(order) == 150 and set(order[:5]) == set(planted)
     assert set(np.flatnonzero(flagged)) >= set(planted)
+    y[:] = [(*t, "always") for t in tags]  # a tag on every image (cleanlab refused it: one class)
+    protocol = _cv_protocol("multilabel", y)
+    probs = out_of_fold(X, protocol, label_head("multilabel", "t", None), 5, 0)
+    order, _, flagged = rank_label_issues(protocol, probs)
+    assert probs.shape == (150, 3) and set(order[:5]) == set(planted) and set(np.flatnonzero(flagged)) >= set(planted)
 
 
 def test_numbers_are_ranked_by_cleanlabs_regression_quality():

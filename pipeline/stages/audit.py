@@ -268,12 +268,19 @@ def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[n
 
 
 def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's multi-label quality (each tag's self-confidence, the worst weighted most) and label issues."""
+    """cleanlab's multi-label quality (each tag's self-confidence, the worst weighted most) and label issues,
+    over the tags that some images have and others lack."""
     from cleanlab.multilabel_classification.filter import find_label_issues
     from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
-    given = [list(np.searchsorted(names, list(tags))) for tags in y]
-    return get_label_quality_scores(given, probs), find_label_issues(given, probs, n_jobs=1)
+    present = np.zeros((len(y), len(names)), bool)
+    for r, tags in enumerate(y):
+        present[r, np.searchsorted(names, list(tags))] = True
+    varied = np.flatnonzero(present.any(axis=0) & ~present.all(axis=0))  # a tag on every image or none says nothing
+    if not len(varied):
+        return np.full(len(y), np.nan), np.zeros(len(y), bool)
+    given = [list(np.flatnonzero(row[varied])) for row in present]
+    return get_label_quality_scores(given, probs[:, varied]), find_label_issues(given, probs[:, varied], n_jobs=1)
 
 
 def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
