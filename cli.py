@@ -110,6 +110,8 @@ def extract(
             f"(new {r.new}, changed {r.changed}{f', copied from caches of other sources {r.copied}' if r.copied else ''}); "
             f"{speed}; cache {r.cache}"
         )
+        if r.note:
+            tell("note", r.note)
 
 
 @app.command()
@@ -495,6 +497,18 @@ def cache_import(
     from pipeline.stages.cache_import import import_embeddings
 
     typer.echo(import_embeddings(file, out, ids, name=name, dtype=dtype, overwrite=overwrite, chunk_rows=chunk_rows).summary())
+
+
+@cache_app.command("merge")
+def cache_merge(
+    caches: Annotated[list[Path], typer.Argument(help="caches of one source, backbone and feature spec made apart (files, or folders of them such as a distributed run's *.shards folders)")],
+    out: Annotated[Path, typer.Option("--out", help="directory for the merged cache (an existing cache there of the same source and spec gains the rows)")],
+) -> None:
+    """Join caches made apart (the ranks of a torchrun without a shared file system, each writing into its
+    own node's --cache) into one cache; rows matched by id and content hash, as a resumed extraction."""
+    from pipeline.stages.cache_merge import merge_caches
+
+    typer.echo(merge_caches(caches, out).summary())
 
 
 @app.command()

@@ -26,6 +26,7 @@ _EXPORTS = {
     "spec": ("FeatureSpec",),
     "stages.audit": ("AuditConfig", "AuditResult", "audit"),
     "stages.cache_import": ("ImportResult", "import_embeddings"),
+    "stages.cache_merge": ("MergeResult", "merge_caches"),
     "stages.export": ("ExportResult", "export_model"),
     "stages.extract": ("ExtractResult", "extract"),
     "stages.finetune": ("FinetuneConfig", "FinetuneResult", "finetune"),
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .spec import FeatureSpec
     from .stages.audit import AuditConfig, AuditResult, audit
     from .stages.cache_import import ImportResult, import_embeddings
+    from .stages.cache_merge import MergeResult, merge_caches
     from .stages.export import ExportResult, export_model
     from .stages.extract import ExtractResult, extract
     from .stages.finetune import FinetuneConfig, FinetuneResult, finetune

@@ -17,9 +17,12 @@ from pipeline import FeatureCache, PipelineError, extract
 pytestmark = pytest.mark.slow  # subprocesses, kills, several processes
 
 
-def _torchrun(*args: str, **popen) -> subprocess.Popen:
+def _torchrun(*args: str, per_rank_folders: bool = False, **popen) -> subprocess.Popen:
+    """Two ranks extracting; with ``per_rank_folders``, ``{rank}`` in the arguments is each rank's number
+    (tests/rank_local_cli.py), so each writes into its own folder as nodes without a shared file system do."""
+    program = [str(Path(__file__).with_name("rank_local_cli.py"))] if per_rank_folders else ["-m", "pipeline"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline", "extract", *map(str, args), "--workers", "0", "--no-progress"]
+           *program, "extract", *map(str, args), "--workers", "0", "--no-progress"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -107,3 +110,29 @@ def test_killed_distributed_run_resumes_unfinished_rows(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-3)
+
+
+def test_ranks_without_a_shared_file_system_are_merged_by_content_hash(folder, tmp_path):
+    """Each rank writes its shard into its own folder: rank 0 writes no cache over shards it cannot see and
+    says so; `pipeline cache merge` joins the two folders into a cache equal to one process's, and a
+    second merge adds nothing."""
+    proc = _torchrun(folder, "--backbone", TINY, "--cache", tmp_path / "node{rank}", per_rank_folders=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert _counts(out) == (36, 0) and "rank 0 sees 1 of the 2 shard files, so it wrote no cache over them" in err
+    assert not list((tmp_path / "node0").glob("*.h5"))
+    shards = [next((tmp_path / f"node{r}").glob("*.shards")) for r in (0, 1)]
+    merged = run_cli("cache", "merge", *shards, "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr
+    assert re.match(r"merged 2 caches into .*: 36 rows, 36 copied, 0 already there, 0 recorded failures", merged.stdout)
+    [cache] = (tmp_path / "merged").glob("*.h5")
+    [single] = extract(folder, TINY, tmp_path / "single", workers=0, progress=False)
+    assert cache.name == single.cache.name
+    a, b = _by_id(cache), _by_id(single.cache)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-3)
+    with FeatureCache(cache) as c:
+        assert c.attrs["complete"] and set(c.splits) == {"train", "val"}
+    again = run_cli("cache", "merge", *shards, "--out", tmp_path / "merged")
+    assert "36 rows, 0 copied, 36 already there" in again.stdout, again.stderr

@@ -424,3 +424,24 @@ def test_an_interrupted_extract_says_what_it_kept_and_the_rerun_extracts_the_res
         assert f["valid"][()].sum() == 8  # the batch handed to the writer before the stop is written whole
     monkeypatch.setattr(Featurizer, "features", real)
     assert _extract(folder, tmp_path / "cache").extracted == 28
+
+
+def test_merge_refuses_caches_of_other_specs_sources_or_bytes(folder, tmp_path):
+    from pipeline import merge_caches
+
+    [a] = extract(folder, TINY, tmp_path / "a", workers=0, progress=False)
+    [b] = extract(folder, TINY, tmp_path / "b", workers=0, progress=False, dtype="float32")
+    with pytest.raises(PipelineError, match="holds features of another feature spec"):
+        merge_caches([a.cache, b.cache], tmp_path / "m")
+    other = tmp_path / "other" / "shapes"
+    shutil.copytree(folder, other)
+    make_image(other / "train" / "red" / "red_000.jpg", (10, 200, 10), 4242)  # same id, other bytes
+    [c] = extract(other, TINY, tmp_path / "c", workers=0, progress=False)
+    with pytest.raises(PipelineError, match="train/red/red_000.jpg holds other bytes in"):
+        merge_caches([a.cache, c.cache], tmp_path / "m")
+    assert not (tmp_path / "m").exists() or not list((tmp_path / "m").glob("*.h5"))
+    half = tmp_path / "half" / "shapes"
+    shutil.copytree(folder / "train", half / "train")
+    [h] = extract(half, TINY, tmp_path / "h", workers=0, progress=False)
+    result = merge_caches([h.cache, a.cache], tmp_path / "m")
+    assert (result.rows, result.copied, result.kept) == (36, 36, 0)

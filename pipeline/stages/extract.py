@@ -53,6 +53,7 @@ class ExtractResult:
     failed: int
     seconds: float
     copied: int = 0  # of ``reused``, copied from other sources' caches of the same spec (same bytes)
+    note: str = ""  # what the user must do next (a distributed run's shards to merge)
 
     @property
     def images_per_s(self) -> float:
@@ -206,9 +207,16 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
     import torch.distributed as dist
 
     dist.barrier()
+    notes = {}
     if rank == 0:
         for job in jobs:
-            write_master(job.path, [shard_path(job.path, r, world) for r in range(world)])
+            shards = [shard_path(job.path, r, world) for r in range(world)]
+            if all(s.is_file() for s in shards):
+                write_master(job.path, shards)
+            else:  # each node wrote into its own folder: no shared file system
+                notes[job.path] = (f"rank 0 sees {sum(s.is_file() for s in shards)} of the {world} shard files, so it wrote no "
+                                   f"cache over them: each node's are in its {shards[0].parent.name} folder; copy them to "
+                                   f"one machine and join them with `pipeline cache merge FOLDERS... --out DIR`")
     everyone: list = [None] * world
     dist.all_gather_object(everyone, results)
     out = []
@@ -216,7 +224,7 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
         r0 = per_backbone[0]
         out.append(ExtractResult(
             r0.backbone, r0.cache, *(sum(getattr(r, k) for r in per_backbone) for k in ("extracted", "reused", "changed", "new", "failed")),
-            max(r.seconds for r in per_backbone), sum(r.copied for r in per_backbone),
+            max(r.seconds for r in per_backbone), sum(r.copied for r in per_backbone), notes.get(r0.cache, ""),
         ))
     return out
 
