@@ -17,20 +17,31 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from pipeline.progress import tell
+try:
+    from typer._click.exceptions import UsageError  # the click that typer vendors (0.29) and parses with
+except ImportError:
+    from click.exceptions import UsageError
+
+from pipeline.progress import progress_mode, tell
 from pipeline.spec import SPEC_INPUTS
 
 
 class _Commands(TyperGroup):
     """Says why a command stopped on Ctrl-C or SIGTERM (the stage's :class:`~pipeline.errors.Interrupted`
-    line: what it kept, the command that goes on) before exit status 130, which typer would give silently."""
+    line: what it kept, the command that goes on) before exit status 130, which typer would give silently;
+    under ``--log-json``, a usage error too is one JSON line (exit status 2)."""
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
-            tell("interrupted", str(e) or "stopped")
+            tell("interrupted", str(e) or "stopped before it had finished anything to keep; the same command starts again")
             raise typer.Exit(130) from None
+        except UsageError as e:
+            if progress_mode() != "json":
+                raise
+            tell("error", e.format_message(), usage=e.ctx.command_path if e.ctx else "pipeline")
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -573,6 +584,18 @@ def main() -> None:
         reason = os.strerror(e.errno) if e.errno else e.strerror or str(e).splitlines()[0]
         tell("error", reason + (f": {e.filename}" if e.filename else ""))
         sys.exit(1)
+    finally:
+        _stop_workers()
+
+
+def _stop_workers() -> None:
+    """End joblib's worker processes now, not at interpreter exit: the command's work is done and said,
+    and a Ctrl-C during the seconds their shutdown takes at exit would print a traceback and exit 0."""
+    executor = getattr(sys.modules.get("joblib.externals.loky.reusable_executor"), "_executor", None)
+    if executor is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        executor.shutdown(wait=True, kill_workers=True)
 
 
 if __name__ == "__main__":

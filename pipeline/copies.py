@@ -79,7 +79,8 @@ class Images:
     @classmethod
     def of_cache(cls, cache, data: str | os.PathLike | None = None) -> "Images | None":
         """The images of ``cache`` (a :class:`~pipeline.cache.FeatureCache`) at ``data``, else where the
-        cache says its source is; None when that cannot be listed."""
+        cache says its source is; None when that cannot be listed. A ``data`` that cannot be listed or
+        holds none of the cache's images is refused: the user named it."""
         from .errors import PipelineError
         from .sources import load_source
 
@@ -89,7 +90,12 @@ class Images:
         try:
             source = load_source(location)
         except (PipelineError, OSError):
+            if data is not None:
+                raise
             return None
+        if data is not None and len(cache.ids) and not np.isin(cache.ids, source.ids).any():
+            raise PipelineError(f"--data {data} holds none of the images of {cache.path.name} (ids such as "
+                                f"{cache.ids[0]!r}); give the folder or manifest it was extracted from")
         return cls({s.id: s.path for s in source.samples}, dict(zip(cache.ids, cache.content_hash)))
 
     def edge_maps(self, sid: str) -> "EdgeMaps | None":

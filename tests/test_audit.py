@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, run_cli, shared_or_skip
+from conftest import TINY, make_image, run_cli, shared_or_skip
 from pipeline import FeatureCache, PipelineError, Protocol, Row, RunFolder, audit, extract, fit, neighbors
 from pipeline import similarity
 from pipeline.copies import leak_message
@@ -416,3 +416,17 @@ def test_an_audit_into_a_run_sets_aside_suspected_label_errors_and_a_refit_keeps
         assert r.metrics["n_set_aside"] == 3 and r.metrics["accuracy"] < r.metrics["accuracy_clean"] == 1.0
     again = fit(planted["cache"], run, labels=[labels], heads=["ridge", "knn"], n_jobs=1, progress=False)
     assert {r.metrics["n_set_aside"] for r in again.rows if r.task == "noisy"} == {3}
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(planted, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="--out must be a folder for the audit's files, got the file"):
+        audit(planted["cache"], tmp_path / "notes.txt", map="none", **FAST)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_data_that_holds_none_of_the_caches_images_is_refused(planted, tmp_path):
+    other = tmp_path / "other"
+    make_image(other / "x.jpg", (1, 2, 3), 5)
+    with pytest.raises(PipelineError, match=f"--data {other} holds none of the images of"):
+        audit(planted["cache"], tmp_path / "a", data=other, map="none", **FAST)

@@ -404,6 +404,10 @@ def test_a_rerun_fits_only_missing_rows_and_an_interrupted_fit_keeps_its_rows(ti
     with pytest.raises(Interrupted, match=f"1 of 2 row\\(s\\) fitted and saved in {run}; the same command fits the others"):
         fit(tiny_run["cache"], run, heads=["centroid", "ridge"], taps=["pooled"], n_jobs=1, progress=False)
     assert [r.head for r in RunFolder(run).rows()] == ["centroid"]
+    calls[:] = ["centroid"]  # the next head is the second: it stops at once
+    with pytest.raises(Interrupted, match=f"no row was fitted yet, so {tmp_path / 'new'} is not kept; the same command"):
+        fit(tiny_run["cache"], tmp_path / "new", heads=["knn", "centroid", "ridge"], taps=["pooled"], n_jobs=1, progress=False)
+    assert not (tmp_path / "new").exists()  # no protocols, no empty heads/ left
     monkeypatch.setattr(fit_module, "_fit_one", real)
     calls.clear()
     monkeypatch.setattr(fit_module, "_fit_one", lambda head, *a: calls.append(head) or real(head, *a))

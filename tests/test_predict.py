@@ -186,3 +186,10 @@ def test_a_knn_head_keeps_ids_and_reads_its_training_features_from_the_cache(tin
         assert load_head(whole).predict(X).shape == (len(X),)
     finally:
         shutil.move(moved, tiny_run["cache"])
+
+
+def test_an_out_that_cannot_be_written_is_said_before_any_model_loads(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(featurizer_module, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    image = make_image(tmp_path / "a.jpg", (200, 40, 40), 1)
+    with pytest.raises(PipelineError, match=f"--out must be a CSV file to write, got the folder {tmp_path}"):
+        predict(tiny_run["run"], [image], out=tmp_path, progress=False)

@@ -256,9 +256,10 @@ class RunFolder:
         return np.load(path)
 
     def add_rows(self, new: Sequence[Row]) -> list[Row]:
-        """Merge ``new`` into the run's rows by key, rank and test every task again, write the leaderboard."""
-        keys = {r.key for r in new}
-        rows = [r for r in self.rows() if r.key not in keys] + list(new)
+        """Merge ``new`` into the run's rows by key (a row replaced keeps its place, so the tasks keep their
+        order), rank and test every task again, write the leaderboard."""
+        by_key = {r.key: r for r in new}
+        rows = [by_key.pop(r.key, r) for r in self.rows()] + list(by_key.values())
         rows = rank_and_test(rows, self.protocols(), self.read_predictions)
         self._write_leaderboard(rows)
         return rows

@@ -97,6 +97,8 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     cfg = replace(config or AuditConfig(), **settings)
     cfg.check()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out must be a folder for the audit's files, got the file {out}")
     run_folder = RunFolder(run) if run is not None else None
     if run_folder is not None and not run_folder.exists:
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -204,6 +205,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     extra_tasks = [read_labels(p) for p in label_files(labels)]
     run = RunFolder(out)
     _check_writable(run.path)
+    made = not run.path.exists()  # by this fit: an interrupted one that kept nothing takes it away again
     load = cfg.concat or bool(shots) or heads is None or any(not is_chunked(h) for h in heads)
     stages: dict[str, float] = {}
 
@@ -254,12 +256,16 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             with _stage(stages, "fit heads"), parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
                 results = _run_jobs(jobs + [j for j in few_jobs if j is not None], cfg.n_jobs, progress, keep)
         except KeyboardInterrupt:
+            if not rows and made:
+                shutil.rmtree(run.path, ignore_errors=True)
+                raise Interrupted(f"no row was fitted yet, so {run.path} is not kept; the same command starts "
+                                  "again") from None
             raise Interrupted(f"{len(rows)} of {len(jobs)} row(s) fitted and saved in {run.path}; the same command "
                               "fits the others") from None
         stages["fit heads"] = round(stages["fit heads"] - stages.get("save heads", 0.0), 3)
         with _stage(stages, "ood reference"):
             for src in sources:
-                _save_ood_reference(run, src)
+                _save_ood_reference(run, src, cfg.chunk_rows_for(src.dims()))
     few_results = iter(results[len(jobs):])
     fewshot = [_few_summary(m, next(few_results) if job is not None else None) for m, job in zip(few_meta, few_jobs)]
     per_head: dict[str, float] = {}
@@ -607,10 +613,10 @@ def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict
                      **identity)
 
 
-def _save_ood_reference(run: RunFolder, src: _Source) -> None:
+def _save_ood_reference(run: RunFolder, src: _Source, chunk: int) -> None:
     """What ``predict``'s ``ood_score`` of the source's models is a percentile of: the nearest-neighbour
     distances among the images they train on, or a sample of them (:mod:`pipeline.ood`), read from the
-    cache when the features are not in memory."""
+    cache ``chunk`` rows at a time when the features are not in memory."""
     train = src.protocol.refit()
     sample = reference_sample(len(train))
     rows = train if sample is None else train[sample]
@@ -618,7 +624,8 @@ def _save_ood_reference(run: RunFolder, src: _Source) -> None:
         X = src.data.X[rows]
     else:
         ids = src.protocol.ids[rows]
-        X = np.hstack([cache.features(src.tap, cache.rows_of(ids)) for _, cache in src.parts])
+        X = np.vstack([np.hstack([cache.features(src.tap, cache.rows_of(ids[k:k + chunk])) for _, cache in src.parts])
+                       for k in range(0, len(ids), chunk)])
     reference = Reference.of(X, src.protocol.id, None if sample is None else src.protocol.ids[rows])
     if reference is not None:
         reference.save(run.ood_path(reference_name([p for p, _ in src.parts], src.tap, src.data.task)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -277,8 +278,11 @@ class Predictions(list):
         self.summary: list[str] = []
         if loaded.calibration is not None:
             c = loaded.calibration
-            self.summary.append(f"prediction sets for {c.coverage:.0%} coverage, calibrated on {c.n} "
+            self.summary.append(f"prediction sets for {c.coverage * 100:g}% coverage, calibrated on {c.n} "
                                 f"out-of-sample predictions (threshold {c.threshold:.4g})")
+            if math.isinf(c.threshold):
+                self.summary.append(f"coverage {c.coverage:g} needs at least {math.ceil(c.coverage / (1 - c.coverage))} "
+                                    f"calibration predictions and the run has {c.n}: every set holds everything")
         if loaded.model.run is not None:
             flagged = [r["ood"] for r in rows if r["ood"] != ""]
             self.summary.append(f"{sum(flagged)} of {len(flagged)} images are unlike the training data (ood)"
@@ -298,6 +302,8 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: 
     paths = list_images(list(images))  # before the model loads: a missing file is said at once
     if not paths:
         raise PipelineError("no images to predict on")
+    if out is not None and Path(out).is_dir():
+        raise PipelineError(f"--out must be a CSV file to write, got the folder {out}")
     loaded = LoadedModel(model, task, weights=weights, device=device, coverage=coverage,
                          ood_percentile=ood_percentile)
     rows = Predictions(loaded.predict([Sample(str(p), p) for p in paths], batch_size,
