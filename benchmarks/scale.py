@@ -19,6 +19,7 @@ The growth exponent between two sizes is log(t2 / t1) / log(n2 / n1): 1 is linea
 
     python benchmarks/scale.py --rows 50000 200000 --dims 512 --out /tmp/scale
     python benchmarks/scale.py --rows 100000 1000000 --dims 1280 --heads ridge,knn,torch-logreg --max-memory 6GB
+    python benchmarks/scale.py --rows 200000 1000000 --max-memory 512MB --skip audit  # audit holds the features whole
 """
 
 from __future__ import annotations
@@ -153,14 +154,15 @@ def one_size(n: int, a: argparse.Namespace, root: Path) -> dict:
             *exe, "fit", str(cache), "--labels", f"labels_{protocol}.csv", "--heads", a.heads, "--out",
             f"run_{protocol}", "--overwrite", *memory], here)
         stages[f"fit {protocol}"].update(scores(here / f"run_{protocol}"))
-    if memory:  # the same heads holding the features: what reading by chunks costs in accuracy
+    if memory and "fit in memory" not in a.skip:  # the same heads holding the features: what reading by chunks costs
         stages["fit in memory"] = run_stage("fit in memory", [
             *exe, "fit", str(cache), "--labels", "labels_split.csv", "--heads", a.heads, "--out", "run_memory",
             "--overwrite"], here)
         stages["fit in memory"].update(scores(here / "run_memory"))
-    stages["audit"] = run_stage("audit", [*exe, "audit", str(cache), "--labels", "labels_split.csv", "--out", "audit",
-                                          "--map", "none"], here)
-    stages["audit"].update(audit_quality(here / "audit", truth))
+    if "audit" not in a.skip:
+        stages["audit"] = run_stage("audit", [*exe, "audit", str(cache), "--labels", "labels_split.csv", "--out",
+                                              "audit", "--map", "none"], here)
+        stages["audit"].update(audit_quality(here / "audit", truth))
     for name, script, extra in (("neighbors", NEIGHBOURS, []), ("predict", PREDICT, [f"run_{a.protocols.split(',')[0]}"])):
         stages[name] = run_stage(name, [sys.executable, "-c", script, str(cache), *extra], here)
     return stages
@@ -200,6 +202,7 @@ def main() -> None:
     p.add_argument("--max-memory", default="")
     p.add_argument("--protocols", default="split,cv")
     p.add_argument("--out", type=Path, default=Path("/tmp/pipeline-scale"))
+    p.add_argument("--skip", default="", help="stages not to run, comma-separated: audit, fit in memory")
     a = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
