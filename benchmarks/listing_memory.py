@@ -4,9 +4,12 @@ never decode, so the bytes need not be images).
 
 Prints, per format: the samples, the seconds, the process's peak RSS growth, Python's traced peak
 (``tracemalloc``) per sample, and that peak less the columns a cache stores anyway (ids, label and
-split pointers, 32-byte hashes).
+split pointers, 32-byte hashes). With ``--rate``, without ``tracemalloc`` (which slows Python several
+times): the samples listed and hashed per second, the median of ``--repeats`` runs (the files cached by
+the operating system after the first; ``folder`` is a class-per-folder tree of files).
 
     python benchmarks/listing_memory.py --n 1000000 --formats shards,parquet,manifest
+    python benchmarks/listing_memory.py --n 100000 --formats folder,manifest,shards,parquet --rate
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import resource
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -27,6 +31,11 @@ from pipeline import load_source
 
 def make(fmt: str, n: int, root: Path) -> Path:
     blob = b"\xff\xd8" + bytes(300)
+    if fmt == "folder":
+        for i in range(n):
+            (root / "data" / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
+            (root / "data" / f"c{i % 10}" / f"{i:07d}.jpg").write_bytes(blob + i.to_bytes(4, "little"))
+        return root / "data"
     if fmt == "manifest":
         (root / "img").mkdir()
         with open(root / "m.csv", "w") as fh:
@@ -70,12 +79,30 @@ def measure(data: Path, n: int) -> dict:
     return dict(samples=len(src), seconds=seconds, rss_mib=rss / 1024, traced=peak / n, beyond=(peak - stored) / n)
 
 
+def rate(data: Path, repeats: int) -> tuple[int, float]:
+    """Samples, and samples listed and hashed per second (median of ``repeats``), without tracemalloc."""
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        src = load_source(data)
+        src.content_hashes()
+        speeds.append(len(src) / (time.perf_counter() - start))
+    return len(src), statistics.median(speeds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--formats", default="shards,parquet,manifest")
+    ap.add_argument("--rate", action="store_true", help="samples per second without tracemalloc")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # one format, in a process of its own (RSS is a high-water mark)
     args = ap.parse_args()
+    if args.one and args.rate:
+        with tempfile.TemporaryDirectory() as tmp:
+            n, speed = rate(make(args.one, args.n, Path(tmp)), args.repeats)
+        print(f"| {args.one} | {n:,} | {speed:,.0f} |", flush=True)
+        return
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
             data = make(args.one, args.n, Path(tmp))
@@ -83,10 +110,14 @@ def main() -> None:
         print(f"| {args.one} | {m['samples']:,} | {m['seconds']:.1f} | {m['rss_mib']:.0f} | {m['traced']:.0f} | "
               f"{m['beyond']:.0f} |", flush=True)
         return
-    print("| format | samples | list + hash s | peak RSS growth MiB | traced peak bytes/sample | beyond the cache's columns |")
-    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    if args.rate:
+        print(f"| format | samples | listed and hashed per s (median of {args.repeats}) |\n| --- | --- | --- |", flush=True)
+    else:
+        print("| format | samples | list + hash s | peak RSS growth MiB | traced peak bytes/sample | beyond the cache's columns |")
+        print("| --- | --- | --- | --- | --- | --- |", flush=True)
     for fmt in args.formats.split(","):
-        subprocess.run([sys.executable, __file__, "--n", str(args.n), "--one", fmt], check=True)
+        subprocess.run([sys.executable, __file__, "--n", str(args.n), "--one", fmt, "--repeats", str(args.repeats),
+                        *(["--rate"] if args.rate else [])], check=True)
 
 
 if __name__ == "__main__":

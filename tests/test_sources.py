@@ -220,3 +220,21 @@ def test_the_same_images_from_another_source_are_copied_not_computed(folder, tmp
     np.testing.assert_array_equal(np.stack([got[h] for h in reference]), np.stack(list(reference.values())))
     [shards] = extract(make_shards(folder, tmp_path / "shards"), TINY, tmp_path / "cache", workers=0, progress=False)
     assert (shards.copied, shards.extracted, sum(computed)) == (38, 0, 1)  # the new image too, from the parquet's cache
+
+
+def test_shards_listed_in_parallel_equal_one_process_and_keep_one_label_kind(folder, tmp_path, monkeypatch):
+    shards = make_shards(folder, tmp_path / "shards", per_shard=7)
+    parallel = load_source(shards)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    alone = load_source(shards)
+    assert list(parallel.ids) == list(alone.ids) and len(parallel) == 36
+    assert list(parallel.labels) == list(alone.labels) and list(parallel.splits) == list(alone.splits)
+    assert (parallel.hashes == alone.hashes).all()
+    assert [parallel.locate(i) for i in (0, 20, 35)] == [alone.locate(i) for i in (0, 20, 35)]
+    with tarfile.open(shards / "data-000009.tar", "w") as tar:  # after the others: its labels are tags
+        _add(tar, "x.jpg", (folder / "train" / "red" / "red_000.jpg").read_bytes())
+        _add(tar, "x.json", json.dumps({"labels": ["a", "b"]}).encode())
+    monkeypatch.undo()
+    with pytest.raises(PipelineError, match="data-000009/x: its label is a multilabel one, the shards' earlier "
+                                            "labels classification ones"):
+        load_source(shards)

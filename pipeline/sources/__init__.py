@@ -120,6 +120,15 @@ class Columns:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def extend(self, other: "Columns") -> None:
+        """Append ``other``'s samples (another part of the same listing, made elsewhere)."""
+        self.ids += other.ids
+        self.labels += map(sys.intern, other.labels)
+        self.splits += map(sys.intern, other.splits)
+        self.digests += other.digests
+        for column, more in zip(self.at, other.at):
+            column.extend(more)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, labels, splits as object arrays."""
         return tuple(np.array(v, dtype=object) for v in (self.ids, self.labels, self.splits))

@@ -7,15 +7,20 @@ extension, its label the ``cls`` member (a class name or number), else ``txt``, 
 
 Shards are read with ``tarfile`` one member at a time (the image's bytes are hashed as they pass), so
 listing holds one sample in memory; an image is read again later by its offset in the shard. A shard
-whose structure is damaged is listed up to the damage, which is recorded as a failure.
+whose structure is damaged is listed up to the damage, which is recorded as a failure. Several shards
+are listed in parallel, one process per core (parsing tar headers is Python's work, not the disk's).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import re
 import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from braceexpand import braceexpand
@@ -36,14 +41,30 @@ def _claims(path: Path) -> bool:
 def list_shards(path: Path, allow_outside_root: bool) -> ImageSource:
     shards = _shards(path)
     listing = _Listing()
-    for k, shard in enumerate(shards):
-        listing.shard(k, shard)
+    for part in _listed(shards):
+        listing.join(part)
     ids, labels, splits = listing.columns.arrays()
     shard, at, size = listing.columns.locators()
     return ImageSource(source_name(path), path if path.is_dir() else path.parent, ids, labels, splits,
                        lambda i: Member(shards[shard[i]], int(at[i]), int(size[i]), reader=read),
                        label_kind=listing.kind or "classification", hashes=listing.columns.hashes(),
                        read_errors=listing.errors)
+
+
+def _list_shard(k: int, shard: Path) -> "_Listing":
+    listing = _Listing()
+    listing.shard(k, shard)
+    return listing
+
+
+def _listed(shards: list[Path]) -> Iterator["_Listing"]:
+    """Each shard's listing, in shard order; in a process per core when there are several."""
+    processes = min(len(shards), os.cpu_count() or 1)
+    if processes < 2:
+        yield from (_list_shard(k, s) for k, s in enumerate(shards))
+        return
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(_list_shard, range(len(shards)), shards)
 
 
 def _shards(path: Path) -> list[Path]:
@@ -64,6 +85,15 @@ class _Listing:
         self.columns = Columns(locators=3)  # shard, data offset, size
         self.errors: dict[str, str] = {}
         self.kind: str | None = None
+
+    def join(self, part: "_Listing") -> None:
+        """Append the listing of the next shard(s)."""
+        if part.kind is not None and self.kind not in (None, part.kind):
+            raise PipelineError(f"{part.columns.ids[0]}: its label is a {part.kind} one, the shards' earlier labels "
+                                f"{self.kind} ones")
+        self.kind = self.kind or part.kind
+        self.columns.extend(part.columns)
+        self.errors.update(part.errors)
 
     def shard(self, k: int, shard: Path) -> None:
         stem = shard.name[:-len(".tar")] if shard.name.endswith(".tar") else shard.stem
