@@ -222,8 +222,9 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
     out = []
     for per_backbone in zip(*everyone):
         r0 = per_backbone[0]
+        written = r0.cache if r0.cache not in notes else shard_path(r0.cache, rank, world).parent  # no cache over them
         out.append(ExtractResult(
-            r0.backbone, r0.cache, *(sum(getattr(r, k) for r in per_backbone) for k in ("extracted", "reused", "changed", "new", "failed")),
+            r0.backbone, written, *(sum(getattr(r, k) for r in per_backbone) for k in ("extracted", "reused", "changed", "new", "failed")),
             max(r.seconds for r in per_backbone), sum(r.copied for r in per_backbone), notes.get(r0.cache, ""),
         ))
     return out
