@@ -192,3 +192,39 @@ def test_sweep_goes_to_a_running_dask_cluster(tiny_run, tmp_path):
     rows = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
     # rows of equal accuracy are ranked by their fit time, which differs from run to run
     assert sorted((x["head"], x["accuracy"]) for x in rows) == sorted((x.head, x.metrics["accuracy"]) for x in tiny_run["fit"].rows)
+
+
+@pytest.mark.slow
+def test_dask_workers_read_their_own_chunks_under_max_memory(tiny_run, tmp_path, monkeypatch):
+    """Over --max-memory the features are never loaded, so a job sent to a Dask worker carries the rows'
+    indices and labels, not their features, and the worker reads its chunks from the cache; the rows
+    equal loky's."""
+    import h5py
+
+    distributed = pytest.importorskip("distributed")
+    import cloudpickle  # what distributed pickles tasks with (a dependency of it)
+    from pipeline.stages import fit as fit_module
+    from test_conformal import Blobs, _generated_cache
+
+    with h5py.File(tiny_run["cache"]) as f:
+        blobs = Blobs(2, f["features/pooled"].shape[1])
+    X, y, _ = blobs.draw(2000)
+    cache = tmp_path / tiny_run["cache"].name
+    _generated_cache(tiny_run["cache"], cache, X, y, np.array(["train"] * 1600 + ["val"] * 400))
+    sent, real = {}, fit_module._run_jobs
+
+    def measured(jobs, *args, **kwargs):
+        sent.setdefault("bytes", []).append(max(len(cloudpickle.dumps(job)) for job in jobs))
+        return real(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "_run_jobs", measured)
+    heads = ["ridge", "torch-logreg"]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        on_dask = fit(cache, tmp_path / "dask", heads=heads, max_memory="1MB", backend="dask",
+                      cluster=cluster.scheduler_address, n_jobs=2, progress=False)
+    held = fit(cache, tmp_path / "held", heads=heads, n_jobs=1, progress=False)
+    by_chunks, in_memory = sent["bytes"]
+    assert X.nbytes == 2000 * 256 * 4 and in_memory > X.nbytes > 10 * by_chunks  # the features travel only when held
+    loky = fit(cache, tmp_path / "loky", heads=heads, max_memory="1MB", n_jobs=1, progress=False)
+    assert [(r.head, r.metrics["accuracy"]) for r in on_dask.rows] == [(r.head, r.metrics["accuracy"]) for r in loky.rows]
+    assert {r.head: round(r.metrics["accuracy"], 2) for r in on_dask.rows} == {r.head: round(r.metrics["accuracy"], 2) for r in held.rows}
