@@ -46,6 +46,12 @@ def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec
     return Path(cache_dir) / f"{source_name}__{re.sub(r'[^A-Za-z0-9._=-]+', '_', spec.backbone)}__{spec.key}.h5"
 
 
+def whole_digests(hashes: np.ndarray) -> np.ndarray:
+    """sha256 digests as their 32 bytes each (an object array): numpy's fixed-width bytes drop trailing
+    zero bytes, which would make one digest in 256 compare unequal to the same digest read elsewhere."""
+    return np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in hashes], dtype=object)
+
+
 def same_spec_caches(path: Path) -> list[Path]:
     """The other caches in ``path``'s folder made with the same backbone and feature spec (other sources'),
     whose rows may hold the features of the same images."""
@@ -205,9 +211,8 @@ class FeatureCache:
 
     @cached_property
     def content_hash(self) -> np.ndarray:
-        """Each row's sha256 as the 32 bytes ``data.content_hash`` returns (numpy's fixed-width bytes drop
-        trailing zero bytes, which would make one digest in 256 compare unequal)."""
-        return np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in self._file["content_hash"][()]], dtype=object)
+        """Each row's sha256 as the 32 bytes ``data.content_hash`` returns (see :func:`whole_digests`)."""
+        return whole_digests(self._file["content_hash"][()])
 
     @cached_property
     def _row_of_id(self) -> dict[str, int]:
@@ -391,7 +396,7 @@ class CacheWriter:
         listed by another source (a parquet file of a folder's images) cost no forward pass. A cache being
         written, or of another version, is passed over."""
         left = np.ones(len(plan.todo), bool)
-        wanted = np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in np.asarray(hashes, _HASH)[plan.indices]], dtype=object)
+        wanted = whole_digests(np.asarray(hashes, _HASH)[plan.indices])
         for path in others:
             if not left.any():
                 break

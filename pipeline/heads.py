@@ -106,7 +106,6 @@ class _CappedNeighbours:
         return self
 
 
-
 class CappedKNeighborsClassifier(_CappedNeighbours, KNeighborsClassifier):
     __doc__ = _CappedNeighbours.__doc__
 

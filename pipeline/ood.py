@@ -7,8 +7,9 @@ neighbour). ``fit`` computes those once per cache, tap and task and saves them i
 ood_path``); ``predict`` reads the training features from the cache and searches them
 (:func:`pipeline.similarity.knn`). Above :data:`REFERENCE_ROWS` training images both sides use one seeded
 sample of them (its ids saved with the reference): the percentile compares like with like, and neither
-``fit`` nor ``predict`` holds more than that many rows, whatever the training set's size. An image from the training distribution is past the 99th percentile
-1 % of the time; one from elsewhere (another data set, a broken camera) mostly is.
+``fit`` nor ``predict`` holds more than that many rows, whatever the training set's size. An image from
+the training distribution is past the 99th percentile 1 % of the time; one from elsewhere (another data
+set, a broken camera) mostly is.
 """
 
 from __future__ import annotations
