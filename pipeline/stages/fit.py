@@ -245,12 +245,15 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         rows: list[Row] = []
 
         def keep(n: int, res: dict) -> None:
-            """Save a finished row at once (its head, predictions, leaderboard line): an interrupted fit keeps it."""
+            """Save a finished row at once (its head, predictions, leaderboard line): an interrupted fit keeps
+            it. What was saved then leaves memory (a row's scores alone are images x classes)."""
             if n < len(jobs):
                 with _stage(stages, "save heads"):
                     rows.append(_row(run, *meta[n], params.get(meta[n][1]), res, cfg.portable))
                     run.add_rows(rows[-1:])
                 _say_row(rows[-1], n, len(jobs))
+                for saved in ("estimator", "y_pred", "scores"):
+                    res.pop(saved, None)
 
         try:
             with _stage(stages, "fit heads"), parallel_backend(cfg.backend, cfg.cluster, cfg.n_jobs):
