@@ -124,7 +124,7 @@ def test_ranks_without_a_shared_file_system_are_merged_by_content_hash(folder, t
     shards = [next((tmp_path / f"node{r}").glob("*.shards")) for r in (0, 1)]
     merged = run_cli("cache", "merge", *shards, "--out", tmp_path / "merged")
     assert merged.returncode == 0, merged.stderr
-    assert re.match(r"merged 2 caches into .*: 36 rows, 36 copied, 0 already there, 0 recorded failures", merged.stdout)
+    assert re.match(r"merged 2 cache\(s\) into .*: 36 rows, 36 copied, 0 already there, 0 recorded failures", merged.stdout)
     [cache] = (tmp_path / "merged").glob("*.h5")
     [single] = extract(folder, TINY, tmp_path / "single", workers=0, progress=False)
     assert cache.name == single.cache.name

@@ -445,3 +445,5 @@ def test_merge_refuses_caches_of_other_specs_sources_or_bytes(folder, tmp_path):
     [h] = extract(half, TINY, tmp_path / "h", workers=0, progress=False)
     result = merge_caches([h.cache, a.cache], tmp_path / "m")
     assert (result.rows, result.copied, result.kept) == (36, 36, 0)
+    again = merge_caches([a.cache, a.cache], tmp_path / "m")  # another part first (its images elsewhere), named twice
+    assert (again.parts, again.rows, again.copied, again.kept) == (1, 36, 0, 36)

@@ -4,8 +4,9 @@ into that node's own ``--cache`` folder (rank 0 cannot see the others, so it wri
 copied to one machine, ``pipeline cache merge`` joins them into a plain cache. Also for caches of two
 halves of a source extracted on two machines.
 
-Rows are matched by id and content hash, as a resumed extraction matches them: an id whose bytes differ
-between two caches is refused, naming both; a row already valid in the target is kept; the others' features
+Caches are of one source when they carry its name (``extract --name``; each may have listed another
+folder or manifest). Rows are matched by id and content hash, as a resumed extraction matches them: an id
+whose bytes differ between two caches is refused, naming both; a row already valid in the target is kept; the others' features
 are copied from the first cache that holds them valid (:meth:`pipeline.cache.CacheWriter.copy_from`), and
 failures recorded by the caches are recorded again. Running it again with more caches adds their rows.
 """
@@ -36,7 +37,7 @@ class MergeResult:
     failed: int
 
     def summary(self) -> str:
-        return (f"merged {self.parts} caches into {self.cache}: {self.rows} rows, {self.copied} copied, "
+        return (f"merged {self.parts} cache(s) into {self.cache}: {self.rows} rows, {self.copied} copied, "
                 f"{self.kept} already there, {self.failed} recorded failures")
 
 
@@ -65,15 +66,18 @@ class _Part:
 def merge_caches(caches: Sequence[str | os.PathLike], out: str | os.PathLike) -> MergeResult:
     """Join ``caches`` (files, or folders of them, e.g. the ``*.shards`` folders of a distributed run)
     into the cache of their source and spec in the folder ``out``."""
-    parts = [_Part.read(p) for p in find_caches(list(caches))]
+    parts = [_Part.read(p) for p in dict.fromkeys(p.resolve() for p in find_caches(list(caches)))]
     first = _check_alike(parts)
     ids, labels, splits, hashes = _union(parts)
     source = ImageSource(first.attrs.get("source", ""), Path(out), ids, labels, splits, lambda i: None,
                          label_kind=first.attrs.get("label_kind", "classification"), hashes=hashes)
     target = cache_path(out, source.name, first.spec)
+    # A new cache records where its first part's images are (for the copy check's pixels); an existing one
+    # keeps its own: the parts of one source made apart may each name another folder or manifest.
+    location = "" if target.exists() else str(first.attrs.get("source_location", ""))
     Path(out).mkdir(parents=True, exist_ok=True)
     with CacheWriter(target, first.spec, first.attrs.get("weights_source", ""), source.name, first.taps,
-                     location=str(first.attrs.get("source_location", ""))) as writer:
+                     location=location) as writer:
         plan = writer.sync(source, hashes)
         left = writer.copy_from([p.path for p in parts if p.path != target], plan, hashes)
         missing = set(ids[left.indices])

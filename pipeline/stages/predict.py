@@ -302,7 +302,7 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: 
     paths = list_images(list(images))  # before the model loads: a missing file is said at once
     if not paths:
         raise PipelineError("no images to predict on")
-    if out is not None and Path(out).is_dir():
+    if out is not None and (Path(out).is_dir() or str(out).endswith(("/", os.sep))):
         raise PipelineError(f"--out must be a CSV file to write, got the folder {out}")
     loaded = LoadedModel(model, task, weights=weights, device=device, coverage=coverage,
                          ood_percentile=ood_percentile)

@@ -43,6 +43,9 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
     compare them with the stored ones. ``weights`` replaces the weights the spec names (a mismatch is
     a problem); without it they are found as ``predict`` finds them."""
     report = VerifyReport(Path(path))
+    if report.path.is_dir():
+        names = ", ".join(p.name for p in sorted(report.path.glob("*.h5"))) or "none"
+        raise PipelineError(f"{report.path} is a folder; give one cache file in it (*.h5 there: {names})")
     _check_schema(report)
     if report.problems or sample <= 0:
         return report
