@@ -46,6 +46,13 @@ def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec
     return Path(cache_dir) / f"{source_name}__{re.sub(r'[^A-Za-z0-9._=-]+', '_', spec.backbone)}__{spec.key}.h5"
 
 
+def refuse_folder(path: Path) -> None:
+    """A folder where one cache file is wanted is refused, naming the caches in it."""
+    if path.is_dir():
+        names = ", ".join(p.name for p in sorted(path.glob("*.h5"))) or "none"
+        raise PipelineError(f"{path} is a folder; give one cache file in it (*.h5 there: {names})")
+
+
 def whole_digests(hashes: np.ndarray) -> np.ndarray:
     """sha256 digests as their 32 bytes each (an object array): numpy's fixed-width bytes drop trailing
     zero bytes, which would make one digest in 256 compare unequal to the same digest read elsewhere."""
@@ -136,9 +143,7 @@ class FeatureCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if self.path.is_dir():
-            names = ", ".join(p.name for p in sorted(self.path.glob("*.h5"))) or "none"
-            raise PipelineError(f"{self.path} is a folder; give one cache file in it (*.h5 there: {names})")
+        refuse_folder(self.path)
         try:
             # Checked first: where HDF5's locking is off (no file locks), only the lock file tells.
             self._refuse_while_written()

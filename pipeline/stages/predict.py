@@ -94,12 +94,17 @@ def load_head(path: str | os.PathLike):
     :meth:`pipeline.heads._CappedNeighbours.without_rows`)."""
     head = read_head(path)
     if getattr(head, "needs_rows", False):
-        try:
-            head.with_rows(np.hstack([_training_features(p, head.training_ids_) for p in resolve_model(path).parts]))
-        except PipelineError as e:
-            raise PipelineError(f"{e}; this knn head reads its training features from it (a head fit with "
-                                "--portable carries them)") from None
+        _give_rows(head, resolve_model(path).parts)
     return head
+
+
+def _give_rows(head, parts: list[Part]) -> None:
+    """Give a knn head saved without its training features those of ``parts``' caches."""
+    try:
+        head.with_rows(np.hstack([_training_features(p, head.training_ids_) for p in parts]))
+    except PipelineError as e:
+        raise PipelineError(f"{e}; this knn head reads its training features from it (a head fit with "
+                            "--portable carries them)") from None
 
 
 def _numbered_row(run: RunFolder, row: int, task: str | None) -> Row:
@@ -135,7 +140,9 @@ class LoadedModel:
         self.device, self.from_cache = device, from_cache
         self._featurizers: dict[int, Featurizer] = {}
         # the scikit-learn head; None for a fine-tuned network, whose logits are the scores
-        self.head = None if self.model.head_path is None else load_head(self.model.head_path)
+        self.head = None if self.model.head_path is None else read_head(self.model.head_path)
+        if getattr(self.head, "needs_rows", False):
+            _give_rows(self.head, self.model.parts)
         self.calibration = None if coverage is None else self._calibrate(coverage)
         self.ood_percentile = ood_percentile
         self._ood: tuple[Reference, np.ndarray] | None = None
@@ -192,6 +199,8 @@ class LoadedModel:
         if reference.protocol != m.protocol.id:
             raise PipelineError(f"{path.name} is of another protocol than the task's; fit it again")
         ids = m.protocol.ids[m.protocol.refit()] if reference.ids is None else np.asarray(reference.ids, dtype=object)
+        if np.array_equal(getattr(self.head, "training_ids_", ()), ids):  # a knn head read these very rows
+            return reference, self.head._fit_X
         return reference, np.hstack([_training_features(p, ids) for p in m.parts])
 
     def featurizer(self, k: int) -> Featurizer:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones import load_backbone
-from ..cache import FeatureCache, schema_problems
+from ..cache import FeatureCache, refuse_folder, schema_problems
 from ..data import content_hash
 from ..sources import load_source
 from ..errors import PipelineError
@@ -43,9 +43,7 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
     compare them with the stored ones. ``weights`` replaces the weights the spec names (a mismatch is
     a problem); without it they are found as ``predict`` finds them."""
     report = VerifyReport(Path(path))
-    if report.path.is_dir():
-        names = ", ".join(p.name for p in sorted(report.path.glob("*.h5"))) or "none"
-        raise PipelineError(f"{report.path} is a folder; give one cache file in it (*.h5 there: {names})")
+    refuse_folder(report.path)
     _check_schema(report)
     if report.problems or sample <= 0:
         return report
