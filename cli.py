@@ -137,7 +137,7 @@ def fit(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (`pipeline heads` says which); the others load a task's features whole")] = 65536,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features a head holds, e.g. 8GB or 512MB: over it, heads that train by chunks (`pipeline heads` says which) read smaller chunks and the others are refused (their row says why)")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features the heads hold, e.g. 8GB or 512MB, shared by the jobs that run at once: over it, heads that train by chunks (`pipeline heads` says which) read smaller chunks and the others are refused (their row says why)")] = None,
     portable: Annotated[bool, typer.Option("--portable", help="knn heads carry their training features (default: they keep the images' ids, and predict reads the features from the cache, so the head file stays small)")] = False,
     concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
     shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,

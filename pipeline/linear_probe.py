@@ -211,7 +211,10 @@ def _threads_for(batch: "_Batch"):
             torch.set_num_threads(before)
 
 
-CHUNK_CELLS = 2 ** 24  # rows x problems x outputs of one logits product: bounds what autograd keeps per step
+# rows x problems x outputs of one logits product, by device type: bounds what autograd keeps per step.
+# On a CPU a product that stays in its caches is faster (torch-logreg, 50,000 x 512, 100 classes, 5 folds:
+# 43.6 s and 1.2 GB peak at 2^20 against 58.8 s and 1.5 GB at 2^24); a GPU wants large products.
+CHUNK_CELLS = {"cpu": 2 ** 20, "cuda": 2 ** 24}
 
 
 class _Batch:
@@ -329,7 +332,8 @@ class _Batch:
     def _chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         """``(rows, features)`` in chunks of at most :data:`CHUNK_CELLS` logits: slices of the tensor ``X``,
         or of each chunk read from :class:`~pipeline.batched.RowChunks`."""
-        step = max(1, CHUNK_CELLS // (self.train.shape[1] * self.outputs))
+        cells = CHUNK_CELLS.get(getattr(self.device, "type", "cpu"), CHUNK_CELLS["cpu"])
+        step = max(1, cells // (self.train.shape[1] * self.outputs))
         parts = ((slice(0, self.n), self.X),) if isinstance(self.X, torch.Tensor) else self.X
         for where, x in parts:
             x = torch.as_tensor(x, dtype=torch.float32, device=self.device)

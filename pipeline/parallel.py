@@ -28,7 +28,7 @@ def parallel_backend(backend: str = "loky", address: str | None = None, n_jobs: 
     files at the same paths."""
     if address and backend not in ("dask", "ray"):
         raise PipelineError(f"--cluster names a Dask or Ray cluster; it does not apply to --backend {backend}")
-    workers = (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
+    workers = local_workers(n_jobs)
     with ExitStack() as stack:
         if backend == "dask":
             _dask_client(stack, address, workers)
@@ -36,6 +36,12 @@ def parallel_backend(backend: str = "loky", address: str | None = None, n_jobs: 
             _ray_session(stack, address, workers)
         stack.enter_context(parallel_config(backend=backend, n_jobs=n_jobs))
         yield
+
+
+def local_workers(n_jobs: int) -> int:
+    """The processes ``n_jobs`` runs at once on this machine (all cores for -1): a local cluster's size,
+    and the number of jobs that share ``fit``'s ``--max-memory``."""
+    return (os.cpu_count() or 1) if n_jobs < 0 else max(1, n_jobs)
 
 
 def _dask_client(stack: ExitStack, address: str | None, workers: int) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -50,11 +51,14 @@ TARGET_RECALL = 0.95
 RECALL_QUERIES = 500  # the sample nprobe is calibrated on: recall's standard error about 0.3 %
 
 
-def normalized(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length as float32 (an all-zero row stays zero)."""
-    X = np.asarray(X, dtype=np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
+def normalized(X: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Rows scaled to unit length as float32 (an all-zero row stays zero); without ``copy``, a float32
+    ``X`` is scaled in place (a matrix read for this alone is then never held twice)."""
+    X = np.array(X, dtype=np.float32) if copy else np.asarray(X, dtype=np.float32)
+    norms = np.concatenate([np.linalg.norm(X[i:i + 2 ** 16], axis=1) for i in range(0, len(X), 2 ** 16)] or
+                           [np.zeros(0, np.float32)])[:, None]  # by blocks: no squared copy of the whole matrix
+    X /= np.where(norms > 0, norms, 1.0)
+    return X
 
 
 def faiss_available() -> bool:
@@ -141,7 +145,7 @@ class ChunkedIndex:
     until recall@10 reaches ``target_recall``. Pickles as faiss's own bytes."""
 
     def __init__(self, chunks: Callable[[], Iterable[np.ndarray]], seed: int = 0,
-                 target_recall: float = TARGET_RECALL, sample_values: int = 2 ** 25):
+                 target_recall: float = TARGET_RECALL, sample_values: int = 2 ** 24):
         import faiss
 
         sample, n = _first_rows(chunks(), sample_values)
@@ -186,15 +190,21 @@ class ChunkedIndex:
                 return int(nprobe)
         return self._index.nlist
 
+    @cached_property
+    def _index(self):
+        """faiss's index, rebuilt from its saved bytes at first use: a head that only travels from a
+        worker to be saved never holds both."""
+        import faiss
+
+        return faiss.deserialize_index(self.__dict__.pop("_saved"))
+
     def __getstate__(self) -> dict:
         import faiss
 
-        return dict(index=faiss.serialize_index(self._index))
+        return dict(index=self.__dict__["_saved"] if "_saved" in self.__dict__ else faiss.serialize_index(self._index))
 
     def __setstate__(self, state: dict) -> None:
-        import faiss
-
-        self._index = faiss.deserialize_index(np.asarray(state["index"], np.uint8))
+        self._saved = np.asarray(state["index"], np.uint8)
 
 
 class _ExactTop:

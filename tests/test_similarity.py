@@ -96,7 +96,10 @@ def test_knn_head_by_chunks_votes_as_the_exact_knn_from_an_index_of_bytes(tmp_pa
     np.testing.assert_allclose(head.predict_proba(X[3500:]).sum(1), 1.0)
     twin = ChunkedKNeighborsClassifier().fit(X[:3500], y[:3500])  # fit(X, y): one chunk, the same index
     np.testing.assert_array_equal(twin.predict(X[3500:]), head.predict(X[3500:]))
-    for loaded in (pickle.loads(pickle.dumps(head)), load_head(save_head(head, tmp_path / "knn.skops"))):
+    travelled = pickle.loads(pickle.dumps(head))  # as from a worker: kept as bytes until it is searched
+    assert "_index" not in travelled.index_.__dict__
+    assert pickle.dumps(travelled) == pickle.dumps(head) and "_index" not in travelled.index_.__dict__
+    for loaded in (travelled, load_head(save_head(head, tmp_path / "knn.skops"))):
         np.testing.assert_array_equal(loaded.predict_proba(X[3500:]), head.predict_proba(X[3500:]))
 
 

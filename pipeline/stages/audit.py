@@ -209,8 +209,12 @@ def joined_features(caches: list[FeatureCache], tap: str) -> tuple[np.ndarray, n
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
         position = {sid: i for i, sid in enumerate(c.ids)}
-        parts.append(normalized(c.features(tap, np.array([position[i] for i in ids]))))
-    return ids, np.hstack(parts) / np.sqrt(len(parts))
+        parts.append(normalized(c.features(tap, np.array([position[i] for i in ids])), copy=False))
+    if len(parts) == 1:
+        return ids, parts[0]
+    X = np.hstack(parts)
+    X /= np.sqrt(len(parts))
+    return ids, X
 
 
 # The head that scores the labels of one class per image unless --head names one: scikit-learn's plain L2
@@ -376,7 +380,8 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
     """The protocol of a task on the images that have features, the ranking of its labels by ``head``'s
     out-of-fold predictions, and its leaked images."""
     protocol, note = _protocol(task, data, found.row_of, run, cfg)
-    X = found.X[[found.row_of[i] for i in protocol.ids]]
+    rows = np.array([found.row_of[i] for i in protocol.ids], dtype=np.int64)
+    X = found.X if np.array_equal(rows, np.arange(len(found.X))) else found.X[rows]  # every image in order: no copy
     leaked = list(protocol.ids[leaked_rows(X, protocol.ids, protocol, found.pixels, cfg.dup_threshold, cfg.block)[0]])
     if protocol.kind not in LABEL_FINDERS:
         return TaskAudit(task.name, protocol, [], leaked, f"no label-issue finder for {protocol.kind} labels")

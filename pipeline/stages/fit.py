@@ -35,7 +35,7 @@ from ..batched import RowChunks, batchable
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
 from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name, reference_sample
-from ..parallel import parallel_backend
+from ..parallel import local_workers, parallel_backend
 from ..progress import progress_bar, say
 from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, clean_ranking, open_task
 from ..report import markdown_table, publish, time_summary, write_fewshot
@@ -72,7 +72,8 @@ class FitConfig(Settings):
     without a split, the parallel jobs and where they run, the row chunk of chunked heads, the
     concatenation of all caches as one more backbone, few-shot ``shots`` x ``draws`` (classification),
     ``overwrite`` (replace a run evaluated otherwise), ``max_memory``: the features a head may hold
-    (``8GB``; None: no bound; over it, chunked heads read chunks sized to it and the others are refused)
+    (``8GB``; None: no bound; over it, chunked heads read chunks sized to it, shared by the jobs that run
+    at once, and the others are refused)
     and ``portable``: knn heads that carry their training features (else they keep the images' ids and
     ``predict`` reads the features from the cache)."""
 
@@ -120,10 +121,12 @@ class FitConfig(Settings):
         return self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory)
 
     def chunk_rows_for(self, dims: int) -> int:
-        """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs."""
+        """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs; the
+        jobs that run at once on this machine share it (a cluster's workers each have it whole)."""
         if self.max_memory is None:
             return self.chunk_rows
-        return max(1, min(self.chunk_rows, parse_size(self.max_memory) // (CHUNK_BYTES * dims)))
+        share = parse_size(self.max_memory) // (1 if self.cluster else local_workers(self.n_jobs))
+        return max(1, min(self.chunk_rows, share // (CHUNK_BYTES * dims)))
 
 
 @dataclass
@@ -537,26 +540,45 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
     job_start = time.perf_counter()
     est = create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None)
     scored = np.concatenate([test for _, test in splits])
+    order = np.argsort(scored, kind="stable")  # in sample order, as the protocol scores
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))  # where each fold's scored rows go in that order
+    bounds = np.cumsum([0] + [len(test) for _, test in splits])
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            start, preds, scores = time.perf_counter(), [], []
+            start, preds, scores = time.perf_counter(), [], _Scores(len(order))
             models = rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit]))
             seconds = time.perf_counter() - start  # a batched head's whole fit; a generator's comes as it is iterated
             for i, (model, took) in enumerate(_timed(models)):  # a fold's model goes once it has predicted
                 seconds += took
                 if i < len(splits):
                     preds.append(rows.predict(model, splits[i][1]))
-                    scores.append(_scores(rows, model, splits[i][1]))
-            scores = None if any(s is None for s in scores) else np.concatenate(scores)
+                    scores.put(place[bounds[i]:bounds[i + 1]], _scores(rows, model, splits[i][1]))
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300],
                     job_seconds=time.perf_counter() - job_start)
-    order = np.argsort(scored, kind="stable")  # in sample order, as the protocol scores
     return dict(estimator=model, y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
-                scores=None if scores is None else scores[order], error="", warnings="; ".join(notes),
+                scores=scores.values, error="", warnings="; ".join(notes),
                 job_seconds=time.perf_counter() - job_start)
+
+
+class _Scores:
+    """A row's scores of its scored samples, in sample order, filled fold by fold as float32 (the run
+    saves them so; a row of 10^6 images x 100 classes is then 400 MB once, not 800 MB three times);
+    None once a fold gives none."""
+
+    def __init__(self, n: int):
+        self.n, self.values, self.missing = n, None, False
+
+    def put(self, at: np.ndarray, fold: np.ndarray | None) -> None:
+        if fold is None or self.missing:
+            self.missing, self.values = True, None
+            return
+        if self.values is None:
+            self.values = np.empty((self.n, *fold.shape[1:]), dtype=np.float32)
+        self.values[at] = fold
 
 
 def _timed(models: Iterable) -> Iterator[tuple[object, float]]:
