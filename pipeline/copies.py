@@ -127,10 +127,12 @@ class Images:
         return ImageOps.autocontrast(Image.fromarray(pixels).convert("L"), cutoff=1)
 
 
-def candidates(X: np.ndarray, k: int = CANDIDATE_K, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's ``k`` nearest other rows of normalised features: (sims, idx), as :func:`knn` gives them,
-    and the unique pairs ``i < j`` among them with their similarity (i, j, s), most similar first."""
-    sims, idx = knn(X, X, k, exclude=np.arange(len(X)), block=block)
+def candidates(X: np.ndarray, k: int = CANDIDATE_K, block: int = BLOCK,
+               nearest: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows of normalised features: (sims, idx), as :func:`knn` gives them
+    (the first ``k`` of ``nearest``, a search of ``X`` against itself already made), and the unique pairs
+    ``i < j`` among them with their similarity (i, j, s), most similar first."""
+    sims, idx = knn(X, X, k, exclude=np.arange(len(X)), block=block) if nearest is None else (a[:, :k] for a in nearest)
     rows = np.repeat(np.arange(len(X)), idx.shape[1])
     cols, s = idx.ravel(), sims.ravel()
     ok = cols >= 0
@@ -226,13 +228,14 @@ def _best_alignment(a: EdgeMaps, b: EdgeMaps, side: int) -> float:
 
 def find_copies(X: np.ndarray, ids: np.ndarray, images: Images | None, k: int = CANDIDATE_K,
                 among: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                embedding_cosine: float | None = None, block: int = BLOCK) -> Copies:
+                embedding_cosine: float | None = None, block: int = BLOCK,
+                nearest: tuple[np.ndarray, np.ndarray] | None = None) -> Copies:
     """The copies among the rows of normalised features ``X`` (ids ``ids``): candidates from the
     embeddings, confirmed by the pixels of ``images``; by the embeddings alone where ``images`` is None
     or cannot read the candidates' images (from ``embedding_cosine``, default :func:`embedding_threshold`).
     ``among``: a function of (i, j) arrays that says which candidate pairs matter (the rest are dropped
-    before any image is read)."""
-    sims, idx, (i, j), s = candidates(X, k, block)
+    before any image is read). ``nearest``: as :func:`candidates`."""
+    sims, idx, (i, j), s = candidates(X, k, block, nearest)
     if among is not None:
         keep = among(i, j)
         i, j, s = i[keep], j[keep], s[keep]
@@ -274,13 +277,14 @@ def leak_message(n: int, protocol: Protocol) -> str:
 
 
 def leaked(X: np.ndarray, ids: np.ndarray, protocol: Protocol, images: Images | None,
-           embedding_cosine: float | None = None, block: int = BLOCK) -> tuple[np.ndarray, Copies]:
+           embedding_cosine: float | None = None, block: int = BLOCK,
+           nearest: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Copies]:
     """The scored samples of ``protocol`` (indices in its order; ``X`` and ``ids`` in the same order)
     with a confirmed copy among the images their model trains on (the train split, or another fold),
-    and the copies looked at: only pairs across folds are."""
+    and the copies looked at: only pairs across folds are. ``nearest``: as :func:`candidates`."""
     folds = np.asarray(protocol.folds)
     copies = find_copies(X, ids, images, among=lambda i, j: folds[i] != folds[j],
-                         embedding_cosine=embedding_cosine, block=block)
+                         embedding_cosine=embedding_cosine, block=block, nearest=nearest)
     c = copies.confirmed
     ends = np.concatenate([copies.i[c], copies.j[c]])
     return np.unique(ends[folds[ends] >= 0]), copies

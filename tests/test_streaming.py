@@ -125,6 +125,16 @@ def test_max_memory_is_a_size():
     assert FitConfig(max_memory="64KB", n_jobs=2, backend="dask", cluster="tcp://h:8786").chunk_rows_for(16) == 128
 
 
+def test_a_job_under_max_memory_gives_scikit_learn_its_share_for_pairwise_distances():
+    from sklearn import get_config
+
+    from pipeline.stages.fit import _in_worker, _Warm
+
+    assert FitConfig(max_memory="512MB", n_jobs=2).working_memory() == 256 and FitConfig().working_memory() is None
+    assert _in_worker(_Warm((), 256), get_config)["working_memory"] == 256  # a knn head's search blocks
+    assert _in_worker(_Warm((), None), get_config)["working_memory"] == get_config()["working_memory"]
+
+
 def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tmp_path, monkeypatch):
     reads = []
     real = FeatureCache.features

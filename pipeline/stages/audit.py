@@ -38,7 +38,7 @@ from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task
 from ..findings import AuditResult, TaskAudit, label_issues_file
-from ..copies import Copies, Images, find_copies
+from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, knn, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
@@ -82,6 +82,11 @@ class AuditConfig(Settings):
                  cv=at_least(2), dup_threshold=optional(between(0, 1, low_open=True)), k=at_least(1), map=one_of(*MAP_METHODS),
                  map_points=at_least(10), top=at_least(1), block=at_least(1))
 
+    def neighbours(self) -> int:
+        """How many nearest others of each image the audit's one search finds: what the outliers and the
+        copies' candidates need."""
+        return max(self.k, CANDIDATE_K)
+
 
 def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
           labels: Sequence[str | os.PathLike] = (), *, run: str | os.PathLike | None = None,
@@ -114,10 +119,11 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
             audits.append(_audit_task(task, task_data, head, found, run_folder, cfg))
             step.done(f"task {task.name}: labels ranked by {head}, {len(audits[-1].issues)} flagged; "
                       f"{len(audits[-1].leaked)} scored images leaked")
-        copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block)
+        copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block,
+                             nearest=found.nearest(cfg.neighbours(), cfg.block))
         duplicates = duplicate_rows(copies, found.ids, found.splits)
         step.done(f"copies: {int(copies.confirmed.sum())} pairs confirmed of {len(duplicates)} listed")
-        outliers = find_outliers(found.X, found.ids, found.labels, found.splits, cfg.k, cfg.block)
+        outliers = find_outliers(found.ids, found.labels, found.splits, found.nearest(cfg.neighbours(), cfg.block), cfg.k)
         step.done(f"outliers: {sum(bool(o['outlier']) for o in outliers)} of {len(outliers)} images beyond the fence")
         result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
         step.writing = True
@@ -171,10 +177,18 @@ class _Found:
     splits: np.ndarray
     tasks: list[tuple[Task, TaskData]]
     pixels: Images | None  # the images, for the copies' pixel check (None where unreachable)
+    _nearest: tuple[np.ndarray, np.ndarray] | None = None
 
     @cached_property
     def row_of(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.ids)}
+
+    def nearest(self, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every image's ``k`` nearest others (similarities, indices): one search, made at the first ask
+        and shared by the leak check, the copies and the outliers (each takes the first columns it needs)."""
+        if self._nearest is None or self._nearest[1].shape[1] < min(k, len(self.ids) - 1):
+            self._nearest = knn(self.X, self.X, k, exclude=np.arange(len(self.X)), block=block)
+        return self._nearest
 
     def colour(self) -> np.ndarray:
         """What the map colours points by: the first task's labels ("" where it has none)."""
@@ -335,12 +349,13 @@ def duplicate_rows(copies: Copies, ids: np.ndarray, splits: np.ndarray) -> list[
     return sorted(rows, key=lambda r: (not r["confirmed"], not r["cross"], -r["similarity"]))
 
 
-def find_outliers(X: np.ndarray, ids: np.ndarray, labels: np.ndarray, splits: np.ndarray, k: int,
-                  block: int = BLOCK) -> list[dict]:
-    """Every image's outlier score, the mean cosine distance to its ``k`` nearest other images, most
-    outlying first; ``outlier`` marks scores beyond the upper fence (Q3 + 1.5 IQR)."""
-    sims, idx = knn(X, X, k, exclude=np.arange(len(X)), block=block)
-    score = 1.0 - np.nanmean(sims, axis=1) if len(X) > 1 else np.zeros(len(X))
+def find_outliers(ids: np.ndarray, labels: np.ndarray, splits: np.ndarray, nearest: tuple[np.ndarray, np.ndarray],
+                  k: int) -> list[dict]:
+    """Every image's outlier score, the mean cosine distance to its ``k`` nearest other images (the
+    first ``k`` of ``nearest``, each image's nearest others by similarity), most outlying first;
+    ``outlier`` marks scores beyond the upper fence (Q3 + 1.5 IQR)."""
+    sims, idx = (a[:, :k] for a in nearest)
+    score = 1.0 - np.nanmean(sims, axis=1) if len(ids) > 1 else np.zeros(len(ids))
     q1, q3 = np.percentile(score, [25, 75])
     fence = q3 + 1.5 * (q3 - q1)
     rows = [dict(id=ids[i], label=labels[i], split=splits[i], score=round(float(score[i]), 4),
@@ -382,7 +397,9 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
     protocol, note = _protocol(task, data, found.row_of, run, cfg)
     rows = np.array([found.row_of[i] for i in protocol.ids], dtype=np.int64)
     X = found.X if np.array_equal(rows, np.arange(len(found.X))) else found.X[rows]  # every image in order: no copy
-    leaked = list(protocol.ids[leaked_rows(X, protocol.ids, protocol, found.pixels, cfg.dup_threshold, cfg.block)[0]])
+    nearest = found.nearest(cfg.neighbours(), cfg.block) if X is found.X else None
+    leaked = list(protocol.ids[leaked_rows(X, protocol.ids, protocol, found.pixels, cfg.dup_threshold, cfg.block,
+                                           nearest)[0]])
     if protocol.kind not in LABEL_FINDERS:
         return TaskAudit(task.name, protocol, [], leaked, f"no label-issue finder for {protocol.kind} labels")
     scores = out_of_fold(X, protocol, head, cfg.cv, cfg.seed)

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from joblib import Parallel, delayed
 from joblib.parallel import get_active_backend
+from sklearn import config_context
 from sklearn.base import clone
 
 from ..cache import FeatureCache, find_caches
@@ -121,12 +122,19 @@ class FitConfig(Settings):
         return self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory)
 
     def chunk_rows_for(self, dims: int) -> int:
-        """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs; the
-        jobs that run at once on this machine share it (a cluster's workers each have it whole)."""
+        """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs."""
         if self.max_memory is None:
             return self.chunk_rows
-        share = parse_size(self.max_memory) // (1 if self.cluster else local_workers(self.n_jobs))
-        return max(1, min(self.chunk_rows, share // (CHUNK_BYTES * dims)))
+        return max(1, min(self.chunk_rows, self._share() // (CHUNK_BYTES * dims)))
+
+    def working_memory(self) -> int | None:
+        """scikit-learn's ``working_memory`` (MiB) for a job: its share of ``max_memory`` (None: no bound)."""
+        return None if self.max_memory is None else max(1, self._share() // 2 ** 20)
+
+    def _share(self) -> int:
+        """A job's bytes of ``max_memory``: the jobs that run at once on this machine share it (a
+        cluster's workers each have it whole)."""
+        return parse_size(self.max_memory) // (1 if self.cluster else local_workers(self.n_jobs))
 
 
 @dataclass
@@ -223,7 +231,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
         notes = _skipped(heads, by_kind, protocols) + _unseen(protocols)
         notes += [note for p in protocols.values() if (note := p.group_note())]
-        warm = tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs)
+        warm = _Warm(tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs), cfg.working_memory())
         done = {} if cfg.overwrite else _fitted(run, protocols)
         jobs, meta = [], []
         for src in sources:
@@ -411,7 +419,7 @@ def _concatenate(sources: list[_Source], n_caches: int) -> list[_Source]:
 
 
 def _fewshot_jobs(sources: list[_Source], by_kind: dict[str, list[str]], params: dict, shots: list, cfg: FitConfig,
-                  warm: tuple):
+                  warm: "_Warm"):
     """A job per (source, head, k) fitting its draws (None where k cannot be drawn), and each job's row;
     for the task kinds that draw few-shot curves."""
     jobs, meta = [], []
@@ -522,14 +530,25 @@ class _Rows:
         return cache.features(self.source.tap, self.data.rows[part])
 
 
-def _in_worker(warm: tuple[tuple[str, dict | None, str], ...], fn, *args):
+class _Warm(NamedTuple):
+    """What every job sets up first: the sweep's heads (head, params, kind) and scikit-learn's
+    ``working_memory`` in MiB (None: its default)."""
+
+    heads: tuple[tuple[str, dict | None, str], ...]
+    working_memory: int | None
+
+
+def _in_worker(warm: _Warm, fn, *args):
     """``fn(*args)`` after building every head of the sweep once, so that a worker's first job loads
     what any head imports (torch, for torch-logreg). loky takes a worker's memory baseline after its
     first job and replaces a worker that grows 300 MB beyond it: without this, each later job that first
-    imported torch got its worker replaced, and the next one paid for the import again."""
-    for head, params, kind in warm:
+    imported torch got its worker replaced, and the next one paid for the import again. Under
+    ``--max-memory`` scikit-learn's blocks of pairwise distances (a knn head's search, 1 GiB by default)
+    get the job's share of it."""
+    for head, params, kind in warm.heads:
         create_head(head, 0, params, kind)
-    return fn(*args)
+    with config_context(**({} if warm.working_memory is None else {"working_memory": warm.working_memory})):
+        return fn(*args)
 
 
 def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: list[tuple[np.ndarray, np.ndarray]],
