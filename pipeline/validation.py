@@ -42,6 +42,11 @@ def at_least(low: float) -> Rule:
     return Rule(lambda v: _number(v) and v >= low, f"at least {low:g}" if low else "0 or more")
 
 
+def jobs() -> Rule:
+    """joblib's ``n_jobs``: a count of processes, or -1 for every core (-2 all but one, ...)."""
+    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0, "a number of jobs other than 0 (-1: every core)")
+
+
 def positive() -> Rule:
     return Rule(lambda v: _number(v) and v > 0, "positive")
 

@@ -120,6 +120,8 @@ def test_max_memory_is_a_size():
     assert parse_size("512MB") == 512 * 2 ** 20 and parse_size("8GB") == 8 * 2 ** 30 and parse_size("1.5g") == 3 * 2 ** 29
     with pytest.raises(PipelineError, match="--max-memory must be a size such as 8GB or 512MB, got 'lots'"):
         FitConfig(max_memory="lots").check()
+    with pytest.raises(PipelineError, match=r"--n-jobs must be a number of jobs other than 0 \(-1: every core\), got 0"):
+        FitConfig(n_jobs=0).check()  # joblib's own error was a traceback
     assert FitConfig(max_memory="64KB", n_jobs=1).chunk_rows_for(16) == 128  # 64 KiB / (32 bytes x 16 values)
     assert FitConfig(max_memory="64KB", n_jobs=2).chunk_rows_for(16) == 64  # two jobs at once share it
     assert FitConfig(max_memory="64KB", n_jobs=2, backend="dask", cluster="tcp://h:8786").chunk_rows_for(16) == 128

@@ -44,7 +44,7 @@ from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..streaming import accumulates, fit_subsets_in_one_pass
-from ..validation import Rule, Settings, at_least, instance_of, list_of, optional
+from ..validation import Rule, Settings, at_least, instance_of, jobs, list_of, optional
 
 
 
@@ -94,7 +94,7 @@ class FitConfig(Settings):
     max_memory: str | None = None
     portable: bool = False
 
-    RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2),
+    RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2), n_jobs=jobs(),
                  chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1), max_memory=optional(SIZE))
 
     def checked(self) -> tuple[list[str] | None, dict[str, dict]]:
