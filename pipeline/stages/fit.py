@@ -584,9 +584,10 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
 
 
 class _Scores:
-    """A row's scores of its scored samples, in sample order, filled fold by fold as float32 (the run
-    saves them so; a row of 10^6 images x 100 classes is then 400 MB once, not 800 MB three times);
-    None once a fold gives none."""
+    """A row's scores of its scored samples, in sample order, filled fold by fold (a row of 10^6 images x
+    100 classes is then 800 MB once, not three times); None once a fold gives none. float64, as the
+    heads give them: a confident head's probabilities near 1 tie in float32, which moves its AUROC
+    (sgd on hymenoptera: 0.9411 against 0.9433)."""
 
     def __init__(self, n: int):
         self.n, self.values, self.missing = n, None, False
@@ -596,7 +597,7 @@ class _Scores:
             self.missing, self.values = True, None
             return
         if self.values is None:
-            self.values = np.empty((self.n, *fold.shape[1:]), dtype=np.float32)
+            self.values = np.empty((self.n, *fold.shape[1:]), dtype=fold.dtype)
         self.values[at] = fold
 
 
