@@ -55,8 +55,9 @@ def normalized(X: np.ndarray, copy: bool = True) -> np.ndarray:
     """Rows scaled to unit length as float32 (an all-zero row stays zero); without ``copy``, a float32
     ``X`` is scaled in place (a matrix read for this alone is then never held twice)."""
     X = np.array(X, dtype=np.float32) if copy else np.asarray(X, dtype=np.float32)
-    norms = np.concatenate([np.linalg.norm(X[i:i + 2 ** 16], axis=1) for i in range(0, len(X), 2 ** 16)] or
-                           [np.zeros(0, np.float32)])[:, None]  # by blocks: no squared copy of the whole matrix
+    norms = np.empty((len(X), 1), np.float32)
+    for start in range(0, len(X), 2 ** 16):  # by blocks: no squared copy of the whole matrix
+        norms[start:start + 2 ** 16, 0] = np.linalg.norm(X[start:start + 2 ** 16], axis=1)
     X /= np.where(norms > 0, norms, 1.0)
     return X
 

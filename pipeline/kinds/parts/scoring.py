@@ -71,7 +71,7 @@ class AccuracyScoring(ShuffledChance):
         return _coded_accuracy(truth, pred, perms)
 
     def _expected(self, truth: np.ndarray, pred: np.ndarray, folds: np.ndarray) -> float:
-        return expected_accuracy(truth, pred, folds)
+        return _coded_expected_accuracy(truth, pred, folds)
 
     def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
         return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
@@ -166,11 +166,15 @@ def _coded_accuracy(truth: np.ndarray, guess: np.ndarray, perms: np.ndarray | No
 def expected_accuracy(y: np.ndarray, pred: np.ndarray, folds: np.ndarray) -> float:
     """The exact expectation of ``accuracy(y, pred)`` when the predictions are shuffled within each fold:
     per fold, the sum over classes of (images of the class) x (predictions of it) / (images)."""
-    truth, guess = _class_codes(y, pred)
+    return _coded_expected_accuracy(*_class_codes(y, pred), folds)
+
+
+def _coded_expected_accuracy(truth: np.ndarray, guess: np.ndarray, folds: np.ndarray) -> float:
+    """:func:`expected_accuracy` of integer class codes (:func:`_class_codes`)."""
     k = max(truth.max(), guess.max()) + 1
     hits = sum(np.bincount(truth[f], minlength=k) @ np.bincount(guess[f], minlength=k) / np.sum(f)
                for f in (folds == fold for fold in np.unique(folds)))
-    return float(hits / len(y))
+    return float(hits / len(truth))
 
 
 def _class_codes(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
