@@ -15,6 +15,7 @@ import copy
 import hashlib
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -495,20 +496,34 @@ def _digest(X: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(X)).cast("B")).hexdigest()
 
 
+def _skops_io():
+    """``skops.io``, imported without importing torch. Its list of trusted types walks every module of
+    scikit-learn, and walking imports each package, scikit-learn's vendored array-API shim for torch too,
+    which imports torch: about 0.5 GB resident in a process that saves heads and never runs torch (fit's
+    main process). The walk skips a package whose import fails, so the shim fails while skops loads."""
+    if "skops.io" not in sys.modules and "torch" not in sys.modules:
+        shim = "sklearn.externals.array_api_compat.torch"
+        sys.modules[shim] = None  # importing it raises ImportError, which the walk ignores
+        try:
+            import skops.io
+        finally:
+            del sys.modules[shim]
+    import skops.io
+
+    return skops.io
+
+
 def save_head(estimator: BaseEstimator, path: str | os.PathLike) -> Path:
     """Write a fitted head with skops (no code runs when it is loaded)."""
-    import skops.io as sio  # imported here: it pulls in torch, which processes that only fit heads skip
-
     path = Path(path)
-    sio.dump(estimator, path)
+    _skops_io().dump(estimator, path)
     return path
 
 
 def read_head(path: str | os.PathLike) -> BaseEstimator:
     """Read a skops head, refusing any type outside :data:`TRUSTED_TYPES` (a knn head saved without its
     training features comes back without them: :func:`pipeline.load_head` gives them back)."""
-    import skops.io as sio
-
+    sio = _skops_io()
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"head file not found: {path}")

@@ -2,6 +2,8 @@
 one pass; the batched linear heads on features read by chunks; and ``fit --max-memory``."""
 
 import inspect
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +160,15 @@ def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tm
     assert "mlp holds the features in memory" in rows["mlp"].error
     assert "heads that read by chunks: logreg, knn, torch-logreg, linear-svm, ridge, sgd" in rows["mlp"].error
     assert reads and None not in reads and max(reads) <= 6
+
+
+def test_fit_s_own_process_never_imports_torch_that_only_its_jobs_run(tiny_run, tmp_path):
+    """torch-logreg is fitted by a worker; fit's own process receives, scores and saves it with numpy and
+    skops alone, so torch (about 0.45 GB resident) stays out of it: what keeps a fit under --max-memory."""
+    code = ("import sys; from pipeline import fit; "
+            f"fit({str(tiny_run['cache'])!r}, {str(tmp_path / 'run')!r}, heads=['ridge', 'torch-logreg'], n_jobs=2, "
+            "progress=False); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+    assert sorted(p.name for p in (tmp_path / "run" / "heads").glob("*torch-logreg*.skops"))
