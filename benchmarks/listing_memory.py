@@ -6,16 +6,21 @@ Prints, per format: the samples, the seconds, the process's peak RSS growth, Pyt
 (``tracemalloc``) per sample, and that peak less the columns a cache stores anyway (ids, label and
 split pointers, 32-byte hashes). With ``--rate``, without ``tracemalloc`` (which slows Python several
 times): the samples listed and hashed per second, the median of ``--repeats`` runs (the files cached by
-the operating system after the first; ``folder`` is a class-per-folder tree of files).
+the operating system after the first; ``folder`` is a class-per-folder tree of files), and the same
+for a re-run that knows the first one's file stamps (``Stamps``, as a cache keeps them: a file whose
+size and modification time are unchanged is not read again), with its cost as a share of the first's.
+The files are dated an hour back (a re-run comes later). ``--bytes`` sets each sample's size.
 
     python benchmarks/listing_memory.py --n 1000000 --formats shards,parquet,manifest
     python benchmarks/listing_memory.py --n 100000 --formats folder,manifest,shards,parquet --rate
+    python benchmarks/listing_memory.py --n 20000 --bytes 100000 --formats folder,manifest --rate
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import resource
 import statistics
 import subprocess
@@ -27,21 +32,28 @@ import tracemalloc
 from pathlib import Path
 
 from pipeline import load_source
+from pipeline.sources import Stamps
 
 
-def make(fmt: str, n: int, root: Path) -> Path:
-    blob = b"\xff\xd8" + bytes(300)
+def make(fmt: str, n: int, root: Path, size: int = 300) -> Path:
+    blob = b"\xff\xd8" + bytes(size)
+    an_hour_ago = time.time() - 3600
+
+    def write(path: Path, i: int) -> None:
+        path.write_bytes(blob + i.to_bytes(4, "little"))
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
     if fmt == "folder":
         for i in range(n):
             (root / "data" / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
-            (root / "data" / f"c{i % 10}" / f"{i:07d}.jpg").write_bytes(blob + i.to_bytes(4, "little"))
+            write(root / "data" / f"c{i % 10}" / f"{i:07d}.jpg", i)
         return root / "data"
     if fmt == "manifest":
         (root / "img").mkdir()
         with open(root / "m.csv", "w") as fh:
             fh.write("path,label\n")
             for i in range(n):
-                (root / "img" / f"{i:07d}.jpg").write_bytes(blob + i.to_bytes(4, "little"))
+                write(root / "img" / f"{i:07d}.jpg", i)
                 fh.write(f"img/{i:07d}.jpg,c{i % 10}\n")
         return root / "m.csv"
     if fmt == "shards":
@@ -70,7 +82,7 @@ def measure(data: Path, n: int) -> dict:
     tracemalloc.start()
     start = time.perf_counter()
     src = load_source(data)
-    hashes, _ = src.content_hashes()
+    hashes, _, _ = src.content_hashes()
     seconds = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -79,15 +91,19 @@ def measure(data: Path, n: int) -> dict:
     return dict(samples=len(src), seconds=seconds, rss_mib=rss / 1024, traced=peak / n, beyond=(peak - stored) / n)
 
 
-def rate(data: Path, repeats: int) -> tuple[int, float]:
-    """Samples, and samples listed and hashed per second (median of ``repeats``), without tracemalloc."""
-    speeds = []
+def rate(data: Path, repeats: int) -> tuple[int, float, float]:
+    """Samples, and samples listed and hashed per second, first and with the first's stamps known
+    (medians of ``repeats``), without tracemalloc."""
+    first, again = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         src = load_source(data)
-        src.content_hashes()
-        speeds.append(len(src) / (time.perf_counter() - start))
-    return len(src), statistics.median(speeds)
+        hashes, _, stamps = src.content_hashes()
+        first.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        load_source(data).content_hashes(known=Stamps(src.ids, stamps, hashes))
+        again.append(time.perf_counter() - start)
+    return len(src), len(src) / statistics.median(first), len(src) / statistics.median(again)
 
 
 def main() -> None:
@@ -96,28 +112,30 @@ def main() -> None:
     ap.add_argument("--formats", default="shards,parquet,manifest")
     ap.add_argument("--rate", action="store_true", help="samples per second without tracemalloc")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bytes", type=int, default=300, help="each sample's size")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # one format, in a process of its own (RSS is a high-water mark)
     args = ap.parse_args()
     if args.one and args.rate:
         with tempfile.TemporaryDirectory() as tmp:
-            n, speed = rate(make(args.one, args.n, Path(tmp)), args.repeats)
-        print(f"| {args.one} | {n:,} | {speed:,.0f} |", flush=True)
+            n, speed, rerun = rate(make(args.one, args.n, Path(tmp), args.bytes), args.repeats)
+        print(f"| {args.one} | {n:,} | {speed:,.0f} | {rerun:,.0f} | {speed / rerun:.1%} |", flush=True)
         return
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            data = make(args.one, args.n, Path(tmp))
+            data = make(args.one, args.n, Path(tmp), args.bytes)
             m = measure(data, args.n)
         print(f"| {args.one} | {m['samples']:,} | {m['seconds']:.1f} | {m['rss_mib']:.0f} | {m['traced']:.0f} | "
               f"{m['beyond']:.0f} |", flush=True)
         return
     if args.rate:
-        print(f"| format | samples | listed and hashed per s (median of {args.repeats}) |\n| --- | --- | --- |", flush=True)
+        print(f"| format | samples | listed and hashed per s | re-run, stamps known, per s | re-run's cost of the first |\n"
+              "| --- | --- | --- | --- | --- |", flush=True)
     else:
         print("| format | samples | list + hash s | peak RSS growth MiB | traced peak bytes/sample | beyond the cache's columns |")
         print("| --- | --- | --- | --- | --- | --- |", flush=True)
     for fmt in args.formats.split(","):
         subprocess.run([sys.executable, __file__, "--n", str(args.n), "--one", fmt, "--repeats", str(args.repeats),
-                        *(["--rate"] if args.rate else [])], check=True)
+                        "--bytes", str(args.bytes), *(["--rate"] if args.rate else [])], check=True)
 
 
 if __name__ == "__main__":

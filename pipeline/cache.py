@@ -1,7 +1,9 @@
 """The feature cache: one HDF5 file per (dataset, backbone, preprocessing, dtype), readable with plain h5py.
 
 Layout (see DESIGN.md): ``ids``, ``content_hash``, ``labels``, ``splits``, ``valid``, ``features/<tap>``,
-``failures`` (id, stage, reason) and attributes (schema version, backbone, weights sha256, data config,
+``failures`` (id, stage, reason), ``stamps`` (each file's size and modification time when it was hashed,
+zeros for none; a cache without it, or with one of another length, as a file edited with plain h5py may
+have, has none) and attributes (schema version, backbone, weights sha256, data config,
 taps, dtype, library versions, creation time, ``complete``).
 
 Crash safety: each batch's features are written and flushed before its ``valid`` flags are set and
@@ -30,7 +32,7 @@ from .data import HASH_BYTES, content_hash as file_hash
 from .errors import PipelineError
 from .files import atomic_path
 from .locks import CacheLock, lock_cache, lock_holder, open_h5
-from .sources import UNREADABLE, ImageSource, location_exists
+from .sources import UNREADABLE, ImageSource, Stamps, location_exists
 from .spec import FeatureSpec, spec_from_attrs
 from .workers import private_fd, release_fd
 
@@ -57,6 +59,22 @@ def whole_digests(hashes: np.ndarray) -> np.ndarray:
     """sha256 digests as their 32 bytes each (an object array): numpy's fixed-width bytes drop trailing
     zero bytes, which would make one digest in 256 compare unequal to the same digest read elsewhere."""
     return np.array([bytes(h).ljust(HASH_BYTES, b"\0") for h in hashes], dtype=object)
+
+
+def held_stamps(path: Path) -> Stamps | None:
+    """The rows of the cache ``path`` whose file's stamp was kept when it was hashed (None: none were,
+    or no cache is there), read by the run that holds its lock (a reader refuses a cache being written)."""
+    try:
+        with open_h5(path, "r") as f:
+            if not _has_stamps(f):
+                return None
+            stamps = f["stamps"][()]
+            kept = np.flatnonzero(stamps.any(axis=1))
+            if not len(kept):
+                return None
+            return Stamps(f["ids"].asstr()[()][kept].astype(object), stamps[kept], whole_digests(f["content_hash"][()][kept]))
+    except (OSError, KeyError):  # no file, not a cache: its files are read
+        return None
 
 
 def same_spec_caches(path: Path) -> list[Path]:
@@ -364,11 +382,11 @@ class CacheWriter:
             self._own_lock.release()
 
     def sync(self, source: "ImageSource", hashes: np.ndarray, read_errors: dict[str, str] | None = None,
-             retry_failed: bool = False) -> SyncResult:
+             retry_failed: bool = False, stamps: np.ndarray | None = None) -> SyncResult:
         """Match a source's samples against the stored rows; append new ones; invalidate changed ones.
 
         ``hashes[i]`` is the content hash of sample ``i`` (``UNREADABLE`` when its bytes could not be
-        read, with the reason in ``read_errors[id]``). Labels (and their kind) and splits are rewritten to
+        read, with the reason in ``read_errors[id]``); ``stamps[i]`` its file's stamp (none: zeros). Labels (and their kind) and splits are rewritten to
         the source's; rows no longer in the source keep their features (for reuse by ``predict``) and lose
         their label. A row that failed before is retried only when its bytes changed, or with
         ``retry_failed``.
@@ -385,6 +403,7 @@ class CacheWriter:
         _append_rows(f, ids[match.is_new])
         self._ids.extend(ids[match.is_new])
         _rewrite_row_facts(f, source, match.rows, hashes, stored_hashes)
+        _rewrite_stamps(f, match.rows, np.zeros((len(ids), 2), np.int64) if stamps is None else stamps)
 
         unreadable = hashes == UNREADABLE
         reasons = read_errors or {}
@@ -466,6 +485,7 @@ def _create(path: Path, spec: FeatureSpec, weights_source: str, source: str, tap
                             ("valid", bool)):
             f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(4096,))
         f.create_dataset("failures", (0,), dtype=_FAILURE, maxshape=(None,), chunks=(256,))
+        f.create_dataset("stamps", (0, 2), dtype=np.int64, maxshape=(None, 2), chunks=(4096, 2))
         f.create_group("features")
         _add_taps(f, tap_dims, spec.dtype)
         f.attrs.update(
@@ -574,7 +594,7 @@ def _append_rows(f: h5py.File, ids: np.ndarray) -> None:
     n = n_old + len(ids)
     for name in _ROW_ARRAYS:
         f[name].resize((n,))
-    for ds in f["features"].values():
+    for ds in (*f["features"].values(), *([f["stamps"]] if _has_stamps(f, n_old) else [])):
         ds.resize((n, ds.shape[1]))
     f["ids"][n_old:] = list(ids)
     f["valid"][n_old:] = False
@@ -595,6 +615,27 @@ def _rewrite_row_facts(f: h5py.File, source: "ImageSource", rows: np.ndarray, ha
     f["labels"][:] = labels
     f["splits"][:] = splits
     f.attrs["label_kind"] = source.label_kind
+
+
+def _has_stamps(f: h5py.File, n: int | None = None) -> bool:
+    """Whether ``f`` has a stamp per row (``n`` rows; by default its ids')."""
+    return "stamps" in f and f["stamps"].shape == (f["ids"].shape[0] if n is None else n, 2)
+
+
+def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
+    """Each listed row's stamp (a row the source no longer has keeps its own); written once the hashes
+    are on disk, so a run killed between the two leaves a stamp older than its hash, which only costs a
+    read. A cache without the column (made before stamps were kept), or with one of another length, gets
+    it here."""
+    _flush(f)
+    n = f["ids"].shape[0]
+    if not _has_stamps(f):
+        if "stamps" in f:
+            del f["stamps"]
+        f.create_dataset("stamps", (n, 2), dtype=np.int64, maxshape=(None, 2), chunks=(4096, 2))
+    column = f["stamps"][()]
+    column[rows] = stamps
+    f["stamps"][:] = column
 
 
 class _FailureLog:

@@ -5,6 +5,7 @@ import importlib
 import shutil
 import json
 import os
+import time
 
 import h5py
 import numpy as np
@@ -80,6 +81,61 @@ def test_changing_one_image_recomputes_only_it(folder, tmp_path):
     assert (res.extracted, res.changed, res.reused, res.new) == (1, 1, 35, 0)
     with FeatureCache(res.cache) as c:
         assert not np.allclose(c.features(rows=np.array([row])), old)
+
+
+def _age(files, seconds_ago: float) -> None:
+    when = time.time() - seconds_ago
+    for f in files:
+        os.utime(f, (when, when))
+
+
+def _reads(monkeypatch) -> list:
+    """The files whose bytes are read for their hash from now on."""
+    import pipeline.sources
+
+    reads, real = [], pipeline.sources.content_hash
+    monkeypatch.setattr(pipeline.sources, "content_hash", lambda path: reads.append(path) or real(path))
+    return reads
+
+
+def test_a_rerun_reads_only_the_files_whose_size_or_time_changed(folder, tmp_path, monkeypatch):
+    files = sorted(folder.rglob("*.jpg"))
+    _age(files, 3600)
+    _extract(folder, tmp_path / "cache")
+    reads = _reads(monkeypatch)
+    again = _extract(folder, tmp_path / "cache")
+    assert reads == [] and (again.extracted, again.reused) == (0, 36)
+
+    touched, changed, just_written = files[:3]
+    _age([touched], 1800)  # the same bytes at another time: read, and its features kept
+    make_image(changed, (40, 210, 40), 999)
+    _age([changed], 1800)
+    _age([just_written], -300)  # changed "now" (its clock ahead): no stamp is kept until it is two seconds old
+    res = _extract(folder, tmp_path / "cache")
+    assert sorted(reads) == [touched, changed, just_written]
+    assert (res.extracted, res.changed, res.reused) == (1, 1, 35)
+    reads.clear()
+    _extract(folder, tmp_path / "cache")
+    assert reads == [just_written]
+
+
+@pytest.mark.parametrize("edit", ["made before stamps were kept", "rows added with plain h5py"])
+def test_a_cache_without_a_stamp_per_row_is_read_and_gets_them_on_its_next_run(folder, tmp_path, monkeypatch, edit):
+    _age(folder.rglob("*.jpg"), 3600)
+    first = _extract(folder, tmp_path / "cache")
+    with h5py.File(first.cache, "a") as f:
+        if edit == "made before stamps were kept":
+            del f["stamps"]
+        else:
+            f["stamps"].resize((5, 2))
+    with FeatureCache(first.cache) as cache:
+        assert cache.valid.all()
+    reads = _reads(monkeypatch)
+    assert _extract(folder, tmp_path / "cache").reused == 36 and len(reads) == 36
+    reads.clear()
+    assert _extract(folder, tmp_path / "cache").reused == 36 and reads == []
+    with h5py.File(first.cache, "r") as f:
+        assert f["stamps"].shape == (36, 2) and f["stamps"][()].all()
 
 
 def test_features_do_not_depend_on_batch_composition(folder, tmp_path):

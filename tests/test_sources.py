@@ -141,7 +141,7 @@ def test_label_columns_name_the_caches_task_kind(folder, tmp_path):
 def test_content_hash_is_the_images_bytes_in_every_source(folder, tmp_path):
     table = make_parquet(folder, tmp_path / "images.parquet")
     src = load_source(table)
-    hashes, _ = src.content_hashes()
+    hashes, _, _ = src.content_hashes()
     assert bytes(hashes[0]).ljust(32, b"\0") == content_hash(src[0].path) == content_hash(folder / "train/blue/blue_000.jpg")
 
 
@@ -189,10 +189,10 @@ from pipeline.sources import load_source
 load_source(sys.argv[1]).content_hashes()  # what a process pays once (imports, the kinds registry): not measured
 tracemalloc.start()
 src = load_source(sys.argv[1])
-hashes, _ = src.content_hashes()
+hashes, _, stamps = src.content_hashes()
 _, peak = tracemalloc.get_traced_memory()
 tracemalloc.stop()
-stored = sum(len(i) + 49 + 8 for i in src.ids) + 8 * 2 * len(src) + hashes.nbytes  # ids (str objects), label/split pointers, hashes
+stored = sum(len(i) + 49 + 8 for i in src.ids) + 8 * 2 * len(src) + hashes.nbytes + stamps.nbytes  # ids (str objects), label/split pointers, hashes, stamps
 print(len(src), peak, stored)
 """
 

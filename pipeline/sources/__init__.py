@@ -19,9 +19,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from array import array
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable, Sequence
 
 import numpy as np
@@ -70,18 +72,31 @@ class ImageSource:
         return replace(self, ids=self.ids[idx], labels=self.labels[idx], splits=self.splits[idx], rows=rows,
                        hashes=None if self.hashes is None else self.hashes[idx])
 
-    def content_hashes(self, threads: int = 8) -> tuple[np.ndarray, dict[str, str]]:
-        """The sha256 of every sample's bytes (``UNREADABLE`` where they cannot be read, with the reason),
-        from the listing when it read them, else read now by ``threads`` threads."""
+    def content_hashes(self, threads: int = 8, known: "Stamps | None" = None) -> tuple[np.ndarray, dict[str, str], np.ndarray]:
+        """The sha256 of every sample's bytes (``UNREADABLE`` where they cannot be read, with the reason)
+        and each file's stamp (see :class:`Stamps`; zeros for a container's member, an unreadable file,
+        or a file changed in the last :data:`RACY_NS`), from the listing when it read them, else read
+        now by ``threads`` threads; a file whose stamp ``known`` holds is not read again."""
+        stamps = np.zeros((len(self), 2), np.int64)
         if self.hashes is not None:
-            return self.hashes, {i: r for i, r in self.read_errors.items() if i in set(self.ids)}
+            return self.hashes, {i: r for i, r in self.read_errors.items() if i in set(self.ids)}, stamps
         from concurrent.futures import ThreadPoolExecutor
 
         errors: dict[str, str] = {}
+        settled_before = time.time_ns() - RACY_NS
 
         def one(i: int) -> bytes:
+            path = self[i].path
             try:
-                return content_hash(self[i].path)
+                if isinstance(path, Member):
+                    return content_hash(path)
+                st = os.stat(path)  # before the bytes are read: a file changed meanwhile gets another stamp
+                stamp = (st.st_size, st.st_mtime_ns)
+                digest = known.digest(self.ids[i], stamp) if known is not None and S_ISREG(st.st_mode) else None
+                digest = content_hash(path) if digest is None else digest
+                if st.st_mtime_ns < settled_before:
+                    stamps[i] = stamp
+                return digest
             except OSError as e:
                 errors[self.ids[i]] = f"{type(e).__name__}: {e.strerror or e}"
                 return UNREADABLE
@@ -91,7 +106,32 @@ class ImageSource:
             for start in range(0, len(self), 256):  # by chunks: a pending task holds ~1 kB, so a chunk ~0.25 MB
                 part = range(start, min(start + 256, len(self)))
                 hashes[start:start + len(part)] = list(pool.map(one, part))
-        return hashes, errors
+        return hashes, errors, stamps
+
+
+# A stamp is kept only for a file last changed this long before it was hashed: a file rewritten within
+# its file system's time resolution of the stamp would otherwise keep it (git's "racy" files).
+RACY_NS = 2_000_000_000
+
+
+@dataclass
+class Stamps:
+    """Files a cache hashed before: each id's stamp, the file's size and modification time (ns) when it
+    was hashed, and that hash. A file whose stamp is unchanged is not read again, as git's index trusts
+    a file's stat: a re-run on an unchanged folder or manifest costs a stat per file, not a read."""
+
+    ids: np.ndarray
+    stamps: np.ndarray  # (n, 2) int64: size, mtime_ns
+    hashes: np.ndarray
+
+    @functools.cached_property
+    def _row_of(self) -> dict[str, int]:
+        return {sid: i for i, sid in enumerate(self.ids)}
+
+    def digest(self, sid: str, stamp: tuple[int, int]) -> bytes | None:
+        """The stored hash of ``sid`` when its file's stamp is still ``stamp``, else None."""
+        row = self._row_of.get(sid)
+        return None if row is None or tuple(self.stamps[row]) != stamp else self.hashes[row]
 
 
 UNREADABLE = bytes(HASH_BYTES)  # the hash stored for a sample whose bytes could not be read

@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,10 +30,10 @@ import torch
 from ..backbones import check_taps
 from ..devices import resolve_device
 from ..batches import default_workers
-from ..cache import CacheWriter, cache_path, check_master, same_spec_caches, shard_path, write_master
+from ..cache import CacheWriter, cache_path, check_master, held_stamps, same_spec_caches, shard_path, write_master
 from ..errors import Interrupted, PipelineError
 from ..featurizer import Featurizer, planned_spec
-from ..sources import ImageSource, load_source, source_location, source_name
+from ..sources import ImageSource, Stamps, load_source, source_location, source_name
 from ..locks import lock_cache
 from ..spec import SPEC_INPUTS, spec_rules
 from ..validation import at_least, name_part, optional, positive, validate_params
@@ -123,7 +123,7 @@ def extract(
         src = load_source(source, allow_outside_root)
         if world > 1:
             src = src.subset(np.fromiter((_rank_of(sid, world) == rank for sid in src.ids), bool, len(src)))
-        hashes, read_errors = src.content_hashes()
+        hashes, read_errors, stamps = src.content_hashes(known=_stamps_of(locks))
 
         jobs = []
         for name in names:
@@ -144,7 +144,7 @@ def extract(
                                                            j.fz.backbone.tap_dims(j.taps), locks.get(j.write_to),
                                                            location=source_location(source)))
                            for j in group]
-                plans = [w.copy_from(same_spec_caches(j.path), w.sync(src, hashes, read_errors, retry_failed=retry_failed),
+                plans = [w.copy_from(same_spec_caches(j.path), w.sync(src, hashes, read_errors, retry_failed, stamps),
                                      hashes) for j, w in zip(group, writers)]
                 start = time.perf_counter()
                 try:
@@ -167,6 +167,12 @@ def extract(
 
             dist.destroy_process_group()  # left to interpreter exit, gloo's threads can abort the process
     return results
+
+
+def _stamps_of(caches: Iterable[Path]) -> Stamps | None:
+    """The file stamps kept by the first of ``caches`` (those this run writes, their locks held) that
+    has any: every cache of a source hashed the same files, so one cache's stamps spare the others' reads."""
+    return next(filter(None, map(held_stamps, caches)), None)
 
 
 @dataclass

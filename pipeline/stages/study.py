@@ -134,7 +134,7 @@ def _extract_steps(s: Study, progress: bool, load: bool) -> tuple[list[Step], li
     """A step per backbone, skipped when its cache (found by the feature spec's key) already holds every
     image of the data with the same bytes; and the caches (those known: see :func:`_planned`)."""
     src = load_source(s.data)
-    digests, _ = src.content_hashes()
+    digests, _, _ = src.content_hashes()
     hashes = {sid: bytes(h).ljust(HASH_BYTES, b"\0") for sid, h in zip(src.ids, digests)}
     settings = {k: v for k, v in s.extract.items() if k != "taps"}
     taps = check_taps(s.extract.get("taps", ("pooled",)))
