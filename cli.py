@@ -377,6 +377,7 @@ def audit(
     k: Annotated[int, typer.Option("-k", "--k", help="nearest neighbours the outlier score averages over")] = 10,
     map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
     top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB: it holds every image's features, so over it the audit is refused before any work")] = None,
 ) -> None:
     """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),
     near-duplicates across splits, outliers, a map; one page to look at, audit.html."""
@@ -384,8 +385,7 @@ def audit(
     from pipeline.evaluation import RunFolder
 
     result = run_audit(caches, out, labels or [], run=run, data=data, tap=tap, head=head, cv=cv, seed=seed,
-                       dup_threshold=dup_threshold, k=k, map=map_method,
-                       top=top)
+                       dup_threshold=dup_threshold, k=k, map=map_method, top=top, max_memory=max_memory)
     for line in result.lines():
         typer.echo(line)
     if run is not None:

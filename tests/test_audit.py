@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from conftest import TINY, make_image, run_cli, shared_or_skip
 from pipeline import FeatureCache, PipelineError, Protocol, Row, RunFolder, audit, extract, fit, neighbors
 from pipeline import similarity
 from pipeline.copies import leak_message
-from pipeline.stages.audit import CLASS_LABEL_HEAD, joined_features, label_head, out_of_fold, rank_label_issues
+from pipeline.stages.audit import CLASS_LABEL_HEAD, COPIES, joined_features, label_head, out_of_fold, rank_label_issues
 
 featurizer_module = import_module("pipeline.featurizer")
 FLIPPED = ("train/red/red_003.jpg", "train/blue/blue_005.jpg")
@@ -279,11 +280,27 @@ def test_audit_scores_on_a_runs_protocol_and_the_report_links_it(planted, tmp_pa
     (dict(map="pca"), "--map must be one of auto, umap, tsne, none, got 'pca'"),
     (dict(k=0), "--k must be at least 1, got 0"),
     (dict(run="nowhere"), "nowhere is not a fit run folder"),
+    (dict(max_memory="lots"), "--max-memory must be a size such as 8GB or 512MB, got 'lots'"),
 ])
 def test_bad_settings_are_refused_before_any_work(planted, tmp_path, settings, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         audit(planted["cache"], tmp_path / "a", **settings)
     assert not (tmp_path / "a").exists()
+
+
+def test_features_over_max_memory_are_refused_before_any_work_and_the_bound_is_recorded(planted, tmp_path):
+    with FeatureCache(planted["cache"]) as c:
+        rows, dims = int(c.valid.sum()), c.info()["taps"]["pooled"]
+    need = rows * dims * 4 * COPIES
+    with pytest.raises(PipelineError, match=re.escape(f"{rows} x {dims} float32 with its copies, {need / 2 ** 20:,.0f} MB, "
+                                                      f"exceed --max-memory {need - 1}B")):
+        audit(planted["cache"], tmp_path / "a", max_memory=f"{need - 1}B")
+    assert not (tmp_path / "a").exists()
+    run = tmp_path / "run"
+    fit(planted["cache"], run, heads=["centroid"], n_jobs=1, progress=False)
+    audit(planted["cache"], tmp_path / "b", run=run, max_memory=f"{need}B", map="none", **FAST)
+    recorded = [e for e in json.loads((run / "run.json").read_text()) if e["stage"] == "audit"]
+    assert recorded[-1]["parameters"]["max_memory"] == f"{need}B"
 
 
 def test_neighbors_of_cached_and_new_images(planted, tmp_path):

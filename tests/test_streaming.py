@@ -14,7 +14,8 @@ from pipeline.batched import RowChunks
 from pipeline.cache import FeatureCache
 from pipeline.errors import PipelineError
 from pipeline.heads import create_head, fit_by_chunks, fit_subsets
-from pipeline.stages.fit import FitConfig, fit, parse_size
+from pipeline.stages.fit import FitConfig, fit
+from pipeline.validation import parse_size
 from pipeline.streaming import (Moments, StreamingRidge, StreamingRidgeClassifier, fit_subsets_in_one_pass, ridge_path,
                                 squared_error)
 

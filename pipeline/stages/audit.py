@@ -25,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,9 +42,12 @@ from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, knn, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Rule, Settings, at_least, between, one_of, optional, unknown
+from ..validation import Rule, Settings, at_least, between, one_of, optional, parse_size, size, unknown
 
 MAP_METHODS = ("auto", "umap", "tsne", "none")
+# float32 copies of the joined features an audit holds at its peak: the features, the search index's
+# copy, a fold's rows and the label head's copy (200,000 x 512: the peak less the imports is 3.1 of them)
+COPIES = 4
 
 
 def scores_labels(head: str, kind: str) -> bool:
@@ -64,7 +67,9 @@ class AuditConfig(Settings):
     :func:`label_head`) and the folds and seed of a task without a split (or of its training images);
     the cosine from which two images are copies when their pixels cannot be read (None: the cache's own,
     see :mod:`pipeline.copies`); the neighbours an outlier score averages over; the map's method and
-    most points; how many examples of each finding the page shows; the search block."""
+    most points; how many examples of each finding the page shows; the search block; ``max_memory``, the
+    bound on the features and their copies (``8GB``; None: none): the audit holds every image's
+    features, so over it the audit is refused before any work."""
 
     tap: str = "pooled"
     head: str = "auto"
@@ -76,11 +81,20 @@ class AuditConfig(Settings):
     map_points: int = 5000
     top: int = 24
     block: int = BLOCK
+    max_memory: str | None = None
 
     RULES = dict(head=Rule(_label_head_name, "auto, run, a head with class probabilities (logreg, torch-logreg, sgd, ...) "
                                              "or one of tags or numbers (ridge, ...)"),
                  cv=at_least(2), dup_threshold=optional(between(0, 1, low_open=True)), k=at_least(1), map=one_of(*MAP_METHODS),
-                 map_points=at_least(10), top=at_least(1), block=at_least(1))
+                 map_points=at_least(10), top=at_least(1), block=at_least(1), max_memory=optional(size()))
+
+    def check_fits(self, rows: int, dims: int) -> None:
+        """Refuse ``rows`` x ``dims`` features whose copies exceed ``max_memory``."""
+        need = rows * dims * 4 * COPIES
+        if self.max_memory is not None and need > parse_size(self.max_memory):
+            raise PipelineError(f"audit holds every image's features in memory (its searches and label head read them "
+                                f"whole): {rows} x {dims} float32 with its copies, {need / 2 ** 20:,.0f} MB, exceed "
+                                f"--max-memory {self.max_memory}; give it more (audit does not read by chunks yet)")
 
     def neighbours(self) -> int:
         """How many nearest others of each image the audit's one search finds: what the outliers and the
@@ -111,7 +125,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     with step.said_when_stopped(out):
         images = _image_paths(data)
         paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
-        found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg.tap, data)
+        found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg, data)
         heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
         step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks")
         audits = []
@@ -196,10 +210,10 @@ class _Found:
         return np.array([str(by_id.get(i, "")) for i in self.ids], dtype=object)
 
 
-def _load(paths: list[Path], extra: list[Task], tap: str, data: str | os.PathLike | None) -> _Found:
+def _load(paths: list[Path], extra: list[Task], cfg: AuditConfig, data: str | os.PathLike | None) -> _Found:
     with ExitStack() as stack:
         opened = [stack.enter_context(FeatureCache(p)) for p in paths]
-        ids, X = joined_features(opened, tap)
+        ids, X = joined_features(opened, cfg.tap, cfg.check_fits)
         first = opened[0]
         tasks = ([cache_task(first)] if (first.labels != "").any() else []) + extra
         position = {sid: i for i, sid in enumerate(first.ids)}
@@ -208,20 +222,24 @@ def _load(paths: list[Path], extra: list[Task], tap: str, data: str | os.PathLik
                       [(t, join_task(first, t, load=False)) for t in tasks], Images.of_cache(first, data))
 
 
-def joined_features(caches: list[FeatureCache], tap: str) -> tuple[np.ndarray, np.ndarray]:
+def joined_features(caches: list[FeatureCache], tap: str,
+                    check_fits: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ids valid in every cache (in the first cache's order) and their features: each cache's rows
     normalised, side by side, scaled so each row has unit length (cosine similarity is then the mean of
-    the backbones')."""
+    the backbones'). ``check_fits(rows, dims)`` may refuse them before any is read."""
     valid = [set(c.ids[c.valid]) for c in caches]
     first = caches[0]
     ids = np.array([i for i in first.ids[first.valid] if all(i in v for v in valid[1:])], dtype=object)
     if not len(ids):
         raise PipelineError("no image has valid features in every cache; several caches must be backbones over "
                             "the same images")
-    parts = []
     for c in caches:
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
+    if check_fits is not None:
+        check_fits(len(ids), sum(c.info()["taps"][tap] for c in caches))
+    parts = []
+    for c in caches:
         position = {sid: i for i, sid in enumerate(c.ids)}
         parts.append(normalized(c.features(tap, np.array([position[i] for i in ids])), copy=False))
     if len(parts) == 1:

@@ -12,7 +12,6 @@ from the cache file ``chunk_rows`` rows at a time, so a cache larger than memory
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -44,26 +43,12 @@ from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..streaming import accumulates, fit_subsets_in_one_pass
-from ..validation import Rule, Settings, at_least, instance_of, jobs, list_of, optional
+from ..validation import Settings, at_least, instance_of, jobs, list_of, optional, parse_size, size
 
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 COPIES = 3  # float32 copies of a tap's features a head in memory holds: loaded, a fold's rows, their standardised copy
 CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size written ``8GB``, ``512MB``, ``1.5G`` or ``1000000`` (bytes); K, M, G, T are powers
-    of 1024."""
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise PipelineError(f"--max-memory must be a size such as 8GB or 512MB, got {text!r}")
-    return int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
-
-
-SIZE = Rule(lambda v: isinstance(v, str) and _SIZE.fullmatch(v.strip()) is not None and parse_size(v) > 0,
-            "a size such as 8GB or 512MB")
 
 
 @dataclass
@@ -95,7 +80,7 @@ class FitConfig(Settings):
     portable: bool = False
 
     RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2), n_jobs=jobs(),
-                 chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1), max_memory=optional(SIZE))
+                 chunk_rows=at_least(1), shots=SHOTS, draws=at_least(1), max_memory=optional(size()))
 
     def checked(self) -> tuple[list[str] | None, dict[str, dict]]:
         """Validate; the heads (each once; None for the kinds' defaults) and the parameters of each
