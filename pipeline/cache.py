@@ -1,8 +1,8 @@
 """The feature cache: one HDF5 file per (dataset, backbone, preprocessing, dtype), readable with plain h5py.
 
 Layout (see DESIGN.md): ``ids``, ``content_hash``, ``labels``, ``splits``, ``valid``, ``features/<tap>``,
-``failures`` (id, stage, reason), ``stamps`` (each file's size and modification time when it was hashed,
-zeros for none; a cache without it, or with one of another length, as a file edited with plain h5py may
+``failures`` (id, stage, reason), ``stamps`` (each file's :func:`~pipeline.sources.file_stamp` when it was
+hashed, zeros for none; a cache without it, or with one of another length, as a file edited with plain h5py may
 have, has none) and attributes (schema version, backbone, weights sha256, data config,
 taps, dtype, library versions, creation time, ``complete``).
 
@@ -32,7 +32,7 @@ from .data import HASH_BYTES, content_hash as file_hash
 from .errors import PipelineError
 from .files import atomic_path
 from .locks import CacheLock, lock_cache, lock_holder, open_h5
-from .sources import UNREADABLE, ImageSource, Stamps, location_exists
+from .sources import STAMP_WIDTH, UNREADABLE, ImageSource, Stamps, location_exists
 from .spec import FeatureSpec, spec_from_attrs
 from .workers import private_fd, release_fd
 
@@ -403,7 +403,7 @@ class CacheWriter:
         _append_rows(f, ids[match.is_new])
         self._ids.extend(ids[match.is_new])
         _rewrite_row_facts(f, source, match.rows, hashes, stored_hashes)
-        _rewrite_stamps(f, match.rows, np.zeros((len(ids), 2), np.int64) if stamps is None else stamps)
+        _rewrite_stamps(f, match.rows, np.zeros((len(ids), STAMP_WIDTH), np.int64) if stamps is None else stamps)
 
         unreadable = hashes == UNREADABLE
         reasons = read_errors or {}
@@ -485,7 +485,7 @@ def _create(path: Path, spec: FeatureSpec, weights_source: str, source: str, tap
                             ("valid", bool)):
             f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(4096,))
         f.create_dataset("failures", (0,), dtype=_FAILURE, maxshape=(None,), chunks=(256,))
-        f.create_dataset("stamps", (0, 2), dtype=np.int64, maxshape=(None, 2), chunks=(4096, 2))
+        f.create_dataset("stamps", (0, STAMP_WIDTH), dtype=np.int64, maxshape=(None, STAMP_WIDTH), chunks=(4096, STAMP_WIDTH))
         f.create_group("features")
         _add_taps(f, tap_dims, spec.dtype)
         f.attrs.update(
@@ -619,7 +619,7 @@ def _rewrite_row_facts(f: h5py.File, source: "ImageSource", rows: np.ndarray, ha
 
 def _has_stamps(f: h5py.File, n: int | None = None) -> bool:
     """Whether ``f`` has a stamp per row (``n`` rows; by default its ids')."""
-    return "stamps" in f and f["stamps"].shape == (f["ids"].shape[0] if n is None else n, 2)
+    return "stamps" in f and f["stamps"].shape == (f["ids"].shape[0] if n is None else n, STAMP_WIDTH)
 
 
 def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
@@ -632,7 +632,7 @@ def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
     if not _has_stamps(f):
         if "stamps" in f:
             del f["stamps"]
-        f.create_dataset("stamps", (n, 2), dtype=np.int64, maxshape=(None, 2), chunks=(4096, 2))
+        f.create_dataset("stamps", (n, STAMP_WIDTH), dtype=np.int64, maxshape=(None, STAMP_WIDTH), chunks=(4096, STAMP_WIDTH))
     column = f["stamps"][()]
     column[rows] = stamps
     f["stamps"][:] = column

@@ -2,6 +2,7 @@
 images are recognised by content hash across formats, and listings that hold no object per image."""
 
 import io
+import os
 import json
 import tarfile
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from conftest import TINY, make_image
 from pipeline import FeatureCache, PipelineError, extract, fit, load_source
 from pipeline.data import content_hash
-from pipeline.sources import source_name
+from pipeline.sources import Stamps, source_name
 
 
 
@@ -238,3 +239,17 @@ def test_shards_listed_in_parallel_equal_one_process_and_keep_one_label_kind(fol
     with pytest.raises(PipelineError, match="data-000009/x: its label is a multilabel one, the shards' earlier "
                                             "labels classification ones"):
         load_source(shards)
+
+
+def test_a_stamp_names_its_file_so_an_id_moved_to_another_file_of_one_size_and_time_is_read(tmp_path):
+    for name, last in (("a.jpg", b"\x00"), ("b.jpg", b"\x01")):
+        (tmp_path / name).write_bytes(b"\xff\xd8" + bytes(99) + last)
+        os.utime(tmp_path / name, ns=(10 ** 18, 10 ** 18))  # one size, one modification time
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nx,a.jpg\n")
+    src = load_source(manifest)
+    hashes, _, stamps = src.content_hashes()
+    assert stamps.all()
+    manifest.write_text("id,path\nx,b.jpg\n")
+    again, _, _ = load_source(manifest).content_hashes(known=Stamps(src.ids, stamps, hashes))
+    assert again[0] == content_hash(tmp_path / "b.jpg") != hashes[0]

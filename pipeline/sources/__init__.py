@@ -77,7 +77,7 @@ class ImageSource:
         and each file's stamp (see :class:`Stamps`; zeros for a container's member, an unreadable file,
         or a file changed in the last :data:`RACY_NS`), from the listing when it read them, else read
         now by ``threads`` threads; a file whose stamp ``known`` holds is not read again."""
-        stamps = np.zeros((len(self), 2), np.int64)
+        stamps = np.zeros((len(self), STAMP_WIDTH), np.int64)
         if self.hashes is not None:
             return self.hashes, {i: r for i, r in self.read_errors.items() if i in set(self.ids)}, stamps
         from concurrent.futures import ThreadPoolExecutor
@@ -91,7 +91,7 @@ class ImageSource:
                 if isinstance(path, Member):
                     return content_hash(path)
                 st = os.stat(path)  # before the bytes are read: a file changed meanwhile gets another stamp
-                stamp = (st.st_size, st.st_mtime_ns)
+                stamp = file_stamp(st)
                 digest = known.digest(self.ids[i], stamp) if known is not None and S_ISREG(st.st_mode) else None
                 digest = content_hash(path) if digest is None else digest
                 if st.st_mtime_ns < settled_before:
@@ -112,23 +112,31 @@ class ImageSource:
 # A stamp is kept only for a file last changed this long before it was hashed: a file rewritten within
 # its file system's time resolution of the stamp would otherwise keep it (git's "racy" files).
 RACY_NS = 2_000_000_000
+STAMP_WIDTH = 4
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells, without reading it, that a file still holds the bytes it held, as git's index tells:
+    its size, modification and change times (ns) and inode (a file replaced by another, or one an id
+    of a manifest now names, is another inode)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 @dataclass
 class Stamps:
-    """Files a cache hashed before: each id's stamp, the file's size and modification time (ns) when it
-    was hashed, and that hash. A file whose stamp is unchanged is not read again, as git's index trusts
+    """Files a cache hashed before: each id's stamp (:func:`file_stamp`) when its file was hashed, and
+    that hash. A file whose stamp is unchanged is not read again, as git's index trusts
     a file's stat: a re-run on an unchanged folder or manifest costs a stat per file, not a read."""
 
     ids: np.ndarray
-    stamps: np.ndarray  # (n, 2) int64: size, mtime_ns
+    stamps: np.ndarray  # (n, STAMP_WIDTH) int64
     hashes: np.ndarray
 
     @functools.cached_property
     def _row_of(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.ids)}
 
-    def digest(self, sid: str, stamp: tuple[int, int]) -> bytes | None:
+    def digest(self, sid: str, stamp: tuple[int, ...]) -> bytes | None:
         """The stored hash of ``sid`` when its file's stamp is still ``stamp``, else None."""
         row = self._row_of.get(sid)
         return None if row is None or tuple(self.stamps[row]) != stamp else self.hashes[row]
