@@ -137,7 +137,7 @@ def fit(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="parallel fits (joblib; -1 = all cores)")] = -1,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="rows read at a time by heads that train by chunks (`pipeline heads` says which); the others load a task's features whole")] = 65536,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features the heads hold, e.g. 8GB or 512MB, shared by the jobs that run at once: over it, heads that train by chunks (`pipeline heads` says which) read smaller chunks and the others are refused (their row says why)")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features the heads hold, e.g. 8GB or 512MB (powers of 1024) or a number of bytes, shared by the jobs that run at once: over it, heads that train by chunks (`pipeline heads` says which) read smaller chunks and the others are refused (their row says why)")] = None,
     portable: Annotated[bool, typer.Option("--portable", help="knn heads carry their training features (default: they keep the images' ids, and predict reads the features from the cache, so the head file stays small)")] = False,
     concat: Annotated[bool, typer.Option("--concat", help="also fit on the concatenation of all the caches' features, as one more backbone")] = False,
     shots: Annotated[Optional[list[str]], typer.Option("--shots", help="few-shot curves: examples per class, comma-separated, e.g. 1,2,5,10,all")] = None,
@@ -377,7 +377,7 @@ def audit(
     k: Annotated[int, typer.Option("-k", "--k", help="nearest neighbours the outlier score averages over")] = 10,
     map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
     top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB: it holds every image's features, so over it the audit is refused before any work")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB (powers of 1024) or a number of bytes: it holds every image's features, so over it the audit is refused before any work")] = None,
 ) -> None:
     """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),
     near-duplicates across splits, outliers, a map; one page to look at, audit.html."""

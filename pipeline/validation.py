@@ -47,21 +47,24 @@ def jobs() -> Rule:
     return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0, "a number of jobs other than 0 (-1: every core)")
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """Bytes of a size written ``8GB``, ``512MB``, ``1.5G`` or ``1000000`` (bytes); K, M, G, T are powers
-    of 1024."""
-    match = _SIZE.fullmatch(text.strip())
+def parse_size(size: str | int) -> int:
+    """Bytes of a size: a number of bytes (``8000000``, or that int), or ``8GB``, ``512MB``, ``1.5G``,
+    where K, M, G, T are powers of 1024 (``MiB`` reads as ``MB``)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = _SIZE.fullmatch(str(size).strip())
     if match is None:
-        raise PipelineError(f"--max-memory must be a size such as 8GB or 512MB, got {text!r}")
+        raise PipelineError(f"--max-memory must be a size such as 8GB or 512MB, got {size!r}")
     return int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
 
 
 def size() -> Rule:
     """A memory bound: a positive size :func:`parse_size` reads."""
-    return Rule(lambda v: isinstance(v, str) and _SIZE.fullmatch(v.strip()) is not None and parse_size(v) > 0,
+    return Rule(lambda v: (isinstance(v, int) and not isinstance(v, bool)
+                           or isinstance(v, str) and _SIZE.fullmatch(v.strip()) is not None) and parse_size(v) > 0,
                 "a size such as 8GB or 512MB")
 
 

@@ -292,9 +292,9 @@ def test_features_over_max_memory_are_refused_before_any_work_and_the_bound_is_r
     with FeatureCache(planted["cache"]) as c:
         rows, dims = int(c.valid.sum()), c.info()["taps"]["pooled"]
     need = rows * dims * 4 * COPIES
-    with pytest.raises(PipelineError, match=re.escape(f"{rows} x {dims} float32 with its copies, {need / 2 ** 20:,.0f} MB, "
-                                                      f"exceed --max-memory {need - 1}B")):
-        audit(planted["cache"], tmp_path / "a", max_memory=f"{need - 1}B")
+    with pytest.raises(PipelineError, match=re.escape(f"{rows} x {dims} float32 with its copies, {need:,} bytes "
+                                                      f"({need / 2 ** 20:,.1f} MB), exceed --max-memory {need - 1}")):
+        audit(planted["cache"], tmp_path / "a", max_memory=need - 1)  # from Python, a number of bytes too
     assert not (tmp_path / "a").exists()
     run = tmp_path / "run"
     fit(planted["cache"], run, heads=["centroid"], n_jobs=1, progress=False)

@@ -2,6 +2,7 @@
 one pass; the batched linear heads on features read by chunks; and ``fit --max-memory``."""
 
 import inspect
+import re
 import subprocess
 import sys
 
@@ -121,8 +122,10 @@ def test_streaming_ridges_are_scikit_learn_estimators(make):
 
 def test_max_memory_is_a_size():
     assert parse_size("512MB") == 512 * 2 ** 20 and parse_size("8GB") == 8 * 2 ** 30 and parse_size("1.5g") == 3 * 2 ** 29
-    with pytest.raises(PipelineError, match="--max-memory must be a size such as 8GB or 512MB, got 'lots'"):
-        FitConfig(max_memory="lots").check()
+    assert parse_size("8MiB") == parse_size("8 mb") == 8 * 2 ** 20 and parse_size(8_192_000) == parse_size("8192000") == 8_192_000
+    for bad in ("lots", "8i", 0, -5, True):
+        with pytest.raises(PipelineError, match=re.escape(f"--max-memory must be a size such as 8GB or 512MB, got {bad!r}")):
+            FitConfig(max_memory=bad).check()
     with pytest.raises(PipelineError, match=r"--n-jobs must be a number of jobs other than 0 \(-1: every core\), got 0"):
         FitConfig(n_jobs=0).check()  # joblib's own error was a traceback
     assert FitConfig(max_memory="64KB", n_jobs=1).chunk_rows_for(16) == 128  # 64 KiB / (32 bytes x 16 values)

@@ -68,7 +68,7 @@ class AuditConfig(Settings):
     the cosine from which two images are copies when their pixels cannot be read (None: the cache's own,
     see :mod:`pipeline.copies`); the neighbours an outlier score averages over; the map's method and
     most points; how many examples of each finding the page shows; the search block; ``max_memory``, the
-    bound on the features and their copies (``8GB``; None: none): the audit holds every image's
+    bound on the features and their copies (``8GB``, powers of 1024, or a number of bytes; None: none): the audit holds every image's
     features, so over it the audit is refused before any work."""
 
     tap: str = "pooled"
@@ -81,7 +81,7 @@ class AuditConfig(Settings):
     map_points: int = 5000
     top: int = 24
     block: int = BLOCK
-    max_memory: str | None = None
+    max_memory: str | int | None = None
 
     RULES = dict(head=Rule(_label_head_name, "auto, run, a head with class probabilities (logreg, torch-logreg, sgd, ...) "
                                              "or one of tags or numbers (ridge, ...)"),
@@ -93,7 +93,7 @@ class AuditConfig(Settings):
         need = rows * dims * 4 * COPIES
         if self.max_memory is not None and need > parse_size(self.max_memory):
             raise PipelineError(f"audit holds every image's features in memory (its searches and label head read them "
-                                f"whole): {rows} x {dims} float32 with its copies, {need / 2 ** 20:,.0f} MB, exceed "
+                                f"whole): {rows} x {dims} float32 with its copies, {need:,} bytes ({need / 2 ** 20:,.1f} MB), exceed "
                                 f"--max-memory {self.max_memory}; give it more (audit does not read by chunks yet)")
 
     def neighbours(self) -> int:

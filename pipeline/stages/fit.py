@@ -58,7 +58,7 @@ class FitConfig(Settings):
     without a split, the parallel jobs and where they run, the row chunk of chunked heads, the
     concatenation of all caches as one more backbone, few-shot ``shots`` x ``draws`` (classification),
     ``overwrite`` (replace a run evaluated otherwise), ``max_memory``: the features a head may hold
-    (``8GB``; None: no bound; over it, chunked heads read chunks sized to it, shared by the jobs that run
+    (``8GB``, powers of 1024, or a number of bytes; None: no bound; over it, chunked heads read chunks sized to it, shared by the jobs that run
     at once, and the others are refused)
     and ``portable``: knn heads that carry their training features (else they keep the images' ids and
     ``predict`` reads the features from the cache)."""
@@ -76,7 +76,7 @@ class FitConfig(Settings):
     backend: str = "loky"
     cluster: str | None = None
     overwrite: bool = False
-    max_memory: str | None = None
+    max_memory: str | int | None = None
     portable: bool = False
 
     RULES = dict(heads=optional(list_of(instance_of(str, words="head names"), nonempty=True)), cv=at_least(2), n_jobs=jobs(),
