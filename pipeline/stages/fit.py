@@ -525,9 +525,12 @@ class _Warm(NamedTuple):
 
 def _in_worker(warm: _Warm, fn, *args):
     """``fn(*args)`` after building every head of the sweep once, so that a worker's first job loads
-    what any head imports (torch, for torch-logreg). loky takes a worker's memory baseline after its
+    what building any head imports (the mlp's torch). loky takes a worker's memory baseline after its
     first job and replaces a worker that grows 300 MB beyond it: without this, each later job that first
-    imported torch got its worker replaced, and the next one paid for the import again. Under
+    imported torch got its worker replaced, and the next one paid for the import again. The torch linear
+    heads import torch when they fit, not when built: warming that too in every worker raised the
+    200,000-row split's peak under ``--max-memory 512MB`` from 1,072 MB to 1,270 MB, so a worker whose
+    first torch-logreg fit comes after another head's job may be replaced once, at about 2 s. Under
     ``--max-memory`` scikit-learn's blocks of pairwise distances (a knn head's search, 1 GiB by default)
     get the job's share of it."""
     for head, params, kind in warm.heads:
