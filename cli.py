@@ -121,6 +121,9 @@ def extract(
             f"(new {r.new}, changed {r.changed}{f', copied from caches of other sources {r.copied}' if r.copied else ''}); "
             f"{speed}; cache {r.cache}"
         )
+        if r.gone:
+            tell("note", f"{r.cache.name} keeps the features of {r.gone} images the source no longer lists (deleted "
+                         "or renamed) for predict to reuse; fit, audit and neighbors leave them out")
         if r.note:
             tell("note", r.note)
 

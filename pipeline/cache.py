@@ -2,8 +2,9 @@
 
 Layout (see DESIGN.md): ``ids``, ``content_hash``, ``labels``, ``splits``, ``valid``, ``features/<tap>``,
 ``failures`` (id, stage, reason), ``stamps`` (each file's :func:`~pipeline.sources.file_stamp` when it was
-hashed, zeros for none; a cache without it, or with one of another length, as a file edited with plain h5py may
-have, has none) and attributes (schema version, backbone, weights sha256, data config,
+hashed, zeros for none), ``listed`` (whether the source listed the row's image at its last ``extract``: a
+row of an image deleted or renamed since keeps its features, for ``predict`` to reuse, but is no image of the
+source any more) and attributes (schema version, backbone, weights sha256, data config,
 taps, dtype, library versions, creation time, ``complete``).
 
 Crash safety: each batch's features are written and flushed before its ``valid`` flags are set and
@@ -18,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from glob import escape as glob_escape
 from functools import cached_property
@@ -66,7 +67,7 @@ def held_stamps(path: Path) -> Stamps | None:
     or no cache is there), read by the run that holds its lock (a reader refuses a cache being written)."""
     try:
         with open_h5(path, "r") as f:
-            if not _has_stamps(f):
+            if not _has_column(f, "stamps"):
                 return None
             stamps = f["stamps"][()]
             kept = np.flatnonzero(stamps.any(axis=1))
@@ -106,6 +107,9 @@ def find_caches(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 _ROW_ARRAYS = ("ids", "labels", "splits", "content_hash", "valid")
+# Per-row columns a cache may lack (made before they were kept, or rows edited with plain h5py): one of
+# another length than the ids is none; the next extract makes them. Name -> (values a row, dtype).
+_ROW_COLUMNS = {"stamps": ((STAMP_WIDTH,), np.int64), "listed": ((), bool)}
 _ATTRS = ("schema_version", "backbone", "weights_sha256", "data_config", "dtype", "taps")
 
 
@@ -233,6 +237,18 @@ class FeatureCache:
         return self._file["valid"][()]
 
     @cached_property
+    def listed(self) -> np.ndarray:
+        """Whether each row's image is one the source listed at the last ``extract`` (every row where the
+        cache does not say: made before this was kept)."""
+        return self._file["listed"][()] if _has_column(self._file, "listed") else np.ones(len(self.ids), bool)
+
+    @cached_property
+    def current(self) -> np.ndarray:
+        """The rows with features of an image the source still lists: the images ``audit`` and
+        ``neighbors`` look at (a deleted or renamed image's row is kept only for ``predict`` to reuse)."""
+        return self.valid & self.listed
+
+    @cached_property
     def content_hash(self) -> np.ndarray:
         """Each row's sha256 as the 32 bytes ``data.content_hash`` returns (see :func:`whole_digests`)."""
         return whole_digests(self._file["content_hash"][()])
@@ -251,9 +267,11 @@ class FeatureCache:
         return np.fromiter((self._row_of_id[sid] for sid in ids), np.int64, len(ids))
 
     def rows_of_files(self, paths: list[Path]) -> dict[int, int]:
-        """For each file (by position in ``paths``) whose bytes a valid row holds, that row: an image is
-        found by content, whatever its name. Unreadable files are left out."""
-        stored = {h: r for r, (h, v) in enumerate(zip(self.content_hash, self.valid)) if v}
+        """For each file (by position in ``paths``) whose bytes a valid row holds, that row (one the
+        source still lists, where there is one): an image is found by content, whatever its name.
+        Unreadable files are left out."""
+        rows = np.r_[np.flatnonzero(self.valid & ~self.listed), np.flatnonzero(self.current)]  # the last one wins
+        stored = dict(zip(self.content_hash[rows].tolist(), rows.tolist()))
         found = {}
         for i, path in enumerate(paths):
             try:
@@ -320,6 +338,7 @@ class SyncResult:
     changed: int
     new: int
     copied: int = 0  # of the reused rows, copied from other caches of the same spec
+    gone: int = 0  # rows of images the source no longer lists (deleted or renamed), kept for predict
 
 
 class CacheWriter:
@@ -403,6 +422,7 @@ class CacheWriter:
         _append_rows(f, ids[match.is_new])
         self._ids.extend(ids[match.is_new])
         _rewrite_row_facts(f, source, match.rows, hashes, stored_hashes)
+        _rewrite_listed(f, match.rows)
         _rewrite_stamps(f, match.rows, np.zeros((len(ids), STAMP_WIDTH), np.int64) if stamps is None else stamps)
 
         unreadable = hashes == UNREADABLE
@@ -412,38 +432,46 @@ class CacheWriter:
         self._failures.save()
         f.attrs["complete"] = False
         _flush(f)
-        return match.plan(skip)
+        return replace(match.plan(skip), gone=len(self._ids) - len(ids))
 
     def copy_from(self, others: Iterable[Path], plan: SyncResult, hashes: np.ndarray) -> SyncResult:
-        """Copy the features of ``plan``'s images that other caches of this spec hold valid (matched by
-        content hash, with every tap of this one), and return what is left to compute: the same bytes
-        listed by another source (a parquet file of a folder's images) cost no forward pass. A cache being
-        written, or of another version, is passed over."""
-        left = np.ones(len(plan.todo), bool)
+        """Copy the features of ``plan``'s images that this cache's other rows or other caches of this
+        spec hold valid (matched by content hash, with every tap of this one), and return what is left to
+        compute: a renamed image, or the same bytes listed by another source (a parquet file of a folder's
+        images), cost no forward pass. ``copied`` counts those from other caches. A cache being written,
+        or of another version, is passed over."""
         wanted = whole_digests(np.asarray(hashes, _HASH)[plan.indices])
+        left = ~self._copy_rows(self._valid[()], whole_digests(self._file["content_hash"][()]),
+                                lambda tap, donors: self._feature_sets[tap][donors], plan.todo, wanted,
+                                np.ones(len(plan.todo), bool))  # the rows to compute are not valid: never donors
+        own = int((~left).sum())
         for path in others:
             if not left.any():
                 break
             try:
                 with FeatureCache(path) as other:
                     if other.spec == self.spec and set(self.taps) <= set(other.taps):
-                        left &= ~self._copy_rows(other, plan.todo, wanted, left)
+                        left &= ~self._copy_rows(other.valid, other.content_hash, other.features, plan.todo, wanted, left)
             except PipelineError:
                 continue
         return replace(plan, todo=plan.todo[left], indices=plan.indices[left], reused=plan.reused + int((~left).sum()),
-                       copied=int((~left).sum()))
+                       copied=int((~left).sum()) - own)
 
-    def _copy_rows(self, other: "FeatureCache", rows: np.ndarray, wanted: np.ndarray, open_: np.ndarray) -> np.ndarray:
-        """Write into ``rows`` (where ``open_``) the features of ``other``'s valid rows of the same hash; the
-        mask of the rows written."""
-        valid = np.flatnonzero(other.valid)
-        row_of = dict(zip(other.content_hash[valid].tolist(), valid.tolist()))
+    def _copy_rows(self, valid: np.ndarray, hashes: np.ndarray, read: Callable[[str, np.ndarray], np.ndarray],
+                   rows: np.ndarray, wanted: np.ndarray, open_: np.ndarray) -> np.ndarray:
+        """Write into ``rows`` (where ``open_``) the features (``read(tap, sorted rows)``) of a donor's valid
+        rows (``valid``, ``hashes``) of the same hash; the mask of the rows written."""
+        keys = set(wanted[open_].tolist())
+        if not keys:
+            return np.zeros(len(rows), bool)
+        donor_rows = np.flatnonzero(valid)
+        row_of = {h: r for h, r in zip(hashes[donor_rows].tolist(), donor_rows.tolist()) if h in keys}
         found = np.fromiter((o and h in row_of for h, o in zip(wanted.tolist(), open_)), bool, len(rows))
         hits = np.flatnonzero(found)
         for start in range(0, len(hits), _CHUNK_ROWS * 16):
             part = hits[start:start + _CHUNK_ROWS * 16]
             donors, back = np.unique([row_of[h] for h in wanted[part].tolist()], return_inverse=True)
-            self.write(rows[part], {tap: other.features(tap, donors)[back] for tap in self.taps})
+            self.write(rows[part], {tap: read(tap, donors)[back] for tap in self.taps})
         return found
 
     def write(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
@@ -485,7 +513,8 @@ def _create(path: Path, spec: FeatureSpec, weights_source: str, source: str, tap
                             ("valid", bool)):
             f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(4096,))
         f.create_dataset("failures", (0,), dtype=_FAILURE, maxshape=(None,), chunks=(256,))
-        f.create_dataset("stamps", (0, STAMP_WIDTH), dtype=np.int64, maxshape=(None, STAMP_WIDTH), chunks=(4096, STAMP_WIDTH))
+        for name, (width, dtype) in _ROW_COLUMNS.items():
+            f.create_dataset(name, (0, *width), dtype=dtype, maxshape=(None, *width), chunks=(4096, *width))
         f.create_group("features")
         _add_taps(f, tap_dims, spec.dtype)
         f.attrs.update(
@@ -540,17 +569,32 @@ def _check_spec(f: h5py.File, path: Path, spec: FeatureSpec) -> None:
                             f"({spec.describe()}); use another --cache")
 
 
+def check_source(path: Path, location: str) -> None:
+    """Refuse a source at ``location`` that the cache ``path`` (if there is one) does not hold the images
+    of (:func:`_check_location`), read only: ``extract`` asks before it lists and hashes any file."""
+    try:
+        f = open_h5(path, "r")
+    except OSError:  # no cache yet, or not one: the writer decides
+        return
+    with f:
+        _refuse_other_source(f, path, location)
+
+
 def _check_location(f: h5py.File, path: Path, location: str) -> None:
     """One cache file, one data source: the file names only the source's name, so another source of
     that name (two folders called ``data``, shards and a parquet file called ``data``) is refused while
     the one the file holds still exists; where it no longer does, the source was moved and the file
     follows it (``location`` is recorded)."""
+    _refuse_other_source(f, path, location)
+    if location and str(f.attrs.get("source_location", "")) != location:
+        f.attrs["source_location"] = location
+
+
+def _refuse_other_source(f: h5py.File, path: Path, location: str) -> None:
     had = str(f.attrs.get("source_location", ""))
     if location and had and had != location and location_exists(had):
         raise PipelineError(f"{path} holds the images of {had}, not of {location}: two data sources named "
                             f"{f.attrs.get('source', '')!r} cannot share a cache folder; give this one another --name, or use another --cache")
-    if location and had != location:
-        f.attrs["source_location"] = location
 
 
 @dataclass
@@ -594,8 +638,11 @@ def _append_rows(f: h5py.File, ids: np.ndarray) -> None:
     n = n_old + len(ids)
     for name in _ROW_ARRAYS:
         f[name].resize((n,))
-    for ds in (*f["features"].values(), *([f["stamps"]] if _has_stamps(f, n_old) else [])):
+    for ds in f["features"].values():
         ds.resize((n, ds.shape[1]))
+    for name in _ROW_COLUMNS:
+        if _has_column(f, name, n_old):
+            f[name].resize((n, *f[name].shape[1:]))
     f["ids"][n_old:] = list(ids)
     f["valid"][n_old:] = False
 
@@ -617,25 +664,39 @@ def _rewrite_row_facts(f: h5py.File, source: "ImageSource", rows: np.ndarray, ha
     f.attrs["label_kind"] = source.label_kind
 
 
-def _has_stamps(f: h5py.File, n: int | None = None) -> bool:
-    """Whether ``f`` has a stamp per row (``n`` rows; by default its ids')."""
-    return "stamps" in f and f["stamps"].shape == (f["ids"].shape[0] if n is None else n, STAMP_WIDTH)
+def _has_column(f: h5py.File, name: str, n: int | None = None) -> bool:
+    """Whether ``f`` has the column ``name`` with a value per row (``n`` rows; by default its ids')."""
+    width, _ = _ROW_COLUMNS[name]
+    return name in f and f[name].shape == (f["ids"].shape[0] if n is None else n, *width)
+
+
+def _row_column(f: h5py.File, name: str) -> np.ndarray:
+    """The column ``name`` as stored, made (zeros) where ``f`` lacks it or has one of another length."""
+    if not _has_column(f, name):
+        if name in f:
+            del f[name]
+        width, dtype = _ROW_COLUMNS[name]
+        n = f["ids"].shape[0]
+        f.create_dataset(name, (n, *width), dtype=dtype, maxshape=(None, *width), chunks=(4096, *width))
+    return f[name][()]
 
 
 def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
     """Each listed row's stamp (a row the source no longer has keeps its own); written once the hashes
     are on disk, so a run killed between the two leaves a stamp older than its hash, which only costs a
-    read. A cache without the column (made before stamps were kept), or with one of another length, gets
-    it here."""
+    read."""
     _flush(f)
-    n = f["ids"].shape[0]
-    if not _has_stamps(f):
-        if "stamps" in f:
-            del f["stamps"]
-        f.create_dataset("stamps", (n, STAMP_WIDTH), dtype=np.int64, maxshape=(None, STAMP_WIDTH), chunks=(4096, STAMP_WIDTH))
-    column = f["stamps"][()]
+    column = _row_column(f, "stamps")
     column[rows] = stamps
     f["stamps"][:] = column
+
+
+def _rewrite_listed(f: h5py.File, rows: np.ndarray) -> None:
+    """``listed``: the rows ``rows`` (the source's samples) and no other."""
+    column = _row_column(f, "listed")
+    column[:] = False
+    column[rows] = True
+    f["listed"][:] = column
 
 
 class _FailureLog:

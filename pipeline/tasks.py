@@ -46,7 +46,7 @@ class TaskData:
     X: np.ndarray | None  # None when joined with ``load=False``
     y: np.ndarray
     splits: np.ndarray
-    dropped: int  # labelled rows left out because their image failed or is not yet extracted
+    dropped: int  # labelled rows left out: their image failed, is not yet extracted or is no longer listed
     rows: np.ndarray  # each sample's row in the cache
     kind: str = "classification"
     groups: np.ndarray | None = None  # each sample's group ("": none); None without a group column
@@ -145,7 +145,7 @@ def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool =
         rows = cache.rows_of(task.ids)
     except PipelineError as e:
         raise PipelineError(f"task {task.name!r}: {e}") from None
-    valid = cache.valid[rows]
+    valid = cache.current[rows]
     splits = task.splits if task.splits is not None else cache.splits[rows]
     rows = rows[valid]
     return TaskData(

@@ -447,3 +447,26 @@ def test_data_that_holds_none_of_the_caches_images_is_refused(planted, tmp_path)
     make_image(other / "x.jpg", (1, 2, 3), 5)
     with pytest.raises(PipelineError, match=f"--data {other} holds none of the images of"):
         audit(planted["cache"], tmp_path / "a", data=other, map="none", **FAST)
+
+
+def test_images_deleted_or_renamed_since_are_neither_audited_nor_neighbours(planted, tmp_path):
+    """A row of an image the source no longer lists keeps its features (predict reuses them) but is no
+    image any more: a renamed image is not its own old name's copy, a deleted one no outlier or neighbour,
+    and extract says how many rows it keeps so."""
+    data = Path(shutil.copytree(planted["data"], tmp_path / "shapes"))
+    extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
+    (data / ORIGINAL).rename(data / "train/red/renamed.jpg")
+    (data / ODD).unlink()
+    r = run_cli("extract", data, "--backbone", TINY, "--cache", tmp_path / "cache", "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "keeps the features of 2 images the source no longer lists (deleted or renamed)" in r.stderr
+    assert "extracted 0," in r.stdout
+    [cache] = (tmp_path / "cache").glob("*.h5")
+    with FeatureCache(cache) as c:
+        assert {ORIGINAL, ODD} <= set(c.ids[c.valid]) and not {ORIGINAL, ODD} & set(c.ids[c.current])
+    result = audit(cache, tmp_path / "a", map="none", dup_threshold=EXACT, **FAST)
+    named = {i for d in result.duplicates for i in (d["id_a"], d["id_b"])} | {o["id"] for o in result.outliers}
+    assert not {ORIGINAL, ODD} & named and len(result.outliers) == 38 - 1
+    assert {"train/red/renamed.jpg", COPY} == {i for d in result.duplicates for i in (d["id_a"], d["id_b"])}
+    found = neighbors(cache, [data / COPY], k=40, progress=False)
+    assert not {ORIGINAL, ODD} & {f["id"] for f in found} and found[0]["id"] == "train/red/renamed.jpg"

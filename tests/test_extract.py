@@ -18,6 +18,7 @@ from pipeline.data import load_image
 from pipeline.preprocess import draft_side
 from timm.data import create_transform
 from pipeline.cache import CacheWriter
+from pipeline.sources import ImageSource
 
 
 def _extract(folder, cache_dir, **kw):
@@ -69,6 +70,23 @@ def test_adding_ten_images_extracts_only_those(folder, tmp_path):
     assert (res.extracted, res.new, res.reused, res.changed) == (10, 10, 36, 0)
     with FeatureCache(res.cache) as c:
         assert len(c.ids) == 46 and c.valid.all() and c.attrs["complete"]
+
+
+def test_a_renamed_or_copied_image_takes_the_features_its_bytes_have(folder, tmp_path):
+    """The cache keys features by content: an image renamed (or copied under another name) is not run
+    through the backbone again; its new row holds the features of its old one."""
+    first = _extract(folder, tmp_path / "cache")
+    with FeatureCache(first.cache) as c:
+        old = c.features(rows=np.array([list(c.ids).index("val/red/red_002.jpg")]))
+    (folder / "val" / "red" / "red_002.jpg").rename(folder / "val" / "red" / "renamed.jpg")
+    shutil.copy(folder / "val" / "red" / "red_001.jpg", folder / "train" / "red" / "copy.jpg")
+    res = _extract(folder, tmp_path / "cache")
+    assert (res.extracted, res.new, res.reused, res.copied) == (0, 2, 37, 0)
+    with FeatureCache(res.cache) as c:
+        ids = list(c.ids)
+        np.testing.assert_array_equal(c.features(rows=np.array([ids.index("val/red/renamed.jpg")])), old)
+        np.testing.assert_array_equal(*(c.features(rows=np.array([ids.index(i)]))
+                                        for i in ("val/red/red_001.jpg", "train/red/copy.jpg")))
 
 
 def test_changing_one_image_recomputes_only_it(folder, tmp_path):
@@ -423,11 +441,16 @@ def test_a_failed_write_stops_the_run_and_keeps_earlier_batches(folder, tmp_path
     assert _extract(folder, tmp_path / "cache").extracted == 28
 
 
-def test_two_sources_of_one_name_never_share_a_cache(folder, tmp_path):
+def test_two_sources_of_one_name_never_share_a_cache(folder, tmp_path, monkeypatch):
     """The cache file names the source by its name only: another source of that name is refused while the
-    first is still there, and a source moved elsewhere keeps its cache (nothing recomputed)."""
+    first is still there, before any of its files is read, and a source moved elsewhere keeps its cache
+    (nothing recomputed)."""
     first = _extract(folder, tmp_path / "cache")
     other = make_folder(tmp_path / "elsewhere" / folder.name, n_train=2, n_val=1, seed=3)
+    with monkeypatch.context() as m:
+        m.setattr(ImageSource, "content_hashes", lambda *a, **k: pytest.fail("hashed a refused source's files"))
+        with pytest.raises(PipelineError, match="two data sources named 'shapes' cannot share a cache folder"):
+            _extract(other, tmp_path / "cache")
     with pytest.raises(PipelineError, match=f"holds the images of {folder.resolve()}, not of {other.resolve()}: "
                                             "two data sources named 'shapes' cannot share a cache folder"):
         _extract(other, tmp_path / "cache")

@@ -36,6 +36,22 @@ def test_index_is_exact_below_its_threshold_and_approximate_with_the_recall_it_p
     np.testing.assert_array_equal(again[1], idx)  # seeded: the same cells, the same answers
 
 
+def test_many_queries_go_cell_by_cell_and_find_what_the_inverted_files_search_finds(monkeypatch):
+    X, _ = clustered(6000)
+    index = similarity.NeighbourIndex(X, exact_below=len(X))
+    few = index.search(X[:100], 10, np.arange(100))  # fewer than 8 queries a cell: faiss's own search
+    joins = []
+    real = similarity.NeighbourIndex._cell_join
+    monkeypatch.setattr(similarity.NeighbourIndex, "_cell_join", lambda *a: joins.append(1) or real(*a))
+    monkeypatch.setattr(similarity, "JOIN_CELLS", 5000)  # several products a cell
+    sims, idx = index.search(X, 10, np.arange(len(X)))
+    assert joins and index._ivf.nprobe < index._ivf.nlist
+    np.testing.assert_array_equal(idx[:100], few[1])
+    np.testing.assert_allclose(sims[:100], few[0], atol=1e-6)
+    index._ivf.nprobe = 1  # probed cells smaller than k rows: those rows' searches are exact
+    assert (index.search(X, 200, np.arange(len(X)))[1] >= 0).all()
+
+
 def test_knn_follows_the_threshold(monkeypatch):
     X, _ = clustered(3000)
     X[2999] = X[5]  # a planted copy

@@ -224,15 +224,16 @@ def _load(paths: list[Path], extra: list[Task], cfg: AuditConfig, data: str | os
 
 def joined_features(caches: list[FeatureCache], tap: str,
                     check_fits: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The ids valid in every cache (in the first cache's order) and their features: each cache's rows
+    """The ids of the source's images valid in every cache (``FeatureCache.current``, in the first cache's
+    order) and their features: each cache's rows
     normalised, side by side, scaled so each row has unit length (cosine similarity is then the mean of
     the backbones'). ``check_fits(rows, dims)`` may refuse them before any is read."""
-    valid = [set(c.ids[c.valid]) for c in caches]
+    current = [set(c.ids[c.current]) for c in caches]
     first = caches[0]
-    ids = np.array([i for i in first.ids[first.valid] if all(i in v for v in valid[1:])], dtype=object)
+    ids = np.array([i for i in first.ids[first.current] if all(i in v for v in current[1:])], dtype=object)
     if not len(ids):
-        raise PipelineError("no image has valid features in every cache; several caches must be backbones over "
-                            "the same images")
+        raise PipelineError("no image of the source has valid features in every cache; several caches must be "
+                            "backbones over the same images")
     for c in caches:
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")

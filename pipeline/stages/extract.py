@@ -30,7 +30,7 @@ import torch
 from ..backbones import check_taps
 from ..devices import resolve_device
 from ..batches import default_workers
-from ..cache import CacheWriter, cache_path, check_master, held_stamps, same_spec_caches, shard_path, write_master
+from ..cache import CacheWriter, cache_path, check_master, check_source, held_stamps, same_spec_caches, shard_path, write_master
 from ..errors import Interrupted, PipelineError
 from ..featurizer import Featurizer, planned_spec
 from ..sources import ImageSource, Stamps, load_source, source_location, source_name
@@ -53,6 +53,7 @@ class ExtractResult:
     failed: int
     seconds: float
     copied: int = 0  # of ``reused``, copied from other sources' caches of the same spec (same bytes)
+    gone: int = 0  # rows of images the source no longer lists, kept for predict, left out of audit and neighbors
     note: str = ""  # what the user must do next (a distributed run's shards to merge)
 
     @property
@@ -120,6 +121,7 @@ def extract(
             if spec is not None:
                 path = _write_path(cache_path(cache_dir, name_of_source, spec), rank, world)
                 locks[path] = held.enter_context(lock_cache(path))
+                check_source(path, source_location(source))
         src = load_source(source, allow_outside_root)
         if world > 1:
             src = src.subset(np.fromiter((_rank_of(sid, world) == rank for sid in src.ids), bool, len(src)))
@@ -159,7 +161,8 @@ def extract(
                 for job, w, plan, n in zip(group, writers, plans, done):
                     w.finish()
                     results.append(ExtractResult(job.fz.spec.backbone, job.path, n, plan.reused, plan.changed,
-                                                 plan.new, len(w.failed_ids() & present), seconds, plan.copied))
+                                                 plan.new, len(w.failed_ids() & present), seconds, plan.copied,
+                                                 gone=plan.gone))
     if world > 1:
         results = _gather(results, jobs, rank, world)
         if own_group:

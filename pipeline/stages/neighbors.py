@@ -30,7 +30,7 @@ COLUMNS = ("query", "rank", "id", "similarity", "label", "split", "error")
 def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: int = 8, tap: str = "pooled",
               out: str | os.PathLike | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
               workers: int | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
-    """The ``k`` nearest valid rows of ``cache`` for every image (files or folders): one dict per
+    """The ``k`` nearest images of ``cache`` (rows of the images its source still lists) for every image (files or folders): one dict per
     (image, rank) with the neighbour's ``id``, cosine ``similarity``, ``label`` and ``split``; an image
     that cannot be read gets one row with its ``error``. Written as CSV to ``out`` when given."""
     paths = list_images(list(images))
@@ -40,10 +40,11 @@ def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: 
     with FeatureCache(cache) as c:
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
-        rows = np.flatnonzero(c.valid)
+        rows = np.flatnonzero(c.current)
         index = NeighbourIndex(normalized(c.features(tap, rows)))  # built once, searched by every image
         ids, labels, splits = c.ids[rows], c.labels[rows], c.splits[rows]
-        own = {i: int(np.searchsorted(rows, r)) for i, r in c.rows_of_files(paths).items()}
+        position = {r: j for j, r in enumerate(rows.tolist())}
+        own = {i: position[r] for i, r in c.rows_of_files(paths).items() if r in position}
         part = Part(c.spec, tap, str(c.attrs.get("weights_source", "")), [c.path])
     load = lambda: Featurizer.load(part.spec, list(map(Path, weights)), part.weights_source, device)  # noqa: E731
     feats, errors = part_features(part, samples, load, batch_size, default_workers() if workers is None else workers,
