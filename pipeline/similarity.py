@@ -141,9 +141,7 @@ class NeighbourIndex:
         BLAS computes some 4x faster than faiss scans them query by query (200,000 of 10^6 x 512 rows,
         ``nprobe`` 16: 21.6 s against 77.8 s, 2-core AMD EPYC)."""
         ivf = self._ivf
-        probes = ivf.quantizer.search(queries, ivf.nprobe)[1].ravel()
-        order = np.argsort(probes, kind="stable")
-        bounds, asking = np.searchsorted(probes[order], np.arange(ivf.nlist + 1)), order // ivf.nprobe
+        bounds, asking = _probers(ivf, queries)
         top = _Top(len(queries), k)
         for cell in range(ivf.nlist):
             rows = _cell_rows(ivf, cell)
@@ -285,6 +283,15 @@ def knn(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | Non
     normalised rows. ``exclude[i]`` is a row of ``base`` that query ``i`` may not get (itself), or -1.
     One search: to search a base more than once, build a :class:`NeighbourIndex` and keep it."""
     return NeighbourIndex(base, block=block).search(queries, k, exclude)
+
+
+def _probers(ivf, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The queries that probe each cell of ``ivf``: those of cell ``c`` are ``asking[bounds[c]:bounds[c + 1]]``."""
+    probes = ivf.quantizer.search(queries, ivf.nprobe)[1].ravel()
+    asking = np.argsort(probes, kind="stable")
+    bounds = np.searchsorted(probes[asking], np.arange(ivf.nlist + 1))
+    asking //= ivf.nprobe  # an entry's query
+    return bounds, asking
 
 
 def _cell_rows(ivf, cell: int) -> np.ndarray:

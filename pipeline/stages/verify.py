@@ -52,7 +52,7 @@ def verify(path: str | os.PathLike, data: str | os.PathLike | None = None, sampl
         return report
     with FeatureCache(path) as cache:
         attrs, spec = cache.attrs, cache.spec
-        valid_rows = np.flatnonzero(cache.valid)
+        valid_rows = np.flatnonzero(cache.current)  # of the images the source still lists
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(valid_rows, min(sample, len(valid_rows)), replace=False))
         ids, hashes = cache.ids[rows], cache.content_hash[rows]
