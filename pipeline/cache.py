@@ -267,23 +267,29 @@ class FeatureCache:
         return np.fromiter((self._row_of_id[sid] for sid in ids), np.int64, len(ids))
 
     def rows_of_files(self, paths: list[Path]) -> dict[int, int]:
-        """For each file (by position in ``paths``) whose bytes a valid row holds, that row (one the
-        source still lists, where there is one): an image is found by content, whatever its name.
-        Unreadable files are left out."""
+        """For each file (by position in ``paths``) whose bytes a valid row holds, that row: the file's own
+        (its id, where the file is in the source folder the cache was made from and unchanged), else one
+        the source still lists, else any: an image is found by content, whatever its name, and a file is
+        its own row, not its copy's. Unreadable files are left out."""
         rows = np.r_[np.flatnonzero(self.valid & ~self.listed), np.flatnonzero(self.current)]  # the last one wins
         stored = dict(zip(self.content_hash[rows].tolist(), rows.tolist()))
+        root = str(self._file.attrs.get("source_location", ""))
         found = {}
         for i, path in enumerate(paths):
             try:
-                row = stored.get(file_hash(path))
+                digest = file_hash(path)
             except OSError:
                 continue
-            if row is not None:
-                found[i] = row
+            own = self._row_of_id.get(_id_under(root, Path(path)))
+            if own is not None and self.valid[own] and self.content_hash[own] == digest:
+                found[i] = own
+            elif digest in stored:
+                found[i] = stored[digest]
         return found
 
     def features(self, tap: str = "pooled", rows: np.ndarray | None = None) -> np.ndarray:
-        """Features of ``tap`` as float32 (scikit-learn would copy float16 to float64), all rows or ``rows``."""
+        """Features of ``tap`` as float32 (scikit-learn would copy float16 to float64), all rows or ``rows``
+        (in any order, a row more than once too)."""
         if tap not in self._file["features"]:
             raise PipelineError(f"{self.path.name} has no tap {tap!r}; it has {', '.join(self.taps)}")
         ds = self._file["features"][tap]
@@ -292,8 +298,10 @@ class FeatureCache:
         rows = np.asarray(rows)
         out = np.empty((len(rows), ds.shape[1]), np.float32)
         if len(rows):
-            order = np.argsort(rows)  # h5py reads rows in increasing order only
-            out[order] = ds[rows[order]]
+            order = np.argsort(rows, kind="stable")  # h5py reads rows in strictly increasing order only
+            ordered = rows[order]
+            first = np.r_[True, ordered[1:] != ordered[:-1]]
+            out[order] = ds[ordered] if first.all() else ds[ordered[first]][np.cumsum(first) - 1]
         return out
 
     @property
@@ -567,6 +575,14 @@ def _check_spec(f: h5py.File, path: Path, spec: FeatureSpec) -> None:
     if have != spec:
         raise PipelineError(f"{path} was made with another feature spec ({have.describe()}), not "
                             f"({spec.describe()}); use another --cache")
+
+
+def _id_under(root: str, path: Path) -> str | None:
+    """The id a folder source at ``root`` gives the file ``path`` (None: not under it, or no folder)."""
+    try:
+        return path.resolve().relative_to(root).as_posix() if root and Path(root).is_dir() else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_source(path: Path, location: str) -> None:

@@ -470,3 +470,33 @@ def test_images_deleted_or_renamed_since_are_neither_audited_nor_neighbours(plan
     assert {"train/red/renamed.jpg", COPY} == {i for d in result.duplicates for i in (d["id_a"], d["id_b"])}
     found = neighbors(cache, [data / COPY], k=40, progress=False)
     assert not {ORIGINAL, ODD} & {f["id"] for f in found} and found[0]["id"] == "train/red/renamed.jpg"
+    fitted = fit(cache, tmp_path / "run", labels=[planted["labels"]], heads=["centroid"], progress=False)
+    assert f"task 'flipped': 2 labelled image(s) have no features in {cache.name} (not extracted yet, unreadable, " \
+           "or no longer in its source): left out" in fitted.notes
+    assert {ORIGINAL, ODD}.isdisjoint(RunFolder(tmp_path / "run").protocol("flipped").ids)
+
+
+def test_a_file_given_twice_or_with_a_copy_of_its_bytes_in_the_cache_is_its_own_row(planted, tmp_path):
+    """The same bytes twice in the cache (a file and its byte-for-byte copy) and the same query twice:
+    each query is its own row, never its own neighbour, and its copy is among its nearest."""
+    data = Path(shutil.copytree(planted["data"], tmp_path / "shapes"))
+    shutil.copy(data / ORIGINAL, data / "train/red/dup.jpg")
+    [res] = extract(data, TINY, tmp_path / "cache", workers=0, progress=False)
+    for query in (data / ORIGINAL, data / "train/red/dup.jpg"):
+        found = neighbors(res.cache, [query, query], k=3, progress=False)
+        own = query.relative_to(data).as_posix()
+        assert len(found) == 6 and own not in {f["id"] for f in found}
+        other = ({ORIGINAL, "train/red/dup.jpg"} - {own}).pop()
+        assert all(other in {f["id"] for f in found[s:s + 3] if f["similarity"] >= EXACT} for s in (0, 3))
+
+
+def test_caches_of_two_sources_are_refused_not_read_as_backbones(planted, tmp_path):
+    caches = tmp_path / "caches"
+    caches.mkdir()
+    shutil.copy(planted["cache"], caches)
+    other = Path(shutil.copytree(planted["data"], tmp_path / "elsewhere" / "shapes"))
+    extract(other, TINY, caches, name="shapes-2", workers=0, progress=False)
+    with pytest.raises(PipelineError, match=r"the caches hold the images of 2 sources \(.*elsewhere/shapes\); several "
+                                            "caches are read as backbones over the same images, so audit one source's"):
+        audit(caches, tmp_path / "a", map="none", **FAST)
+    assert not (tmp_path / "a").exists()

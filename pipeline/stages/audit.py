@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..cache import FeatureCache, find_caches
-from ..sources import load_source
+from ..sources import load_source, location_exists
 from ..errors import Interrupted, PipelineError
 from ..files import atomic_path
 from ..heads import create_head, has_head
@@ -228,6 +228,7 @@ def joined_features(caches: list[FeatureCache], tap: str,
     order) and their features: each cache's rows
     normalised, side by side, scaled so each row has unit length (cosine similarity is then the mean of
     the backbones'). ``check_fits(rows, dims)`` may refuse them before any is read."""
+    _refuse_several_sources(caches)
     current = [set(c.ids[c.current]) for c in caches]
     first = caches[0]
     ids = np.array([i for i in first.ids[first.current] if all(i in v for v in current[1:])], dtype=object)
@@ -254,6 +255,16 @@ def joined_features(caches: list[FeatureCache], tap: str,
 # logistic regression (C=1) on the unit-length features. On planted flips (benchmarks/label_issues.py)
 # it ranks them above logreg (standardised, C tuned by CV to the noisy labels), mlp and knn.
 CLASS_LABEL_HEAD = "sklearn.linear_model:LogisticRegression"
+
+
+def _refuse_several_sources(caches: list[FeatureCache]) -> None:
+    """Several caches are backbones over one source's images: caches of sources at different places that
+    both still exist (a cache folder holding two sources' caches) are refused, not intersected."""
+    places = sorted({str(c.attrs.get("source_location", "")) for c in caches} - {""})
+    if sum(map(location_exists, places)) > 1:
+        raise PipelineError(f"the caches hold the images of {len(places)} sources ({', '.join(places)}); several caches "
+                            "are read as backbones over the same images, so audit one source's caches at a time "
+                            "(give their .h5 files)")
 
 
 def label_head(kind: str, task: str, run: RunFolder | None, head: str = "auto") -> str:

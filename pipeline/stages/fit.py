@@ -214,7 +214,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
         if cfg.concat:
             sources += _concatenate(sources, len(paths))
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
-        notes = _skipped(heads, by_kind, protocols) + _unseen(protocols)
+        notes = _skipped(heads, by_kind, protocols) + _unseen(protocols) + _left_out(sources)
         notes += [note for p in protocols.values() if (note := p.group_note())]
         warm = _Warm(tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs), cfg.working_memory())
         done = {} if cfg.overwrite else _fitted(run, protocols)
@@ -667,6 +667,14 @@ def _save_ood_reference(run: RunFolder, src: _Source, chunk: int) -> None:
 def _head_label(head: str, params: dict | None) -> str:
     """The leaderboard name of a head: ``module:Class(key=value,...)`` when it has parameters."""
     return f"{head}({','.join(f'{k}={v}' for k, v in params.items())})" if params else head
+
+
+def _left_out(sources: list[_Source]) -> list[str]:
+    """A note per task and cache that lacks the features of some of the task's labelled images."""
+    said = {(src.data.task, src.parts[0][0]): src.data.dropped for src in sources
+            if len(src.parts) == 1 and src.data.dropped}
+    return [f"task {task!r}: {n} labelled image(s) have no features in {path.name} (not extracted yet, unreadable, "
+            "or no longer in its source): left out" for (task, path), n in said.items()]
 
 
 def _unseen(protocols: dict[str, Protocol]) -> list[str]:
