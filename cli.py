@@ -456,7 +456,8 @@ def cache_info(
         typer.echo(f"{info['path']}")
         typer.echo(f"  backbone   {info['backbone']}  (weights sha256 {info['weights_sha256'][:16]}…, {info['weights_source']})")
         typer.echo(f"  source     {info['source']}" + (f"  ({info['source_location']})" if info["source_location"] else ""))
-        typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed; complete: {info['complete']}")
+        gone = f", {info['no_longer_listed']} of images the source no longer lists" if info["no_longer_listed"] else ""
+        typer.echo(f"  rows       {info['rows']}: {info['valid']} valid, {info['failed']} failed{gone}; complete: {info['complete']}")
         typer.echo("  taps       " + ", ".join(f"{t} ({d})" for t, d in info["taps"].items()) + f"  as {info['dtype']}")
         dc = info["data_config"]
         typer.echo(f"  preprocess {dc['input_size']} {dc['interpolation']} crop {dc['crop_pct']} mean {dc['mean']} std {dc['std']}"

@@ -321,6 +321,7 @@ class FeatureCache:
             "source_location": str(a.get("source_location", "")),
             "rows": int(len(valid)),
             "valid": int(valid.sum()),
+            "no_longer_listed": int((~self.listed).sum()),
             "failed": len(self.failures),
             "taps": {t: int(self._file["features"][t].shape[1]) for t in self.taps},
             "dtype": a["dtype"],

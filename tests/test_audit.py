@@ -464,6 +464,8 @@ def test_images_deleted_or_renamed_since_are_neither_audited_nor_neighbours(plan
     [cache] = (tmp_path / "cache").glob("*.h5")
     with FeatureCache(cache) as c:
         assert {ORIGINAL, ODD} <= set(c.ids[c.valid]) and not {ORIGINAL, ODD} & set(c.ids[c.current])
+    r = run_cli("cache", "info", cache)
+    assert r.returncode == 0 and ", 2 of images the source no longer lists; complete: True" in r.stdout, r.stdout
     result = audit(cache, tmp_path / "a", map="none", dup_threshold=EXACT, **FAST)
     named = {i for d in result.duplicates for i in (d["id_a"], d["id_b"])} | {o["id"] for o in result.outliers}
     assert not {ORIGINAL, ODD} & named and len(result.outliers) == 38 - 1
