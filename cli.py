@@ -381,6 +381,7 @@ def audit(
     map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
     top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB (powers of 1024) or a number of bytes: it holds every image's features, so over it the audit is refused before any work")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="say each step as it ends")] = True,
 ) -> None:
     """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),
     near-duplicates across splits, outliers, a map; one page to look at, audit.html."""
@@ -388,7 +389,8 @@ def audit(
     from pipeline.evaluation import RunFolder
 
     result = run_audit(caches, out, labels or [], run=run, data=data, tap=tap, head=head, cv=cv, seed=seed,
-                       dup_threshold=dup_threshold, k=k, map=map_method, top=top, max_memory=max_memory)
+                       dup_threshold=dup_threshold, k=k, map=map_method, top=top, max_memory=max_memory,
+                       progress=progress)
     for line in result.lines():
         typer.echo(line)
     if run is not None:
@@ -397,7 +399,7 @@ def audit(
 
 @app.command()
 def neighbors(
-    cache: Annotated[Path, typer.Argument(help="a cache file (.h5)")],
+    cache: Annotated[Path, typer.Argument(help="a cache file (.h5), or a folder holding one")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     k: Annotated[int, typer.Option("-k", "--k", help="neighbours per image")] = 8,
     tap: Annotated[str, typer.Option("--tap")] = "pooled",

@@ -69,7 +69,8 @@ class AuditResult:
         if not self.tasks:
             lines.append("label issues: no labels in the cache and no --labels file, so none looked for")
         evaluated = {d["id_a"] for d in self.cross_split}
-        lines.append(f"copies ({self.copy_rule}): {len(self.copies)} pairs, {len(self.cross_split)} across train "
+        pairs = f"{len(self.copies)} pair" + ("" if len(self.copies) == 1 else "s")
+        lines.append(f"copies ({self.copy_rule}): {pairs}, {len(self.cross_split)} across train "
                      f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
         flagged = sum(o["outlier"] for o in self.outliers)
         lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")

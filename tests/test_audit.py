@@ -338,6 +338,10 @@ def test_audit_and_neighbors_from_the_command_line(planted, tmp_path):
                 planted["data"], "--dup-threshold", str(EXACT), "--map", "none", "--head", "torch-logreg", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "label issues in flipped (val, 38 images): " in r.stdout and "page: " in r.stdout
+    assert "audit: features of 38 images" in r.stderr
+    r = run_cli("audit", planted["cache"], "--out", tmp_path / "a", "--map", "none", "--head", "torch-logreg",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0 and "audit: " not in r.stderr and "page: " in r.stdout, r.stderr
     r = run_cli("audit", planted["cache"], "--out", tmp_path / "b", "--dup-threshold", "2")
     assert r.returncode == 1 and r.stderr.strip() == "error: --dup-threshold must be in (0, 1], got 2.0"
     r = run_cli("neighbors", planted["cache"], planted["data"] / ORIGINAL, "-k", "2", "--no-progress")
@@ -466,11 +470,12 @@ def test_images_deleted_or_renamed_since_are_neither_audited_nor_neighbours(plan
         assert {ORIGINAL, ODD} <= set(c.ids[c.valid]) and not {ORIGINAL, ODD} & set(c.ids[c.current])
     r = run_cli("cache", "info", cache)
     assert r.returncode == 0 and ", 2 of images the source no longer lists; complete: True" in r.stdout, r.stdout
-    result = audit(cache, tmp_path / "a", map="none", dup_threshold=EXACT, **FAST)
+    result = audit(cache, tmp_path / "a", map="none", dup_threshold=EXACT, progress=False, **FAST)
+    assert any(line.startswith("copies (") and "): 1 pair, " in line for line in result.lines())
     named = {i for d in result.duplicates for i in (d["id_a"], d["id_b"])} | {o["id"] for o in result.outliers}
     assert not {ORIGINAL, ODD} & named and len(result.outliers) == 38 - 1
     assert {"train/red/renamed.jpg", COPY} == {i for d in result.duplicates for i in (d["id_a"], d["id_b"])}
-    found = neighbors(cache, [data / COPY], k=40, progress=False)
+    found = neighbors(tmp_path / "cache", [data / COPY], k=40, progress=False)  # a folder holding one cache
     assert not {ORIGINAL, ODD} & {f["id"] for f in found} and found[0]["id"] == "train/red/renamed.jpg"
     fitted = fit(cache, tmp_path / "run", labels=[planted["labels"]], heads=["centroid"], progress=False)
     assert f"task 'flipped': 2 labelled image(s) have no features in {cache.name} (not extracted yet, unreadable, " \

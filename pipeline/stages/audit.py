@@ -104,14 +104,15 @@ class AuditConfig(Settings):
 
 def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
           labels: Sequence[str | os.PathLike] = (), *, run: str | os.PathLike | None = None,
-          data: str | os.PathLike | None = None, config: AuditConfig | None = None, **settings) -> AuditResult:
+          data: str | os.PathLike | None = None, config: AuditConfig | None = None, progress: bool = True,
+          **settings) -> AuditResult:
     """Audit the images of ``caches`` (several caches: several backbones over the same images, their
     normalised features side by side) and write the findings into ``out``.
 
     Tasks are the caches' own labels and each label file in ``labels``. ``run``: a fit run folder whose
     stored protocols score the label issues (else each is decided as ``fit`` decides it); the audit is
     recorded there and its ``report.html`` links to the page. ``data``: the image folder or manifest,
-    for thumbnails on the page. Settings are :class:`AuditConfig`'s fields."""
+    for thumbnails on the page. ``progress``: say each step as it ends. Settings are :class:`AuditConfig`'s fields."""
     started = time.time()
     cfg = replace(config or AuditConfig(), **settings)
     cfg.check()
@@ -121,7 +122,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     run_folder = RunFolder(run) if run is not None else None
     if run_folder is not None and not run_folder.exists:
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")
-    step = _Steps(started)
+    step = _Steps(started, progress)
     with step.said_when_stopped(out):
         images = _image_paths(data)
         paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
@@ -159,8 +160,8 @@ class _Steps:
     """Says each finished step of an audit as it ends (:func:`pipeline.progress.say`): a long audit in a
     log is followed step by step, with the seconds each took."""
 
-    def __init__(self, started: float):
-        self.last, self.count, self.writing = started, 0, False
+    def __init__(self, started: float, progress: bool = True):
+        self.last, self.count, self.writing, self.progress = started, 0, False, progress
 
     @contextmanager
     def said_when_stopped(self, out: Path) -> Iterator[None]:
@@ -176,7 +177,8 @@ class _Steps:
 
     def done(self, what: str) -> None:
         now = time.time()
-        say(f"audit: {what} ({now - self.last:.1f} s)", step=what, seconds=round(now - self.last, 1))
+        if self.progress:
+            say(f"audit: {what} ({now - self.last:.1f} s)", step=what, seconds=round(now - self.last, 1))
         self.last, self.count = now, self.count + 1
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..batches import default_workers
-from ..cache import FeatureCache
+from ..cache import FeatureCache, find_caches
 from ..data import Sample, list_images
 from ..errors import PipelineError
 from ..featurizer import Featurizer, Part, part_features
@@ -30,14 +30,17 @@ COLUMNS = ("query", "rank", "id", "similarity", "label", "split", "error")
 def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: int = 8, tap: str = "pooled",
               out: str | os.PathLike | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
               workers: int | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
-    """The ``k`` nearest images of ``cache`` (rows of the images its source still lists) for every image (files or folders): one dict per
+    """The ``k`` nearest images of ``cache`` (a cache file, or a folder holding one; rows of the images its source still lists) for every image (files or folders): one dict per
     (image, rank) with the neighbour's ``id``, cosine ``similarity``, ``label`` and ``split``; an image
     that cannot be read gets one row with its ``error``. Written as CSV to ``out`` when given."""
     paths = list_images(list(images))
     if not paths:
         raise PipelineError("no images to find neighbours of")
     samples = [Sample(str(p), p) for p in paths]
-    with FeatureCache(cache) as c:
+    found_caches = find_caches([cache])
+    if len(found_caches) != 1:
+        raise PipelineError(f"{cache} holds {len(found_caches)} caches and neighbors searches one: name its .h5 file")
+    with FeatureCache(found_caches[0]) as c:
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
         rows = np.flatnonzero(c.current)
