@@ -274,6 +274,7 @@ class FeatureCache:
         rows = np.r_[np.flatnonzero(self.valid & ~self.listed), np.flatnonzero(self.current)]  # the last one wins
         stored = dict(zip(self.content_hash[rows].tolist(), rows.tolist()))
         root = str(self._file.attrs.get("source_location", ""))
+        root = root if root and Path(root).is_dir() else ""
         found = {}
         for i, path in enumerate(paths):
             try:
@@ -449,6 +450,8 @@ class CacheWriter:
         compute: a renamed image, or the same bytes listed by another source (a parquet file of a folder's
         images), cost no forward pass. ``copied`` counts those from other caches. A cache being written,
         or of another version, is passed over."""
+        if not len(plan.todo):  # an unchanged re-run: no hash column read
+            return plan
         wanted = whole_digests(np.asarray(hashes, _HASH)[plan.indices])
         left = ~self._copy_rows(self._valid[()], whole_digests(self._file["content_hash"][()]),
                                 lambda tap, donors: self._feature_sets[tap][donors], plan.todo, wanted,
@@ -579,9 +582,9 @@ def _check_spec(f: h5py.File, path: Path, spec: FeatureSpec) -> None:
 
 
 def _id_under(root: str, path: Path) -> str | None:
-    """The id a folder source at ``root`` gives the file ``path`` (None: not under it, or no folder)."""
+    """The id a folder source at ``root`` gives the file ``path`` (None: not under it, or no folder: "")."""
     try:
-        return path.resolve().relative_to(root).as_posix() if root and Path(root).is_dir() else None
+        return path.resolve().relative_to(root).as_posix() if root else None
     except (OSError, ValueError):
         return None
 
@@ -687,15 +690,15 @@ def _has_column(f: h5py.File, name: str, n: int | None = None) -> bool:
     return name in f and f[name].shape == (f["ids"].shape[0] if n is None else n, *width)
 
 
-def _row_column(f: h5py.File, name: str) -> np.ndarray:
-    """The column ``name`` as stored, made (zeros) where ``f`` lacks it or has one of another length."""
+def _row_column(f: h5py.File, name: str) -> h5py.Dataset:
+    """The column ``name``, made (zeros) where ``f`` lacks it or has one of another length."""
     if not _has_column(f, name):
         if name in f:
             del f[name]
         width, dtype = _ROW_COLUMNS[name]
         n = f["ids"].shape[0]
         f.create_dataset(name, (n, *width), dtype=dtype, maxshape=(None, *width), chunks=(4096, *width))
-    return f[name][()]
+    return f[name]
 
 
 def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
@@ -703,17 +706,18 @@ def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
     are on disk, so a run killed between the two leaves a stamp older than its hash, which only costs a
     read."""
     _flush(f)
-    column = _row_column(f, "stamps")
+    ds = _row_column(f, "stamps")
+    column = ds[()]
     column[rows] = stamps
-    f["stamps"][:] = column
+    ds[:] = column
 
 
 def _rewrite_listed(f: h5py.File, rows: np.ndarray) -> None:
     """``listed``: the rows ``rows`` (the source's samples) and no other."""
-    column = _row_column(f, "listed")
-    column[:] = False
+    ds = _row_column(f, "listed")
+    column = np.zeros(len(ds), bool)
     column[rows] = True
-    f["listed"][:] = column
+    ds[:] = column
 
 
 class _FailureLog:

@@ -46,8 +46,8 @@ def neighbors(cache: str | os.PathLike, images: Sequence[str | os.PathLike], k: 
         rows = np.flatnonzero(c.current)
         index = NeighbourIndex(normalized(c.features(tap, rows)))  # built once, searched by every image
         ids, labels, splits = c.ids[rows], c.labels[rows], c.splits[rows]
-        position = {r: j for j, r in enumerate(rows.tolist())}
-        own = {i: position[r] for i, r in c.rows_of_files(paths).items() if r in position}
+        own = {i: j for i, r in c.rows_of_files(paths).items()
+               if (j := int(np.searchsorted(rows, r))) < len(rows) and rows[j] == r}
         part = Part(c.spec, tap, str(c.attrs.get("weights_source", "")), [c.path])
     load = lambda: Featurizer.load(part.spec, list(map(Path, weights)), part.weights_source, device)  # noqa: E731
     feats, errors = part_features(part, samples, load, batch_size, default_workers() if workers is None else workers,

@@ -51,18 +51,13 @@ def permutations(groups: np.ndarray, seed: int = 0, draws: int = PERMUTATION_DRA
     Each group's rows are shuffled in place (numpy's ``permuted``, linear in the rows), not sorted by
     random keys: 1.6x faster at 200,000 and at a million rows (2-core AMD EPYC)."""
     groups = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
-    rng, members = np.random.default_rng(seed), np.split(*_grouped(groups))
+    order = np.argsort(groups, kind="stable")
+    rng, members = np.random.default_rng(seed), np.split(order, np.flatnonzero(np.diff(groups[order])) + 1)
     for size in batch_sizes(draws, len(groups)):
         perms = np.empty((size, len(groups)), np.int64)
         for rows in members:
             perms[:, rows] = rng.permuted(np.broadcast_to(rows, (size, len(rows))), axis=1)
         yield perms
-
-
-def _grouped(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows ordered by group (stable) and where each group after the first starts in that order."""
-    order = np.argsort(groups, kind="stable")
-    return order, np.flatnonzero(np.diff(groups[order])) + 1
 
 
 def p_permutation(observed: float, null: np.ndarray) -> float:
