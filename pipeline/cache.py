@@ -34,7 +34,7 @@ from .errors import PipelineError
 from .files import atomic_path
 from .locks import CacheLock, lock_cache, lock_holder, open_h5
 from .sources import STAMP_WIDTH, UNREADABLE, ImageSource, Stamps, location_exists
-from .spec import FeatureSpec, spec_from_attrs
+from .spec import DECODE_BEFORE, FeatureSpec, spec_from_attrs
 from .workers import private_fd, release_fd
 
 SCHEMA_VERSION = 1
@@ -47,6 +47,18 @@ _CHUNK_ROWS = 256
 def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec) -> Path:
     """``<source>__<backbone>__<spec key>.h5``: a change to anything that determines the features is a new file."""
     return Path(cache_dir) / f"{source_name}__{re.sub(r'[^A-Za-z0-9._=-]+', '_', spec.backbone)}__{spec.key}.h5"
+
+
+def spec_to_write(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec, decode: str | None) -> FeatureSpec:
+    """The spec of the cache that extraction with ``decode`` (None: none asked for, so ``spec`` has the
+    new default's) writes: ``spec``, unless no decode was asked for and ``cache_dir`` holds this source's
+    cache of the same spec decoded as caches were before that default, and none decoded with it: then
+    that cache's, so an upgrade recomputes no cache."""
+    before = replace(spec, decode=DECODE_BEFORE)
+    if decode is None and not cache_path(cache_dir, source_name, spec).is_file() \
+            and cache_path(cache_dir, source_name, before).is_file():
+        return before
+    return spec
 
 
 def refuse_folder(path: Path) -> None:

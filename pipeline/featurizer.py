@@ -29,7 +29,7 @@ from .data import Sample
 from .errors import PipelineError
 from .preprocess import Normalize, decode_path
 from .progress import progress_bar
-from .spec import SPEC_INPUTS, FeatureSpec, spec_rules
+from .spec import DECODE_NEW, SPEC_INPUTS, FeatureSpec, spec_rules
 from .validation import validate_params
 from .workers import Workers
 
@@ -54,9 +54,10 @@ class Featurizer:
     def create(cls, name: str, weights: str | os.PathLike | None = None, device: str = "auto",
                amp: str = SPEC_INPUTS["amp"].default, channels_last: bool = True,
                dtype: str = SPEC_INPUTS["dtype"].default, tta: str | None = SPEC_INPUTS["tta"].default,
-               jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default, decode: str = SPEC_INPUTS["decode"].default,
-               compile: bool = False) -> "Featurizer":
-        """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute."""
+               jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default,
+               decode: str | None = SPEC_INPUTS["decode"].default, compile: bool = False) -> "Featurizer":
+        """Load ``name`` (weights resolved as ``load_backbone`` does) and state what it will compute
+        (``decode`` None: the default decode path of new caches)."""
         bb = load_backbone(name, weights, device, amp, channels_last)
         spec = _spec(bb.name, bb.source, bb.weights_sha256, bb.data_config, bb.amp, dtype, tta, jpeg_draft, decode)
         return cls(spec, bb, compile)
@@ -79,6 +80,11 @@ class Featurizer:
             raise PipelineError(f"{spec.backbone}: timm now preprocesses with {bb.data_config}, not "
                                 f"{spec.data_config} as recorded; its features would differ")
         return cls(spec, bb)
+
+    def with_spec(self, spec: FeatureSpec) -> "Featurizer":
+        """The same loaded backbone computing ``spec`` (one that differs from this one's in how it
+        decodes or stores, not in the backbone's weights or preprocessing)."""
+        return self if spec == self.spec else Featurizer(spec, self.backbone, self.compile)
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +135,7 @@ class Featurizer:
 def planned_spec(name: str, weights: str | os.PathLike | None = None, device: str = "auto",
                  amp: str = SPEC_INPUTS["amp"].default, dtype: str = SPEC_INPUTS["dtype"].default,
                  tta: str | None = SPEC_INPUTS["tta"].default, jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default,
-                 decode: str = SPEC_INPUTS["decode"].default) -> FeatureSpec | None:
+                 decode: str | None = SPEC_INPUTS["decode"].default) -> FeatureSpec | None:
     """The spec ``Featurizer.create`` with these arguments will state, known without building the model
     (the model source's plan: for timm, the weights file's sha256 and its pretrained config). So a writer
     can take its cache's lock before any slow work, and a study's dry run can name a cache. None when the
@@ -145,9 +151,9 @@ def planned_spec(name: str, weights: str | os.PathLike | None = None, device: st
 
 
 def _spec(backbone: str, source: str, weights_sha256: str, data_config: dict, amp: str, dtype: str, tta: str | None,
-          jpeg_draft: bool, decode: str) -> FeatureSpec:
+          jpeg_draft: bool, decode: str | None) -> FeatureSpec:
     return FeatureSpec(backbone=backbone, weights_sha256=weights_sha256, data_config=data_config, dtype=dtype, amp=amp,
-                       tta=tta or "", jpeg_draft=jpeg_draft, decode=decode, source=source)
+                       tta=tta or "", jpeg_draft=jpeg_draft, decode=decode or DECODE_NEW, source=source)
 
 
 @dataclass

@@ -32,6 +32,11 @@ SAME_SPEC_MIN_COSINE = 0.999
 
 AMP = ("auto", "off", "bf16", "fp16")  # autocast requests; pipeline.devices.resolve_amp resolves auto
 
+# The decode path of a cache made without one asked for: the fastest path whose features stay within the
+# fidelity figures of docs/benchmarks.md. Caches made before it was the default were decoded the earlier
+# way without asking; pipeline.cache.spec_to_write lets such a cache keep it, so an upgrade recomputes none.
+DECODE_NEW, DECODE_BEFORE = "turbo", "pil"
+
 
 def _decoders() -> tuple[str, ...]:
     from .preprocess import list_decoders  # the registry needs torch: asked only when a value is checked
@@ -64,7 +69,7 @@ SPEC_INPUTS: dict[str, SpecInput] = {
     "amp": SpecInput("auto", AMP),
     "tta": SpecInput(None, ("flip",)),
     "jpeg_draft": SpecInput(True, (True, False)),
-    "decode": SpecInput("pil", _decoders),
+    "decode": SpecInput(None, _decoders),  # None: DECODE_NEW, or an existing cache's DECODE_BEFORE
 }
 
 

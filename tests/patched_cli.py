@@ -43,15 +43,16 @@ def _event(name: str, fn):
     return logged
 
 
-if FAULTS:
-    real_load_image = data.load_image
+if FAULTS:  # every decode path reads an image's bytes through data.read_bytes
+    real_read_bytes = data.read_bytes
 
-    def load_image(path, *args, **kwargs):
-        if Path(path).name in FAULTS:
-            _fault(FAULTS[Path(path).name])
-        return real_load_image(path, *args, **kwargs)
+    def read_bytes(path, *args, **kwargs):
+        name = Path(path).name if isinstance(path, (str, os.PathLike)) else None  # not a tar or parquet member
+        if name in FAULTS:
+            _fault(FAULTS[name])
+        return real_read_bytes(path, *args, **kwargs)
 
-    data.load_image = load_image
+    data.read_bytes = read_bytes
 
 if EVENTS:
     import pipeline.backbones as backbones

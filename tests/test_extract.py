@@ -364,8 +364,8 @@ def test_jpeg_draft_stays_within_resampling_tolerance(tmp_path):
 def test_backbones_with_one_preprocessing_share_one_decode(folder, tmp_path, monkeypatch):
     module = importlib.import_module("pipeline.preprocess")
     calls = []
-    real = module.load_image
-    monkeypatch.setattr(module, "load_image", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    real = module.decode_pixels
+    monkeypatch.setattr(module, "decode_pixels", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
     results = extract(folder, [TINY, TINY_VIT, TINY_GN], tmp_path / "cache", workers=0, progress=False)
     assert [r.extracted for r in results] == [36, 36, 36]
     assert len(calls) == 72  # TINY alone, then TINY_VIT and TINY_GN over one decode pass
@@ -377,9 +377,9 @@ def test_backbones_with_one_preprocessing_share_one_decode(folder, tmp_path, mon
 
 
 def test_decode_path_is_part_of_the_cache(folder, tmp_path):
-    """The issue's part 1: a cache made through another decode path has another key, and turbo's
-    features are those of the default path to resize rounding."""
-    pil = _extract(folder, tmp_path / "cache", amp="off")
+    """A cache made through another decode path has another key, and turbo's features are those of
+    timm's own transform (pil) to resize rounding."""
+    pil = _extract(folder, tmp_path / "cache", amp="off", decode="pil")
     turbo = _extract(folder, tmp_path / "cache", amp="off", decode="turbo")
     assert pil.cache != turbo.cache and turbo.extracted == 36
     with FeatureCache(pil.cache) as a, FeatureCache(turbo.cache) as b:
@@ -389,6 +389,26 @@ def test_decode_path_is_part_of_the_cache(folder, tmp_path):
     assert cos.min() > 0.95
     with pytest.raises(PipelineError, match="--decode must be one of pil, turbo, nvjpeg, got 'jpeg'"):
         _extract(folder, tmp_path / "cache", decode="jpeg")
+
+
+def test_a_new_cache_decodes_with_turbo_and_one_made_with_pil_before_keeps_it(folder, tmp_path):
+    """The default decode path of new caches changed from pil to turbo: a folder that already holds a
+    source's pil cache (made before, when pil was the default) goes on with it, nothing recomputed; a
+    new folder, or --decode, gets what it asks for."""
+    from pipeline.stages.study import _planned
+
+    new = _extract(folder, tmp_path / "new", amp="off")
+    with FeatureCache(new.cache) as c:
+        assert c.spec.decode == "turbo"
+    before = _extract(folder, tmp_path / "cache", amp="off", decode="pil")
+    again = _extract(folder, tmp_path / "cache", amp="off")
+    assert again.cache == before.cache and (again.extracted, again.reused) == (0, 36)
+    settings = dict(amp="off", device="cpu")
+    source = before.cache.name.split("__")[0]
+    assert _planned(tmp_path / "cache", source, TINY, settings, ("pooled",), True)[0] == before.cache
+    asked = _extract(folder, tmp_path / "cache", amp="off", decode="turbo")
+    assert asked.cache.name == new.cache.name and asked.extracted == 36
+    assert _extract(folder, tmp_path / "cache", amp="off").cache == asked.cache  # both there: the new default's
 
 
 @pytest.mark.slow

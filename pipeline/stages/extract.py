@@ -30,7 +30,8 @@ import torch
 from ..backbones import check_taps
 from ..devices import resolve_device
 from ..batches import default_workers
-from ..cache import CacheWriter, cache_path, check_master, check_source, held_stamps, same_spec_caches, shard_path, write_master
+from ..cache import (CacheWriter, cache_path, check_master, check_source, held_stamps, same_spec_caches, shard_path,
+                     spec_to_write, write_master)
 from ..errors import Interrupted, PipelineError
 from ..featurizer import Featurizer, planned_spec
 from ..sources import ImageSource, Stamps, load_source, source_location, source_name
@@ -77,7 +78,7 @@ def extract(
     channels_last: bool = True,
     tta: str | None = SPEC_INPUTS["tta"].default,
     jpeg_draft: bool = SPEC_INPUTS["jpeg_draft"].default,
-    decode: str = SPEC_INPUTS["decode"].default,
+    decode: str | None = SPEC_INPUTS["decode"].default,
     compile: bool = False,
     retry_failed: bool = False,
     allow_outside_root: bool = False,
@@ -89,7 +90,9 @@ def extract(
 
     Each backbone gets its own HDF5 file, named ``<source>__<backbone>__<key>.h5`` where the key is its
     feature spec's (weights, preprocessing, dtype, autocast dtype, ``tta``, JPEG draft, ``decode`` path),
-    so changing any of them makes a new cache. Run under ``torchrun``, the ranks split the images between
+    so changing any of them makes a new cache. ``decode`` None is the default for new caches (``turbo``),
+    except where ``cache_dir`` already holds this source's cache decoded as before (``pil``): it keeps
+    its decode, so an upgrade recomputes nothing. Run under ``torchrun``, the ranks split the images between
     them. ``compile`` runs normalisation and the forward pass as one ``torch.compile``d step (worth its
     compilation time on long runs; not part of the spec).
 
@@ -119,6 +122,7 @@ def extract(
         for name in names:
             spec = planned_spec(name, weights, str(dev), amp, dtype, tta, jpeg_draft, decode)
             if spec is not None:
+                spec = spec_to_write(cache_dir, name_of_source, spec, decode)
                 path = _write_path(cache_path(cache_dir, name_of_source, spec), rank, world)
                 locks[path] = held.enter_context(lock_cache(path))
                 check_source(path, source_location(source))
@@ -130,6 +134,7 @@ def extract(
         jobs = []
         for name in names:
             fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft, decode, compile)
+            fz = fz.with_spec(spec_to_write(cache_dir, name_of_source, fz.spec, decode))
             path = cache_path(cache_dir, name_of_source, fz.spec)
             if world > 1:
                 check_master(path, world)

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from ..cache import FeatureCache, cache_path
+from ..cache import FeatureCache, cache_path, spec_to_write
 from ..data import HASH_BYTES
 from ..sources import load_source
 from ..errors import PipelineError
 from .extract import extract
 from ..backbones import LAYER, check_taps
 from ..featurizer import Featurizer, planned_spec
-from ..spec import SPEC_INPUTS
+from ..spec import SPEC_INPUTS, FeatureSpec
 from .finetune import METRICS_FILE, STATE_FILE, FinetuneConfig, finetune
 from .fit import FitConfig, fit
 from ..evaluation import RunFolder
@@ -163,14 +163,18 @@ def _planned(cache_dir: Path, source: str, name: str, settings: dict, taps: tupl
     module) or a tap counts layers from the last (``layer-1``), the model is loaded, unless ``load`` is
     false: then None for what stays unknown."""
     inputs = {k: settings[k] for k in ("device", *SPEC_INPUTS) if k in settings}
+
+    def path(spec: FeatureSpec) -> Path:
+        return cache_path(cache_dir, source, spec_to_write(cache_dir, source, spec, inputs.get("decode")))
+
     spec = planned_spec(name, **inputs)
     from_last = any((m := LAYER.match(t)) and int(m.group(1)) < 0 for t in taps)
     if spec is not None and not from_last:
-        return cache_path(cache_dir, source, spec), taps
+        return path(spec), taps
     if not load:
-        return (None if spec is None else cache_path(cache_dir, source, spec)), None
+        return (None if spec is None else path(spec)), None
     fz = Featurizer.create(name, **inputs)
-    return cache_path(cache_dir, source, fz.spec), fz.backbone.resolve_taps(taps)
+    return path(fz.spec), fz.backbone.resolve_taps(taps)
 
 
 def _pending(path: Path, hashes: dict[str, bytes], taps: tuple[str, ...]) -> int:
