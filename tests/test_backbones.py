@@ -94,3 +94,14 @@ def test_corrupt_weights_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(PipelineError, match="is not a readable safetensors file"):
         load_backbone(TINY, weights=tmp_path / "bad.safetensors")
+
+
+def test_logits_are_the_classifier_on_the_pooled_features_in_float32(tiny_weights_dir):
+    """Under bf16 autocast the backbone computes in bf16, but its classifier runs in float32 on the pooled
+    features: a fine-tune that starts from a probe's head predicts what that head predicts on the cache."""
+    bb = load_backbone(TINY, amp="bf16")
+    x = torch.rand((4, *bb.data_config["input_size"]))
+    with torch.inference_mode():
+        out = bb.forward(x, ("pooled", "logits"))
+        expected = bb.model.get_classifier()(out["pooled"])
+    assert torch.allclose(out["logits"], expected, rtol=1e-5, atol=0)  # bf16 is 3 digits

@@ -63,8 +63,9 @@ class TimmBackbone(Backbone):
         for tap in taps:
             if tap == "pooled":
                 out[tap] = pooled
-            elif tap == "logits":
-                out[tap] = self.model.get_classifier()(pooled)
+            elif tap == "logits":  # in float32: a head fitted on the pooled features predicts the same
+                with torch.autocast(pooled.device.type, enabled=False):
+                    out[tap] = self.model.get_classifier()(pooled.float())
             else:
                 out[tap] = inter[tap]
         return out
