@@ -237,10 +237,10 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
     for per_backbone in zip(*everyone):
         r0 = per_backbone[0]
         written = r0.cache if r0.cache not in notes else shard_path(r0.cache, rank, world).parent  # no cache over them
-        out.append(ExtractResult(
-            r0.backbone, written, *(sum(getattr(r, k) for r in per_backbone) for k in ("extracted", "reused", "changed", "new", "failed")),
-            max(r.seconds for r in per_backbone), sum(r.copied for r in per_backbone), notes.get(r0.cache, ""),
-        ))
+        summed = {k: sum(getattr(r, k) for r in per_backbone)
+                  for k in ("extracted", "reused", "changed", "new", "failed", "copied", "gone")}
+        out.append(ExtractResult(r0.backbone, written, seconds=max(r.seconds for r in per_backbone),
+                                 note=notes.get(r0.cache, ""), **summed))
     return out
 
 
