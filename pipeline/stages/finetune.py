@@ -53,7 +53,7 @@ from ..kinds import TaskKind, get_kind
 from ..modeldir import MODEL_FILE, write_config
 from ..progress import progress_bar, say
 from ..report import publish
-from ..spec import SPEC_INPUTS, FeatureSpec
+from ..spec import DECODE_NEW, SPEC_INPUTS, FeatureSpec
 from ..strategies import UNFREEZE, get_strategy, list_strategies
 from ..tasks import read_labels
 from ..validation import Settings, at_least, between, one_of, optional, positive, registered, validate_params
@@ -200,7 +200,8 @@ def finetune(data: str | os.PathLike, backbone: str, out: str | os.PathLike, ini
                             f"from {bb.source}: extract it and fit heads on its features instead")
     probe = _Probe(init, protocol, bb.name, bb.weights_sha256) if init is not None else None
     classes = protocol.names
-    spec = probe.spec if probe else FeatureSpec(bb.name, bb.weights_sha256, bb.data_config, "float32", bb.amp)
+    spec = probe.spec if probe else FeatureSpec(bb.name, bb.weights_sha256, bb.data_config, "float32", bb.amp,
+                                                decode=DECODE_NEW)
 
     done = []
     try:
