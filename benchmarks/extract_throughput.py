@@ -29,7 +29,7 @@ from pipeline.cache import CacheWriter
 from pipeline.stages.extract import extract
 from pipeline.preprocess import Normalize, decode_path
 from pipeline.sources import load_source
-from pipeline.spec import SPEC_INPUTS, FeatureSpec
+from pipeline.spec import DECODE_NEW, FeatureSpec
 
 
 def photo_like_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--decode", default=SPEC_INPUTS["decode"].default, help="extract's decode path (pil, turbo, nvjpeg)")
+    ap.add_argument("--decode", default=DECODE_NEW, help="extract's decode path (pil, turbo, nvjpeg; default: a new cache's)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
