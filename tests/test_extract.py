@@ -403,12 +403,14 @@ def test_a_new_cache_decodes_with_turbo_and_one_made_with_pil_before_keeps_it(fo
     before = _extract(folder, tmp_path / "cache", amp="off", decode="pil")
     again = _extract(folder, tmp_path / "cache", amp="off")
     assert again.cache == before.cache and (again.extracted, again.reused) == (0, 36)
+    assert "was made with --decode pil, the default before turbo" in again.note
     settings = dict(amp="off", device="cpu")
     source = before.cache.name.split("__")[0]
     assert _planned(tmp_path / "cache", source, TINY, settings, ("pooled",), True)[0] == before.cache
     asked = _extract(folder, tmp_path / "cache", amp="off", decode="turbo")
     assert asked.cache.name == new.cache.name and asked.extracted == 36
-    assert _extract(folder, tmp_path / "cache", amp="off").cache == asked.cache  # both there: the new default's
+    last = _extract(folder, tmp_path / "cache", amp="off")
+    assert last.cache == asked.cache and not last.note  # both there: the new default's
 
 
 @pytest.mark.slow

@@ -134,11 +134,14 @@ def extract(
         jobs = []
         for name in names:
             fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft, decode, compile)
-            fz = fz.with_spec(spec_to_write(cache_dir, name_of_source, fz.spec, decode))
-            path = cache_path(cache_dir, name_of_source, fz.spec)
+            kept = spec_to_write(cache_dir, name_of_source, fz.spec, decode)
+            path = cache_path(cache_dir, name_of_source, kept)
+            note = "" if kept == fz.spec else (f"{path.name} was made with --decode {kept.decode}, the default before "
+                                               f"{fz.spec.decode}, and goes on with it (--decode {fz.spec.decode} makes a new cache)")
+            fz = fz.with_spec(kept)
             if world > 1:
                 check_master(path, world)
-            jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, _write_path(path, rank, world)))
+            jobs.append(_Job(fz, fz.backbone.resolve_taps(taps), path, _write_path(path, rank, world), note))
 
         present = set(src.ids)
         groups: dict[str, list[_Job]] = {}
@@ -167,7 +170,7 @@ def extract(
                     w.finish()
                     results.append(ExtractResult(job.fz.spec.backbone, job.path, n, plan.reused, plan.changed,
                                                  plan.new, len(w.failed_ids() & present), seconds, plan.copied,
-                                                 gone=plan.gone))
+                                                 gone=plan.gone, note=job.note))
     if world > 1:
         results = _gather(results, jobs, rank, world)
         if own_group:
@@ -189,6 +192,7 @@ class _Job:
     taps: tuple[str, ...]
     path: Path  # the cache a user reads
     write_to: Path  # the same, or this rank's shard of it
+    note: str = ""
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -240,7 +244,7 @@ def _gather(results: list[ExtractResult], jobs: list[_Job], rank: int, world: in
         summed = {k: sum(getattr(r, k) for r in per_backbone)
                   for k in ("extracted", "reused", "changed", "new", "failed", "copied", "gone")}
         out.append(ExtractResult(r0.backbone, written, seconds=max(r.seconds for r in per_backbone),
-                                 note=notes.get(r0.cache, ""), **summed))
+                                 note=notes.get(r0.cache, r0.note), **summed))
     return out
 
 
