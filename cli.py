@@ -94,7 +94,7 @@ def extract(
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format (faster convolutions on CPU and GPU)")] = True,
     tta: Annotated[Optional[str], typer.Option("--tta", help="test-time augmentation: flip stores the mean of an image's and its mirror's features")] = SPEC_INPUTS["tta"].default,
     jpeg_draft: Annotated[bool, typer.Option("--jpeg-draft/--no-jpeg-draft", help="decode large JPEGs at reduced scale (DCT) down to the size the resize needs")] = SPEC_INPUTS["jpeg_draft"].default,
-    decode: Annotated[Optional[str], typer.Option("--decode", help="decode path (part of the cache's key), a decoder registered in pipeline.preprocess: turbo (libjpeg-turbo, only the kept region resized, on uint8: about 2x cheaper), pil (Pillow + timm's own transform), nvjpeg (JPEGs decoded on the CUDA GPU). Default: turbo for a new cache; a cache made with pil before turbo was the default keeps pil")] = SPEC_INPUTS["decode"].default,
+    decode: Annotated[Optional[str], typer.Option("--decode", help="decode path (part of the cache's key), a decoder registered in pipeline.preprocess: turbo (libjpeg-turbo, only the kept region resized, on uint8: about 2x cheaper), pil (Pillow + timm's own transform), nvjpeg (JPEGs decoded on the CUDA GPU). Default: turbo, except where the --cache folder holds this source's pil cache of the backbone and no turbo one: that cache goes on with pil")] = SPEC_INPUTS["decode"].default,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile normalisation + forward for a fixed batch shape (pays off on long runs)")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="retry images that failed before even if their bytes did not change")] = False,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="let a CSV manifest name files outside its folder (absolute paths, ..)")] = False,
@@ -121,8 +121,11 @@ def extract(
             f"(new {r.new}, changed {r.changed}{f', copied from caches of other sources {r.copied}' if r.copied else ''}); "
             f"{speed}; cache {r.cache}"
         )
+        if r.failed:
+            tell("note", f"{r.failed} image{'s' if r.failed != 1 else ''} of the source could not be read or decoded; "
+                         f"`pipeline cache info {r.cache}` names them and why, and --retry-failed tries them again")
         if r.gone:
-            tell("note", f"{r.cache.name} keeps the features of {r.gone} images the source no longer lists (deleted "
+            tell("note", f"{r.cache.name} keeps the features of {r.gone} image{'s' if r.gone != 1 else ''} the source no longer lists (deleted "
                          "or renamed) for predict to reuse; fit, audit and neighbors leave them out")
         if r.note:
             tell("note", r.note)

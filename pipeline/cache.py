@@ -360,7 +360,7 @@ class SyncResult:
     changed: int
     new: int
     copied: int = 0  # of the reused rows, copied from other caches of the same spec
-    gone: int = 0  # rows of images the source no longer lists (deleted or renamed), kept for predict
+    gone: int = 0  # valid rows of images the source no longer lists (deleted or renamed), kept for predict
 
 
 class CacheWriter:
@@ -380,15 +380,22 @@ class CacheWriter:
         try:
             if not self.path.exists():
                 _create(self.path, spec, weights_source, source, tap_dims)
+            elif not h5py.is_hdf5(self.path):  # HDF5 would open an empty file for writing, and write into it
+                raise OSError(f"{self.path.stat().st_size} bytes that are not an HDF5 file")
             # No chunk cache: each batch's chunks reach the disk inside the write call, so a full disk is
             # an OSError there, before any row is marked valid. (With a cache, HDF5 reports it at a later
             # flush or garbage collection, and the process can crash at exit.)
-            self._file = open_h5(self.path, "a", rdcc_nbytes=0)
+            self._file = open_h5(self.path, "r+", rdcc_nbytes=0)
         except OSError as e:
             self._release_lock()
-            raise PipelineError(f"cannot open cache {self.path} for writing: {e}") from e
+            raise PipelineError(f"cannot open cache {self.path} for writing: {e}; move it away or use another "
+                                "--cache") from e
         self._fd = private_fd(self._file.id.get_vfd_handle())
         try:
+            problems = schema_problems(self._file)
+            if problems:
+                raise PipelineError(f"{self.path} is not a feature cache of this version: {problems[0]}; move it "
+                                    "away or use another --cache")
             _refuse_distributed(self._file, self.path)
             _check_spec(self._file, self.path, spec)
             _check_location(self._file, self.path, location)
@@ -454,7 +461,9 @@ class CacheWriter:
         self._failures.save()
         f.attrs["complete"] = False
         _flush(f)
-        return replace(match.plan(skip), gone=len(self._ids) - len(ids))
+        kept = f["valid"][()]
+        kept[match.rows] = False
+        return replace(match.plan(skip), gone=int(kept.sum()))
 
     def copy_from(self, others: Iterable[Path], plan: SyncResult, hashes: np.ndarray) -> SyncResult:
         """Copy the features of ``plan``'s images that this cache's other rows or other caches of this

@@ -137,8 +137,9 @@ class NvjpegPath(DecodePath):
 
     def check_device(self, device: torch.device) -> None:
         if device.type != "cuda":
-            raise PipelineError("decode path nvjpeg decodes on a CUDA GPU, and the device is "
-                                f"{device.type}; use --device cuda, or --decode turbo")
+            gpu = "--device cuda, or " if torch.cuda.is_available() else ""
+            raise PipelineError(f"decode path nvjpeg decodes on a CUDA GPU, and the device is {device.type}"
+                                f"{'' if gpu else ' (torch sees no CUDA GPU here)'}; use {gpu}--decode turbo")
 
     def load(self, where: Path | Member) -> torch.Tensor:
         data = read_bytes(where)

@@ -247,6 +247,11 @@ def test_cli_extract_and_cache_info(folder, tmp_path):
     [cache] = (tmp_path / "cache").glob("*.h5")
     r = run_cli("cache", "info", cache)
     assert r.returncode == 0 and "36 valid, 0 failed" in r.stdout and "pooled (" in r.stdout
+    (folder / "train" / "red" / "broken.jpg").write_text("not an image")
+    r = run_cli("extract", folder, "--backbone", TINY, "--cache", tmp_path / "cache", "--workers", "1")
+    assert r.returncode == 0 and "failed 1 (new 1" in r.stdout, r.stderr
+    assert f"note: 1 image of the source could not be read or decoded; `pipeline cache info {cache}`" in r.stderr
+    assert "train/red/broken.jpg [decode]" in run_cli("cache", "info", cache).stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -403,7 +408,7 @@ def test_a_new_cache_decodes_with_turbo_and_one_made_with_pil_before_keeps_it(fo
     before = _extract(folder, tmp_path / "cache", amp="off", decode="pil")
     again = _extract(folder, tmp_path / "cache", amp="off")
     assert again.cache == before.cache and (again.extracted, again.reused) == (0, 36)
-    assert "was made with --decode pil, the default before turbo" in again.note
+    assert "is this source's cache decoded with pil, the default before turbo, and goes on with pil" in again.note
     settings = dict(amp="off", device="cpu")
     source = before.cache.name.split("__")[0]
     assert _planned(tmp_path / "cache", source, TINY, settings, ("pooled",), True)[0] == before.cache
@@ -411,6 +416,35 @@ def test_a_new_cache_decodes_with_turbo_and_one_made_with_pil_before_keeps_it(fo
     assert asked.cache.name == new.cache.name and asked.extracted == 36
     last = _extract(folder, tmp_path / "cache", amp="off")
     assert last.cache == asked.cache and not last.note  # both there: the new default's
+
+
+def test_rows_of_images_gone_from_the_source_count_only_where_they_hold_features(folder, tmp_path):
+    """A file that never decoded and is then deleted leaves a row without features: it is not counted
+    among the rows kept for predict."""
+    broken = folder / "train" / "red" / "broken.jpg"
+    broken.write_text("not an image")
+    assert _extract(folder, tmp_path / "cache").failed == 1
+    broken.unlink()
+    (folder / "train" / "red" / "red_000.jpg").unlink()
+    assert _extract(folder, tmp_path / "cache").gone == 1
+
+
+def test_a_file_at_the_caches_path_that_is_no_cache_is_refused_and_left_as_it_was(folder, tmp_path):
+    """An empty file, or an HDF5 file without the cache's datasets, where extract would write its cache:
+    one clear error, and the file is not written over (a re-run says the same)."""
+    name = _extract(folder, tmp_path / "first").cache.name
+    bad = tmp_path / "cache" / name
+    bad.parent.mkdir()
+    bad.write_bytes(b"")
+    for _ in range(2):
+        with pytest.raises(PipelineError, match="cannot open cache .*: 0 bytes that are not an HDF5 file; move it away or use another --cache"):
+            _extract(folder, tmp_path / "cache")
+        assert bad.read_bytes() == b""
+    h5py.File(bad, "w").close()
+    before = bad.read_bytes()
+    with pytest.raises(PipelineError, match="is not a feature cache of this version: missing: ids.*move it away"):
+        _extract(folder, tmp_path / "cache")
+    assert bad.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """Decode paths without a GPU: nvjpeg's batching and per-image retry, with torchvision's CPU JPEG
 decoder standing in for nvJPEG."""
 
+import pytest
 import torch
 from PIL import Image
 
 from conftest import make_image
+from pipeline.errors import PipelineError
 from pipeline.preprocess import NvjpegPath, TurboPath
 
 CONFIG = {"input_size": (3, 64, 64), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
@@ -38,3 +40,12 @@ def test_nvjpeg_decodes_a_batch_in_one_call_and_a_refused_batch_image_by_image(t
     for got, p in zip(x, [*jpegs, png]):
         want = torch.from_numpy(turbo.load(p)).permute(2, 0, 1)
         assert (got.int() - want.int()).abs().float().mean() < 1.0
+
+
+def test_nvjpeg_on_a_cpu_names_what_this_machine_can_do(monkeypatch):
+    """Where torch sees no CUDA GPU, the advice is --decode turbo alone (--device cuda would fail too)."""
+    for gpu, advice in ((False, r"\(torch sees no CUDA GPU here\); use --decode turbo$"),
+                        (True, r"the device is cpu; use --device cuda, or --decode turbo$")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        with pytest.raises(PipelineError, match=advice):
+            NvjpegPath(CONFIG).check_device(torch.device("cpu"))

@@ -73,7 +73,9 @@ def test_cli_dry_run_prints_the_plan(study):
 @pytest.mark.parametrize("text, message", [
     ('backbones = ["x"]\nout = "r"\n', "missing data"),
     ('data = "d"\nbackbones = ["x"]\nout = "r"\nhead = ["knn"]\n', "unknown key\\(s\\) head"),
-    ('data = "d"\nbackbones = ["x"]\nout = "r"\n[fit]\nfolds = 3\n', "\\[fit\\] folds"),
+    ('data = "d"\nbackbones = ["x"]\nout = "r"\n[fit]\nfolds = 3\n', "\\[fit\\] folds is no setting \\(known: .*cv, "),
+    ('data = "d"\nbackbones = ["x"]\nout = "r"\n[extract]\ndecoder = "pil"\n',
+     "\\[extract\\] decoder is no setting \\(known: .*decode, "),
     ('data = "d"\nbackbones = ["x"]\nout = "r"\n[[finetune]]\nepochs = 1\n', "#1 has no out"),
     ('data = "d"\nbackbones = [\n', "not valid TOML"),
 ])

@@ -136,8 +136,9 @@ def extract(
             fz = Featurizer.create(name, weights, str(dev), amp, channels_last, dtype, tta, jpeg_draft, decode, compile)
             kept = spec_to_write(cache_dir, name_of_source, fz.spec, decode)
             path = cache_path(cache_dir, name_of_source, kept)
-            note = "" if kept == fz.spec else (f"{path.name} was made with --decode {kept.decode}, the default before "
-                                               f"{fz.spec.decode}, and goes on with it (--decode {fz.spec.decode} makes a new cache)")
+            note = "" if kept == fz.spec else (f"{path.name} is this source's cache decoded with {kept.decode}, the "
+                                               f"default before {fz.spec.decode}, and goes on with {kept.decode} "
+                                               f"(--decode {fz.spec.decode} makes a new cache)")
             fz = fz.with_spec(kept)
             if world > 1:
                 check_master(path, world)

@@ -83,11 +83,11 @@ class Study:
         return study
 
     def _check(self, here: Path) -> None:
-        bad = [f"[extract] {k}" for k in self.extract if k not in _EXTRACT]
-        bad += [f"[fit] {k}" for k in self.fit if k not in {f.name for f in fields(FitConfig)} - {"heads"}]
+        fit_keys = {f.name for f in fields(FitConfig)} - {"heads"}
         tune = {f.name for f in fields(FinetuneConfig)} | set(_FINETUNE_OWN)
+        bad = _unknown("[extract]", self.extract, _EXTRACT) + _unknown("[fit]", self.fit, fit_keys)
         for i, t in enumerate(self.finetune):
-            bad += [f"[[finetune]] #{i + 1} {k}" for k in t if k not in tune]
+            bad += _unknown(f"[[finetune]] #{i + 1}", t, tune)
             if "out" not in t:
                 bad.append(f"[[finetune]] #{i + 1} has no out")
             t["out"] = (here / t.get("out", "")).resolve()
@@ -154,6 +154,11 @@ def _extract_steps(s: Study, progress: bool, load: bool) -> tuple[list[Step], li
                           f"{todo} of {len(hashes)} images to compute" if todo else f"the cache holds all {len(hashes)} images",
                           action))
     return steps, paths
+
+
+def _unknown(table: str, given: dict, known) -> list[str]:
+    """``[table] key`` for each key of ``given`` that is no setting, with the settings there are."""
+    return [f"{table} {k} is no setting (known: {', '.join(sorted(known))})" for k in given if k not in known]
 
 
 def _planned(cache_dir: Path, source: str, name: str, settings: dict, taps: tuple[str, ...],
