@@ -14,7 +14,7 @@ fall to 0.66, so no one threshold works. So a copy is found in two steps:
 
 Where the images cannot be read (an imported cache, a moved source, changed bytes), the embeddings decide
 alone with a stricter rule: mutual nearest neighbours above the upper fence (Q3 + 1.5 IQR) of the
-nearest-neighbour similarities. ``benchmarks/copies_quality.py`` measures both rules.
+nearest-neighbour similarities and above :data:`EMBEDDING_FLOOR`. ``benchmarks/copies_quality.py`` measures both rules.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ THUMB = 128
 COARSE, COARSE_GATE = 32, 0.8
 EXACT = 0.9999  # a cosine that only the same pixels reach
 PIXEL_COPY = 0.975  # benchmarks/copies_quality.py: copies 0.983 and up, distinct pairs at most 0.963
+# Below this cosine the embeddings alone call nothing a copy: the pixel-confirmed copies of hymenoptera
+# (lite0) reach down to 0.862 (docs/audit.md), independent generated embeddings up to 0.39.
+EMBEDDING_FLOOR = 0.8
 EDGE_IMAGES = 512  # images whose edge maps are kept (each up to ~0.6 MB as float16 with every alignment)
 ALIGNMENTS = (("crop", 0.9),) + tuple(("rotate", d) for d in (-5, -4, -3, -2, 2, 3, 4, 5))
 
@@ -152,10 +155,12 @@ def candidate_threshold(sims: np.ndarray) -> float:
 
 def embedding_threshold(nearest: np.ndarray) -> float:
     """The embeddings-only rule's threshold: the upper fence (Q3 + 1.5 IQR) of each image's nearest
-    similarity, so only pairs unusually close for this data are called copies; at most :data:`EXACT`, so
-    an exact copy counts even where every image is alike (lego renders: the fence is above 1)."""
+    similarity, so only pairs unusually close for this data are called copies, and at least
+    :data:`EMBEDDING_FLOOR` (a fence always has a few points above it, copies or not); at most
+    :data:`EXACT`, so an exact copy counts even where every image is alike (lego renders: the fence is
+    above 1)."""
     q1, q3 = np.nanpercentile(nearest, [25, 75])
-    return min(float(q3 + 1.5 * (q3 - q1)), EXACT)
+    return min(max(float(q3 + 1.5 * (q3 - q1)), EMBEDDING_FLOOR), EXACT)
 
 
 def edges(img: Image.Image, side: int = THUMB) -> np.ndarray:

@@ -185,3 +185,24 @@ def test_an_existing_cache_is_refused_unless_overwrite(tmp_path, data):
     again = import_embeddings(tmp_path / "emb.parquet", tmp_path / "out", overwrite=True)
     assert again.cache == first.cache and again.cache.stat().st_mtime_ns != before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [first.cache.name, first.cache.name + ".lock"]
+
+
+def test_independent_embeddings_have_no_copies_and_disjoint_imports_are_named(tmp_path, data):
+    """The embeddings alone call a pair a copy only above EMBEDDING_FLOOR: noise has no copies, a row
+    repeated with a little noise is one. Two imports of other ids in one folder are refused by fit, once."""
+    from pipeline.copies import find_copies
+    from pipeline.similarity import normalized
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3000, 64)).astype(np.float32)
+    ids = np.array([f"n{i}" for i in range(len(X))], dtype=object)
+    assert find_copies(normalized(X), ids, None).confirmed.sum() == 0
+    X[1] = X[0] + 0.05 * rng.normal(size=64).astype(np.float32)
+    found = find_copies(normalized(X), ids, None)
+    assert [(int(a), int(b)) for a, b in zip(found.i[found.confirmed], found.j[found.confirmed])] == [(0, 1)]
+    for name, rows in (("a", slice(0, 30)), ("b", slice(30, 60))):
+        (tmp_path / name).mkdir()
+        pq.write_table(table(data, rows), tmp_path / name / "emb.parquet")
+        import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches")
+    with pytest.raises(PipelineError, match="no labelled image has features in every one of its caches"):
+        fit(tmp_path / "caches", tmp_path / "run", heads=["ridge"], n_jobs=1, progress=False)

@@ -356,6 +356,10 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
         joined = [join_task(cache, task, load=False) for _, cache, task in entries]
         ref = joined[0]
         everywhere = set(ref.ids).intersection(*(set(j.ids) for j in joined[1:]))
+        if not everywhere:
+            raise PipelineError(f"task {name!r}: no labelled image has features in every one of its caches "
+                                f"({', '.join(path.name for path, _, _ in entries)}); caches fitted together must "
+                                "hold the same images: give one of them, or one folder per source")
         keep = np.array([i in everywhere for i in ref.ids], bool)
         _check_same_labels(name, joined)
         labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep],
