@@ -442,7 +442,8 @@ class CacheWriter:
         f, ids = self._file, source.ids
         hashes = np.asarray(hashes, dtype=_HASH)
         stored_hashes = f["content_hash"][()]
-        match = _RowMatch.of(self._ids, ids, hashes, stored_hashes, f["valid"][()])
+        stored_valid = f["valid"][()]
+        match = _RowMatch.of(self._ids, ids, hashes, stored_hashes, stored_valid)
         changed_rows = np.sort(match.rows[match.changed])
         if len(changed_rows):
             f["valid"][changed_rows] = False
@@ -451,7 +452,7 @@ class CacheWriter:
         _append_rows(f, ids[match.is_new])
         self._ids.extend(ids[match.is_new])
         _rewrite_row_facts(f, source, match.rows, hashes, stored_hashes)
-        _rewrite_listed(f, match.rows)
+        listed = _rewrite_listed(f, match.rows)
         _rewrite_stamps(f, match.rows, np.zeros((len(ids), STAMP_WIDTH), np.int64) if stamps is None else stamps)
 
         unreadable = hashes == UNREADABLE
@@ -461,9 +462,8 @@ class CacheWriter:
         self._failures.save()
         f.attrs["complete"] = False
         _flush(f)
-        kept = f["valid"][()]
-        kept[match.rows] = False
-        return replace(match.plan(skip), gone=int(kept.sum()))
+        gone = stored_valid & ~listed[:len(stored_valid)]  # the rows appended above are all listed
+        return replace(match.plan(skip), gone=int(gone.sum()))
 
     def copy_from(self, others: Iterable[Path], plan: SyncResult, hashes: np.ndarray) -> SyncResult:
         """Copy the features of ``plan``'s images that this cache's other rows or other caches of this
@@ -733,12 +733,13 @@ def _rewrite_stamps(f: h5py.File, rows: np.ndarray, stamps: np.ndarray) -> None:
     ds[:] = column
 
 
-def _rewrite_listed(f: h5py.File, rows: np.ndarray) -> None:
-    """``listed``: the rows ``rows`` (the source's samples) and no other."""
+def _rewrite_listed(f: h5py.File, rows: np.ndarray) -> np.ndarray:
+    """``listed``: the rows ``rows`` (the source's samples) and no other; the column written."""
     ds = _row_column(f, "listed")
     column = np.zeros(len(ds), bool)
     column[rows] = True
     ds[:] = column
+    return column
 
 
 class _FailureLog:
