@@ -206,3 +206,26 @@ def test_independent_embeddings_have_no_copies_and_disjoint_imports_are_named(tm
         import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches")
     with pytest.raises(PipelineError, match="no labelled image has features in every one of its caches"):
         fit(tmp_path / "caches", tmp_path / "run", heads=["ridge"], n_jobs=1, progress=False)
+
+
+def test_images_left_out_by_overlapping_caches_or_an_unused_split_are_said(tmp_path, data):
+    """Two caches that share only some images are fitted on the shared ones, and fit says how many it left
+    out; so it does for labelled images in neither train nor the scored split."""
+    for name, rows in (("a", slice(0, 50)), ("b", slice(10, 60))):
+        (tmp_path / name).mkdir()
+        pq.write_table(table(data, rows), tmp_path / name / "emb.parquet")
+        import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches")
+    result = fit(tmp_path / "caches", tmp_path / "run", heads=["ridge"], n_jobs=1, progress=False)
+    assert [(r.n_train, r.n_test) for r in result.rows] == [(30, 10)] * 2
+    assert sum("20 labelled image(s) have features in some of its caches but not in every one" in n
+               for n in result.notes) == 1
+    labels = tmp_path / "labels.csv"
+    split = ["train"] * 30 + [""] * 5 + ["test"] * 3 + ["val"] * 22
+    labels.write_text("id,label,split\n" + "".join(f"{i},{y},{s}\n" for i, y, s in zip(data["ids"], data["y"], split)))
+    pq.write_table(table(data), tmp_path / "all.parquet")
+    whole = import_embeddings(tmp_path / "all.parquet", tmp_path / "whole").cache
+    result = fit(whole, tmp_path / "run2", labels=[labels], heads=["ridge"], n_jobs=1, progress=False)
+    assert any("task 'labels': 8 labelled image(s) in neither train nor val (5 with no split, 3 in split 'test'): "
+               "left out" in n for n in result.notes), result.notes
+    found = audit(whole, tmp_path / "audit", labels=[labels], map="none")
+    assert any("8 labelled image(s) in neither train nor val" in t.note for t in found.tasks)

@@ -143,7 +143,7 @@ def test_a_job_under_max_memory_gives_scikit_learn_its_share_for_pairwise_distan
     assert _in_worker(_Warm((), None), get_config)["working_memory"] == get_config()["working_memory"]
 
 
-def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tmp_path, monkeypatch):
+def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tmp_path, monkeypatch, capsys):
     reads = []
     real = FeatureCache.features
 
@@ -164,6 +164,9 @@ def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tm
     assert "mlp holds the features in memory" in rows["mlp"].error
     assert "heads that read by chunks: logreg, knn, torch-logreg, linear-svm, ridge, sgd" in rows["mlp"].error
     assert reads and None not in reads and max(reads) <= 6
+    said = f"ridge, torch-logreg, knn read the features from the cache 6 row(s) of {dims:,} at a time (--max-memory {budget}"
+    err = capsys.readouterr().err
+    assert said in err and "shared by the jobs that run at once); so few rows per read make every pass slow" in err
 
 
 def test_fit_s_own_process_never_imports_torch_that_only_its_jobs_run(tiny_run, tmp_path):

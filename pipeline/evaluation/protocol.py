@@ -52,6 +52,21 @@ def eval_split(splits: np.ndarray) -> str | None:
     return next((s for s in HOLDOUT_SPLITS if (splits == s).any()), None)
 
 
+def unused_split_note(task: str, splits: np.ndarray) -> str:
+    """A note when a task scored on a held-out split also has labelled images in neither ``train`` nor
+    that split (no split, or another one): ``decide`` leaves them out; "" when there are none."""
+    splits = np.asarray(splits, dtype=object)
+    split = eval_split(splits)
+    if split is None:
+        return ""
+    names, counts = np.unique(splits[(splits != "train") & (splits != split)].astype(str), return_counts=True)
+    if not len(names):
+        return ""
+    parts = ", ".join(f"{n} in split {str(name)!r}" if name else f"{n} with no split" for name, n in zip(names, counts))
+    return (f"task {task!r}: {counts.sum()} labelled image(s) in neither train nor {split} ({parts}): left out, "
+            f"as a task with train and {split} splits uses those two only")
+
+
 @dataclass
 class Protocol:
     """One task's evaluation: its samples (``ids``, ``y``), the fold each is scored in (``-1``: trains

@@ -36,7 +36,7 @@ from ..files import atomic_path
 from ..heads import create_head, has_head
 from ..progress import say
 from ..kinds import get_kind, list_kinds
-from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task
+from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task, unused_split_note
 from ..findings import AuditResult, TaskAudit, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
@@ -455,8 +455,9 @@ def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, c
     keep = np.array([i in row_of for i in data.ids], bool)
     labelled = Labelled(task.name, task.kind, data.ids[keep], data.y[keep], data.splits[keep])
     protocol, note = open_task(labelled, cfg.cv, cfg.seed, run, "within")
-    if run is not None and run.protocol(task.name) is None:
-        note = f"{run.path} holds no protocol for it; decided as fit decides"
+    if run is None or run.protocol(task.name) is None:
+        decided = f"{run.path} holds no protocol for it; decided as fit decides" if run is not None else note
+        note = "; ".join(filter(None, [decided, unused_split_note(task.name, labelled.splits)]))
     return protocol, note
 
 

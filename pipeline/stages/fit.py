@@ -37,7 +37,7 @@ from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name, reference_sample
 from ..parallel import local_workers, parallel_backend
 from ..progress import progress_bar, say
-from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, clean_ranking, open_task
+from ..evaluation import HeadCard, Labelled, Protocol, Row, RunFolder, clean_ranking, open_task, unused_split_note
 from ..report import markdown_table, publish, time_summary, write_fewshot
 from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
@@ -48,6 +48,7 @@ from ..validation import Settings, at_least, instance_of, jobs, list_of, optiona
 
 
 COPIES = 3  # float32 copies of a tap's features a head in memory holds: loaded, a fold's rows, their standardised copy
+SLOW_CHUNK = 256  # rows per read under which a chunked head's passes are mostly overhead
 CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
 
 
@@ -208,17 +209,17 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
     with ExitStack() as stack:
         with _stage(stages, "read features"):
             opened = [(p, stack.enter_context(FeatureCache(p))) for p in paths]
-            protocols, sources = _sources(opened, extra_tasks, cfg, run, load)
+            protocols, sources, joined_notes = _sources(opened, extra_tasks, cfg, run, load)
         with _stage(stages, "near-copy check"):
             copies = _near_copies(sources)
         if cfg.concat:
             sources += _concatenate(sources, len(paths))
         by_kind = {k: cfg.heads_for(get_kind(k), heads, params) for k in dict.fromkeys(p.kind for p in protocols.values())}
-        notes = _skipped(heads, by_kind, protocols) + _unseen(protocols) + _left_out(sources)
+        notes = _skipped(heads, by_kind, protocols) + _unseen(protocols) + _left_out(sources) + joined_notes
         notes += [note for p in protocols.values() if (note := p.group_note())]
         warm = _Warm(tuple((h, params.get(h), k) for k, hs in by_kind.items() for h in hs), cfg.working_memory())
         done = {} if cfg.overwrite else _fitted(run, protocols)
-        jobs, meta = [], []
+        jobs, meta, chunked = [], [], []
         for src in sources:
             splits, refit = src.protocol.splits(), src.protocol.refit() if src.protocol.cross_validated else None
             for head in by_kind[src.protocol.kind]:
@@ -227,6 +228,8 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
                 rows = src.rows(head, cfg)
                 jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit))
                 meta.append((src, head))
+                chunked += [(head, rows.source)] if rows.source else []
+        _say_chunks(chunked, cfg)
         few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
         if shots and any(not get_kind(p.kind).fewshot for p in protocols.values()):
             notes.append("few-shot curves are drawn for classification tasks only")
@@ -341,9 +344,10 @@ def _copy_groups(labelled: Labelled, cache: FeatureCache, cfg: FitConfig) -> np.
 
 
 def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], cfg: FitConfig, run: RunFolder,
-             load: bool) -> tuple[dict[str, Protocol], list[_Source]]:
+             load: bool) -> tuple[dict[str, Protocol], list[_Source], list[str]]:
     """Each task's protocol (decided on its labelled images that every cache holds valid features of,
-    checked against the run's), and a source per (cache, tap, task) on the protocol's samples."""
+    checked against the run's), a source per (cache, tap, task) on the protocol's samples, and a note per
+    task on the labelled images this leaves out (in some caches only, or in a split no row uses)."""
     by_task: dict[str, list[tuple[Path, FeatureCache, Task]]] = {}
     for path, cache in opened:
         tasks = ([cache_task(cache)] if (cache.labels != "").any() else []) + extra_tasks
@@ -351,7 +355,7 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
             raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split]")
         for task in tasks:
             by_task.setdefault(task.name, []).append((path, cache, task))
-    protocols, sources = {}, []
+    protocols, sources, notes = {}, [], []
     for name, entries in by_task.items():
         joined = [join_task(cache, task, load=False) for _, cache, task in entries]
         ref = joined[0]
@@ -361,6 +365,8 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
                                 f"({', '.join(path.name for path, _, _ in entries)}); caches fitted together must "
                                 "hold the same images: give one of them, or one folder per source")
         keep = np.array([i in everywhere for i in ref.ids], bool)
+        notes += [n for n in (_not_everywhere(name, entries, joined, everywhere),
+                              unused_split_note(name, ref.splits[keep])) if n]
         _check_same_labels(name, joined)
         labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep],
                             None if ref.groups is None else ref.groups[keep])
@@ -376,7 +382,17 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
                                      kind=protocol.kind)
                 sources.append(_Source(cache.backbone, cache.spec.weights_sha256[:12], cache.spec.key, tap, task_data,
                                        protocol, [(path, cache)]))
-    return protocols, sources
+    return protocols, sources, notes
+
+
+def _not_everywhere(task: str, entries: list, joined: list[TaskData], everywhere: set) -> str:
+    """A note when some of a task's labelled images have features in some of its caches but not all:
+    caches fitted together are scored on the images they all hold, so these are left out."""
+    some = set().union(*(set(j.ids) for j in joined)) - everywhere
+    if not some:
+        return ""
+    return (f"task {task!r}: {len(some)} labelled image(s) have features in some of its caches but not in every one "
+            f"({', '.join(path.name for path, _, _ in entries)}): left out, so that every row is scored on the same images")
 
 
 def _check_same_labels(task: str, joined: list[TaskData]) -> None:
@@ -700,6 +716,19 @@ def _check_writable(out: Path) -> None:
             pass
     except OSError as e:
         raise PipelineError(f"cannot write the run directory {out}: {e.strerror} ({existing})") from None
+
+
+def _say_chunks(chunked: list[tuple[str, _OnDisk]], cfg: FitConfig) -> None:
+    """Before any fit, a line per chunk size saying which heads read their features from the cache by
+    chunks and how many rows at a time, under which bound: a small bound makes many small reads."""
+    by_step: dict[tuple[int, int], list[str]] = {}
+    for head, source in chunked:
+        by_step.setdefault((source.step, source.dims), []).append(head)
+    bound = f" (--max-memory {cfg.max_memory}, shared by the jobs that run at once)" if cfg.max_memory else ""
+    for (step, dims), heads in by_step.items():
+        slow = "; so few rows per read make every pass slow: give --max-memory more" if step < SLOW_CHUNK else ""
+        say(f"{', '.join(dict.fromkeys(heads))} read the features from the cache {step:,} row(s) of {dims:,} at a "
+            f"time{bound}{slow}")
 
 
 def _say_row(row: Row, n: int, total: int) -> None:
