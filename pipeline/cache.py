@@ -42,6 +42,7 @@ _STR = h5py.string_dtype("utf-8")
 _HASH = f"S{HASH_BYTES}"
 _FAILURE = np.dtype([("id", _STR), ("stage", _STR), ("reason", _STR)])
 _CHUNK_ROWS = 256
+DENSE_SPAN = 2  # rows asked for spanning at most this many times their number are read as one slab
 
 
 def cache_path(cache_dir: str | os.PathLike, source_name: str, spec: FeatureSpec) -> Path:
@@ -313,8 +314,12 @@ class FeatureCache:
         if len(rows):
             order = np.argsort(rows, kind="stable")  # h5py reads rows in strictly increasing order only
             ordered = rows[order]
-            first = np.r_[True, ordered[1:] != ordered[:-1]]
-            out[order] = ds[ordered] if first.all() else ds[ordered[first]][np.cumsum(first) - 1]
+            lo, hi = int(ordered[0]), int(ordered[-1]) + 1
+            if hi - lo <= DENSE_SPAN * len(rows):  # one slab and a take: h5py selects listed rows one by one
+                out[order] = ds[lo:hi][ordered - lo]
+            else:
+                first = np.r_[True, ordered[1:] != ordered[:-1]]
+                out[order] = ds[ordered] if first.all() else ds[ordered[first]][np.cumsum(first) - 1]
         return out
 
     @property

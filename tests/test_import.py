@@ -229,3 +229,14 @@ def test_images_left_out_by_overlapping_caches_or_an_unused_split_are_said(tmp_p
                "left out" in n for n in result.notes), result.notes
     found = audit(whole, tmp_path / "audit", labels=[labels], map="none")
     assert any("8 labelled image(s) in neither train nor val" in t.note for t in found.tasks)
+
+
+def test_features_of_rows_in_any_order_dense_or_sparse_are_those_rows(tmp_path, data):
+    """Rows asked for close together are read as one slab, rows far apart one by one: the same rows either
+    way, in the order asked, a row asked twice given twice."""
+    pq.write_table(table(data), tmp_path / "emb.parquet")
+    cache = import_embeddings(tmp_path / "emb.parquet", tmp_path / "caches").cache
+    with FeatureCache(cache) as c:
+        whole = c.features("pooled")
+        for rows in ([7, 3, 3, 5, 4, 6], [0, 59], [59, 0, 30, 30], list(range(10, 40))[::-1]):
+            assert np.array_equal(c.features("pooled", np.array(rows)), whole[rows])
