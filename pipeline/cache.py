@@ -276,7 +276,7 @@ class FeatureCache:
         missing = [sid for sid in ids if sid not in self._row_of_id]
         if missing:
             raise PipelineError(f"{len(missing)} id(s) not in cache {self.path.name}, e.g. {missing[0]!r}; ids are "
-                                "paths relative to the data root (or the manifest's ids)")
+                                "paths relative to the data root, a manifest's ids or an imported file's id column")
         return np.fromiter((self._row_of_id[sid] for sid in ids), np.int64, len(ids))
 
     def rows_of_files(self, paths: list[Path]) -> dict[int, int]:

@@ -229,6 +229,13 @@ def test_images_left_out_by_overlapping_caches_or_an_unused_split_are_said(tmp_p
                "left out" in n for n in result.notes), result.notes
     found = audit(whole, tmp_path / "audit", labels=[labels], map="none")
     assert any("8 labelled image(s) in neither train nor val" in t.note for t in found.tasks)
+    no_train = tmp_path / "no_train.csv"
+    no_train.write_text("id,label,split\n" + "".join(f"{i},{y},{'test' if k < 20 else 'val'}\n"
+                                                      for k, (i, y) in enumerate(zip(data["ids"], data["y"]))))
+    result = fit(whole, tmp_path / "run3", labels=[no_train], heads=["ridge"], n_jobs=1, progress=False)
+    assert "task 'no_train': its splits ('test', 'val') have no train rows, so they are not used: it is " \
+           "cross-validated over all its 60 labelled images, each trained on in the other folds" in result.notes
+    assert {r.eval for r in result.rows if r.task == "no_train"} == {"cv5"}
 
 
 def test_features_of_rows_in_any_order_dense_or_sparse_are_those_rows(tmp_path, data):

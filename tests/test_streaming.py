@@ -164,7 +164,7 @@ def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tm
     assert "mlp holds the features in memory" in rows["mlp"].error
     assert "heads that read by chunks: logreg, knn, torch-logreg, linear-svm, ridge, sgd" in rows["mlp"].error
     assert reads and None not in reads and max(reads) <= 6
-    said = f"ridge, torch-logreg, knn read the features from the cache 6 row(s) of {dims:,} at a time (--max-memory {budget}"
+    said = f"ridge, torch-logreg, knn read the features from the cache 6 row(s) at a time, {dims:,} features each (--max-memory {budget}"
     err = capsys.readouterr().err
     assert said in err and "shared by the jobs that run at once); so few rows per read make every pass slow" in err
 

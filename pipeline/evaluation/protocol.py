@@ -53,13 +53,20 @@ def eval_split(splits: np.ndarray) -> str | None:
 
 
 def unused_split_note(task: str, splits: np.ndarray) -> str:
-    """A note when a task scored on a held-out split also has labelled images in neither ``train`` nor
-    that split (no split, or another one): ``decide`` leaves them out; "" when there are none."""
-    splits = np.asarray(splits, dtype=object)
+    """A note when some labelled images' splits are not used as given (``decide`` makes the choice): a task
+    scored on a held-out split leaves out images in neither ``train`` nor that split; a task whose splits
+    lack ``train`` rows, or ``val``/``test`` rows, is cross-validated over all its images instead. "" when
+    every split is used as given."""
+    splits = np.asarray(splits, dtype=object).astype(str)
     split = eval_split(splits)
     if split is None:
-        return ""
-    names, counts = np.unique(splits[(splits != "train") & (splits != split)].astype(str), return_counts=True)
+        named = sorted(map(str, set(splits) - {""}))
+        if not named:
+            return ""
+        lacking = "val or test rows" if "train" in named else "train rows"
+        return (f"task {task!r}: its splits ({', '.join(map(repr, named))}) have no {lacking}, so they are not used: "
+                f"it is cross-validated over all its {len(splits)} labelled images, each trained on in the other folds")
+    names, counts = np.unique(splits[(splits != "train") & (splits != split)], return_counts=True)
     if not len(names):
         return ""
     parts = ", ".join(f"{n} in split {str(name)!r}" if name else f"{n} with no split" for name, n in zip(names, counts))

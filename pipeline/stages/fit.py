@@ -727,8 +727,8 @@ def _say_chunks(chunked: list[tuple[str, _OnDisk]], cfg: FitConfig) -> None:
     bound = f" (--max-memory {cfg.max_memory}, shared by the jobs that run at once)" if cfg.max_memory else ""
     for (step, dims), heads in by_step.items():
         slow = "; so few rows per read make every pass slow: give --max-memory more" if step < SLOW_CHUNK else ""
-        say(f"{', '.join(dict.fromkeys(heads))} read the features from the cache {step:,} row(s) of {dims:,} at a "
-            f"time{bound}{slow}")
+        say(f"{', '.join(dict.fromkeys(heads))} read the features from the cache {step:,} row(s) at a time, "
+            f"{dims:,} features each{bound}{slow}")
 
 
 def _say_row(row: Row, n: int, total: int) -> None:
