@@ -358,14 +358,14 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
     protocols, sources, notes = {}, [], []
     for name, entries in by_task.items():
         joined = [join_task(cache, task, load=False) for _, cache, task in entries]
-        ref = joined[0]
-        everywhere = set(ref.ids).intersection(*(set(j.ids) for j in joined[1:]))
+        ref, id_sets = joined[0], [set(j.ids) for j in joined]
+        everywhere = set.intersection(*id_sets)
         if not everywhere:
             raise PipelineError(f"task {name!r}: no labelled image has features in every one of its caches "
                                 f"({', '.join(path.name for path, _, _ in entries)}); caches fitted together must "
                                 "hold the same images: give one of them, or one folder per source")
         keep = np.array([i in everywhere for i in ref.ids], bool)
-        notes += [n for n in (_not_everywhere(name, entries, joined, everywhere),
+        notes += [n for n in (_not_everywhere(name, entries, id_sets, everywhere),
                               unused_split_note(name, ref.splits[keep])) if n]
         _check_same_labels(name, joined)
         labelled = Labelled(name, entries[0][2].kind, ref.ids[keep], ref.y[keep], ref.splits[keep],
@@ -385,13 +385,14 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
     return protocols, sources, notes
 
 
-def _not_everywhere(task: str, entries: list, joined: list[TaskData], everywhere: set) -> str:
-    """A note when some of a task's labelled images have features in some of its caches but not all:
-    caches fitted together are scored on the images they all hold, so these are left out."""
-    some = set().union(*(set(j.ids) for j in joined)) - everywhere
+def _not_everywhere(task: str, entries: list, id_sets: list[set], everywhere: set) -> str:
+    """A note when some of a task's labelled images have features in some of its caches but not all
+    (``id_sets``: each cache's): caches fitted together are scored on the images they all hold, so these
+    are left out."""
+    some = len(set().union(*id_sets)) - len(everywhere) if len(id_sets) > 1 else 0
     if not some:
         return ""
-    return (f"task {task!r}: {len(some)} labelled image(s) have features in some of its caches but not in every one "
+    return (f"task {task!r}: {some} labelled image(s) have features in some of its caches but not in every one "
             f"({', '.join(path.name for path, _, _ in entries)}): left out, so that every row is scored on the same images")
 
 
