@@ -28,6 +28,7 @@ from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV, SGDClassifier
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestCentroid
+from sklearn.metrics import pairwise_distances
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
@@ -115,6 +116,19 @@ class CappedKNeighborsRegressor(_CappedNeighbours, KNeighborsRegressor):
     __doc__ = _CappedNeighbours.__doc__
 
 
+class NearestCentroidByDistance(NearestCentroid):
+    """scikit-learn's ``NearestCentroid`` whose scores follow its rule: minus the squared distance to each
+    centroid (for two classes, how much nearer the second one is), their softmax as probabilities, so the
+    most probable class is the nearest centroid, the class it predicts. scikit-learn's own scores scale
+    each feature by its spread within the classes, so their most probable class is often another one
+    (the one ``predict`` served), and one image per class makes them NaN."""
+
+    def _decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self, "centroids_")
+        X = validate_data(self, X, reset=False, accept_sparse="csr", dtype=np.float64)
+        return -pairwise_distances(X, self.centroids_, metric=self.metric) ** 2 + 2.0 * np.log(self.class_prior_)
+
+
 class ChunkedKNeighborsClassifier(ClassifierMixin, BaseEstimator):
     """``knn`` for features that do not fit in memory: the ``n_neighbors`` nearest training rows on cosine
     distance vote, weighted by inverse distance, as ``KNeighborsClassifier(metric="cosine",
@@ -181,6 +195,7 @@ TRUSTED_TYPES = (
     f"{__name__}.CappedKNeighborsClassifier",
     f"{__name__}.CappedKNeighborsRegressor",
     f"{__name__}.ChunkedKNeighborsClassifier",
+    f"{__name__}.NearestCentroidByDistance",
     "pipeline.similarity.ChunkedIndex",
     "pipeline.linear_probe.TorchLinearSVC",
     "pipeline.linear_probe.TorchLogisticRegression",
@@ -377,9 +392,10 @@ def _ridge(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 5, 13)))
 
 
-@register_head("centroid", "L2-normalise + nearest class mean (cosine nearest centroid); no training to speak of")
+@register_head("centroid", "L2-normalise + nearest class mean (cosine nearest centroid), probabilities from the "
+               "distances; no training to speak of")
 def _centroid(random_state: int) -> BaseEstimator:
-    return make_pipeline(Normalizer(), NearestCentroid())
+    return make_pipeline(Normalizer(), NearestCentroidByDistance())
 
 
 SGD_EPOCHS = 10

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -167,6 +168,27 @@ def test_a_warning_is_recorded_apart_from_errors(tiny_run, tmp_path):
     [row] = res.rows
     assert row.scored and row.error == "" and row.warnings.startswith("ConvergenceWarning: ")
     assert "warnings" in (res.out / "leaderboard.csv").read_text().splitlines()[0].split(",")
+
+
+class PredictsTheLeastLikely(LogisticRegression):
+    """A head whose ``predict`` contradicts its probabilities (as SVC's Platt scaling may, less so)."""
+
+    def predict(self, X):
+        return self.classes_[np.argmin(self.predict_proba(X), axis=1)]
+
+
+def test_the_leaderboard_scores_the_most_probable_class_as_predict_serves_it(tiny_run, tmp_path):
+    res = fit(tiny_run["cache"], tmp_path / "run", heads=["test_fit:PredictsTheLeastLikely", "centroid",
+                                                          "sklearn.linear_model:LogisticRegression"],
+              n_jobs=1, progress=False)
+    rows = {r.head: r for r in res.rows}
+    contrary, plain = rows["test_fit:PredictsTheLeastLikely"], rows["sklearn.linear_model:LogisticRegression"]
+    assert contrary.metrics["accuracy"] == plain.metrics["accuracy"] > 0.5
+    served = predict(res.out / rows["centroid"].head_file, [tiny_run["data"] / "val"], workers=0, progress=False)
+    assert np.mean([r["prediction"] == r["path"].split("/")[-2] for r in served]) == pytest.approx(rows["centroid"].metrics["accuracy"])
+    centroid = load_head(res.out / rows["centroid"].head_file)
+    X = np.random.default_rng(0).normal(size=(50, centroid.n_features_in_))
+    assert np.array_equal(centroid.predict(X), centroid.classes_[np.argmax(centroid.predict_proba(X), axis=1)])
 
 
 def test_more_heads_user_estimators_and_intervals(tiny_run, tmp_path):

@@ -169,6 +169,27 @@ def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tm
     assert said in err and "shared by the jobs that run at once); so few rows per read make every pass slow" in err
 
 
+def test_a_knn_head_searches_each_scored_row_once(tiny_run, tmp_path, monkeypatch):
+    """Its predictions are the most probable class of its probabilities, so a fold's rows are searched
+    once for both (at 10^6 rows the searches were most of the fit)."""
+    from pipeline.similarity import ChunkedIndex
+
+    searched = []
+    real = ChunkedIndex.search
+
+    def search(self, queries, k):
+        searched.append(len(queries))
+        return real(self, queries, k)
+
+    monkeypatch.setattr(ChunkedIndex, "search", search)
+    with FeatureCache(tiny_run["cache"]) as cache:
+        budget = f"{32 * cache.info()['taps']['pooled'] * 6}B"  # chunks of 6 rows: knn reads by chunks
+    [row] = fit(tiny_run["cache"], tmp_path / "run", heads=["knn"], taps=["pooled"], max_memory=budget, n_jobs=1,
+                progress=False).rows
+    assert row.error == "" and row.metrics["auroc"] is not None
+    assert sum(searched) == row.n_test
+
+
 def test_fit_s_own_process_never_imports_torch_that_only_its_jobs_run(tiny_run, tmp_path):
     """torch-logreg is fitted by a worker; fit's own process receives, scores and saves it with numpy and
     skops alone, so torch (about 0.45 GB resident) stays out of it: what keeps a fit under --max-memory."""

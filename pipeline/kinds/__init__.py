@@ -89,6 +89,13 @@ class TaskKind:
         what a metric that ``needs="scores"`` reads; by default the predictions themselves."""
         return self.predict(estimator, X, names)
 
+    def predict_scored(self, estimator, X: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict`` and, where a metric reads them (``needs_scores``), ``scores`` of a fitted head, from one
+        pass of the head over ``X`` (a knn head's search is most of its time); by default the scores are the
+        predictions."""
+        y_pred = self.predict(estimator, X, names)
+        return y_pred, (y_pred if self.needs_scores else None)
+
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray, names: list[str]) -> dict:
         """The ``core_columns`` of a row, its ``chance`` (what its own predictions score when shuffled among
         the scored images of each fold) and ``p_above_chance``, the one-sided p-value that the row beats it."""

@@ -516,19 +516,16 @@ class _Rows:
                 return fit_subsets(est, X, self._y, subsets)
         return (self.fit(clone(est), idx) for idx in subsets)  # one at a time, as asked: each holds its own state
 
-    def predict(self, est, idx: np.ndarray) -> np.ndarray:
-        """Predictions in the task kind's form (classes, tag probabilities, numbers)."""
-        return self._apply(get_kind(self.kind).predict, est, idx)
-
-    def scores(self, est, idx: np.ndarray) -> np.ndarray:
-        """What the kind scores the rows with (class probabilities) for the metrics that rank."""
-        return self._apply(get_kind(self.kind).scores, est, idx)
-
-    def _apply(self, fn, est, idx: np.ndarray) -> np.ndarray:
+    def predict_scored(self, est, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predictions in the task kind's form (classes, tag probabilities, numbers) and what its ranking
+        metrics read (class probabilities; None where the head gives none), from one pass over the rows."""
         if self.source is None:
-            return fn(est, self.data.X[idx], self.names)
+            return get_kind(self.kind).predict_scored(est, self.data.X[idx], self.names)
         with self._chunks() as X:
-            return np.concatenate([fn(est, x, self.names) for _, x in X.take(idx)])
+            parts = [get_kind(self.kind).predict_scored(est, x, self.names) for _, x in X.take(idx)]
+        scores = [s for _, s in parts]
+        return (np.concatenate([p for p, _ in parts]),
+                None if any(s is None for s in scores) else np.concatenate(scores))
 
     def _read(self, cache: FeatureCache, part: np.ndarray) -> np.ndarray:
         if self.data.X is not None:  # loaded for other heads (or a concatenation): the same rows from memory
@@ -576,13 +573,19 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             start, preds, scores = time.perf_counter(), [], _Scores(len(order))
-            models = rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit]))
+            fitted = _timed(rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit])))
             seconds = time.perf_counter() - start  # a batched head's whole fit; a generator's comes as it is iterated
-            for i, (model, took) in enumerate(_timed(models)):  # a fold's model goes once it has predicted
+            for i, (_, test) in enumerate(splits):
+                model, took = next(fitted)
                 seconds += took
-                if i < len(splits):
-                    preds.append(rows.predict(model, splits[i][1]))
-                    scores.put(place[bounds[i]:bounds[i + 1]], _scores(rows, model, splits[i][1]))
+                y_pred, fold_scores = rows.predict_scored(model, test)
+                preds.append(y_pred)
+                scores.put(place[bounds[i]:bounds[i + 1]], fold_scores)
+                if refit is not None:
+                    del model  # before the next fold's model is fitted (a knn index over 10^6 rows is 1 GB)
+            if refit is not None:
+                model, took = next(fitted)
+                seconds += took
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300],
@@ -612,22 +615,12 @@ class _Scores:
 
 def _timed(models: Iterable) -> Iterator[tuple[object, float]]:
     """Each model of ``models`` (a list, or a generator fitting each as it is asked for) with the seconds
-    it took to come."""
+    it took to come; none is held here once the next is asked for."""
     models, start = iter(models), time.perf_counter()
     for model in models:
         yield model, time.perf_counter() - start
+        del model
         start = time.perf_counter()
-
-
-def _scores(rows: _Rows, model, test: np.ndarray) -> np.ndarray | None:
-    """The scores (class probabilities) of ``model`` on the scored rows ``test``, for a kind with a metric
-    that ranks; None where the kind has none or the head gives no scores (its row then has no such metric)."""
-    if not get_kind(rows.kind).needs_scores:
-        return None
-    try:
-        return rows.scores(model, test)
-    except (AttributeError, NotImplementedError):  # neither predict_proba nor decision_function
-        return None
 
 
 def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: list[np.ndarray], test: np.ndarray) -> dict:
@@ -637,7 +630,7 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             models = rows.fit_subsets(create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None), draws)
-            preds = [rows.predict(est, test) for est in models]  # (a generator fits each draw here)
+            preds = [rows.predict_scored(est, test)[0] for est in models]  # (a generator fits each draw here)
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
         return dict(predictions=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
     return dict(predictions=preds, error="")

@@ -29,6 +29,15 @@ class ClassPredictions:
             scores = np.stack([-scores / 2, scores / 2], axis=1)
         return softmax(scores, axis=1)[:, order]
 
+    def predict_scored(self, estimator, X: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The most probable class of the scores, as ``predict`` serves it, with the scores; a head with
+        neither probabilities nor margins: its own predictions, and no scores."""
+        try:
+            scores = self.scores(estimator, X, names)
+        except (AttributeError, NotImplementedError):
+            return self.predict(estimator, X, names), None
+        return np.asarray(self.prediction(names, scores), dtype=object), scores
+
     def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
         return [str(v) for v in y_pred]
 
