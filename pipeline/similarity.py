@@ -221,6 +221,21 @@ class ChunkedIndex:
                 return int(nprobe)
         return self._index.nlist
 
+    def write(self, path: str | os.PathLike) -> None:
+        """faiss's file of the index, written from it as it is (never a second copy in memory)."""
+        import faiss
+
+        faiss.write_index(self._index, str(path))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "ChunkedIndex":
+        """The index :meth:`write` wrote."""
+        import faiss
+
+        index = cls.__new__(cls)
+        index._index = faiss.read_index(str(path))
+        return index
+
     @cached_property
     def _index(self):
         """faiss's index, rebuilt from its saved bytes at first use: a head that only travels from a

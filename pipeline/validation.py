@@ -57,7 +57,7 @@ def parse_size(size: str | int) -> int:
         return size
     match = _SIZE.fullmatch(str(size).strip())
     if match is None:
-        raise PipelineError(f"--max-memory must be a size such as 8GB or 512MB, got {size!r}")
+        raise PipelineError(f"--max-memory must be a size above zero, such as 8GB or 512MB, got {size!r}")
     return int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
 
 
@@ -65,7 +65,7 @@ def size() -> Rule:
     """A memory bound: a positive size :func:`parse_size` reads."""
     return Rule(lambda v: (isinstance(v, int) and not isinstance(v, bool)
                            or isinstance(v, str) and _SIZE.fullmatch(v.strip()) is not None) and parse_size(v) > 0,
-                "a size such as 8GB or 512MB")
+                "a size above zero, such as 8GB or 512MB")
 
 
 def positive() -> Rule:

@@ -280,7 +280,7 @@ def test_audit_scores_on_a_runs_protocol_and_the_report_links_it(planted, tmp_pa
     (dict(map="pca"), "--map must be one of auto, umap, tsne, none, got 'pca'"),
     (dict(k=0), "--k must be at least 1, got 0"),
     (dict(run="nowhere"), "nowhere is not a fit run folder"),
-    (dict(max_memory="lots"), "--max-memory must be a size such as 8GB or 512MB, got 'lots'"),
+    (dict(max_memory="lots"), "--max-memory must be a size above zero, such as 8GB or 512MB, got 'lots'"),
 ])
 def test_bad_settings_are_refused_before_any_work(planted, tmp_path, settings, message):
     with pytest.raises(PipelineError, match=re.escape(message)):

@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from pipeline.batched import RowChunks
 from pipeline.cache import FeatureCache
 from pipeline.errors import PipelineError
+from pipeline import load_head
 from pipeline.heads import create_head, fit_by_chunks, fit_subsets
 from pipeline.stages.fit import FitConfig, fit
 from pipeline.validation import parse_size
@@ -124,7 +125,7 @@ def test_max_memory_is_a_size():
     assert parse_size("512MB") == 512 * 2 ** 20 and parse_size("8GB") == 8 * 2 ** 30 and parse_size("1.5g") == 3 * 2 ** 29
     assert parse_size("8MiB") == parse_size("8 mb") == 8 * 2 ** 20 and parse_size(8_192_000) == parse_size("8192000") == 8_192_000
     for bad in ("lots", "8i", 0, -5, True):
-        with pytest.raises(PipelineError, match=re.escape(f"--max-memory must be a size such as 8GB or 512MB, got {bad!r}")):
+        with pytest.raises(PipelineError, match=re.escape(f"--max-memory must be a size above zero, such as 8GB or 512MB, got {bad!r}")):
             FitConfig(max_memory=bad).check()
     with pytest.raises(PipelineError, match=r"--n-jobs must be a number of jobs other than 0 \(-1: every core\), got 0"):
         FitConfig(n_jobs=0).check()  # joblib's own error was a traceback
@@ -166,7 +167,13 @@ def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tm
     assert reads and None not in reads and max(reads) <= 6
     said = f"ridge, torch-logreg, knn read the features from the cache 6 row(s) at a time, {dims:,} features each (--max-memory {budget}"
     err = capsys.readouterr().err
-    assert said in err and "shared by the jobs that run at once); so few rows per read make every pass slow" in err
+    need = -(-32 * dims * 256 // 2 ** 20)  # MB for 256 rows a read, one job at a time
+    assert said in err and ("shared by the jobs that run at once); so few rows per read make every pass slow: "
+                            f"--max-memory {need}MB reads 256 at a time") in err
+    fit(tiny_run["cache"], tmp_path / "tiny", heads=["ridge"], taps=["pooled"], max_memory="100B", n_jobs=1,
+        progress=False)
+    assert ("1 row(s) at a time, " f"{dims:,} features each (--max-memory 100B, shared by the jobs that run at once); a "
+            "row is more than a job's share of it, and is read anyway; so few") in capsys.readouterr().err
 
 
 def test_a_knn_head_searches_each_scored_row_once(tiny_run, tmp_path, monkeypatch):
@@ -188,6 +195,32 @@ def test_a_knn_head_searches_each_scored_row_once(tiny_run, tmp_path, monkeypatc
                 progress=False).rows
     assert row.error == "" and row.metrics["auroc"] is not None
     assert sum(searched) == row.n_test
+
+
+def test_a_knn_head_read_by_chunks_is_saved_with_its_index_beside_it(tiny_run, tmp_path):
+    """Its index goes to a file of its own (skops builds a head's file in memory: a 1.3 GB index was held
+    four times over); the run can be moved; without the file the head says what is missing; --portable
+    keeps the head in one file."""
+    with FeatureCache(tiny_run["cache"]) as cache:
+        budget = f"{32 * cache.info()['taps']['pooled'] * 6}B"
+        X = cache.features("pooled")
+    res = fit(tiny_run["cache"], tmp_path / "run", heads=["knn"], taps=["pooled"], max_memory=budget, n_jobs=1,
+              progress=False)
+    [row] = res.rows
+    head = res.out / row.head_file
+    assert head.with_suffix(".faiss").is_file()
+    expected = load_head(head).predict_proba(X)
+    moved = res.out.rename(tmp_path / "moved") / row.head_file
+    assert np.array_equal(load_head(moved).predict_proba(X), expected)
+    moved.with_suffix(".faiss").unlink()
+    with pytest.raises(PipelineError, match=r"this knn head's index .*moved/heads/.*\.faiss is missing: it is saved "
+                                            "beside the head's file, so copy or move the two together"):
+        load_head(moved)
+    portable = fit(tiny_run["cache"], tmp_path / "portable", heads=["knn"], taps=["pooled"], max_memory=budget,
+                   portable=True, n_jobs=1, progress=False)
+    one = portable.out / portable.rows[0].head_file
+    assert not one.with_suffix(".faiss").exists()
+    assert np.array_equal(load_head(one).predict_proba(X), expected)
 
 
 def test_fit_s_own_process_never_imports_torch_that_only_its_jobs_run(tiny_run, tmp_path):

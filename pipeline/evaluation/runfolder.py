@@ -8,7 +8,8 @@ and used from any directory)::
     RUN/heads/<name>.skops      fitted heads, each with <name>.json (its card: classes, feature specs)
                                 and <name>.predictions.csv (the scored samples: id, true, predicted),
                                 <name>.scores.npy (their scores: class probabilities; what calibrates
-                                ``predict --coverage``)
+                                ``predict --coverage``); a knn head that read its rows by chunks, with
+                                <name>.faiss (its index)
     RUN/heads/<source>.ood.json  per cache, tap and task: its training images' nearest-neighbour
                                 distances (what ``predict``'s ``ood_score`` is a percentile of)
     RUN/finetune/<name>.predictions.csv|.scores.npy   the same for rows of fine-tuned networks (the model folder
@@ -46,7 +47,6 @@ from ..errors import PipelineError
 from ..files import atomic_path
 from ..validation import one_of, unknown, validate_params
 from ..kinds import get_kind
-from .card import HeadCard
 from .protocol import Protocol, check_same, decide, join_groups, rank_and_test
 from .rows import Row, best_row, columns, score_row
 
@@ -61,6 +61,7 @@ HEADS, PROTOCOLS, FINETUNE = "heads", "protocols", "finetune"
 # Beside the artifacts above, inside HEADS and FINETUNE (removed with them): a row's predictions, their
 # scores, and each source's out-of-distribution reference.
 PREDICTIONS, SCORES, OOD_REFERENCE = ".predictions.csv", ".scores.npy", ".ood.json"
+INDEX = ".faiss"  # beside a knn head that read its rows by chunks: its index (see ``RunFolder.save_model``)
 
 # How a stage takes a task's protocol from a run (see ``open_task``).
 POLICIES = {
@@ -174,14 +175,21 @@ class RunFolder:
     def head_path(self, name: str) -> Path:
         return self.path / HEADS / f"{slug(name)}.skops"
 
-    def save_model(self, estimator, card: HeadCard, name: str) -> Path:
-        """Save a fitted head as ``heads/<name>.skops`` with its card beside it; its path."""
+    def save_model(self, estimator, name: str, training_ids: np.ndarray | None) -> Path:
+        """Save a fitted head as ``heads/<name>.skops``; its path. Given ``training_ids`` (the images it was
+        fitted on), a knn head is saved without what is elsewhere: one holding its rows, with those ids
+        instead of their features (``predict`` reads them from the cache); one that read them by chunks,
+        with its index in a file of its own beside it (skops builds a head's file in memory, and held a
+        1.3 GB index of 10^6 rows x 1,280 features four times over). Without them, the head is one file."""
         from ..heads import save_head
 
         path = self.head_path(name)
+        if training_ids is not None and hasattr(estimator, "without_rows"):
+            estimator = estimator.without_rows(training_ids)
+        if training_ids is not None and hasattr(estimator, "without_index"):
+            estimator = estimator.without_index(path.with_suffix(INDEX))
         with atomic_path(path) as tmp:
             save_head(estimator, tmp)
-        card.write(path)
         return path
 
     def score(self, protocol: Protocol, y_pred: np.ndarray | None, scores: np.ndarray | None = None,

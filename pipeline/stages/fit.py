@@ -113,6 +113,11 @@ class FitConfig(Settings):
             return self.chunk_rows
         return max(1, min(self.chunk_rows, self._share() // (CHUNK_BYTES * dims)))
 
+    def memory_for_rows(self, rows: int, dims: int) -> int:
+        """The least ``max_memory`` under which a chunked head reads ``rows`` rows at a time (the inverse
+        of :meth:`chunk_rows_for`)."""
+        return rows * CHUNK_BYTES * dims * (1 if self.cluster else local_workers(self.n_jobs))
+
     def working_memory(self) -> int | None:
         """scikit-learn's ``working_memory`` (MiB) for a job: its share of ``max_memory`` (None: no bound)."""
         return None if self.max_memory is None else max(1, self._share() // 2 ** 20)
@@ -172,6 +177,10 @@ class _Source:
         source = _OnDisk(str(self.parts[0][0]), self.tap, cfg.chunk_rows_for(dims), dims) if chunked else None
         return _Rows(self.data, source, cfg.seed, kind, self.protocol.names, refused)
 
+    def head_name(self, label: str) -> str:
+        """What the head ``label`` (see :func:`_head_label`) fitted on this source is saved as in a run."""
+        return f"{'+'.join(p.stem for p, _ in self.parts)}__{self.tap}__{self.protocol.task}__{label}"
+
     def dims(self) -> int:
         """Features per row (the parts' side by side)."""
         if self.data.X is not None:
@@ -225,8 +234,8 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             for head in by_kind[src.protocol.kind]:
                 if _current(run, done.get(_key(src, head, params.get(head))), src):
                     continue
-                rows = src.rows(head, cfg)
-                jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit))
+                rows, to = src.rows(head, cfg), _Keep(run.path, src.head_name(_head_label(head, params.get(head))), cfg.portable)
+                jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit, to))
                 meta.append((src, head))
                 chunked += [(head, rows.source)] if rows.source else []
         _say_chunks(chunked, cfg)
@@ -248,10 +257,10 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             it. What was saved then leaves memory (a row's scores alone are images x classes)."""
             if n < len(jobs):
                 with _stage(stages, "save heads"):
-                    rows.append(_row(run, *meta[n], params.get(meta[n][1]), res, cfg.portable))
+                    rows.append(_row(run, *meta[n], params.get(meta[n][1]), res))
                     run.add_rows(rows[-1:])
                 _say_row(rows[-1], n, len(jobs))
-                for saved in ("estimator", "y_pred", "scores"):
+                for saved in ("y_pred", "scores"):
                     res.pop(saved, None)
 
         try:
@@ -557,11 +566,25 @@ def _in_worker(warm: _Warm, fn, *args):
         return fn(*args)
 
 
+class _Keep(NamedTuple):
+    """Where a job saves the model it keeps (the run folder, the head's name), so that the model never
+    travels back to ``fit``'s process (a knn index of 10^6 rows x 1,280 features is 1.3 GB, and pickled
+    there it was held several times over in both processes); ``portable``: see ``RunFolder.save_model``."""
+
+    run: Path
+    name: str
+    portable: bool
+
+    def save(self, estimator, training_ids: np.ndarray) -> None:
+        RunFolder(self.run).save_model(estimator, self.name, None if self.portable else training_ids)
+
+
 def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: list[tuple[np.ndarray, np.ndarray]],
-             refit: np.ndarray | None) -> dict:
+             refit: np.ndarray | None, keep: _Keep) -> dict:
     """Fit ``head`` on each split's training rows and predict its scored rows; after cross-validation,
-    also on ``refit`` (all rows) for saving. Returns the model to save, the predictions of the scored rows
-    in sample order, the seconds all of the row's models took to fit, and the job's seconds."""
+    also on ``refit`` (all rows). The last model is saved as ``keep`` says. Returns the predictions of the
+    scored rows in sample order, their scores, the seconds all of the row's models took to fit, and the
+    job's seconds."""
     job_start = time.perf_counter()
     est = create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None)
     scored = np.concatenate([test for _, test in splits])
@@ -587,10 +610,10 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
                 model, took = next(fitted)
                 seconds += took
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
+        keep.save(model, rows.data.ids[splits[-1][0] if refit is None else refit])
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
-        return dict(estimator=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300],
-                    job_seconds=time.perf_counter() - job_start)
-    return dict(estimator=model, y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
+        return dict(error=" ".join(f"{type(e).__name__}: {e}".split())[:300], job_seconds=time.perf_counter() - job_start)
+    return dict(y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
                 scores=scores.values, error="", warnings="; ".join(notes),
                 job_seconds=time.perf_counter() - job_start)
 
@@ -636,26 +659,21 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
     return dict(predictions=preds, error="")
 
 
-def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict, portable: bool) -> Row:
-    """The leaderboard row of one fit, scored by the task's protocol; its head (with its card) and
-    predictions saved into the run. A knn head is saved with the ids of its training images instead of
-    their features, which ``predict`` reads from the cache, unless ``portable``."""
+def _row(run: RunFolder, src: _Source, head: str, params: dict | None, res: dict) -> Row:
+    """The leaderboard row of one fit, scored by the task's protocol, with its predictions saved into the
+    run and a card beside the head its job saved (:class:`_Keep`)."""
     protocol, label = src.protocol, _head_label(head, params)
     identity = dict(backbone=src.backbone, weights=src.weights, spec=src.spec, tap=src.tap, head=label,
                     cache=" + ".join(run.relative(p) for p, _ in src.parts), error=res["error"],
                     warnings=res.get("warnings", ""))
-    if res["estimator"] is None:
+    if res["error"]:
         return run.score(protocol, None, **identity)
-    name = f"{'+'.join(p.stem for p, _ in src.parts)}__{src.tap}__{protocol.task}__{label}"
     card = HeadCard(label, protocol.task, protocol.kind, src.tap, protocol.names, src.backbone, protocol.eval,
                     protocol.id)
-    path = run.head_path(name)
+    path = run.head_path(src.head_name(label))
     card.parts = [HeadCard.part(cache.spec, str(cache.attrs.get("weights_source", "")), p, path)
                   for p, cache in src.parts]
-    estimator = res["estimator"]
-    if not portable and hasattr(estimator, "without_rows"):
-        estimator = estimator.without_rows(protocol.ids[protocol.refit()])
-    run.save_model(estimator, card, name)
+    card.write(path)
     return run.score(protocol, res["y_pred"], res["scores"], fit_seconds=res["seconds"], head_file=run.relative(path),
                      **identity)
 
@@ -720,9 +738,19 @@ def _say_chunks(chunked: list[tuple[str, _OnDisk]], cfg: FitConfig) -> None:
         by_step.setdefault((source.step, source.dims), []).append(head)
     bound = f" (--max-memory {cfg.max_memory}, shared by the jobs that run at once)" if cfg.max_memory else ""
     for (step, dims), heads in by_step.items():
-        slow = "; so few rows per read make every pass slow: give --max-memory more" if step < SLOW_CHUNK else ""
         say(f"{', '.join(dict.fromkeys(heads))} read the features from the cache {step:,} row(s) at a time, "
-            f"{dims:,} features each{bound}{slow}")
+            f"{dims:,} features each{bound}{_slow_reads(step, dims, cfg)}")
+
+
+def _slow_reads(step: int, dims: int, cfg: FitConfig) -> str:
+    """Where ``--max-memory`` makes reads of fewer than :data:`SLOW_CHUNK` rows: that it costs, and the
+    bound that avoids it."""
+    if step >= SLOW_CHUNK or not cfg.max_memory:
+        return ""
+    over = ("; a row is more than a job's share of it, and is read anyway"
+            if cfg.memory_for_rows(1, dims) > parse_size(cfg.max_memory) else "")
+    need = -(-cfg.memory_for_rows(SLOW_CHUNK, dims) // 2 ** 20)
+    return f"{over}; so few rows per read make every pass slow: --max-memory {need}MB reads {SLOW_CHUNK} at a time"
 
 
 def _say_row(row: Row, n: int, total: int) -> None:
