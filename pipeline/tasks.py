@@ -90,9 +90,9 @@ def read_labels(path: str | os.PathLike) -> Task:
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if not columns:
-        raise PipelineError(f"{path}: empty; a label file is a CSV with a header line id,label[,split]")
+        raise PipelineError(f"{path}: empty; a label file is a CSV with a header line id,label[,split][,group]")
     if "id" not in columns:
-        raise PipelineError(f"{path}: missing column(s) id; a label file is id,label[,split]")
+        raise PipelineError(f"{path}: missing column(s) id; a label file is id,label[,split][,group]")
     kind = kind_of_columns(columns, str(path))
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):

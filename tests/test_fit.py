@@ -240,8 +240,13 @@ def test_a_class_seen_only_in_the_scored_split_is_said(tiny_run, tmp_path):
         ids = list(c.ids)
     labels = {i: ("green" if i.startswith("val/") and k % 2 == 0 else i.split("/")[1]) for k, i in enumerate(ids)}
     (tmp_path / "green.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in labels.items()))
-    res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "green.csv"], heads=["knn"], n_jobs=1, progress=False)
+    res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "green.csv"], heads=["knn", "ridge", "logreg"],
+              n_jobs=1, progress=False)
     assert any("task 'green': 'green' only in the val split" in n for n in res.notes), res.notes
+    greens = sum(1 for y in labels.values() if y == "green")
+    for row in (r for r in res.rows if r.task == "green"):  # scored, every green image counted wrong
+        assert row.error == "" and row.metrics["auroc"] is not None
+        assert 0 < row.metrics["accuracy"] <= 1 - greens / row.n_test + 1e-9
 
 
 def test_torch_logreg_matches_sklearn_at_the_same_C():

@@ -167,13 +167,26 @@ def test_over_max_memory_heads_read_small_chunks_and_mlp_is_refused(tiny_run, tm
     assert reads and None not in reads and max(reads) <= 6
     said = f"ridge, torch-logreg, knn read the features from the cache 6 row(s) at a time, {dims:,} features each (--max-memory {budget}"
     err = capsys.readouterr().err
-    need = -(-32 * dims * 256 // 2 ** 20)  # MB for 256 rows a read, one job at a time
+    whole = -(-36 * dims * 4 * 3 // 2 ** 20)  # MB for the 36 rows held with their copies: less than 256 rows a read
     assert said in err and ("shared by the jobs that run at once); so few rows per read make every pass slow: "
-                            f"--max-memory {need}MB reads 256 at a time") in err
+                            f"--max-memory {whole}MB holds the features in memory") in err
     fit(tiny_run["cache"], tmp_path / "tiny", heads=["ridge"], taps=["pooled"], max_memory="100B", n_jobs=1,
         progress=False)
     assert ("1 row(s) at a time, " f"{dims:,} features each (--max-memory 100B, shared by the jobs that run at once); a "
             "row is more than a job's share of it, and is read anyway; so few") in capsys.readouterr().err
+
+
+def test_the_slow_read_line_names_the_bound_that_reads_256_rows():
+    """(One job: 256 rows x 64 features x 32 bytes is 0.5 MB; two jobs share a bound, so each needs it.)"""
+    from pipeline.stages.fit import _slow_reads
+
+    assert _slow_reads(256, 64, 10 ** 6, FitConfig(max_memory="1MB", n_jobs=1)) == ""
+    assert _slow_reads(32, 64, 10 ** 6, FitConfig(max_memory="64KB", n_jobs=1)) == (
+        "; so few rows per read make every pass slow: --max-memory 1MB reads 256 at a time")
+    assert _slow_reads(1, 64, 10 ** 6, FitConfig(max_memory="100B", n_jobs=2)).startswith(
+        "; a row is more than a job's share of it, and is read anyway; so few rows per read make every pass slow: "
+        "--max-memory 1MB reads 256")
+    assert _slow_reads(32, 64, 1000, FitConfig(max_memory="64KB", n_jobs=1)).endswith("--max-memory 1MB holds the features in memory")
 
 
 def test_a_knn_head_searches_each_scored_row_once(tiny_run, tmp_path, monkeypatch):

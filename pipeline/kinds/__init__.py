@@ -221,7 +221,7 @@ def kind_of_columns(columns: Sequence[str], where: str) -> TaskKind:
     """The kind a label table's header names (``label`` -> classification, ...)."""
     found = [k for k in _KINDS.values() if k.column in columns]
     if not found:
-        names = " or ".join(f"id,{k.column}[,split] ({k.name})" for k in _KINDS.values())
+        names = " or ".join(f"id,{k.column}[,split][,group] ({k.name})" for k in _KINDS.values())
         raise PipelineError(f"{where}: missing column(s) {' or '.join(k.column for k in _KINDS.values())}; "
                             f"a label file is {names}")
     if len(found) > 1:

@@ -26,7 +26,7 @@ def recorded_input(name: str, weights_sha256: str, given: Sequence[Path], record
 def load(name: str, weights: Path | None) -> Backbone:
     where = f" from {weights}" if weights is not None else ""
     raise PipelineError(
-        f"{name}: embeddings imported{where}: no backbone to run on new images; predict ids that are in the "
-        "cache (from Python: pipeline.load_head on FeatureCache.features) or compute embeddings elsewhere for the "
-        "new images and import them (pipeline cache import)"
+        f"{name}: embeddings imported{where}: no backbone to run on new images; for images in the cache, predict "
+        "in Python (pipeline.load_head, then its predict on FeatureCache.features of their rows); for new images, "
+        "compute their embeddings elsewhere and import them (pipeline cache import)"
     )

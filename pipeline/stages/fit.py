@@ -105,7 +105,12 @@ class FitConfig(Settings):
 
     def fits_in_memory(self, rows: int, dims: int) -> bool:
         """Whether a head may hold ``rows`` x ``dims`` features in memory (with its copies) under ``max_memory``."""
-        return self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory)
+        return self.max_memory is None or self.memory_to_hold(rows, dims) <= parse_size(self.max_memory)
+
+    @staticmethod
+    def memory_to_hold(rows: int, dims: int) -> int:
+        """The least ``max_memory`` under which a head holds ``rows`` x ``dims`` features in memory."""
+        return rows * dims * 4 * COPIES
 
     def chunk_rows_for(self, dims: int) -> int:
         """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs."""
@@ -237,7 +242,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
                 rows, to = src.rows(head, cfg), _Keep(run.path, src.head_name(_head_label(head, params.get(head))), cfg.portable)
                 jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit, to))
                 meta.append((src, head))
-                chunked += [(head, rows.source)] if rows.source else []
+                chunked += [(head, rows.source, len(rows.data.rows))] if rows.source else []
         _say_chunks(chunked, cfg)
         few_jobs, few_meta = _fewshot_jobs(sources, by_kind, params, shots, cfg, warm)
         if shots and any(not get_kind(p.kind).fewshot for p in protocols.values()):
@@ -361,7 +366,7 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
     for path, cache in opened:
         tasks = ([cache_task(cache)] if (cache.labels != "").any() else []) + extra_tasks
         if not tasks:
-            raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split]")
+            raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split][,group]")
         for task in tasks:
             by_task.setdefault(task.name, []).append((path, cache, task))
     protocols, sources, notes = {}, [], []
@@ -730,27 +735,30 @@ def _check_writable(out: Path) -> None:
         raise PipelineError(f"cannot write the run directory {out}: {e.strerror} ({existing})") from None
 
 
-def _say_chunks(chunked: list[tuple[str, _OnDisk]], cfg: FitConfig) -> None:
+def _say_chunks(chunked: list[tuple[str, _OnDisk, int]], cfg: FitConfig) -> None:
     """Before any fit, a line per chunk size saying which heads read their features from the cache by
     chunks and how many rows at a time, under which bound: a small bound makes many small reads."""
-    by_step: dict[tuple[int, int], list[str]] = {}
-    for head, source in chunked:
-        by_step.setdefault((source.step, source.dims), []).append(head)
+    by_step: dict[tuple[int, int], tuple[list[str], int]] = {}
+    for head, source, n in chunked:
+        heads, most = by_step.get((source.step, source.dims), ([], 0))
+        by_step[(source.step, source.dims)] = ([*heads, head], max(most, n))
     bound = f" (--max-memory {cfg.max_memory}, shared by the jobs that run at once)" if cfg.max_memory else ""
-    for (step, dims), heads in by_step.items():
+    for (step, dims), (heads, n) in by_step.items():
         say(f"{', '.join(dict.fromkeys(heads))} read the features from the cache {step:,} row(s) at a time, "
-            f"{dims:,} features each{bound}{_slow_reads(step, dims, cfg)}")
+            f"{dims:,} features each{bound}{_slow_reads(step, dims, n, cfg)}")
 
 
-def _slow_reads(step: int, dims: int, cfg: FitConfig) -> str:
-    """Where ``--max-memory`` makes reads of fewer than :data:`SLOW_CHUNK` rows: that it costs, and the
-    bound that avoids it."""
+def _slow_reads(step: int, dims: int, rows: int, cfg: FitConfig) -> str:
+    """Where ``--max-memory`` makes reads of fewer than :data:`SLOW_CHUNK` rows (of ``rows``): that it
+    costs, and the bound that avoids it (or under which the heads hold the features, if that is less)."""
     if step >= SLOW_CHUNK or not cfg.max_memory:
         return ""
     over = ("; a row is more than a job's share of it, and is read anyway"
             if cfg.memory_for_rows(1, dims) > parse_size(cfg.max_memory) else "")
-    need = -(-cfg.memory_for_rows(SLOW_CHUNK, dims) // 2 ** 20)
-    return f"{over}; so few rows per read make every pass slow: --max-memory {need}MB reads {SLOW_CHUNK} at a time"
+    need, whole = (-(-m // 2 ** 20) for m in (cfg.memory_for_rows(SLOW_CHUNK, dims), cfg.memory_to_hold(rows, dims)))
+    better = (f"--max-memory {need}MB reads {SLOW_CHUNK} at a time" if need < whole else
+              f"--max-memory {whole}MB holds the features in memory")
+    return f"{over}; so few rows per read make every pass slow: {better}"
 
 
 def _say_row(row: Row, n: int, total: int) -> None:

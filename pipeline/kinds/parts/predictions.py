@@ -19,15 +19,19 @@ class ClassPredictions:
         return np.asarray(estimator.predict(X), dtype=object)
 
     def scores(self, estimator, X: np.ndarray, names: list[str]) -> np.ndarray:
-        """Class probabilities in ``names`` order; for heads without them (linear-svm, ridge), the softmax of
-        their margins, which ranks like them but is not calibrated."""
-        order = [list(map(str, estimator.classes_)).index(c) for c in names]
+        """Class probabilities in ``names`` order, 0 for a class the head was not trained on (a class only
+        the scored images have: it cannot predict it); for heads without them (linear-svm, ridge), the
+        softmax of their margins, which ranks like them but is not calibrated."""
         if hasattr(estimator, "predict_proba"):
-            return estimator.predict_proba(X)[:, order]
-        scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
-        if scores.ndim == 1:
-            scores = np.stack([-scores / 2, scores / 2], axis=1)
-        return softmax(scores, axis=1)[:, order]
+            probs = np.asarray(estimator.predict_proba(X))
+        else:
+            margins = np.asarray(estimator.decision_function(X), dtype=np.float64)
+            if margins.ndim == 1:
+                margins = np.stack([-margins / 2, margins / 2], axis=1)
+            probs = softmax(margins, axis=1)
+        known = {c: j for j, c in enumerate(map(str, estimator.classes_))}
+        columns = np.array([known.get(c, -1) for c in names], dtype=np.int64)
+        return np.where(columns >= 0, probs[:, columns], 0.0)
 
     def predict_scored(self, estimator, X: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """The most probable class of the scores, as ``predict`` serves it, with the scores; a head with
