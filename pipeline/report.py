@@ -135,7 +135,8 @@ def write_html_report(run: RunFolder) -> Path:
     for entry in run.history():
         body.append(f"<h3>{e(entry['stage'])}, finished {e(entry['finished'])} ({entry['seconds']} s)</h3>"
                     f"<pre>{e(entry['command'])}</pre>"
-                    + (f"<p>{e(time_summary(entry['timings']))}</p>" if entry.get("timings") else "") +
+                    + (f"<p>{e(time_summary(entry['timings']))}</p>" if entry.get("timings") else "")
+                    + ("<ul>" + "".join(f"<li>note: {e(n)}</li>" for n in entry["notes"]) + "</ul>" if entry.get("notes") else "") +
                     f"<details><summary>parameters</summary><pre>{e(json.dumps(entry['parameters'], indent=1))}</pre></details>"
                     f"<p>{e(', '.join(f'{k} {v}' for k, v in entry['versions'].items()))}; {e(entry['machine'])}</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pipeline report: {e(run.path.name)}</title>"

@@ -5,6 +5,8 @@ left behind."""
 from __future__ import annotations
 
 import hashlib
+import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +227,10 @@ def test_images_left_out_by_overlapping_caches_or_an_unused_split_are_said(tmp_p
     pq.write_table(table(data), tmp_path / "all.parquet")
     whole = import_embeddings(tmp_path / "all.parquet", tmp_path / "whole").cache
     result = fit(whole, tmp_path / "run2", labels=[labels], heads=["ridge"], n_jobs=1, progress=False)
-    assert any("task 'labels': 8 labelled image(s) in neither train nor val (5 with no split, 3 in split 'test'): "
-               "left out" in n for n in result.notes), result.notes
+    said = "task 'labels': 8 labelled image(s) in neither train nor val (5 with no split, 3 in split 'test'): left out"
+    assert any(said in n for n in result.notes), result.notes
+    assert any(said in n for n in json.loads((tmp_path / "run2" / "run.json").read_text())[-1]["notes"])
+    assert f"<li>note: {html.escape(said)}" in (tmp_path / "run2" / "report.html").read_text()
     found = audit(whole, tmp_path / "audit", labels=[labels], map="none")
     assert any("8 labelled image(s) in neither train nor val" in t.note for t in found.tasks)
     no_train = tmp_path / "no_train.csv"

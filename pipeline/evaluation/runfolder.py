@@ -305,9 +305,11 @@ class RunFolder:
             for p in self.path.glob(pattern.format(task="*", row="*")):
                 p.unlink()
 
-    def record(self, stage: str, parameters: dict, seconds: float, timings: dict | None = None) -> Path:
+    def record(self, stage: str, parameters: dict, seconds: float, timings: dict | None = None,
+               notes: Sequence[str] = ()) -> Path:
         """Add to ``run.json`` the command line, parameters, library versions and machine of a stage, and
-        where its time went (``timings``), when it says."""
+        where its time went (``timings``) and what it said beside its rows (``notes``: what it left out
+        and why), when it says."""
         from ..cache import library_versions
 
         path = self.artifact("run")
@@ -316,7 +318,7 @@ class RunFolder:
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
                      versions={**library_versions(), "python": platform.python_version()},
                      machine=f"{platform.node()} ({platform.platform()}, {os.cpu_count()} cores)",
-                     **({"timings": timings} if timings else {}))
+                     **({"timings": timings} if timings else {}), **({"notes": list(notes)} if notes else {}))
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(old + [entry], indent=1, default=str))
         return path

@@ -298,7 +298,7 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
                 files[f"fewshot_{task}"] = plot_fewshot(fewshot, task, run.artifact("fewshot_plot", task))
     timings = dict(stages=stages, heads=per_head)  # the report is written from run.json, so it holds no time of its own
     run.record("fit", dict(caches=[str(p) for p in paths], labels=[str(x) for x in labels],
-                           **{**asdict(cfg), "heads": heads}), time.time() - started, timings)
+                           **{**asdict(cfg), "heads": heads}), time.time() - started, timings, notes)
     files.update(publish(run))
     return FitResult(all_rows, run.path, files, fewshot, notes, copies, timings)
 
