@@ -455,10 +455,9 @@ def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, c
     keep = np.array([i in row_of for i in data.ids], bool)
     labelled = Labelled(task.name, task.kind, data.ids[keep], data.y[keep], data.splits[keep])
     protocol, note = open_task(labelled, cfg.cv, cfg.seed, run, "within")
-    if run is not None and run.protocol(task.name) is None:
-        note = f"{run.path} holds no protocol for it; decided as fit decides"
     if run is None or run.protocol(task.name) is None:  # decided here, from the labels' splits
-        note = "; ".join(filter(None, [note, unused_split_note(task.name, labelled.splits)]))
+        held = note if run is None else f"{run.path} holds no protocol for it; decided as fit decides"
+        note = "; ".join(filter(None, [held, unused_split_note(task.name, labelled.splits)]))
     return protocol, note
 
 

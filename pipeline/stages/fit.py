@@ -239,8 +239,9 @@ def fit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.P
             for head in by_kind[src.protocol.kind]:
                 if _current(run, done.get(_key(src, head, params.get(head))), src):
                     continue
-                rows, to = src.rows(head, cfg), _Keep(run.path, src.head_name(_head_label(head, params.get(head))), cfg.portable)
-                jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit, to))
+                rows = src.rows(head, cfg)
+                saved_as = _Keep(run.path, src.head_name(_head_label(head, params.get(head))), cfg.portable)
+                jobs.append(delayed(_in_worker)(warm, _fit_one, head, params.get(head), cfg.seed, rows, splits, refit, saved_as))
                 meta.append((src, head))
                 chunked += [(head, rows.source, len(rows.data.rows))] if rows.source else []
         _say_chunks(chunked, cfg)
@@ -403,7 +404,7 @@ def _not_everywhere(task: str, entries: list, id_sets: list[set], everywhere: se
     """A note when some of a task's labelled images have features in some of its caches but not all
     (``id_sets``: each cache's): caches fitted together are scored on the images they all hold, so these
     are left out."""
-    some = len(set().union(*id_sets)) - len(everywhere) if len(id_sets) > 1 else 0
+    some = len(set().union(*id_sets)) - len(everywhere)
     if not some:
         return ""
     return (f"task {task!r}: {some} labelled image(s) have features in some of its caches but not in every one "
@@ -601,7 +602,8 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             start, preds, scores = time.perf_counter(), [], _Scores(len(order))
-            fitted = _timed(rows.fit_subsets(est, [train for train, _ in splits] + ([] if refit is None else [refit])))
+            subsets = [train for train, _ in splits] + ([] if refit is None else [refit])
+            fitted = _timed(rows.fit_subsets(est, subsets))
             seconds = time.perf_counter() - start  # a batched head's whole fit; a generator's comes as it is iterated
             for i, (_, test) in enumerate(splits):
                 model, took = next(fitted)
@@ -615,7 +617,7 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
                 model, took = next(fitted)
                 seconds += took
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
-        keep.save(model, rows.data.ids[splits[-1][0] if refit is None else refit])
+        keep.save(model, rows.data.ids[subsets[-1]])
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
         return dict(error=" ".join(f"{type(e).__name__}: {e}".split())[:300], job_seconds=time.perf_counter() - job_start)
     return dict(y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
@@ -738,14 +740,14 @@ def _check_writable(out: Path) -> None:
 def _say_chunks(chunked: list[tuple[str, _OnDisk, int]], cfg: FitConfig) -> None:
     """Before any fit, a line per chunk size saying which heads read their features from the cache by
     chunks and how many rows at a time, under which bound: a small bound makes many small reads."""
-    by_step: dict[tuple[int, int], tuple[list[str], int]] = {}
+    by_step: dict[tuple[int, int], list[tuple[str, int]]] = {}
     for head, source, n in chunked:
-        heads, most = by_step.get((source.step, source.dims), ([], 0))
-        by_step[(source.step, source.dims)] = ([*heads, head], max(most, n))
+        by_step.setdefault((source.step, source.dims), []).append((head, n))
     bound = f" (--max-memory {cfg.max_memory}, shared by the jobs that run at once)" if cfg.max_memory else ""
-    for (step, dims), (heads, n) in by_step.items():
-        say(f"{', '.join(dict.fromkeys(heads))} read the features from the cache {step:,} row(s) at a time, "
-            f"{dims:,} features each{bound}{_slow_reads(step, dims, n, cfg)}")
+    for (step, dims), members in by_step.items():
+        heads, most = dict.fromkeys(h for h, _ in members), max(n for _, n in members)
+        say(f"{', '.join(heads)} read the features from the cache {step:,} row(s) at a time, "
+            f"{dims:,} features each{bound}{_slow_reads(step, dims, most, cfg)}")
 
 
 def _slow_reads(step: int, dims: int, rows: int, cfg: FitConfig) -> str:
@@ -755,10 +757,15 @@ def _slow_reads(step: int, dims: int, rows: int, cfg: FitConfig) -> str:
         return ""
     over = ("; a row is more than a job's share of it, and is read anyway"
             if cfg.memory_for_rows(1, dims) > parse_size(cfg.max_memory) else "")
-    need, whole = (-(-m // 2 ** 20) for m in (cfg.memory_for_rows(SLOW_CHUNK, dims), cfg.memory_to_hold(rows, dims)))
+    need, whole = _megabytes(cfg.memory_for_rows(SLOW_CHUNK, dims)), _megabytes(cfg.memory_to_hold(rows, dims))
     better = (f"--max-memory {need}MB reads {SLOW_CHUNK} at a time" if need < whole else
               f"--max-memory {whole}MB holds the features in memory")
     return f"{over}; so few rows per read make every pass slow: {better}"
+
+
+def _megabytes(size: int) -> int:
+    """Bytes as whole MiB, rounded up (a bound that holds them)."""
+    return -(-size // 2 ** 20)
 
 
 def _say_row(row: Row, n: int, total: int) -> None:
