@@ -22,6 +22,7 @@ try:
 except ImportError:
     from click.exceptions import UsageError
 
+from pipeline.errors import PipelineError
 from pipeline.progress import progress_mode, tell
 from pipeline.spec import SPEC_INPUTS
 
@@ -65,8 +66,14 @@ def _reporting(
 
 
 def _split_list(values: list[str] | None) -> list[str]:
-    """Accept both `--x a,b` and `--x a --x b`."""
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    """Accept both `--x a,b` and `--x a --x b`; an empty name beside a comma is a typo, refused."""
+    names = []
+    for value in values or []:
+        parts = [v.strip() for v in value.split(",")] if value.strip() else []
+        if "" in parts:
+            raise PipelineError(f"an empty name in {value!r}: names are separated by single commas, such as ridge,knn")
+        names += parts
+    return names
 
 
 def _device_option():
@@ -316,8 +323,6 @@ def report(
 
     run = RunFolder(run_dir)
     if not run.exists:
-        from pipeline.errors import PipelineError
-
         raise PipelineError(f"{run_dir} is not a fit run folder (no leaderboard.json)")
     if row is None:
         typer.echo(f"report: {publish(run)['report']}")
@@ -581,8 +586,6 @@ def export(
 def main() -> None:
     """Console entry point: a PipelineError or an OSError becomes one line on stderr and exit status 1
     (Ctrl-C and SIGTERM: see :class:`_Commands`)."""
-    from pipeline.errors import PipelineError
-
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a stage as Ctrl-C does, said the same way
     try:
         app()

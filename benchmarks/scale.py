@@ -11,6 +11,8 @@ resident set, from ``wait4``):
   split without it (``fit in memory``), so each head's accuracy read by chunks meets its fit in memory;
 - ``audit``: ``pipeline audit CACHE --map none``, with the recall of the planted copies in its
   ``duplicates.csv`` and the precision of its label issues on the flipped labels (top k, k = flips);
+  with ``--max-memory``, also ``audit by chunks``, the same under the bound (which reads the features
+  by chunks where their copies exceed it);
 - ``neighbors``: the cache's index (:class:`pipeline.similarity.NeighbourIndex`) built, then 200 queries:
   build seconds and milliseconds per query;
 - ``predict``: the fit's best head on 10,000 cached rows (load and predict).
@@ -19,7 +21,7 @@ The growth exponent between two sizes is log(t2 / t1) / log(n2 / n1): 1 is linea
 
     python benchmarks/scale.py --rows 50000 200000 --dims 512 --out /tmp/scale
     python benchmarks/scale.py --rows 100000 1000000 --dims 1280 --heads ridge,knn,torch-logreg --max-memory 6GB
-    python benchmarks/scale.py --rows 200000 1000000 --max-memory 512MB --skip audit  # audit holds the features whole
+    python benchmarks/scale.py --rows 200000 1000000 --max-memory 512MB --skip audit  # only the audit by chunks
 """
 
 from __future__ import annotations
@@ -159,10 +161,12 @@ def one_size(n: int, a: argparse.Namespace, root: Path) -> dict:
             *exe, "fit", str(cache), "--labels", "labels_split.csv", "--heads", a.heads, "--out", "run_memory",
             "--overwrite"], here)
         stages["fit in memory"].update(scores(here / "run_memory"))
-    if "audit" not in a.skip:
-        stages["audit"] = run_stage("audit", [*exe, "audit", str(cache), "--labels", "labels_split.csv", "--out",
-                                              "audit", "--map", "none"], here)
-        stages["audit"].update(audit_quality(here / "audit", truth))
+    audits = {"audit": []} | ({"audit by chunks": memory} if memory else {})  # the second over the bound reads by chunks
+    for name, bound in audits.items():
+        if name not in [x.strip() for x in a.skip.split(",")]:
+            stages[name] = run_stage(name, [*exe, "audit", str(cache), "--labels", "labels_split.csv", "--out",
+                                            name.replace(" ", "_"), "--map", "none", *bound], here)
+            stages[name].update(audit_quality(here / name.replace(" ", "_"), truth))
     for name, script, extra in (("neighbors", NEIGHBOURS, []), ("predict", PREDICT, [f"run_{a.protocols.split(',')[0]}"])):
         stages[name] = run_stage(name, [sys.executable, "-c", script, str(cache), *extra], here)
     return stages
@@ -202,7 +206,7 @@ def main() -> None:
     p.add_argument("--max-memory", default="")
     p.add_argument("--protocols", default="split,cv")
     p.add_argument("--out", type=Path, default=Path("/tmp/pipeline-scale"))
-    p.add_argument("--skip", default="", help="stages not to run, comma-separated: audit, fit in memory")
+    p.add_argument("--skip", default="", help="stages not to run, comma-separated: audit, audit by chunks, fit in memory")
     a = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

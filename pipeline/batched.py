@@ -1,7 +1,7 @@
 """Many models of one head fitted side by side: the folds of a cross-validation and the refit on all
 rows (or a few-shot curve's draws), as one batched problem instead of one fit after another. A head
-takes part when it is a ``StandardScaler`` then an estimator with ``_fit_groups(X, y, groups, models)``
-(the torch heads of :mod:`pipeline.linear_probe` and :mod:`pipeline.mlp_probe`); the result is the
+takes part when it is an estimator with ``_fit_groups(X, y, groups, models)``, alone or after a
+``StandardScaler`` (the torch heads of :mod:`pipeline.linear_probe` and :mod:`pipeline.mlp_probe`); the result is the
 models fitting each clone on its own rows gives. The linear heads also fit on features too large to hold
 (:class:`RowChunks`: read a chunk at a time, every pass). Also what those estimators share about classes."""
 
@@ -14,8 +14,11 @@ from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, clone
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import assert_all_finite, validate_data
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import assert_all_finite, column_or_1d, validate_data
+
+
+CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
 
 
 class RowChunks:
@@ -56,19 +59,24 @@ class GroupFitMixin:
     """``fit`` of an estimator that fits groups side by side (``_fit_groups``): one group, all rows."""
 
     def fit(self, X, y):
-        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64))
+        X, y = validate_data(self, X, y, dtype=(np.float32, np.float64), multi_output=True)
+        if y.ndim == 2 and y.shape[1] == 1:  # one column of classes, as scikit-learn's classifiers take it
+            y = column_or_1d(y, warn=True)
         self._fit_groups(X, y, [Group(np.arange(len(y)))], [self])
         return self
 
 
 def batchable(estimator: BaseEstimator, chunks: bool = False) -> bool:
-    """Whether ``fit_many`` fits clones of ``estimator`` as one batch (``chunks``: on :class:`RowChunks`)."""
-    return (isinstance(estimator, Pipeline) and len(estimator.steps) == 2 and isinstance(estimator[0], StandardScaler)
-            and hasattr(estimator[-1], "_fit_groups") and (not chunks or getattr(estimator[-1], "_reads_chunks", False)))
+    """Whether ``fit_many`` fits clones of ``estimator`` as one batch (``chunks``: on :class:`RowChunks`):
+    an estimator with ``_fit_groups``, alone or after a ``StandardScaler``."""
+    piped = isinstance(estimator, Pipeline)
+    clf = estimator[-1] if piped else estimator
+    return ((not piped or (len(estimator.steps) == 2 and isinstance(estimator[0], StandardScaler)))
+            and hasattr(clf, "_fit_groups") and (not chunks or getattr(clf, "_reads_chunks", False)))
 
 
-def fit_many(estimator: Pipeline, X: np.ndarray | RowChunks, y: np.ndarray, subsets: list[np.ndarray],
-             max_cells: int = 2 ** 26) -> list[Pipeline]:
+def fit_many(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarray, subsets: list[np.ndarray],
+             max_cells: int = 2 ** 26) -> list[BaseEstimator]:
     """Clones of ``estimator`` (see :func:`batchable`) fitted on each row subset of ``X``, ``y``: one
     batched fit per ``max_cells`` outputs (rows, or a chunk's rows, x problems x outputs, where a group's
     problems are its held-out splits and its own fit). Only the rows of some subset take part (so a class
@@ -80,20 +88,22 @@ def fit_many(estimator: Pipeline, X: np.ndarray | RowChunks, y: np.ndarray, subs
     if len(used) < len(y):
         X = X.take(used) if isinstance(X, RowChunks) else X[used]
         y, subsets = y[used], [np.searchsorted(used, s) for s in subsets]
-    scaler, clf = estimator[0], estimator[-1]
+    piped = isinstance(estimator, Pipeline)
+    clf = estimator[-1] if piped else estimator
     models = [clone(estimator) for _ in subsets]
-    classes = len(np.unique(y))
-    together = [i for i, rows in enumerate(subsets) if len(np.unique(y[rows])) == classes]
-    for i, scaled in zip(together, _scalers(scaler, X, [subsets[i] for i in together])):
-        models[i].steps[0] = (models[i].steps[0][0], scaled)
+    classes = len(np.unique(y))  # tags: every subset has every column of y
+    together = [i for i, rows in enumerate(subsets) if np.ndim(y) == 2 or len(np.unique(y[rows])) == classes]
+    if piped:
+        for i, scaled in zip(together, _scalers(estimator[0], X, [subsets[i] for i in together])):
+            models[i].steps[0] = (models[i].steps[0][0], scaled)
     for i in sorted(set(range(len(subsets))) - set(together)):
         models[i].fit(X[subsets[i]], y[subsets[i]])
-    groups = [Group(subsets[i], models[i][0]) for i in together]
+    groups = [Group(subsets[i], models[i][0] if piped else None) for i in together]
     rows = X.step if isinstance(X, RowChunks) else len(y)
-    per_batch = max(1, max_cells // (rows * clf._problems_per_group * (1 if classes == 2 else classes)))
+    per_batch = max(1, max_cells // (rows * clf._problems_per_group * n_outputs(y)))
     for start in range(0, len(groups), per_batch):
         part = together[start:start + per_batch]
-        clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] for i in part])
+        clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] if piped else models[i] for i in part])
     return models
 
 
@@ -112,12 +122,33 @@ def _scalers(scaler: StandardScaler, X: np.ndarray | RowChunks, subsets: list[np
 
 def encode_classes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The classes of ``y`` and each row's index among them; at least two classes, as scikit-learn's
-    classifiers require."""
+    classifiers require. Tags (a 0/1 matrix, a column each) are their own codes, the columns' numbers
+    their classes, as scikit-learn's multi-label classifiers have them."""
     check_classification_targets(y)
+    if type_of_target(y) == "multilabel-indicator":
+        return np.arange(y.shape[1]), np.asarray(y, dtype=np.int64)
+    if np.ndim(y) == 2:
+        raise ValueError(f"takes one class per row or a 0/1 matrix of tags, got targets of type {type_of_target(y)!r}")
     classes, codes = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {classes[0]!r}")
     return classes, codes
+
+
+def n_outputs(y: np.ndarray) -> int:
+    """The outputs of a linear or mlp head of targets ``y``: one per tag, one for two classes (the
+    second's margin), else one per class."""
+    classes = y.shape[1] if np.ndim(y) == 2 else len(np.unique(y))
+    return 1 if np.ndim(y) == 1 and classes == 2 else classes
+
+
+def output_targets(codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """The 0/1 matrix a head's outputs (:func:`n_outputs`) are trained against, from
+    :func:`encode_classes`' codes."""
+    if codes.ndim == 2:
+        return codes.astype(np.float32)
+    Y = np.eye(n_classes, dtype=np.float32)[codes]
+    return Y[:, 1:] if n_classes == 2 else Y
 
 
 def group_scaling(groups: list[Group], d: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from .data import Member, decode_pixels, read_bytes
 from .evaluation import Protocol
-from .similarity import BLOCK, knn
+from .similarity import BLOCK, nearest_others
 
 CANDIDATE_K = 8
 THUMB = 128
@@ -135,7 +135,7 @@ def candidates(X: np.ndarray, k: int = CANDIDATE_K, block: int = BLOCK,
     """Each row's ``k`` nearest other rows of normalised features: (sims, idx), as :func:`knn` gives them
     (the first ``k`` of ``nearest``, a search of ``X`` against itself already made), and the unique pairs
     ``i < j`` among them with their similarity (i, j, s), most similar first."""
-    sims, idx = knn(X, X, k, exclude=np.arange(len(X)), block=block) if nearest is None else (a[:, :k] for a in nearest)
+    sims, idx = nearest_others(X, k, block) if nearest is None else (a[:, :k] for a in nearest)
     rows = np.repeat(np.arange(len(X)), idx.shape[1])
     cols, s = idx.ravel(), sims.ravel()
     ok = cols >= 0

@@ -26,10 +26,9 @@ from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, ClassifierMixin, clone, is_classifier, is_regressor
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV, SGDClassifier
-from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestCentroid
 from sklearn.metrics import pairwise_distances
-from sklearn.neural_network import MLPClassifier, MLPRegressor
+from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.utils._param_validation import Interval
@@ -433,10 +432,11 @@ def _sgd(random_state: int) -> BaseEstimator:
     return make_pipeline(StandardScaler(), SGDClassifier(loss="log_loss", alpha=1e-4, random_state=random_state))
 
 
-@register_head("logreg", "one-vs-rest: per tag, standardise + L2 logistic regression, C by 5-fold CV (log loss)",
-               kind="multilabel", linear=True)
+@register_head("logreg", "standardise + L2 logistic regression, a sigmoid per tag, each tag's C by 5-fold CV (log "
+               "loss); the tags, folds and C solved as one batched problem in torch; by chunks where the features "
+               "do not fit in memory", kind="multilabel", linear=True, streams=True)
 def _logreg_tags(random_state: int) -> BaseEstimator:
-    return OneVsRestClassifier(_logreg(random_state))
+    return _logreg(random_state)
 
 
 @register_head("ridge", "standardise + multi-output ridge classifier, alpha by efficient leave-one-out CV; by "
@@ -450,13 +450,10 @@ def _knn_tags(random_state: int) -> BaseEstimator:
     return _knn(random_state)
 
 
-@register_head("mlp", "standardise + one hidden layer of 512 ReLU units, a sigmoid per tag", kind="multilabel")
+@register_head("mlp", "standardise + one hidden layer of 512 ReLU units, a sigmoid per tag: scikit-learn's "
+               "MLPClassifier trained in torch as the classes' mlp is", kind="multilabel")
 def _mlp_tags(random_state: int) -> BaseEstimator:
-    return make_pipeline(
-        StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(MLP["units"],), alpha=MLP["alpha"], max_iter=MLP["max_iter"],
-                      random_state=random_state),
-    )
+    return _mlp(random_state)
 
 
 def _ridge_target_by_chunks(random_state: int) -> BaseEstimator:
@@ -498,8 +495,16 @@ def fit_subsets(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarr
     """Clones of ``estimator`` fitted on each row subset of ``X``, ``y`` (the folds of a cross-validation
     and the refit on all rows): as one batched problem where :func:`pipeline.batched.batchable` says the
     head allows it (``logreg``, ``linear-svm``, ``torch-logreg``, ``mlp``; the linear ones also on
-    :class:`~pipeline.batched.RowChunks`), a list; else one by one as they are iterated, so a caller that
-    is done with a model before asking for the next never holds two (a knn holds its training rows)."""
+    :class:`~pipeline.batched.RowChunks`), a list; a head fitted from sums over the rows (the streaming
+    ridges) on ``RowChunks`` in one pass over the rows of them all, a list; else one by one as they are
+    iterated, so a caller that is done with a model before asking for the next never holds two (a knn
+    holds its training rows)."""
+    from .streaming import accumulates, fit_subsets_in_one_pass
+
+    if isinstance(X, RowChunks) and accumulates(estimator):
+        used = np.unique(np.concatenate(subsets))
+        chunks = ((used[where], x, y[used[where]]) for where, x in X.take(used))
+        return fit_subsets_in_one_pass(estimator, chunks, subsets, np.unique(y) if y.ndim == 1 else None)
     if batchable(estimator, chunks=isinstance(X, RowChunks)):
         return fit_many(estimator, X, y, subsets)
     return (clone(estimator).fit(X[s], y[s]) for s in subsets)

@@ -20,13 +20,14 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import numpy as np
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .batched import Group, GroupFitMixin, RowChunks, encode_classes, probabilities
-from .splitters import StratifiedKFoldUpTo
+from .splitters import StratifiedKFoldUpTo, tag_folds, tag_holdout
 from .validation import check_estimator_params
 
 
@@ -61,9 +62,12 @@ _SHARED = {
 
 
 class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
-    """What the linear classifiers share: the batched path fit, and predictions from ``coef_``."""
+    """What the linear classifiers share: the batched path fit, and predictions from ``coef_``. Classes
+    (one per row) or tags (a 0/1 matrix, a column per tag: a binary problem each, with its own ``C``,
+    scikit-learn's multi-label convention)."""
 
     _loss = "log"  # or "squared_hinge"
+    tags_ = False  # learned at fit; heads saved before tags were fitted here had classes
     _reads_chunks = True  # fits on RowChunks too (pipeline.batched): features larger than memory
     _stop_after_rises = 0  # stop the path once the held-out score worsened this often in a row (0: never)
 
@@ -94,6 +98,7 @@ class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
             for i, (C, path, W, b, n_iter) in zip(members, solved):
                 model = models[i]
                 model.classes_, model.C_, model.path_, model.n_iter_ = classes, C, path, np.array([n_iter])
+                model.tags_ = codes.ndim == 2
                 model.coef_ = W.T.cpu().numpy().astype(np.float64)
                 model.intercept_ = b.cpu().numpy().astype(np.float64)
                 model.n_features_in_ = X.shape[1]
@@ -103,19 +108,30 @@ class _LinearPathClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
         """Problems one batched group solves: its held-out splits and its all-rows fit."""
         return (1 if self.cv is None else self.cv) + 1
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
     def decision_function(self, X) -> np.ndarray:
-        """Margins: one column per class, or for two classes one value (positive means ``classes_[1]``)."""
+        """Margins: one column per class or tag, or for two classes one value (positive means ``classes_[1]``)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
         scores = X @ self.coef_.T + self.intercept_
-        return scores.ravel() if scores.shape[1] == 1 else scores
+        return scores.ravel() if scores.shape[1] == 1 and not self.tags_ else scores
 
     def predict(self, X) -> np.ndarray:
+        """The class of each row, or for tags its 0/1 row (a tag where its margin is positive)."""
         scores = self.decision_function(X)
+        if self.tags_:
+            return (scores > 0).astype(int)
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)]
 
     def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The held-out splits that choose ``C``: ``cv`` stratified folds (fewer when a class is smaller)."""
+        """The held-out splits that choose ``C``: ``cv`` stratified folds (fewer when a class is smaller;
+        tags: :func:`~pipeline.splitters.tag_folds`)."""
+        if codes.ndim == 2:
+            return tag_folds(codes, self.cv, self.random_state)
         return list(StratifiedKFoldUpTo(self.cv, shuffle=True, random_state=self.random_state).split(codes, codes))
 
 
@@ -134,6 +150,11 @@ class TorchLogisticRegression(_LinearPathClassifier):
     default. ``tol`` bounds the largest gradient entry of the per-sample objective. ``device="auto"`` is
     CUDA when present. Learned: ``classes_``, ``coef_``, ``intercept_``, ``C_``, ``path_`` (C, held-out
     loss) and ``n_iter_`` (L-BFGS iterations of the last step of the path).
+
+    Tags (``y`` a 0/1 matrix, a column per tag) are a binary problem each, as
+    ``OneVsRestClassifier(GridSearchCV(LogisticRegression(), ...))`` fits them, with the held-out splits
+    shared by the tags (iteratively stratified) and every tag solved in the same batch: ``C_`` holds
+    each tag's ``C``, ``path_`` each tag's held-out loss, ``tags_`` is True and ``predict`` gives 0/1 rows.
     """
 
     _parameter_constraints: dict = {
@@ -160,6 +181,8 @@ class TorchLogisticRegression(_LinearPathClassifier):
     def _splits(self, codes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.cv is not None:
             return super()._splits(codes)
+        if codes.ndim == 2:
+            return tag_holdout(codes, self.val_size, self.random_state)
         n_val, k = int(np.ceil(self.val_size * len(codes))), codes.max() + 1
         if np.bincount(codes).min() < 2 or not k <= n_val <= len(codes) - k:
             return []
@@ -167,7 +190,9 @@ class TorchLogisticRegression(_LinearPathClassifier):
                                  stratify=codes)]
 
     def predict_proba(self, X) -> np.ndarray:
-        return probabilities(self.decision_function(X))
+        """Class probabilities, or for tags each tag's (the sigmoid of its margin)."""
+        scores = self.decision_function(X)
+        return expit(scores) if self.tags_ else probabilities(scores)
 
 
 class TorchLinearSVC(_LinearPathClassifier):

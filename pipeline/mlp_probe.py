@@ -15,13 +15,14 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group, GroupFitMixin, encode_classes, group_scaling, probabilities
+from .batched import Group, GroupFitMixin, encode_classes, group_scaling, output_targets, probabilities
 from .devices import AMP, COMPUTE_DTYPES, resolve_amp, resolve_device
 from .validation import check_estimator_params
 
@@ -36,9 +37,12 @@ class TorchMLPClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
     ``amp`` is the precision of the matrix products (``auto``: bf16 where native, as for a backbone's
     forward pass; ``off``: float32, the same model as scikit-learn's up to rounding); weights, Adam and
     the loss stay float32. ``device="auto"`` is CUDA when present. Learned: ``classes_``, ``coefs_``,
-    ``intercepts_`` (per layer), ``n_iter_`` (epochs), ``loss_`` and ``loss_curve_``."""
+    ``intercepts_`` (per layer), ``n_iter_`` (epochs), ``loss_`` and ``loss_curve_``. Tags (``y`` a 0/1
+    matrix, a column per tag) get a sigmoid each, as ``MLPClassifier`` has them (``tags_`` is then True,
+    ``predict`` gives 0/1 rows)."""
 
     _problems_per_group = 1  # a batched group trains one network: no held-out splits (see pipeline.batched)
+    tags_ = False  # learned at fit; heads saved before tags were trained here had classes
     _parameter_constraints: dict = {
         "hidden_layer_size": [Interval(Integral, 1, None, closed="left")],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -79,7 +83,7 @@ class TorchMLPClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
         if nets.live.any():
             warnings.warn(f"TorchMLPClassifier: the loss still improved after max_iter={self.max_iter} epochs", ConvergenceWarning)
         for g, model in enumerate(models):
-            model.classes_, model.n_features_in_ = classes, X.shape[1]
+            model.classes_, model.n_features_in_, model.tags_ = classes, X.shape[1], codes.ndim == 2
             model.coefs_, model.intercepts_ = nets.layers(g)
             model.loss_curve_ = nets.curves[g]
             model.loss_, model.n_iter_ = model.loss_curve_[-1], len(model.loss_curve_)
@@ -90,10 +94,20 @@ class TorchMLPClassifier(GroupFitMixin, ClassifierMixin, BaseEstimator):
         (W1, W2), (b1, b2) = self.coefs_, self.intercepts_
         return np.maximum(X @ W1 + b1, 0) @ W2 + b2
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
     def predict_proba(self, X) -> np.ndarray:
-        return probabilities(self._logits(X))
+        """Class probabilities, or for tags each tag's."""
+        logits = self._logits(X)
+        return expit(logits) if self.tags_ else probabilities(logits)
 
     def predict(self, X) -> np.ndarray:
+        """The most probable class of each row, or for tags its 0/1 row (a tag at a probability over 0.5)."""
+        if self.tags_:
+            return (self._logits(X) > 0).astype(int)
         best = np.argmax(self.predict_proba(X), axis=1)
         return self.classes_[best]
 
@@ -107,12 +121,13 @@ class _Nets:
         self.dev = resolve_device(est.device)
         self.dtype = COMPUTE_DTYPES[resolve_amp(est.amp, self.dev)]
         self.est, self.groups = est, groups
-        d, h, o = X.shape[1], est.hidden_layer_size, 1 if n_classes == 2 else n_classes
+        Y = output_targets(codes, n_classes)
+        d, h, o = X.shape[1], est.hidden_layer_size, Y.shape[1]
+        self.sigmoid = codes.ndim == 2 or o == 1  # tags, or two classes: a sigmoid per output, else a softmax
         with warnings.catch_warnings():  # joblib hands workers read-only memory maps; the tensor is only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
             self.X = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.dev)
-        Y = torch.nn.functional.one_hot(torch.as_tensor(codes, device=self.dev), n_classes).float()
-        self.Y = Y[:, 1:] if o == 1 else Y
+        self.Y = torch.as_tensor(Y, device=self.dev)
         means, scales = group_scaling(groups, d)
         self.mean, self.inv_scale = self._stack(means.T)[:, None, :], self._stack(1 / scales.T)[:, None, :]
         self.rngs = [np.random.RandomState(seed) for _ in groups]
@@ -177,7 +192,7 @@ class _Nets:
         hidden = a.clamp(min=0)
         z = torch.baddbmm(self.b2[:, None, :], hidden, self.W2)
         y = self.Y[index]
-        if z.shape[-1] == 1:
+        if self.sigmoid:
             p, row_loss = torch.sigmoid(z), (torch.nn.functional.softplus(z) - y * z).sum(-1)
         else:
             p, row_loss = torch.softmax(z, -1), torch.logsumexp(z, -1) - (z * y).sum(-1)

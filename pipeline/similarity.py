@@ -43,9 +43,12 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .batched import RowChunks
 
 BLOCK = 2048
 # Where exact search stops being cheap (the table above): at 20,000 rows exact search beats the index, at
@@ -109,16 +112,8 @@ class NeighbourIndex:
         searches exactly whatever the base's size (the reference :func:`recall` measures against)."""
         queries = np.ascontiguousarray(queries, np.float32)
         k_eff = min(k + (exclude is not None), len(self.base))
-        sims, idx = self._search(queries, k_eff, exact) if k_eff else _empty(len(queries))
-        if exclude is not None and k_eff:
-            drop = idx == np.asarray(exclude)[:, None]
-            drop[:, -1] |= ~drop.any(axis=1)  # keep k per row: the last one goes when nothing was excluded
-            sims, idx = sims[~drop].reshape(len(idx), -1), idx[~drop].reshape(len(idx), -1)
-        pad = k - idx.shape[1]
-        if pad > 0:
-            sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
-            idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-        return sims, idx
+        found = self._search(queries, k_eff, exact) if k_eff else _empty(len(queries))
+        return _excluding(*found, exclude, k)
 
     def _search(self, queries: np.ndarray, k: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
         with _threads(self.n_jobs):
@@ -201,18 +196,21 @@ class ChunkedIndex:
     def dims(self) -> int:
         return self._index.d
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`NeighbourIndex.search` (without ``exclude``): (similarities, indices), most similar
-        first; a query whose probed cells held fewer than ``k`` rows searches every cell."""
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`NeighbourIndex.search`: (similarities, indices), most similar first; a query whose
+        probed cells held fewer than ``k`` rows searches every cell."""
         queries = np.ascontiguousarray(queries, np.float32)
-        sims, idx = self._index.search(queries, k)
+        k_eff = min(k + (exclude is not None), self.ntotal)
+        if not k_eff:
+            return _excluding(*_empty(len(queries)), exclude, k)
+        sims, idx = self._index.search(queries, k_eff)
         short = (idx < 0).any(axis=1)
         if short.any():
             nprobe, self._index.nprobe = self._index.nprobe, self._index.nlist
-            sims[short], idx[short] = self._index.search(queries[short], k)
+            sims[short], idx[short] = self._index.search(queries[short], k_eff)
             self._index.nprobe = nprobe
         sims[idx < 0] = np.nan
-        return sims, idx
+        return _excluding(sims, idx, exclude, k)
 
     def _calibrated_nprobe(self, queries: np.ndarray, truth: np.ndarray, target: float) -> int:
         for nprobe in 2 ** np.arange(int(np.log2(self._index.nlist)) + 1):
@@ -300,6 +298,19 @@ def knn(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | Non
     return NeighbourIndex(base, block=block).search(queries, k, exclude)
 
 
+def nearest_others(X: np.ndarray | RowChunks, k: int, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ``k`` nearest other rows of normalised features ``X``, as :func:`knn` gives them; for
+    rows read by chunks (:class:`~pipeline.batched.RowChunks`, too many to hold) from a
+    :class:`ChunkedIndex` of them, searched a chunk of queries at a time."""
+    from .batched import RowChunks
+
+    if not isinstance(X, RowChunks):
+        return knn(X, X, k, exclude=np.arange(len(X)), block=block)
+    index = ChunkedIndex(lambda: (chunk for _, chunk in X))
+    found = [index.search(chunk, k, exclude=np.arange(where.start, where.stop)) for where, chunk in X]
+    return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])
+
+
 def _probers(ivf, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The queries that probe each cell of ``ivf``: those of cell ``c`` are ``asking[bounds[c]:bounds[c + 1]]``."""
     probes = ivf.quantizer.search(queries, ivf.nprobe)[1].ravel()
@@ -355,6 +366,20 @@ def _sample(n: int, seed: int) -> np.ndarray:
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
     return float(np.mean(hits))
+
+
+def _excluding(sims: np.ndarray, idx: np.ndarray, exclude: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A search's ``k`` (+ 1 with ``exclude``) nearest without each query's ``exclude`` row (the last
+    one dropped where it was not found), padded to ``k`` columns with NaN and -1."""
+    if exclude is not None and idx.shape[1]:
+        drop = idx == np.asarray(exclude)[:, None]
+        drop[:, -1] |= ~drop.any(axis=1)  # keep k per row: the last one goes when nothing was excluded
+        sims, idx = sims[~drop].reshape(len(idx), -1), idx[~drop].reshape(len(idx), -1)
+    pad = k - idx.shape[1]
+    if pad > 0:
+        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
+        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+    return sims, idx
 
 
 def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,3 +27,20 @@ class StratifiedKFoldUpTo(StratifiedKFold):
     def _folds(self, y) -> int:
         _, counts = np.unique(y, return_counts=True)
         return min(self.n_splits, int(counts.min()))
+
+
+
+def tag_folds(Y: np.ndarray, n_folds: int, seed) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_folds`` folds of the rows of a tag matrix ``Y`` (0/1, a column per tag), every tag in each in
+    proportion by iterative stratification (the ``iterative-stratification`` package); none for fewer
+    than five rows."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    return [] if len(Y) < max(5, n_folds) else list(MultilabelStratifiedKFold(n_folds, shuffle=True, random_state=seed).split(Y, Y))
+
+
+def tag_holdout(Y: np.ndarray, fraction: float, seed) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One hold-out of ``fraction`` of the rows of a tag matrix, stratified as :func:`tag_folds`."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    return [] if len(Y) < 5 else list(MultilabelStratifiedShuffleSplit(1, test_size=fraction, random_state=seed).split(Y, Y))

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .batched import Group, RowChunks, group_scaling
+from .batched import Group, RowChunks, group_scaling, output_targets
 
 SMALL_PRODUCT = 2e8  # multiply-adds of one logits product below which a CPU solve runs on one thread
 
@@ -44,15 +44,21 @@ class Batch:
     (on its training rows) and one on all the group's rows, each on the group's standardisation (a split
     problem on its own rows' with ``scale_folds``). ``loss``
     is ``log`` (binary on one logit for two classes, else multinomial) or ``squared_hinge`` (one-vs-rest,
-    one margin for two classes). Every pass over the rows goes a chunk at a time (:meth:`_chunks`), so
+    one margin for two classes); for tags (``codes`` a 0/1 matrix) either is a binary problem per tag,
+    each tag with its own ``C``: the tags, splits and ``C`` solved as one problem. Every pass over the rows goes a chunk at a time (:meth:`_chunks`), so
     memory holds one chunk's logits, and ``X`` may be :class:`~pipeline.batched.RowChunks` read from disk."""
 
     def __init__(self, X: torch.Tensor | RowChunks, codes: np.ndarray, n_classes: int, loss: str,
                  groups: list[Group], scale_folds: bool = False, device: torch.device | None = None):
         (n, d), dev = X.shape, X.device if isinstance(X, torch.Tensor) else device
-        self.X, self.n, self.d, self.device = X, n, d, dev
-        self.loss, self.outputs = loss, 1 if n_classes == 2 else n_classes
-        self.y = torch.as_tensor(codes, dtype=torch.long, device=dev)
+        self.X, self.n, self.d, self.device, self.loss = X, n, d, dev, loss
+        self.Y = torch.as_tensor(output_targets(codes, n_classes), device=dev)  # (rows, outputs) of 0/1
+        self.outputs, self.tags = self.Y.shape[1], codes.ndim == 2
+        self.softmax = loss == "log" and not self.tags and self.outputs > 1
+        self.codes = None if self.tags else torch.as_tensor(codes, dtype=torch.long, device=dev)
+        self.chosen = self.outputs if self.tags else 1  # outputs whose C is chosen apart: each tag
+        # a tag with one value in a group's rows: every C fits it alike, so it keeps the first
+        self.constant = np.array([np.ptp(codes[g.rows], axis=0) == 0 if self.tags else [False] for g in groups])
         train, held, held_problem, owner, self.refits, self.held_of = [], [], [], [], [], []
         for g, group in enumerate(groups):
             held_cols = []
@@ -78,33 +84,34 @@ class Batch:
         if self.scaled:  # problem p sees (x - mean_p) / scale_p = x * inv_scale[:, p] - shift[:, p]
             self.inv_scale = torch.tensor(1 / scales, dtype=torch.float32, device=dev)
             self.shift = torch.tensor(means / scales, dtype=torch.float32, device=dev)
-        if loss == "squared_hinge":
-            signs = torch.nn.functional.one_hot(self.y, n_classes).float() * 2 - 1
-            self.signs = signs[:, 1:] if self.outputs == 1 else signs
 
     def path(self, Cs: np.ndarray, max_iter: int, tol: float, stop_after_rises: int) -> list[tuple]:
-        """Solve along ``Cs``; per group the chosen ``C``, its path of (C, held-out score) and its all-rows
-        solution at that ``C``: ``(C, path, W, b, iterations)`` (the last ``C`` when nothing is held out)."""
-        groups = range(len(self.refits))
-        best, paths, rises, params = [None for _ in groups], [[] for _ in groups], [0 for _ in groups], None
+        """Solve along ``Cs``; per group the chosen ``C`` (for tags, an array: each tag's own), its path of
+        (C, held-out score, a list of one per tag for tags) and its all-rows solution at that ``C``:
+        ``(C, path, W, b, iterations)`` (the last ``C`` when nothing is held out)."""
+        G, refits = len(self.refits), torch.as_tensor(self.refits, device=self.device)
+        shape = (G, self.chosen)
+        best_C, best_score, rises = np.zeros(shape), np.full(shape, np.inf), np.zeros(shape, int)
+        paths, params, W_best, b_best = [[] for _ in range(G)], None, None, None
         for C in Cs:
             params = self.solve(float(C), max_iter, tol, params)
-            W, b, _ = params
-            scores = self.held_out_scores(params) if self.held.shape[1] else None
-            for g in groups:
-                if scores is None:
-                    best[g] = (float(C), None, W[:, self.refits[g]], b[self.refits[g]])
-                    continue
-                if stop_after_rises and rises[g] >= stop_after_rises:
-                    continue
-                paths[g].append((float(C), scores[g]))
-                if best[g] is None or scores[g] < best[g][1]:
-                    best[g], rises[g] = (float(C), scores[g], W[:, self.refits[g]], b[self.refits[g]]), 0
-                else:
-                    rises[g] += 1
-            if stop_after_rises and all(r >= stop_after_rises for r in rises):
+            W, b = params[0][:, refits], params[1][refits]
+            better = np.ones(shape, bool)
+            if self.held.shape[1]:
+                scores = self.held_out_scores(params)
+                live = rises < stop_after_rises if stop_after_rises else better
+                better = live & (((scores < best_score) & ~self.constant) | (W_best is None))
+                for g in np.flatnonzero(live.any(1)):
+                    paths[g].append((float(C), scores[g].tolist() if self.tags else float(scores[g, 0])))
+                best_score[better], rises = scores[better], np.where(better, 0, rises + live)
+            best_C[better] = C
+            keep = torch.as_tensor(np.repeat(better, self.outputs // self.chosen, axis=1), device=self.device)
+            W_best = W if W_best is None else torch.where(keep, W, W_best)
+            b_best = b if b_best is None else torch.where(keep, b, b_best)
+            if stop_after_rises and (rises >= stop_after_rises).all():
                 break
-        return [(C, paths[g], W, b, params[2]) for g, (C, _, W, b) in zip(groups, best)]
+        return [(best_C[g] if self.tags else float(best_C[g, 0]), paths[g], W_best[:, g], b_best[g], params[2])
+                for g in range(G)]
 
     def solve(self, C: float, max_iter: int, tol: float, init=None):
         """Minimise every problem's ``mean loss + ||W||^2 / (2 C n)`` from ``init`` (else zeros): weights
@@ -126,7 +133,7 @@ class Batch:
             objective.backward()
             total = objective.detach()
             for rows, x in self._chunks():
-                part = ((self._losses(x, rows, W, b) * self.train[rows]).sum(0) / self.n_train).sum()
+                part = ((self._losses(x, rows, W, b).sum(-1) * self.train[rows]).sum(0) / self.n_train).sum()
                 part.backward()
                 total = total + part.detach()
             return total
@@ -135,21 +142,26 @@ class Batch:
         return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
 
     def held_out_scores(self, params) -> np.ndarray:
-        """Per group, the mean over its splits of the held-out log loss (``log``) or error rate
-        (``squared_hinge``)."""
+        """Per group (and for tags, per tag: ``(groups, tags)``, else ``(groups, 1)``), the mean over its
+        splits of the held-out log loss (``log``) or error rate (``squared_hinge``)."""
         W, b, _ = params
-        summed = torch.zeros(self.held.shape[1], dtype=torch.float64, device=self.device)
+        summed = torch.zeros((self.held.shape[1], self.chosen), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for rows, x in self._chunks():
-                if self.loss == "log":
-                    per_row = self._losses(x, rows, W, b)[:, self.held_problem]
-                else:
-                    z = self._logits(x, W, b)[:, self.held_problem]
-                    guess = (z[..., 0] > 0).long() if self.outputs == 1 else z.argmax(-1)
-                    per_row = (guess != self.y[rows, None]).float()
-                summed += (per_row * self.held[rows]).sum(0).double()
-        per_split = (summed / self.held.sum(0).double()).cpu().numpy()
-        return np.array([per_split[cols].mean() for cols in self.held_of])
+                summed += (self._held_losses(x, rows, W, b) * self.held[rows, :, None]).sum(0).double()
+        per_split = (summed / self.held.sum(0).double()[:, None]).cpu().numpy()
+        return np.stack([per_split[cols].mean(0) for cols in self.held_of])
+
+    def _held_losses(self, x: torch.Tensor, rows: slice, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """What ``held_out_scores`` averages, per row of the chunk ``x``, held-out problem and chosen output."""
+        if self.loss == "log":
+            losses = self._losses(x, rows, W, b)[:, self.held_problem]
+            return losses if self.tags else losses.sum(-1, keepdim=True)
+        z = self._logits(x, W, b)[:, self.held_problem]
+        if self.tags:
+            return ((z > 0).float() != self.Y[rows, None, :]).float()
+        guess = (z[..., 0] > 0).long() if self.outputs == 1 else z.argmax(-1)
+        return (guess != self.codes[rows, None]).float()[..., None]
 
     def _chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         """``(rows, features)`` in chunks of at most :data:`CHUNK_CELLS` logits: slices of the tensor ``X``,
@@ -171,13 +183,14 @@ class Batch:
         return z.reshape(-1, P, o) + (b - torch.einsum("dp,dpo->po", self.shift, W))
 
     def _losses(self, x: torch.Tensor, rows: slice, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The loss of each row of the chunk ``x`` (rows ``rows``) in each problem, ``(len(x), problems)``."""
-        z, y = self._logits(x, W, b), self.y[rows]
+        """The loss of each row of the chunk ``x`` (rows ``rows``) in each problem, per output (one
+        column for a softmax over classes), ``(len(x), problems, outputs or 1)``."""
+        z, Y = self._logits(x, W, b), self.Y[rows, None, :]
         if self.loss == "squared_hinge":
-            return torch.clamp(1 - self.signs[rows, None, :] * z, min=0).pow(2).sum(-1)
-        if self.outputs == 1:
-            return torch.nn.functional.softplus(z[..., 0]) - y[:, None] * z[..., 0]
-        return torch.logsumexp(z, -1) - z.gather(-1, y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]
+            return torch.clamp(1 - (2 * Y - 1) * z, min=0).pow(2)
+        if not self.softmax:
+            return torch.nn.functional.softplus(z) - Y * z
+        return (torch.logsumexp(z, -1) - (z * Y).sum(-1))[..., None]
 
 
 def _column_stats(chunks: Iterator[tuple[slice, torch.Tensor]], masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

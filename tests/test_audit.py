@@ -288,14 +288,40 @@ def test_bad_settings_are_refused_before_any_work(planted, tmp_path, settings, m
     assert not (tmp_path / "a").exists()
 
 
-def test_features_over_max_memory_are_refused_before_any_work_and_the_bound_is_recorded(planted, tmp_path):
+def test_over_max_memory_the_audit_reads_by_chunks_finds_the_same_and_the_bound_is_recorded(planted, tmp_path, capsys):
+    """Features whose copies exceed --max-memory stay in the cache: the audit reads them by chunks,
+    searches an index of a byte per feature and fits its label head on every fold at once by chunks
+    (scikit-learn's LogisticRegression at C=1 becomes the same model in torch), and finds what the
+    audit in memory finds. A --head that holds the features is refused before any work."""
     with FeatureCache(planted["cache"]) as c:
         rows, dims = int(c.valid.sum()), c.info()["taps"]["pooled"]
     need = rows * dims * 4 * COPIES
-    with pytest.raises(PipelineError, match=re.escape(f"{rows} x {dims} float32 with its copies, {need:,} bytes "
-                                                      f"({need / 2 ** 20:,.1f} MB), exceed --max-memory {need - 1}")):
-        audit(planted["cache"], tmp_path / "a", max_memory=need - 1)  # from Python, a number of bytes too
-    assert not (tmp_path / "a").exists()
+    settings = dict(labels=[planted["labels"]], map="none")
+    whole = audit(planted["cache"], tmp_path / "whole", **settings)
+    capsys.readouterr()
+    chunked = audit(planted["cache"], tmp_path / "chunks", max_memory=need - 1, **settings)  # a number of bytes too
+    step = (need - 1) // (32 * dims)
+    assert f"{rows} x {dims} float32 with its copies exceed --max-memory {need - 1}, so the audit reads them {step} " \
+           "rows at a time" in capsys.readouterr().err
+    assert 1 < step < rows
+
+    def confirmed(result):
+        return {(d["id_a"], d["id_b"]) for d in result.duplicates if d["confirmed"]}
+
+    assert confirmed(chunked) == confirmed(whole) and {COPY, ORIGINAL} in [set(p) for p in confirmed(whole)]
+    for a, b in zip(whole.tasks, chunked.tasks, strict=True):
+        assert a.leaked == b.leaked
+        assert {r["id"] for r in a.ranking[:len(FLIPPED)]} == {r["id"] for r in b.ranking[:len(FLIPPED)]}
+        score = {r["id"]: r["score"] for r in a.ranking}
+        np.testing.assert_allclose([r["score"] for r in b.ranking], [score[r["id"]] for r in b.ranking], atol=2e-3)
+        assert [r["flagged"] for r in a.ranking] == [r["flagged"] for r in b.ranking]
+    assert {r["id"] for r in whole.tasks[-1].ranking[:len(FLIPPED)]} == set(FLIPPED)
+    assert chunked.outliers[0]["id"] == whole.outliers[0]["id"] == ODD
+
+    with pytest.raises(PipelineError, match="--head knn holds the features in memory, which exceed --max-memory here; "
+                                            "the classification heads that score labels reading by chunks: logreg"):
+        audit(planted["cache"], tmp_path / "knn", head="knn", max_memory=need - 1, **settings)
+    assert not (tmp_path / "knn").exists()
     run = tmp_path / "run"
     fit(planted["cache"], run, heads=["centroid"], n_jobs=1, progress=False)
     audit(planted["cache"], tmp_path / "b", run=run, max_memory=f"{need}B", map="none", **FAST)

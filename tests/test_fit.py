@@ -225,9 +225,10 @@ def test_bad_heads_are_named(tiny_run, tmp_path, heads, params, message):
 
 @pytest.mark.slow
 def test_bad_heads_on_the_command_line(tiny_run, tmp_path):
-    """An empty --heads is not the defaults, and a --head-param key given twice is refused (it was the
-    last one, silently); nothing is created."""
+    """An empty --heads is not the defaults, an empty name between commas is no head left out silently,
+    and a --head-param key given twice is refused (it was the last one, silently); nothing is created."""
     for args, message in ((["--heads", ""], "--heads must be a non-empty list of head names, got []"),
+                          (["--heads", "ridge,,knn"], "an empty name in 'ridge,,knn': names are separated by single commas"),
                           (["--heads", "sklearn.svm:SVC", "--head-param", "C=1", "--head-param", "C=10"],
                            "--head-param C is given twice")):
         r = run_cli("fit", tiny_run["cache"], "--out", tmp_path / "run", *args)
@@ -286,17 +287,19 @@ def test_torch_linear_svm_is_scikit_learns_at_the_same_C():
 
 def test_torch_mlp_trains_as_scikit_learns_mlp():
     """The mlp head is MLPClassifier trained in torch: in float32, for the same random_state, the same
-    epochs and the same predictions; with bf16 products (where the CPU has them) the same predictions."""
+    epochs and the same predictions, of classes and of tags; with bf16 products (where the CPU has them) the same predictions."""
     from sklearn.neural_network import MLPClassifier
 
     from pipeline.devices import resolve_amp
     from pipeline.mlp_probe import TorchMLPClassifier
 
     rng = np.random.default_rng(2)
-    for k in (2, 4):
-        centres = rng.normal(size=(k, 40))
-        y = rng.integers(0, k, 500)
+    for k in (2, 4, "tags"):
+        centres = rng.normal(size=(4, 40))
+        y = rng.integers(0, 4 if k == "tags" else k, 500)
         X = (centres[y] + 2.0 * rng.normal(size=(500, 40))).astype(np.float32)
+        if k == "tags":  # a 0/1 column per tag: a sigmoid each
+            y = np.stack([y == 0, y <= 1, y % 2 == 1], 1).astype(int)
         ref = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=300, random_state=3).fit(X[:350], y[:350])
         ours = TorchMLPClassifier(hidden_layer_size=64, alpha=1e-3, max_iter=300, amp="off", device="cpu", random_state=3)
         ours.fit(X[:350], y[:350])
@@ -338,6 +341,61 @@ def test_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
         else:
             np.testing.assert_allclose(a.decision_function(X), b.decision_function(X),
                                        atol=0.05 * np.abs(b.decision_function(X)).max())
+
+
+@pytest.mark.parametrize("head", ["logreg", "mlp"])
+def test_tags_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
+    """The issue's "tags heads batched as the class heads are": every tag, fold and C of the tags' logreg
+    (and every fold of the tags' mlp) in one batch gives the models fitting each fold alone gives; a
+    subset whose rows lack a tag still predicts that tag, low."""
+    from sklearn.model_selection import KFold
+
+    from pipeline.heads import fit_subsets
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(300, 20)) * (1 + rng.random(20)) + 3).astype(np.float32)
+    Y = (X[:, :3] - 3 + 0.7 * rng.normal(size=(300, 3)) > 0.5).astype(int)
+    subsets = [tr for tr, _ in KFold(4, shuffle=True, random_state=0).split(X)]
+    subsets += [np.arange(300), np.flatnonzero(Y[:, 2] == 0)]
+    est = create_head(head, 0, kind="multilabel")
+    batched = fit_subsets(est, X, Y, subsets)
+    alone = [clone(est).fit(X[s], Y[s]) for s in subsets]
+    for a, b in zip(batched, alone):
+        assert a[-1].tags_ and list(a.classes_) == [0, 1, 2]
+        np.testing.assert_array_equal(getattr(a[-1], "C_", 0), getattr(b[-1], "C_", 0))
+        np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=0.05 if head == "mlp" else 0.02)
+        assert a.predict(X).shape == (300, 3) and (a.predict(X) == b.predict(X)).mean() >= 0.99
+    assert batched[-1].predict_proba(X)[:, 2].max() < 0.05
+
+
+def test_tags_logreg_chooses_each_tags_C_as_a_grid_search_per_tag_does():
+    """Each tag's C is the one scikit-learn's LogisticRegression, standardised on each split's training
+    rows, scores best by held-out log loss over the same splits: one-vs-rest grid search, one batch."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from pipeline.linear_probe import TorchLogisticRegression
+    from pipeline.splitters import tag_folds
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(240, 8))
+    Y = (X[:, :3] * [3.0, 0.6, 0.2] + rng.normal(size=(240, 3)) > 0.4).astype(int)
+    Cs = (0.003, 0.03, 0.3, 3.0)
+    ours = TorchLogisticRegression(Cs=Cs, cv=4, scale_folds=True, tol=1e-6, max_iter=1000).fit(X, Y)
+    for t in range(3):
+        losses = []
+        for C in Cs:
+            held = []
+            for tr, te in tag_folds(Y, 4, 0):
+                scaler = StandardScaler().fit(X[tr])
+                ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(scaler.transform(X[tr]), Y[tr, t])
+                held.append(log_loss(Y[te, t], ref.predict_proba(scaler.transform(X[te]))[:, 1], labels=[0, 1]))
+            losses.append(np.mean(held))
+        assert ours.C_[t] == Cs[int(np.argmin(losses))]
+        np.testing.assert_allclose([p[1][t] for p in ours.path_], losses, rtol=1e-3)
+    assert len(set(ours.C_)) > 1  # the tags chose differently
+    ref = LogisticRegression(C=ours.C_[0], tol=1e-10, max_iter=10000).fit(X, Y[:, 0])
+    np.testing.assert_allclose(ours.coef_[0], ref.coef_[0], rtol=0.01, atol=2e-3)
 
 
 def test_mlps_of_different_sizes_train_side_by_side_as_alone():

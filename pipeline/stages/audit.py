@@ -28,19 +28,22 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from ..cache import FeatureCache, find_caches
 from ..sources import load_source, location_exists
 from ..errors import Interrupted, PipelineError
 from ..files import atomic_path
-from ..heads import create_head, has_head
+from ..batched import CHUNK_BYTES, RowChunks, batchable
+from ..heads import create_head, fit_subsets, has_head, list_heads
 from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task, unused_split_note
 from ..findings import AuditResult, TaskAudit, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
-from ..similarity import BLOCK, knn, normalized
+from ..similarity import BLOCK, nearest_others, normalized
+from ..streaming import accumulates
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..validation import Rule, Settings, at_least, between, one_of, optional, parse_size, size, unknown
 
@@ -68,8 +71,8 @@ class AuditConfig(Settings):
     the cosine from which two images are copies when their pixels cannot be read (None: the cache's own,
     see :mod:`pipeline.copies`); the neighbours an outlier score averages over; the map's method and
     most points; how many examples of each finding the page shows; the search block; ``max_memory``, the
-    bound on the features and their copies (``8GB``, powers of 1024, or a number of bytes; None: none): the audit holds every image's
-    features, so over it the audit is refused before any work."""
+    bound on the features and their copies (``8GB``, powers of 1024, or a number of bytes; None: none):
+    under it the audit holds every image's features, over it it reads them from the caches by chunks."""
 
     tap: str = "pooled"
     head: str = "auto"
@@ -88,13 +91,12 @@ class AuditConfig(Settings):
                  cv=at_least(2), dup_threshold=optional(between(0, 1, low_open=True)), k=at_least(1), map=one_of(*MAP_METHODS),
                  map_points=at_least(10), top=at_least(1), block=at_least(1), max_memory=optional(size()))
 
-    def check_fits(self, rows: int, dims: int) -> None:
-        """Refuse ``rows`` x ``dims`` features whose copies exceed ``max_memory``."""
-        need = rows * dims * 4 * COPIES
-        if self.max_memory is not None and need > parse_size(self.max_memory):
-            raise PipelineError(f"audit holds every image's features in memory (its searches and label head read them "
-                                f"whole): {rows} x {dims} float32 with its copies, {need:,} bytes ({need / 2 ** 20:,.1f} MB), exceed "
-                                f"--max-memory {self.max_memory}; give it more (audit does not read by chunks yet)")
+    def rows_per_read(self, rows: int, dims: int) -> int | None:
+        """None where ``rows`` x ``dims`` features and their copies fit in ``max_memory`` (the audit then
+        holds them); else the rows it reads from the caches at a time."""
+        if self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory):
+            return None
+        return max(1, parse_size(self.max_memory) // (CHUNK_BYTES * dims))
 
     def neighbours(self) -> int:
         """How many nearest others of each image the audit's one search finds: what the outliers and the
@@ -123,12 +125,16 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     if run_folder is not None and not run_folder.exists:
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")
     step = _Steps(started, progress)
-    with step.said_when_stopped(out):
+    with step.said_when_stopped(out), ExitStack() as stack:
         images = _image_paths(data)
         paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
-        found = _load(paths, [read_labels(p) for p in label_files(labels)], cfg, data)
+        opened = [stack.enter_context(FeatureCache(p)) for p in paths]  # open while an audit by chunks reads them
+        found = _load(opened, [read_labels(p) for p in label_files(labels)], cfg, data)
         heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
-        step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks")
+        if isinstance(found.X, RowChunks):
+            for (task, _), head in zip(found.tasks, heads):
+                label_head_by_chunks(head, task.kind, cfg.seed)
+        step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks{_read_note(found.X, cfg)}")
         audits = []
         for (task, task_data), head in zip(found.tasks, heads):
             audits.append(_audit_task(task, task_data, head, found, run_folder, cfg))
@@ -188,7 +194,7 @@ class _Found:
     and splits, and each task with its labelled images."""
 
     ids: np.ndarray
-    X: np.ndarray
+    X: np.ndarray | RowChunks  # read by chunks over --max-memory
     labels: np.ndarray
     splits: np.ndarray
     tasks: list[tuple[Task, TaskData]]
@@ -203,7 +209,7 @@ class _Found:
         """Every image's ``k`` nearest others (similarities, indices): one search, made at the first ask
         and shared by the leak check, the copies and the outliers (each takes the first columns it needs)."""
         if self._nearest is None or self._nearest[1].shape[1] < min(k, len(self.ids) - 1):
-            self._nearest = knn(self.X, self.X, k, exclude=np.arange(len(self.X)), block=block)
+            self._nearest = nearest_others(self.X, k, block)
         return self._nearest
 
     def colour(self) -> np.ndarray:
@@ -212,24 +218,31 @@ class _Found:
         return np.array([str(by_id.get(i, "")) for i in self.ids], dtype=object)
 
 
-def _load(paths: list[Path], extra: list[Task], cfg: AuditConfig, data: str | os.PathLike | None) -> _Found:
-    with ExitStack() as stack:
-        opened = [stack.enter_context(FeatureCache(p)) for p in paths]
-        ids, X = joined_features(opened, cfg.tap, cfg.check_fits)
-        first = opened[0]
-        tasks = ([cache_task(first)] if (first.labels != "").any() else []) + extra
-        position = {sid: i for i, sid in enumerate(first.ids)}
-        rows = [position[i] for i in ids]
-        return _Found(ids, X, first.labels[rows], first.splits[rows],
-                      [(t, join_task(first, t, load=False)) for t in tasks], Images.of_cache(first, data))
+def _load(opened: list[FeatureCache], extra: list[Task], cfg: AuditConfig, data: str | os.PathLike | None) -> _Found:
+    ids, X = joined_features(opened, cfg.tap, cfg.rows_per_read)
+    first = opened[0]
+    tasks = ([cache_task(first)] if (first.labels != "").any() else []) + extra
+    position = {sid: i for i, sid in enumerate(first.ids)}
+    rows = [position[i] for i in ids]
+    return _Found(ids, X, first.labels[rows], first.splits[rows],
+                  [(t, join_task(first, t, load=False)) for t in tasks], Images.of_cache(first, data))
+
+
+def _read_note(X: np.ndarray | RowChunks, cfg: AuditConfig) -> str:
+    """What the first step says of an audit over ``--max-memory``: how it reads the features."""
+    if not isinstance(X, RowChunks):
+        return ""
+    return (f"; {X.shape[0]} x {X.shape[1]} float32 with its copies exceed --max-memory {cfg.max_memory}, so the "
+            f"audit reads them {X.step} rows at a time and searches an index of a byte per feature")
 
 
 def joined_features(caches: list[FeatureCache], tap: str,
-                    check_fits: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    rows_per_read: Callable[[int, int], int | None] | None = None) -> tuple[np.ndarray, np.ndarray | RowChunks]:
     """The ids of the source's images valid in every cache (``FeatureCache.current``, in the first cache's
     order) and their features: each cache's rows
     normalised, side by side, scaled so each row has unit length (cosine similarity is then the mean of
-    the backbones'). ``check_fits(rows, dims)`` may refuse them before any is read."""
+    the backbones'). Where ``rows_per_read(rows, dims)`` gives a number, the features stay in the caches
+    (open while they are read), as :class:`~pipeline.batched.RowChunks` reading that many rows at a time."""
     _refuse_several_sources(caches)
     current = [set(c.ids[c.current]) for c in caches]
     first = caches[0]
@@ -240,17 +253,22 @@ def joined_features(caches: list[FeatureCache], tap: str,
     for c in caches:
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
-    if check_fits is not None:
-        check_fits(len(ids), sum(c.info()["taps"][tap] for c in caches))
-    parts = []
+    positions = []
     for c in caches:
         position = {sid: i for i, sid in enumerate(c.ids)}
-        parts.append(normalized(c.features(tap, np.array([position[i] for i in ids])), copy=False))
-    if len(parts) == 1:
-        return ids, parts[0]
-    X = np.hstack(parts)
-    X /= np.sqrt(len(parts))
-    return ids, X
+        positions.append(np.array([position[i] for i in ids], dtype=np.int64))
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        parts = [normalized(c.features(tap, where[rows]), copy=False) for c, where in zip(caches, positions)]
+        if len(parts) == 1:
+            return parts[0]
+        X = np.hstack(parts)
+        X /= np.sqrt(len(parts))
+        return X
+
+    dims = sum(c.info()["taps"][tap] for c in caches)
+    step = rows_per_read(len(ids), dims) if rows_per_read is not None else None
+    return ids, read(np.arange(len(ids))) if step is None else RowChunks(read, len(ids), dims, step)
 
 
 # The head that scores the labels of one class per image unless --head names one: scikit-learn's plain L2
@@ -285,18 +303,45 @@ def label_head(kind: str, task: str, run: RunFolder | None, head: str = "auto") 
                  and scores_labels(r.head, kind)), default)
 
 
-def out_of_fold(X: np.ndarray, protocol: Protocol, head: str, cv: int, seed: int) -> np.ndarray:
+def label_head_by_chunks(head: str, kind: str, seed: int) -> BaseEstimator:
+    """``head`` as it fits on features read by chunks (an audit over ``--max-memory``): the default class
+    head, scikit-learn's ``LogisticRegression`` at C=1, is the same model solved by torch's batched L-BFGS
+    (:class:`~pipeline.linear_probe.TorchLogisticRegression` with ``Cs=(1.0,)``); a head that holds the
+    features in memory is refused, naming those that read by chunks."""
+    from ..linear_probe import TorchLogisticRegression
+
+    if head == CLASS_LABEL_HEAD:
+        return TorchLogisticRegression(Cs=(1.0,), tol=1e-4, random_state=seed)
+    est = create_head(head, seed, kind=kind, by_chunks=True)
+    if accumulates(est) or batchable(est, chunks=True):
+        return est
+    can = [h for h in list_heads(kind) if scores_labels(h, kind)
+           and (accumulates(e := create_head(h, seed, kind=kind, by_chunks=True)) or batchable(e, chunks=True))]
+    raise PipelineError(f"--head {head} holds the features in memory, which exceed --max-memory here; the {kind} heads "
+                        f"that score labels reading by chunks: {', '.join(can)} (or auto)")
+
+
+def out_of_fold(X: np.ndarray | RowChunks, protocol: Protocol, head: str, cv: int, seed: int) -> np.ndarray:
     """The kind's scores of every sample of ``protocol`` (rows of ``X`` in its order) from a ``head``
     that never saw its label: class or tag probabilities (a column per name of the protocol), or numbers.
     The protocol's own splits predict the scored samples, and ``cv`` folds of the training-only samples
-    predict those among themselves; a row is NaN where no fold could."""
+    predict those among themselves; a row is NaN where no fold could. Features read by chunks
+    (:class:`~pipeline.batched.RowChunks`) fit :func:`label_head_by_chunks` on every fold at once."""
     kind, names, y = protocol.task_kind, protocol.names, protocol.y
     out = np.full((len(y), len(names)) if names else len(y), np.nan)
+    plan = []
     for train, test in protocol.oof_plan(cv, seed):
         try:
             kind.check(y[train], protocol.task, None)
         except PipelineError:
             continue  # one class, no varied tag or one number: nothing to learn from
+        plan.append((train, test))
+    if isinstance(X, RowChunks):
+        models = fit_subsets(label_head_by_chunks(head, kind.name, seed), X, kind.target(y, names), [t for t, _ in plan])
+        for est, (_, test) in zip(models, plan):  # a class a fold never shows gets probability 0
+            out[test] = np.concatenate([kind.scores(est, x, names) for _, x in X.take(test)])
+        return out
+    for train, test in plan:
         seen = kind.names(y[train])  # a class or tag the fold never shows gets probability 0
         est = create_head(head, seed, kind=kind.name).fit(X[train], kind.target(y[train], seen))
         if names:
@@ -428,7 +473,9 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
     out-of-fold predictions, and its leaked images."""
     protocol, note = _protocol(task, data, found.row_of, run, cfg)
     rows = np.array([found.row_of[i] for i in protocol.ids], dtype=np.int64)
-    X = found.X if np.array_equal(rows, np.arange(len(found.X))) else found.X[rows]  # every image in order: no copy
+    X = found.X  # every image in order: no copy
+    if not np.array_equal(rows, np.arange(len(found.X))):
+        X = found.X.take(rows) if isinstance(found.X, RowChunks) else found.X[rows]
     nearest = found.nearest(cfg.neighbours(), cfg.block) if X is found.X else None
     leaked = list(protocol.ids[leaked_rows(X, protocol.ids, protocol, found.pixels, cfg.dup_threshold, cfg.block,
                                            nearest)[0]])

@@ -31,7 +31,7 @@ from sklearn.base import clone
 from ..cache import FeatureCache, find_caches
 from ..errors import Interrupted, PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
-from ..batched import RowChunks, batchable
+from ..batched import CHUNK_BYTES, RowChunks, batchable
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
 from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name, reference_sample
@@ -42,14 +42,13 @@ from ..report import markdown_table, publish, time_summary, write_fewshot
 from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..streaming import accumulates, fit_subsets_in_one_pass
+from ..streaming import accumulates
 from ..validation import Settings, at_least, instance_of, jobs, list_of, optional, parse_size, size
 
 
 
 COPIES = 3  # float32 copies of a tap's features a head in memory holds: loaded, a fold's rows, their standardised copy
 SLOW_CHUNK = 256  # rows per read under which a chunked head's passes are mostly overhead
-CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
 
 
 @dataclass
@@ -521,12 +520,7 @@ class _Rows:
             raise PipelineError(self.refused)
         if self.source is None:
             return fit_subsets(est, self.data.X, self._y, subsets)
-        if accumulates(est):
-            used = np.unique(np.concatenate(subsets))
-            with self._chunks() as X:
-                chunks = ((used[where], x, self._y[used[where]]) for where, x in X.take(used))
-                return fit_subsets_in_one_pass(est, chunks, subsets, np.unique(self._y) if self._y.ndim == 1 else None)
-        if batchable(est, chunks=True):
+        if accumulates(est) or batchable(est, chunks=True):
             with self._chunks() as X:
                 return fit_subsets(est, X, self._y, subsets)
         return (self.fit(clone(est), idx) for idx in subsets)  # one at a time, as asked: each holds its own state
