@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .batched import Group, RowChunks, group_scaling, output_targets
+from .batched import Group, RowChunks, group_scaling
 
 SMALL_PRODUCT = 2e8  # multiply-adds of one logits product below which a CPU solve runs on one thread
 
@@ -52,10 +52,10 @@ class Batch:
                  groups: list[Group], scale_folds: bool = False, device: torch.device | None = None):
         (n, d), dev = X.shape, X.device if isinstance(X, torch.Tensor) else device
         self.X, self.n, self.d, self.device, self.loss = X, n, d, dev, loss
-        self.Y = torch.as_tensor(output_targets(codes, n_classes), device=dev)  # (rows, outputs) of 0/1
-        self.outputs, self.tags = self.Y.shape[1], codes.ndim == 2
+        self.codes, self.n_classes = torch.as_tensor(codes, dtype=torch.long, device=dev), n_classes
+        self.tags = codes.ndim == 2  # a 0/1 column per tag, else a class per row
+        self.outputs = codes.shape[1] if self.tags else 1 if n_classes == 2 else n_classes
         self.softmax = loss == "log" and not self.tags and self.outputs > 1
-        self.codes = None if self.tags else torch.as_tensor(codes, dtype=torch.long, device=dev)
         self.chosen = self.outputs if self.tags else 1  # outputs whose C is chosen apart: each tag
         # a tag with one value in a group's rows: every C fits it alike, so it keeps the first
         self.constant = np.array([np.ptp(codes[g.rows], axis=0) == 0 if self.tags else [False] for g in groups])
@@ -159,7 +159,7 @@ class Batch:
             return losses if self.tags else losses.sum(-1, keepdim=True)
         z = self._logits(x, W, b)[:, self.held_problem]
         if self.tags:
-            return ((z > 0).float() != self.Y[rows, None, :]).float()
+            return ((z > 0).float() != self._targets(rows)[:, None, :]).float()
         guess = (z[..., 0] > 0).long() if self.outputs == 1 else z.argmax(-1)
         return (guess != self.codes[rows, None]).float()[..., None]
 
@@ -182,10 +182,18 @@ class Batch:
         z = x @ (W * self.inv_scale[:, :, None]).reshape(d, P * o)
         return z.reshape(-1, P, o) + (b - torch.einsum("dp,dpo->po", self.shift, W))
 
+    def _targets(self, rows: slice) -> torch.Tensor:
+        """The 0/1 targets of the outputs for ``rows`` (a class's one-hot row made per chunk: a matrix of
+        every row's would cost rows x classes)."""
+        if self.tags:
+            return self.codes[rows].float()
+        Y = torch.nn.functional.one_hot(self.codes[rows], self.n_classes).float()
+        return Y[:, 1:] if self.outputs == 1 else Y
+
     def _losses(self, x: torch.Tensor, rows: slice, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The loss of each row of the chunk ``x`` (rows ``rows``) in each problem, per output (one
         column for a softmax over classes), ``(len(x), problems, outputs or 1)``."""
-        z, Y = self._logits(x, W, b), self.Y[rows, None, :]
+        z, Y = self._logits(x, W, b), self._targets(rows)[:, None, :]
         if self.loss == "squared_hinge":
             return torch.clamp(1 - (2 * Y - 1) * z, min=0).pow(2)
         if not self.softmax:
