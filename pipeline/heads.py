@@ -510,6 +510,14 @@ def fit_subsets(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarr
     return (clone(estimator).fit(X[s], y[s]) for s in subsets)
 
 
+def fits_on_chunks(estimator: BaseEstimator) -> bool:
+    """Whether :func:`fit_subsets` fits ``estimator`` on :class:`~pipeline.batched.RowChunks` in passes
+    over them all (batched, or from sums over the rows), never holding a subset's rows whole."""
+    from .streaming import accumulates
+
+    return accumulates(estimator) or batchable(estimator, chunks=True)
+
+
 def fit_by_chunks(estimator: BaseEstimator, chunks: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
                   classes: np.ndarray, epochs: int = SGD_EPOCHS) -> BaseEstimator:
     """Fit a chunked head from ``chunks(epoch)``, which yields (X, y) row chunks covering the training

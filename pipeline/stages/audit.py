@@ -34,8 +34,8 @@ from ..cache import FeatureCache, find_caches
 from ..sources import load_source, location_exists
 from ..errors import Interrupted, PipelineError
 from ..files import atomic_path
-from ..batched import CHUNK_BYTES, RowChunks, batchable
-from ..heads import create_head, fit_subsets, has_head, list_heads
+from ..batched import CHUNK_BYTES, RowChunks
+from ..heads import create_head, fit_subsets, fits_on_chunks, has_head, list_heads
 from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task, unused_split_note
@@ -43,7 +43,6 @@ from ..findings import AuditResult, TaskAudit, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, nearest_others, normalized
-from ..streaming import accumulates
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..validation import Rule, Settings, at_least, between, one_of, optional, parse_size, size, unknown
 
@@ -313,10 +312,9 @@ def label_head_by_chunks(head: str, kind: str, seed: int) -> BaseEstimator:
     if head == CLASS_LABEL_HEAD:
         return TorchLogisticRegression(Cs=(1.0,), tol=1e-4, random_state=seed)
     est = create_head(head, seed, kind=kind, by_chunks=True)
-    if accumulates(est) or batchable(est, chunks=True):
+    if fits_on_chunks(est):
         return est
-    can = [h for h in list_heads(kind) if scores_labels(h, kind)
-           and (accumulates(e := create_head(h, seed, kind=kind, by_chunks=True)) or batchable(e, chunks=True))]
+    can = [h for h in list_heads(kind) if scores_labels(h, kind) and fits_on_chunks(create_head(h, seed, kind=kind, by_chunks=True))]
     raise PipelineError(f"--head {head} holds the features in memory, which exceed --max-memory here; the {kind} heads "
                         f"that score labels reading by chunks: {', '.join(can)} (or auto)")
 

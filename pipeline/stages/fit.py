@@ -31,8 +31,9 @@ from sklearn.base import clone
 from ..cache import FeatureCache, find_caches
 from ..errors import Interrupted, PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
-from ..batched import CHUNK_BYTES, RowChunks, batchable
-from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, has_head, head_spec, is_chunked, list_heads)
+from ..batched import CHUNK_BYTES, RowChunks
+from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, fits_on_chunks, has_head, head_spec, is_chunked,
+                     list_heads)
 from ..kinds import TaskKind, get_kind
 from ..ood import Reference, reference_name, reference_sample
 from ..parallel import local_workers, parallel_backend
@@ -42,7 +43,6 @@ from ..report import markdown_table, publish, time_summary, write_fewshot
 from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..streaming import accumulates
 from ..validation import Settings, at_least, instance_of, jobs, list_of, optional, parse_size, size
 
 
@@ -520,7 +520,7 @@ class _Rows:
             raise PipelineError(self.refused)
         if self.source is None:
             return fit_subsets(est, self.data.X, self._y, subsets)
-        if accumulates(est) or batchable(est, chunks=True):
+        if fits_on_chunks(est):
             with self._chunks() as X:
                 return fit_subsets(est, X, self._y, subsets)
         return (self.fit(clone(est), idx) for idx in subsets)  # one at a time, as asked: each holds its own state
