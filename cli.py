@@ -377,7 +377,7 @@ def _best_rows(out: Path) -> None:
 def audit(
     caches: Annotated[list[Path], typer.Argument(help="cache files or directories (every *.h5); several caches are several backbones over the same images, used side by side")],
     out: Annotated[Path, typer.Option("--out", help="folder for label_issues_<task>.csv, duplicates.csv, outliers.csv, map.csv/.png and audit.html")],
-    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split], or a folder of them; repeatable")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="extra task: CSV id,label[,split] (classification), id,labels[,split] (tags separated by |) or id,target[,split] (a number); or a folder of them (one task per *.csv); repeatable")] = None,
     run: Annotated[Optional[Path], typer.Option("--run", help="fit run folder: score label issues under its stored protocols, and link the audit from its report.html")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="the image folder or manifest the cache was made from, for thumbnails on the page")] = None,
     tap: Annotated[str, typer.Option("--tap", help="features to audit")] = "pooled",
@@ -388,7 +388,7 @@ def audit(
     k: Annotated[int, typer.Option("-k", "--k", help="nearest neighbours the outlier score averages over")] = 10,
     map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
     top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB (powers of 1024) or a number of bytes: it holds every image's features, so over it the audit is refused before any work")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB (powers of 1024) or a number of bytes: under it the audit holds every image's features, over it it reads them from the cache by chunks")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="say each step as it ends")] = True,
 ) -> None:
     """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),

@@ -30,11 +30,13 @@ import argparse
 import csv
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +146,10 @@ def one_size(n: int, a: argparse.Namespace, root: Path) -> dict:
     here.mkdir(parents=True, exist_ok=True)
     truth_file = here / "truth.json"
     if not truth_file.is_file():
-        truth_file.write_text(json.dumps(generate(here, n, a.dims, a.classes)))
+        # in a process of its own: Linux keeps a process's peak resident memory across fork and exec, so
+        # every stage started after a generation in this process would report at least its peak
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            truth_file.write_text(json.dumps(pool.submit(generate, here, n, a.dims, a.classes).result()))
     truth = json.loads(truth_file.read_text())
     exe = [sys.executable, "-m", "pipeline", "--quiet"]
     memory = ["--max-memory", a.max_memory] if a.max_memory else []

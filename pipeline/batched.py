@@ -19,6 +19,7 @@ from sklearn.utils.validation import assert_all_finite, column_or_1d, validate_d
 
 
 CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
+SLOW_CHUNK = 256  # rows per read under which a pass over chunks is mostly overhead
 
 
 class RowChunks:

@@ -87,10 +87,10 @@ def write_html_report(run: RunFolder) -> Path:
     body = [f"<h1>Run {e(run.path.name)}</h1>",
             f"<p>{len(rows)} leaderboard rows; written {e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}. Rows marked "
             "&#9679; (shaded) are not distinguishable from their task's best (exact McNemar test for classes, a "
-            "paired bootstrap for tags and numbers). <i>chance</i> is the score of a baseline that ignores the "
-            "image: the majority training class, each tag's training prevalence, the training mean; <i>&gt; "
-            "chance</i> says whether the row beats it (one-sided exact binomial test for classes, bootstrap "
-            "otherwise). Both tests are at 5 % after a Benjamini-Hochberg "
+            "paired bootstrap for tags and numbers). <i>chance</i> is what predictions that know nothing of the "
+            "images score on the same images: the expected score of the row's own predictions shuffled among "
+            "the scored images of each fold; <i>&gt; chance</i> says whether the row beats it (a permutation "
+            "test of those shuffles). Both tests are at 5 % after a Benjamini-Hochberg "
             "adjustment over the task's rows. Only rows scored on the task's protocol (the same images and "
             "folds) are ranked; rows scored on other images are listed apart. Row numbers are those of "
             "<code>pipeline report RUN_DIR --row N</code>.</p>"]

@@ -61,6 +61,11 @@ def parse_size(size: str | int) -> int:
     return int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
 
 
+def megabytes(size: int) -> int:
+    """Bytes as whole MiB, rounded up (a bound that holds them)."""
+    return -(-size // 2 ** 20)
+
+
 def size() -> Rule:
     """A memory bound: a positive size :func:`parse_size` reads."""
     return Rule(lambda v: (isinstance(v, int) and not isinstance(v, bool)

@@ -241,9 +241,14 @@ def test_a_class_seen_only_in_the_scored_split_is_said(tiny_run, tmp_path):
         ids = list(c.ids)
     labels = {i: ("green" if i.startswith("val/") and k % 2 == 0 else i.split("/")[1]) for k, i in enumerate(ids)}
     (tmp_path / "green.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in labels.items()))
-    res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "green.csv"], heads=["knn", "ridge", "logreg"],
-              n_jobs=1, progress=False)
+    rare = [i for i in ids if i.startswith("train/")][:2]  # a tag no scored image has: map leaves it out, said
+    (tmp_path / "rare.csv").write_text("id,labels\n" + "".join(
+        f"{i},{i.split('/')[1]}{'|rare' if i in rare else ''}\n" for i in ids))
+    res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "green.csv", tmp_path / "rare.csv"],
+              heads=["knn", "ridge", "logreg"], n_jobs=1, progress=False)
     assert any("task 'green': 'green' only in the val split" in n for n in res.notes), res.notes
+    assert ("task 'rare': 'rare' in no scored image: the rows' scores say nothing of it (map is the mean over the "
+            "tags scored images have)") in res.notes, res.notes
     greens = sum(1 for y in labels.values() if y == "green")
     for row in (r for r in res.rows if r.task == "green"):  # scored, every green image counted wrong
         assert row.error == "" and row.metrics["auroc"] is not None

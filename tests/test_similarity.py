@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import similarity
+from pipeline.batched import RowChunks
 from pipeline.heads import CappedKNeighborsClassifier, read_head as load_head, save_head
 
 pytestmark = pytest.mark.skipif(not similarity.faiss_available(), reason="faiss not installed")
@@ -50,6 +51,23 @@ def test_many_queries_go_cell_by_cell_and_find_what_the_inverted_files_search_fi
     np.testing.assert_allclose(sims[:100], few[0], atol=1e-6)
     index._ivf.nprobe = 1  # probed cells smaller than k rows: those rows' searches are exact
     assert (index.search(X, 200, np.arange(len(X)))[1] >= 0).all()
+
+
+def test_a_chunked_index_searched_cell_by_cell_finds_what_faiss_finds_in_its_bytes(monkeypatch):
+    """An audit by chunks searches every image against the others cell by cell, over each cell's rows
+    decoded from a byte per feature: it finds what faiss's own search of those bytes finds."""
+    X, _ = clustered(6000)
+    index = similarity.ChunkedIndex(lambda: (X[start:start + 1000] for start in range(0, len(X), 1000)))
+    few = index.search(X[:100], 10, np.arange(100))
+    joins = []
+    real = similarity._cell_join
+    monkeypatch.setattr(similarity, "_cell_join", lambda *a: joins.append(1) or real(*a))
+    sims, idx = similarity.nearest_others(RowChunks(lambda rows: X[rows], len(X), X.shape[1], 2000), 10)
+    assert len(joins) == 3 and (idx >= 0).all() and not (idx == np.arange(len(X))[:, None]).any()
+    assert (idx[:100] == few[1]).mean() > 0.99  # rounding may swap two neighbours that tie
+    np.testing.assert_allclose(np.sort(sims[:100], 1), np.sort(few[0], 1), atol=1e-5)
+    truth = similarity.knn(X[:500], X, 10, exclude=np.arange(500))[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx[:500], truth)]) >= similarity.TARGET_RECALL
 
 
 def test_knn_follows_the_threshold(monkeypatch):

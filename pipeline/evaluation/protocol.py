@@ -135,6 +135,12 @@ class Protocol:
             unseen |= set(kind.names(self.y[scored])) - set(kind.names(self.y[train]))
         return sorted(unseen)
 
+    def unscored(self) -> list[str]:
+        """Classes or tags no scored sample has: the scores say nothing of them (the mean AP of tags
+        leaves such a tag out)."""
+        kind = self.task_kind
+        return sorted(set(kind.names(self.y)) - set(kind.names(self.y[self.scored])))
+
     @property
     def n_groups(self) -> int:
         """How many groups of two or more samples the protocol keeps together."""

@@ -34,7 +34,7 @@ from ..cache import FeatureCache, find_caches
 from ..sources import load_source, location_exists
 from ..errors import Interrupted, PipelineError
 from ..files import atomic_path
-from ..batched import CHUNK_BYTES, RowChunks
+from ..batched import CHUNK_BYTES, SLOW_CHUNK, RowChunks
 from ..heads import create_head, fit_subsets, fits_on_chunks, has_head, list_heads
 from ..progress import say
 from ..kinds import get_kind, list_kinds
@@ -44,7 +44,7 @@ from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, nearest_others, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Rule, Settings, at_least, between, one_of, optional, parse_size, size, unknown
+from ..validation import Rule, Settings, at_least, between, megabytes, one_of, optional, parse_size, size, unknown
 
 MAP_METHODS = ("auto", "umap", "tsne", "none")
 # float32 copies of the joined features an audit holds at its peak: the features, the search index's
@@ -231,8 +231,10 @@ def _read_note(X: np.ndarray | RowChunks, cfg: AuditConfig) -> str:
     """What the first step says of an audit over ``--max-memory``: how it reads the features."""
     if not isinstance(X, RowChunks):
         return ""
+    slow = (f"; so few rows per read make every pass slow: --max-memory {megabytes(SLOW_CHUNK * CHUNK_BYTES * X.shape[1])}MB "
+            f"reads {SLOW_CHUNK} at a time" if X.step < SLOW_CHUNK else "")
     return (f"; {X.shape[0]} x {X.shape[1]} float32 with its copies exceed --max-memory {cfg.max_memory}, so the "
-            f"audit reads them {X.step} rows at a time and searches an index of a byte per feature")
+            f"audit reads them {X.step} rows at a time and searches an index of a byte per feature{slow}")
 
 
 def joined_features(caches: list[FeatureCache], tap: str,
@@ -305,12 +307,13 @@ def label_head(kind: str, task: str, run: RunFolder | None, head: str = "auto") 
 def label_head_by_chunks(head: str, kind: str, seed: int) -> BaseEstimator:
     """``head`` as it fits on features read by chunks (an audit over ``--max-memory``): the default class
     head, scikit-learn's ``LogisticRegression`` at C=1, is the same model solved by torch's batched L-BFGS
-    (:class:`~pipeline.linear_probe.TorchLogisticRegression` with ``Cs=(1.0,)``); a head that holds the
+    (:class:`~pipeline.linear_probe.TorchLogisticRegression` with ``Cs=(1.0,)``, scikit-learn's ``tol``
+    and ``max_iter``); a head that holds the
     features in memory is refused, naming those that read by chunks."""
     from ..linear_probe import TorchLogisticRegression
 
     if head == CLASS_LABEL_HEAD:
-        return TorchLogisticRegression(Cs=(1.0,), tol=1e-4, random_state=seed)
+        return TorchLogisticRegression(Cs=(1.0,), tol=1e-4, max_iter=100, random_state=seed)  # scikit-learn's defaults
     est = create_head(head, seed, kind=kind, by_chunks=True)
     if fits_on_chunks(est):
         return est
@@ -489,7 +492,8 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
                     flagged=bool(flagged[i]), split=split_of.get(protocol.ids[i], ""))
                for i, g, s in zip(order, given, suggested)]
     unranked = len(protocol.ids) - len(order)
-    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions",
+    solved = " (solved in torch by chunks)" if isinstance(X, RowChunks) and head == CLASS_LABEL_HEAD else ""
+    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions{solved}",
                                    f"{unranked} images had no fold to predict them, so are not ranked" if unranked else ""]))
     return TaskAudit(task.name, protocol, ranking, leaked, note)
 

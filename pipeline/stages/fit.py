@@ -31,7 +31,7 @@ from sklearn.base import clone
 from ..cache import FeatureCache, find_caches
 from ..errors import Interrupted, PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
-from ..batched import CHUNK_BYTES, RowChunks
+from ..batched import CHUNK_BYTES, SLOW_CHUNK, RowChunks
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, fits_on_chunks, has_head, head_spec, is_chunked,
                      list_heads)
 from ..kinds import TaskKind, get_kind
@@ -43,12 +43,11 @@ from ..report import markdown_table, publish, time_summary, write_fewshot
 from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Settings, at_least, instance_of, jobs, list_of, optional, parse_size, size
+from ..validation import Settings, at_least, instance_of, jobs, list_of, megabytes, optional, parse_size, size
 
 
 
 COPIES = 3  # float32 copies of a tap's features a head in memory holds: loaded, a fold's rows, their standardised copy
-SLOW_CHUNK = 256  # rows per read under which a chunked head's passes are mostly overhead
 
 
 @dataclass
@@ -579,6 +578,12 @@ class _Keep(NamedTuple):
         RunFolder(self.run).save_model(estimator, self.name, None if self.portable else training_ids)
 
 
+def _row_error(e: Exception) -> str:
+    """A failed row's ``error``, on one line: our own refusals as said, another library's with its type."""
+    said = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
+    return " ".join(said.split())[:300]
+
+
 def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: list[tuple[np.ndarray, np.ndarray]],
              refit: np.ndarray | None, keep: _Keep) -> dict:
     """Fit ``head`` on each split's training rows and predict its scored rows; after cross-validation,
@@ -613,7 +618,7 @@ def _fit_one(head: str, params: dict | None, seed: int, rows: _Rows, splits: lis
             notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
         keep.save(model, rows.data.ids[subsets[-1]])
     except Exception as e:  # a head that cannot fit this task is a row with an error, not a failed run
-        return dict(error=" ".join(f"{type(e).__name__}: {e}".split())[:300], job_seconds=time.perf_counter() - job_start)
+        return dict(error=_row_error(e), job_seconds=time.perf_counter() - job_start)
     return dict(y_pred=np.concatenate(preds)[order], seconds=round(seconds, 4),
                 scores=scores.values, error="", warnings="; ".join(notes),
                 job_seconds=time.perf_counter() - job_start)
@@ -656,7 +661,7 @@ def _fit_draws(head: str, params: dict | None, seed: int, rows: _Rows, draws: li
             models = rows.fit_subsets(create_head(head, seed, params, rows.kind, by_chunks=rows.source is not None), draws)
             preds = [rows.predict_scored(est, test)[0] for est in models]  # (a generator fits each draw here)
     except Exception as e:  # a head that cannot fit k shots is a row with an error, not a failed sweep
-        return dict(predictions=None, error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+        return dict(predictions=None, error=_row_error(e))
     return dict(predictions=preds, error="")
 
 
@@ -711,13 +716,17 @@ def _left_out(sources: list[_Source]) -> list[str]:
 
 
 def _unseen(protocols: dict[str, Protocol]) -> list[str]:
-    """A note per task whose scored images hold classes or tags no training fold has."""
+    """A note per task whose scored images hold classes or tags no training fold has, and per task with
+    classes or tags no scored image has."""
     notes = []
     for p in protocols.values():
         if unseen := p.unseen():
             where = "the " + p.eval + " split" if not p.cross_validated else "a fold's scored images"
             notes.append(f"task {p.task!r}: {', '.join(map(repr, unseen))} only in {where}, never in the images "
                          "trained on: no head can predict it, and every row counts those images wrong")
+        if unscored := p.unscored():
+            notes.append(f"task {p.task!r}: {', '.join(map(repr, unscored))} in no scored image: the rows' scores say "
+                         "nothing of it" + (" (map is the mean over the tags scored images have)" if p.kind == "multilabel" else ""))
     return notes
 
 
@@ -751,15 +760,10 @@ def _slow_reads(step: int, dims: int, rows: int, cfg: FitConfig) -> str:
         return ""
     over = ("; a row is more than a job's share of it, and is read anyway"
             if cfg.memory_for_rows(1, dims) > parse_size(cfg.max_memory) else "")
-    need, whole = _megabytes(cfg.memory_for_rows(SLOW_CHUNK, dims)), _megabytes(cfg.memory_to_hold(rows, dims))
+    need, whole = megabytes(cfg.memory_for_rows(SLOW_CHUNK, dims)), megabytes(cfg.memory_to_hold(rows, dims))
     better = (f"--max-memory {need}MB reads {SLOW_CHUNK} at a time" if need < whole else
               f"--max-memory {whole}MB holds the features in memory")
     return f"{over}; so few rows per read make every pass slow: {better}"
-
-
-def _megabytes(size: int) -> int:
-    """Bytes as whole MiB, rounded up (a bound that holds them)."""
-    return -(-size // 2 ** 20)
 
 
 def _say_row(row: Row, n: int, total: int) -> None:

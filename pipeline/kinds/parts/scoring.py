@@ -195,12 +195,22 @@ def mean_ap(Y: np.ndarray, S: np.ndarray, draws: np.ndarray | None = None,
             perms: np.ndarray | None = None) -> np.ndarray:
     """Mean over tags of average precision (scikit-learn's definition, ties grouped), for each row of
     ``draws`` (bootstrap weights) or of ``perms`` (image ``i``'s scores paired with image ``perms[b, i]``'s
-    tags) at once, or for the data as it is; tags without a positive row in a draw are left out of its
-    mean."""
+    tags) at once, or for the data as it is; over the tags with a positive image. A bootstrap draw
+    that holds none of a tag's positives keeps that tag's average precision on the data as it is:
+    leaving it out would average the draws that miss a rare tag over other tags, and move the interval
+    away from the score (a tag on 2 of 153 images lifted ``map_high`` from about 0.70 to 0.83)."""
     W, P = _weights_and_pairing(len(Y), draws, perms)
     per_tag = np.stack([_average_precision(Y[P, j], S[:, j], W) for j in range(Y.shape[1])], axis=1)
+    if draws is not None:
+        as_is = mean_ap_per_tag(Y, S)
+        per_tag = np.where(np.isnan(per_tag), as_is, per_tag)
     with np.errstate(invalid="ignore"):
         return np.nanmean(np.where(np.isfinite(per_tag), per_tag, np.nan), axis=1)
+
+
+def mean_ap_per_tag(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Each tag's average precision on the data as it is (NaN for a tag without a positive image)."""
+    return np.array([_average_precision(Y[None, :, j], S[:, j], np.ones((1, len(Y))))[0] for j in range(Y.shape[1])])
 
 
 def _average_precision(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> np.ndarray:
