@@ -17,9 +17,33 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import assert_all_finite, column_or_1d, validate_data
 
+from .validation import megabytes
+
 
 CHUNK_BYTES = 32  # per value of a chunk: its float32 rows, a head's float64 and standardised copies, and as much spare
 SLOW_CHUNK = 256  # rows per read under which a pass over chunks is mostly overhead
+
+
+def rows_per_chunk(memory: int, dims: int) -> int:
+    """The rows of ``dims`` features a chunk may hold while heads fit on it under ``memory`` bytes (one at least)."""
+    return max(1, memory // (CHUNK_BYTES * dims))
+
+
+def chunk_memory(rows: int, dims: int) -> int:
+    """The bytes a chunk of ``rows`` rows costs while heads fit on it: the inverse of :func:`rows_per_chunk`."""
+    return rows * CHUNK_BYTES * dims
+
+
+def slow_reads(step: int, need: int, to_hold: int | None = None) -> str:
+    """Where reads of ``step`` rows are fewer than :data:`SLOW_CHUNK`: that they cost, and the least
+    ``--max-memory`` that avoids it: ``need`` bytes read :data:`SLOW_CHUNK` rows at a time, or
+    ``to_hold`` bytes hold the features, where that is less."""
+    if step >= SLOW_CHUNK:
+        return ""
+    need_mb = megabytes(need)
+    better = (f"--max-memory {megabytes(to_hold)}MB holds the features in memory"
+              if to_hold is not None and megabytes(to_hold) <= need_mb else f"--max-memory {need_mb}MB reads {SLOW_CHUNK} at a time")
+    return f"; so few rows per read make every pass slow: {better}"
 
 
 class RowChunks:
@@ -134,6 +158,12 @@ def encode_classes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(classes) < 2:
         raise ValueError(f"needs samples of at least 2 classes, but the data contains only one class: {classes[0]!r}")
     return classes, codes
+
+
+def one_softmax(codes: np.ndarray, n_classes: int) -> bool:
+    """Whether a head's outputs for :func:`encode_classes`' ``codes`` are one softmax over the classes
+    (more than two, one per row), not a sigmoid each (the tags; two classes' one margin)."""
+    return codes.ndim == 1 and n_classes > 2
 
 
 def n_outputs(y: np.ndarray) -> int:

@@ -22,7 +22,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .batched import Group, GroupFitMixin, encode_classes, group_scaling, output_targets, probabilities
+from .batched import Group, GroupFitMixin, encode_classes, group_scaling, one_softmax, output_targets, probabilities
 from .devices import AMP, COMPUTE_DTYPES, resolve_amp, resolve_device
 from .validation import check_estimator_params
 
@@ -123,7 +123,7 @@ class _Nets:
         self.est, self.groups = est, groups
         Y = output_targets(codes, n_classes)
         d, h, o = X.shape[1], est.hidden_layer_size, Y.shape[1]
-        self.sigmoid = codes.ndim == 2 or o == 1  # tags, or two classes: a sigmoid per output, else a softmax
+        self.sigmoid = not one_softmax(codes, n_classes)
         with warnings.catch_warnings():  # joblib hands workers read-only memory maps; the tensor is only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
             self.X = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.dev)

@@ -29,7 +29,6 @@ class StratifiedKFoldUpTo(StratifiedKFold):
         return min(self.n_splits, int(counts.min()))
 
 
-
 def tag_folds(Y: np.ndarray, n_folds: int, seed) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_folds`` folds of the rows of a tag matrix ``Y`` (0/1, a column per tag), every tag in each in
     proportion by iterative stratification (the ``iterative-stratification`` package); none for fewer

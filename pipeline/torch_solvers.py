@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .batched import Group, RowChunks, group_scaling
+from .batched import Group, RowChunks, group_scaling, n_outputs, one_softmax
 
 SMALL_PRODUCT = 2e8  # multiply-adds of one logits product below which a CPU solve runs on one thread
 
@@ -54,8 +54,8 @@ class Batch:
         self.X, self.n, self.d, self.device, self.loss = X, n, d, dev, loss
         self.codes, self.n_classes = torch.as_tensor(codes, dtype=torch.long, device=dev), n_classes
         self.tags = codes.ndim == 2  # a 0/1 column per tag, else a class per row
-        self.outputs = codes.shape[1] if self.tags else 1 if n_classes == 2 else n_classes
-        self.softmax = loss == "log" and not self.tags and self.outputs > 1
+        self.outputs = n_outputs(codes)
+        self.softmax = loss == "log" and one_softmax(codes, n_classes)
         self.chosen = self.outputs if self.tags else 1  # outputs whose C is chosen apart: each tag
         # a tag with one value in a group's rows: every C fits it alike, so it keeps the first
         self.constant = np.array([np.ptp(codes[g.rows], axis=0) == 0 if self.tags else [False] for g in groups])

@@ -34,7 +34,7 @@ from ..cache import FeatureCache, find_caches
 from ..sources import load_source, location_exists
 from ..errors import Interrupted, PipelineError
 from ..files import atomic_path
-from ..batched import CHUNK_BYTES, SLOW_CHUNK, RowChunks
+from ..batched import SLOW_CHUNK, RowChunks, chunk_memory, rows_per_chunk, slow_reads
 from ..heads import create_head, fit_subsets, fits_on_chunks, has_head, list_heads
 from ..progress import say
 from ..kinds import get_kind, list_kinds
@@ -44,7 +44,7 @@ from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, nearest_others, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Rule, Settings, at_least, between, megabytes, one_of, optional, parse_size, size, unknown
+from ..validation import Rule, Settings, at_least, between, one_of, optional, parse_size, size, unknown
 
 MAP_METHODS = ("auto", "umap", "tsne", "none")
 # float32 copies of the joined features an audit holds at its peak: the features, the search index's
@@ -95,7 +95,7 @@ class AuditConfig(Settings):
         holds them); else the rows it reads from the caches at a time."""
         if self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory):
             return None
-        return max(1, parse_size(self.max_memory) // (CHUNK_BYTES * dims))
+        return rows_per_chunk(parse_size(self.max_memory), dims)
 
     def neighbours(self) -> int:
         """How many nearest others of each image the audit's one search finds: what the outliers and the
@@ -231,8 +231,7 @@ def _read_note(X: np.ndarray | RowChunks, cfg: AuditConfig) -> str:
     """What the first step says of an audit over ``--max-memory``: how it reads the features."""
     if not isinstance(X, RowChunks):
         return ""
-    slow = (f"; so few rows per read make every pass slow: --max-memory {megabytes(SLOW_CHUNK * CHUNK_BYTES * X.shape[1])}MB "
-            f"reads {SLOW_CHUNK} at a time" if X.step < SLOW_CHUNK else "")
+    slow = slow_reads(X.step, chunk_memory(SLOW_CHUNK, X.shape[1]))
     return (f"; {X.shape[0]} x {X.shape[1]} float32 with its copies exceed --max-memory {cfg.max_memory}, so the "
             f"audit reads them {X.step} rows at a time and searches an index of a byte per feature{slow}")
 

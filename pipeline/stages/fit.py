@@ -31,7 +31,7 @@ from sklearn.base import clone
 from ..cache import FeatureCache, find_caches
 from ..errors import Interrupted, PipelineError
 from ..fewshot import SHOTS, parse_shots, plan_draws, plot_fewshot, summarise
-from ..batched import CHUNK_BYTES, SLOW_CHUNK, RowChunks
+from ..batched import SLOW_CHUNK, RowChunks, chunk_memory, rows_per_chunk, slow_reads
 from ..heads import (check_head_name, create_head, fit_by_chunks, fit_subsets, fits_on_chunks, has_head, head_spec, is_chunked,
                      list_heads)
 from ..kinds import TaskKind, get_kind
@@ -43,7 +43,7 @@ from ..report import markdown_table, publish, time_summary, write_fewshot
 from ..copies import Images, copy_groups, find_copies, leak_message, leaked
 from ..similarity import normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
-from ..validation import Settings, at_least, instance_of, jobs, list_of, megabytes, optional, parse_size, size
+from ..validation import Settings, at_least, instance_of, jobs, list_of, optional, parse_size, size
 
 
 
@@ -114,12 +114,12 @@ class FitConfig(Settings):
         """The rows a chunked head reads at a time: ``chunk_rows``, fewer where ``max_memory`` needs."""
         if self.max_memory is None:
             return self.chunk_rows
-        return max(1, min(self.chunk_rows, self._share() // (CHUNK_BYTES * dims)))
+        return min(self.chunk_rows, rows_per_chunk(self._share(), dims))
 
     def memory_for_rows(self, rows: int, dims: int) -> int:
         """The least ``max_memory`` under which a chunked head reads ``rows`` rows at a time (the inverse
         of :meth:`chunk_rows_for`)."""
-        return rows * CHUNK_BYTES * dims * (1 if self.cluster else local_workers(self.n_jobs))
+        return chunk_memory(rows, dims) * (1 if self.cluster else local_workers(self.n_jobs))
 
     def working_memory(self) -> int | None:
         """scikit-learn's ``working_memory`` (MiB) for a job: its share of ``max_memory`` (None: no bound)."""
@@ -760,10 +760,7 @@ def _slow_reads(step: int, dims: int, rows: int, cfg: FitConfig) -> str:
         return ""
     over = ("; a row is more than a job's share of it, and is read anyway"
             if cfg.memory_for_rows(1, dims) > parse_size(cfg.max_memory) else "")
-    need, whole = megabytes(cfg.memory_for_rows(SLOW_CHUNK, dims)), megabytes(cfg.memory_to_hold(rows, dims))
-    better = (f"--max-memory {need}MB reads {SLOW_CHUNK} at a time" if need < whole else
-              f"--max-memory {whole}MB holds the features in memory")
-    return f"{over}; so few rows per read make every pass slow: {better}"
+    return over + slow_reads(step, cfg.memory_for_rows(SLOW_CHUNK, dims), cfg.memory_to_hold(rows, dims))
 
 
 def _say_row(row: Row, n: int, total: int) -> None:
