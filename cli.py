@@ -381,7 +381,7 @@ def audit(
     run: Annotated[Optional[Path], typer.Option("--run", help="fit run folder: score label issues under its stored protocols, and link the audit from its report.html")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="the image folder or manifest the cache was made from, for thumbnails on the page")] = None,
     tap: Annotated[str, typer.Option("--tap", help="features to audit")] = "pooled",
-    head: Annotated[str, typer.Option("--head", help="head whose out-of-fold predictions rank the labels: auto (a plain logistic regression on unit-length features for classes, logreg for tags, ridge for numbers), run (the --run's best row that can), or a head name")] = "auto",
+    head: Annotated[str, typer.Option("--head", help="head whose out-of-fold predictions rank the labels: auto (a plain logistic regression on unit-length features for classes, logreg for tags, ridge for numbers), run (the --run's best row that can), or a head name (for the tasks it can score; the others get auto's)")] = "auto",
     cv: Annotated[int, typer.Option("--cv", help="folds for a task without a split, and over the training images of one with a split")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     dup_threshold: Annotated[Optional[float], typer.Option("--dup-threshold", help="cosine similarity from which two images are copies when their pixels cannot be read (default: the cache's own upper fence, see docs/audit.md)")] = None,

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from scipy.special import expit, softmax
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import BaseEstimator, clone, is_classifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
@@ -116,8 +116,8 @@ def fit_many(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarray,
     piped = isinstance(estimator, Pipeline)
     clf = estimator[-1] if piped else estimator
     models = [clone(estimator) for _ in subsets]
-    classes = len(np.unique(y))  # tags: every subset has every column of y
-    together = [i for i, rows in enumerate(subsets) if np.ndim(y) == 2 or len(np.unique(y[rows])) == classes]
+    classes = len(np.unique(y)) if is_classifier(clf) and np.ndim(y) == 1 else None  # tags: every subset has every column
+    together = [i for i, rows in enumerate(subsets) if classes is None or len(np.unique(y[rows])) == classes]
     if piped:
         for i, scaled in zip(together, _scalers(estimator[0], X, [subsets[i] for i in together])):
             models[i].steps[0] = (models[i].steps[0][0], scaled)
@@ -125,7 +125,8 @@ def fit_many(estimator: BaseEstimator, X: np.ndarray | RowChunks, y: np.ndarray,
         models[i].fit(X[subsets[i]], y[subsets[i]])
     groups = [Group(subsets[i], models[i][0] if piped else None) for i in together]
     rows = X.step if isinstance(X, RowChunks) else len(y)
-    per_batch = max(1, max_cells // (rows * clf._problems_per_group * n_outputs(y)))
+    outputs = n_outputs(y) if is_classifier(clf) else 1
+    per_batch = max(1, max_cells // (rows * clf._problems_per_group * outputs))
     for start in range(0, len(groups), per_batch):
         part = together[start:start + per_batch]
         clf._fit_groups(X, y, groups[start:start + per_batch], [models[i][-1] if piped else models[i] for i in part])

@@ -270,14 +270,19 @@ class FeatureCache:
     def _row_of_id(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.ids)}
 
+    def find_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """The row of each sample id, in ``ids`` order, -1 for an id the cache does not hold."""
+        return np.fromiter((self._row_of_id.get(sid, -1) for sid in ids), np.int64, len(ids))
+
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """The row of each sample id, in ``ids`` order (``features(tap, rows_of(ids))`` reads them); an
         error names an id the cache does not hold."""
-        missing = [sid for sid in ids if sid not in self._row_of_id]
-        if missing:
+        rows = self.find_rows(ids)
+        if (rows < 0).any():
+            missing = np.asarray(ids, dtype=object)[rows < 0]
             raise PipelineError(f"{len(missing)} id(s) not in cache {self.path.name}, e.g. {missing[0]!r}; ids are "
                                 "paths relative to the data root, a manifest's ids or an imported file's id column")
-        return np.fromiter((self._row_of_id[sid] for sid in ids), np.int64, len(ids))
+        return rows
 
     def rows_of_files(self, paths: list[Path]) -> dict[int, int]:
         """For each file (by position in ``paths``) whose bytes a valid row holds, that row: the file's own

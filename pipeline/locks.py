@@ -71,12 +71,11 @@ class CacheLock:
         self.release()
 
     def release(self) -> None:
-        """Give the right up. Where no cache was made (a refused or failed run), the lock file and the
-        directories taking it created go too, so nothing is left behind."""
+        """Give the right up and remove the lock file, so none is left beside the cache; where no cache
+        was made (a refused or failed run), the directories taking it created go too."""
         made_nothing = not self.path.exists()
         if self._fd is not None:
-            if made_nothing:
-                _lock_file(self.path).unlink(missing_ok=True)  # still held: a waiting writer retries (lock_cache)
+            _lock_file(self.path).unlink(missing_ok=True)  # still held: a writer that opened it retries (lock_cache)
             release_fd(self._fd)
             os.close(self._fd)  # drops the flock
             self._fd = None

@@ -46,7 +46,7 @@ class TaskData:
     X: np.ndarray | None  # None when joined with ``load=False``
     y: np.ndarray
     splits: np.ndarray
-    dropped: int  # labelled rows left out: their image failed, is not yet extracted or is no longer listed
+    dropped: int  # labelled rows left out: their image failed, is not in the cache (yet) or is no longer listed
     rows: np.ndarray  # each sample's row in the cache
     kind: str = "classification"
     groups: np.ndarray | None = None  # each sample's group ("": none); None without a group column
@@ -139,14 +139,18 @@ def cache_task(cache: FeatureCache) -> Task:
 
 
 def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool = True) -> TaskData:
-    """Features of ``task``'s samples from ``cache`` (only their rows with ``load=False``); ids the cache
-    does not know are an error."""
-    try:
-        rows = cache.rows_of(task.ids)
-    except PipelineError as e:
-        raise PipelineError(f"task {task.name!r}: {e}") from None
-    valid = cache.current[rows]
-    splits = task.splits if task.splits is not None else cache.splits[rows]
+    """Features of ``task``'s samples from ``cache`` (only their rows with ``load=False``). Samples the
+    cache holds no current features of (failed, not extracted yet, or no longer listed) are left out and
+    counted in ``dropped``; a task none of whose ids the cache knows is an error (ids of another form)."""
+    rows = cache.find_rows(task.ids)
+    if not (rows >= 0).any():
+        try:
+            cache.rows_of(task.ids)
+        except PipelineError as e:
+            raise PipelineError(f"task {task.name!r}: {e}") from None
+    valid = rows >= 0
+    valid[valid] = cache.current[rows[valid]]
+    splits = task.splits if task.splits is not None else cache.splits[np.where(valid, rows, 0)]
     rows = rows[valid]
     return TaskData(
         task=task.name, ids=task.ids[valid], X=cache.features(tap, rows) if load else None, y=task.labels[valid],

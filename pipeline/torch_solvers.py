@@ -7,6 +7,7 @@ resident and two seconds."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Iterator
 
 import numpy as np
@@ -94,7 +95,7 @@ class Batch:
         best_C, best_score, rises = np.zeros(shape), np.full(shape, np.inf), np.zeros(shape, int)
         paths, params, W_best, b_best = [[] for _ in range(G)], None, None, None
         for C in Cs:
-            params = self.solve(float(C), max_iter, tol, params)
+            params = self.solve(float(C), max_iter, tol, params or self._sample_start(float(C), max_iter, tol))
             W, b = params[0][:, refits], params[1][refits]
             better = np.ones(shape, bool)
             if self.held.shape[1]:
@@ -140,6 +141,23 @@ class Batch:
 
         opt.step(closure)
         return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
+
+    def _sample_start(self, C: float, max_iter: int, tol: float):
+        """Where the first solve on rows read from disk starts: every problem solved at ``C`` on a random
+        chunk's worth of its rows held in memory (more regularised there, the penalty being per row). From
+        there the passes over all rows take about half the iterations (torch-logreg at C=1, 300,000 x 1,280,
+        100 classes, 6 problems: 5 against 12, 65 s against 101 s). None (start from zeros) in memory or
+        when the rows are fewer than four chunks."""
+        if not isinstance(self.X, RowChunks) or self.n < 4 * self.X.step:
+            return None
+        keep = np.zeros(self.n, bool)
+        keep[np.random.default_rng(0).choice(self.n, self.X.step, replace=False)] = True
+        rows = torch.as_tensor(np.flatnonzero(keep), device=self.device)
+        sample = copy.copy(self)
+        sample.X = torch.as_tensor(np.concatenate([x[keep[where]] for where, x in self.X]), device=self.device)
+        sample.n, sample.codes, sample.train = len(rows), self.codes[rows], self.train[rows]
+        sample.n_train = sample.train.sum(0).clamp(min=1)  # a problem without a sampled row stays at zero
+        return sample.solve(C, max_iter, tol)
 
     def held_out_scores(self, params) -> np.ndarray:
         """Per group (and for tags, per tag: ``(groups, tags)``, else ``(groups, 1)``), the mean over its

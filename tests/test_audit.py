@@ -5,6 +5,7 @@ import re
 import shutil
 from importlib import import_module
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from conftest import TINY, make_image, run_cli, shared_or_skip
 from pipeline import FeatureCache, PipelineError, Protocol, Row, RunFolder, audit, extract, fit, neighbors
 from pipeline import similarity
 from pipeline.copies import leak_message
-from pipeline.stages.audit import CLASS_LABEL_HEAD, COPIES, joined_features, label_head, out_of_fold, rank_label_issues
+from pipeline.stages.audit import (CLASS_LABEL_HEAD, COPIES, joined_features, label_head, label_heads, out_of_fold,
+                                   rank_label_issues)
 
 featurizer_module = import_module("pipeline.featurizer")
 FLIPPED = ("train/red/red_003.jpg", "train/blue/blue_005.jpg")
@@ -172,6 +174,12 @@ def test_the_label_head_is_the_audits_default_or_the_runs_best_that_can_score_th
     assert label_head("regression", "t", None, "knn") == "knn"
     with pytest.raises(PipelineError, match=re.escape("--head sgd cannot score the labels of task 't' (regression)")):
         label_head("regression", "t", None, "sgd")
+    tasks = [SimpleNamespace(kind="classification", name="c"), SimpleNamespace(kind="multilabel", name="t"),
+             SimpleNamespace(kind="regression", name="n")]
+    assert label_heads(tasks, None, "ridge") == [CLASS_LABEL_HEAD, "ridge", "ridge"]  # classes: ridge has no probabilities
+    assert label_heads(tasks, None, "sgd") == ["sgd", "logreg", "ridge"]
+    with pytest.raises(PipelineError, match=re.escape("--head sgd cannot score the labels of task 'n' (regression)")):
+        label_heads(tasks[2:], None, "sgd")
 
 
 def test_tags_and_numbers_tasks_get_label_issue_files(planted, tmp_path):

@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import TINY, make_folder, run_cli
-from pipeline import FeatureCache, PipelineError, create_head, extract, fit, list_heads, load_head, load_task, predict
+from pipeline import FeatureCache, PipelineError, RunFolder, audit, create_head, extract, fit, list_heads, load_head, load_task, predict
 
 COLUMNS = {"backbone", "tap", "task", "head", "accuracy", "balanced_accuracy", "f1_macro", "fit_seconds"}
 
@@ -108,6 +108,19 @@ def test_bad_label_files(tiny_run, tmp_path, text, message):
     (tmp_path / "labels.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(PipelineError, match=message):
         fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "labels.csv"], progress=False)
+
+
+def test_label_file_ids_the_cache_lacks_are_left_out_and_said(tiny_run, tmp_path):
+    """A label file that also names images the cache does not hold (a larger set than was extracted)
+    fits on those it holds and says how many it left out; ids of which it holds none stay an error."""
+    with FeatureCache(tiny_run["cache"]) as c:
+        rows = [f"{i},{label}" for i, label in zip(c.ids, c.labels)]
+    (tmp_path / "labels.csv").write_text("\n".join(["id,label", *rows, "not/there.jpg,red", "nor/here.jpg,blue"]))
+    res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "labels.csv"], heads=["centroid"], progress=False)
+    assert any("task 'labels': 2 labelled image(s) have no features in" in n for n in res.notes), res.notes
+    assert len(RunFolder(tmp_path / "run").protocol("labels").ids) == len(rows)
+    found = audit(tiny_run["cache"], tmp_path / "audit", labels=[tmp_path / "labels.csv"], map="none", progress=False)
+    assert "2 labelled image(s) have no features in the cache: left out" in {t.task: t for t in found.tasks}["labels"].note
 
 
 def test_too_few_samples_for_cv(tiny_run, tmp_path):
@@ -371,6 +384,36 @@ def test_tags_folds_fitted_as_one_batch_are_the_models_fitted_alone(head):
         np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=0.05 if head == "mlp" else 0.02)
         assert a.predict(X).shape == (300, 3) and (a.predict(X) == b.predict(X)).mean() >= 0.99
     assert batched[-1].predict_proba(X)[:, 2].max() < 0.05
+
+
+def test_numbers_mlp_folds_trained_side_by_side_are_the_models_trained_alone():
+    """The issue's "numbers heads batched as the class heads are": the folds and the refit of the
+    numbers' mlp trained side by side are the models each trained alone (each standardises its own
+    rows' target), and one is the model of scikit-learn's MLPRegressor inside TransformedTargetRegressor."""
+    from sklearn.compose import TransformedTargetRegressor
+    from sklearn.model_selection import KFold
+    from sklearn.neural_network import MLPRegressor
+
+    from pipeline.heads import fit_subsets
+    from pipeline.mlp_probe import TorchMLPRegressor
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(300, 20)) * (1 + rng.random(20)) + 3).astype(np.float32)
+    y = 40 + 10 * (X[:, :3] - 3).sum(1) + 5 * rng.normal(size=300)
+    subsets = [tr for tr, _ in KFold(4, shuffle=True, random_state=0).split(X)] + [np.arange(300)]
+    est = create_head("mlp", 0, kind="regression").set_params(torchmlpregressor__amp="off")  # float32: no rounding apart
+    batched = fit_subsets(est, X, y, subsets)
+    alone = [clone(est).fit(X[s], y[s]) for s in subsets]
+    for a, b, s in zip(batched, alone, subsets):
+        assert a[-1].n_iter_ == b[-1].n_iter_ and a[-1].target_mean_ == pytest.approx(y[s].mean())
+        np.testing.assert_allclose(a.predict(X), b.predict(X), atol=0.02 * y.std())
+    args = dict(alpha=1.0, max_iter=60, random_state=3)
+    ref = TransformedTargetRegressor(make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(64,), **args)),
+                                     transformer=StandardScaler()).fit(X[:200], y[:200])
+    ours = make_pipeline(StandardScaler(), TorchMLPRegressor(64, scale_target=True, amp="off", device="cpu", **args))
+    ours.fit(X[:200], y[:200])
+    np.testing.assert_allclose(ours[-1].loss_curve_, ref.regressor_[-1].loss_curve_, rtol=1e-4)
+    np.testing.assert_allclose(ours.predict(X[200:]), ref.predict(X[200:]), atol=1e-3 * y.std())
 
 
 def test_tags_logreg_chooses_each_tags_C_as_a_grid_search_per_tag_does():

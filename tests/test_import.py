@@ -186,12 +186,13 @@ def test_an_existing_cache_is_refused_unless_overwrite(tmp_path, data):
     assert first.cache.stat().st_mtime_ns == before
     again = import_embeddings(tmp_path / "emb.parquet", tmp_path / "out", overwrite=True)
     assert again.cache == first.cache and again.cache.stat().st_mtime_ns != before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [first.cache.name, first.cache.name + ".lock"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [first.cache.name]  # no lock file left
 
 
 def test_independent_embeddings_have_no_copies_and_disjoint_imports_are_named(tmp_path, data):
     """The embeddings alone call a pair a copy only above EMBEDDING_FLOOR: noise has no copies, a row
-    repeated with a little noise is one. Two imports of other ids in one folder are refused by fit, once."""
+    repeated with a little noise is one. Other embeddings under a name the folder holds are refused (their
+    rows could not be told apart); two imports of other ids in one folder are refused by fit, once."""
     from pipeline.copies import find_copies
     from pipeline.similarity import normalized
 
@@ -205,7 +206,11 @@ def test_independent_embeddings_have_no_copies_and_disjoint_imports_are_named(tm
     for name, rows in (("a", slice(0, 30)), ("b", slice(30, 60))):
         (tmp_path / name).mkdir()
         pq.write_table(table(data, rows), tmp_path / name / "emb.parquet")
-        import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches")
+    import_embeddings(tmp_path / "a" / "emb.parquet", tmp_path / "caches")
+    with pytest.raises(PipelineError, match=r"holds other embeddings named 'emb' \(from .*a/emb.parquet\); give these"):
+        import_embeddings(tmp_path / "b" / "emb.parquet", tmp_path / "caches")
+    assert len(list((tmp_path / "caches").iterdir())) == 1
+    import_embeddings(tmp_path / "b" / "emb.parquet", tmp_path / "caches", name="emb-b")
     with pytest.raises(PipelineError, match="no labelled image has features in every one of its caches"):
         fit(tmp_path / "caches", tmp_path / "run", heads=["ridge"], n_jobs=1, progress=False)
 
@@ -216,7 +221,7 @@ def test_images_left_out_by_overlapping_caches_or_an_unused_split_are_said(tmp_p
     for name, rows in (("a", slice(0, 50)), ("b", slice(10, 60))):
         (tmp_path / name).mkdir()
         pq.write_table(table(data, rows), tmp_path / name / "emb.parquet")
-        import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches")
+        import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches", name=f"emb-{name}")
     result = fit(tmp_path / "caches", tmp_path / "run", heads=["ridge"], n_jobs=1, progress=False)
     assert [(r.n_train, r.n_test) for r in result.rows] == [(30, 10)] * 2
     assert sum("20 labelled image(s) have features in some of its caches but not in every one" in n

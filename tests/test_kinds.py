@@ -75,6 +75,11 @@ def test_each_kind_has_its_columns_heads_and_chance(labelled):
     assert tags.task_kind == "multilabel" and tags.eval == "val" and tags.n_test == 12
     assert tags.metrics["map_low"] <= tags.metrics["map"] <= tags.metrics["map_high"]
     assert tags.metrics["map"] > tags.metrics["chance"]
+    with open(labelled["base"] / "run" / tags.predictions) as fh:  # each probability names its tag
+        cell = next(csv.DictReader(fh))["predicted"]
+    assert [part.split("=")[0] for part in cell.split("|")] == ["coin", "reddish"], cell
+    _, _, probs = RunFolder(labelled["base"] / "run").read_predictions(tags)
+    assert probs.shape == (12, 2) and ((probs >= 0) & (probs <= 1)).all()
     red = by[("redness", "ridge")]
     assert red.task_kind == "regression" and red.metrics["r2"] > 0.5 and red.metrics["spearman"] > 0.5
     assert red.metrics["r2_low"] <= red.metrics["r2"] <= red.metrics["r2_high"] and red.above_chance
@@ -225,3 +230,26 @@ def test_a_new_kind_is_one_module_of_parts(ordinal_kind, tiny_run, tmp_path):
     within_one = np.mean(np.abs(np.round(y_pred) - y_true) <= 1)
     assert row.metrics["within_one"] == pytest.approx(within_one) and 0 < within_one < 1
     assert row.metrics["r2"] > 0.3 and row.metrics["r2_low"] <= row.metrics["r2"] <= row.metrics["r2_high"]
+
+
+def test_a_kind_with_scores_of_its_own_gets_them_beside_its_predictions():
+    """``predict_scored`` reuses the predictions as scores only where the kind's scores are its predictions."""
+    from sklearn.linear_model import Ridge
+
+    from pipeline.kinds.regression import Regression
+
+    class Shifted(Regression):
+        needs_scores = True
+
+        def scores(self, estimator, X, names):
+            return self.predict(estimator, X, names) + 1
+
+    class Plain(Regression):
+        needs_scores = True
+
+    X = np.arange(12.0).reshape(6, 2)
+    est = Ridge().fit(X, X.sum(1))
+    y_pred, scores = Shifted().predict_scored(est, X, [])
+    np.testing.assert_allclose(scores, y_pred + 1)
+    y_pred, scores = Plain().predict_scored(est, X, [])
+    assert scores is y_pred

@@ -88,7 +88,7 @@ def test_no_planned_spec_for_hub_weights(monkeypatch):
 
 def test_a_refused_run_leaves_no_lock_and_no_folder(tmp_path):
     """A run that made no cache (an empty folder, a bad manifest) leaves no <cache>.lock and no cache
-    folder it created; a cache that exists keeps its lock file (a later writer may be waiting on it)."""
+    folder it created; a run that made one leaves no lock file beside it either."""
     from pipeline import extract
 
     empty = tmp_path / "empty"
@@ -99,14 +99,14 @@ def test_a_refused_run_leaves_no_lock_and_no_folder(tmp_path):
     path = tmp_path / "kept" / "a.h5"
     with lock_cache(path):
         path.write_bytes(b"made")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["a.h5", "a.h5.lock"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.h5"]
 
 
 def test_a_writer_waiting_on_a_removed_lock_takes_the_new_one(tmp_path):
     path = tmp_path / "c" / "a.h5"
     first = lock_cache(path)
     stale_fd = os.open(path.with_name("a.h5.lock"), os.O_RDWR)  # a second writer opened it before the first let go
-    first.release()  # made nothing: the file is removed while still held
+    first.release()  # the file is removed while still held
     assert not path.with_name("a.h5.lock").exists()
     assert not locks._still_linked(stale_fd, path.with_name("a.h5.lock"))
     os.close(stale_fd)

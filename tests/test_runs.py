@@ -115,7 +115,7 @@ def test_cache_info_takes_several_caches_and_help_names_the_extras(tiny_run, tmp
 
 
 @pytest.mark.parametrize("make", ["TorchLogisticRegression()", "TorchLogisticRegression(cv=3)", "TorchLinearSVC()",
-                                  "TorchMLPClassifier()"])
+                                  "TorchMLPClassifier()", "TorchMLPRegressor()", "TorchMLPRegressor(scale_target=True)"])
 def test_fast_probe_is_a_scikit_learn_estimator(make):
     """The issue's observation: check_estimator failed 8 of 55 checks; the batched heads pass too."""
     from sklearn.utils.estimator_checks import check_estimator

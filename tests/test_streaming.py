@@ -31,6 +31,27 @@ def data():
     return X, X @ w[:, 0] + rng.normal(size=150), labels, (X @ w + rng.normal(size=(150, 3)) > 0).astype(int)
 
 
+def test_rows_read_from_disk_are_solved_from_a_sample_first_and_reach_the_same_model(monkeypatch):
+    """Over four chunks or more, the first L-BFGS solve on the chunks starts where the same problems
+    solved on a chunk's worth of sampled rows held in memory end, and reaches the model the start from
+    zeros in memory reaches (the passes it saves: benchmarks/scale.py's audit by chunks)."""
+    from pipeline import torch_solvers
+    from pipeline.linear_probe import TorchLogisticRegression
+
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(5, 16))[np.arange(4000) % 5] * 0.7 + rng.normal(size=(4000, 16))).astype(np.float32)
+    y = np.array(list("abcde"))[np.arange(4000) % 5]
+    y[rng.random(4000) < 0.1] = "a"
+    est = TorchLogisticRegression(Cs=(1.0,), tol=1e-6, max_iter=500)
+    whole = est.fit(X, y)
+    solves, solve = [], torch_solvers.Batch.solve
+    monkeypatch.setattr(torch_solvers.Batch, "solve", lambda self, *a: solves.append(
+        (self.n, isinstance(self.X, RowChunks), len(a) > 3 and a[3] is not None)) or solve(self, *a))
+    [chunked] = fit_subsets(est, RowChunks(lambda rows: X[rows], len(X), X.shape[1], 500), y, [np.arange(4000)])
+    assert solves == [(500, False, False), (4000, True, True)]  # the sample in memory, then every row from there
+    np.testing.assert_allclose(chunked.predict_proba(X), whole.predict_proba(X), atol=2e-3)
+
+
 @pytest.mark.parametrize("head", ["torch-logreg", "logreg", "linear-svm"])
 def test_linear_heads_on_chunks_are_their_fits_in_memory(data, head):
     """Folds and refit of a batched linear head on features read 40 rows at a time (each L-BFGS step a

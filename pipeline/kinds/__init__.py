@@ -91,10 +91,12 @@ class TaskKind:
 
     def predict_scored(self, estimator, X: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """``predict`` and, where a metric reads them (``needs_scores``), ``scores`` of a fitted head, from one
-        pass of the head over ``X`` (a knn head's search is most of its time); by default the scores are the
-        predictions."""
+        pass of the head over ``X`` where the kind's scores are its predictions (a knn head's search is
+        most of its time); a kind with scores of its own gets them from ``scores``."""
         y_pred = self.predict(estimator, X, names)
-        return y_pred, (y_pred if self.needs_scores else None)
+        if not self.needs_scores:
+            return y_pred, None
+        return y_pred, y_pred if type(self).scores is TaskKind.scores else self.scores(estimator, X, names)
 
     def score(self, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray, names: list[str]) -> dict:
         """The ``core_columns`` of a row, its ``chance`` (what its own predictions score when shuffled among

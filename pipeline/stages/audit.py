@@ -129,7 +129,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         paths = find_caches([caches] if isinstance(caches, (str, os.PathLike)) else list(caches))
         opened = [stack.enter_context(FeatureCache(p)) for p in paths]  # open while an audit by chunks reads them
         found = _load(opened, [read_labels(p) for p in label_files(labels)], cfg, data)
-        heads = [label_head(t.kind, t.name, run_folder, cfg.head) for t, _ in found.tasks]  # a bad --head fails before any work
+        heads = label_heads([t for t, _ in found.tasks], run_folder, cfg.head)  # a bad --head fails before any work
         if isinstance(found.X, RowChunks):
             for (task, _), head in zip(found.tasks, heads):
                 label_head_by_chunks(head, task.kind, cfg.seed)
@@ -301,6 +301,17 @@ def label_head(kind: str, task: str, run: RunFolder | None, head: str = "auto") 
     rows = run.rows() if run is not None and head == "run" else []
     return next((r.head for r in rows if r.task == task and r.stage == "fit" and r.comparable and r.scored
                  and scores_labels(r.head, kind)), default)
+
+
+def label_heads(tasks: Sequence[Task], run: RunFolder | None, head: str = "auto") -> list[str]:
+    """Each task's :func:`label_head`: a named ``head`` scores the tasks whose kind it can score, the
+    others get ``auto``'s (a tags or numbers file beside the classes needs no head of its own); a head
+    that can score none of them is an error."""
+    named = head not in ("auto", "run")
+    if named and tasks and not any(scores_labels(head, t.kind) for t in tasks):
+        label_head(tasks[0].kind, tasks[0].name, run, head)  # raises, naming what it lacks
+    return [label_head(t.kind, t.name, run, "auto" if named and not scores_labels(head, t.kind) else head)
+            for t in tasks]
 
 
 def label_head_by_chunks(head: str, kind: str, seed: int) -> BaseEstimator:
@@ -506,7 +517,8 @@ def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, c
     if run is None or run.protocol(task.name) is None:  # decided here, from the labels' splits
         held = note if run is None else f"{run.path} holds no protocol for it; decided as fit decides"
         note = "; ".join(filter(None, [held, unused_split_note(task.name, labelled.splits)]))
-    return protocol, note
+    left = f"{data.dropped} labelled image(s) have no features in the cache: left out" if data.dropped else ""
+    return protocol, "; ".join(filter(None, [note, left]))
 
 
 def _image_paths(data: str | os.PathLike | None) -> dict[str, Path]:

@@ -34,7 +34,6 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -42,10 +41,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..cache import CacheWriter, cache_path
+from ..cache import CacheWriter, FeatureCache, cache_path
 from ..errors import PipelineError
 from ..files import atomic_path
-from ..locks import _lock_file, lock_cache
+from ..locks import lock_cache
 from ..sources import Columns, ImageSource, label_columns
 from ..spec import SPEC_INPUTS, FeatureSpec, spec_rules
 from ..validation import at_least, validate_params
@@ -105,13 +104,14 @@ def import_embeddings(source: str | os.PathLike, out: str | os.PathLike, ids: st
     spec = FeatureSpec(backbone=PREFIX + (name or stem), weights_sha256=_sha256(reader.files), data_config={},
                        dtype=dtype, source=SOURCE)
     path = cache_path(out, stem, spec)
+    _refuse_taken_name(path, spec)
     label_paths = {c: path.with_name(f"{path.stem}.{c}.csv") for c in listing.extra}
     existing = [p for p in (path, *label_paths.values()) if p.exists()]
     if existing and not overwrite:
         raise PipelineError(f"{existing[0]} exists (an import of the same input); pass --overwrite to replace it")
     chunks = reader.chunks(chunk_rows, listing.ids)
     first = next(chunks)
-    with _locked(path) as lock, atomic_path(path) as tmp:
+    with lock_cache(path) as lock, atomic_path(path) as tmp:  # a refused import leaves no lock and no folder
         where = str(reader.path.resolve())
         with CacheWriter(tmp, spec, where, stem, {TAP: first.shape[1]}, lock=lock, location=where) as writer:
             writer.sync(_source(stem, reader.path, listing), _id_hashes(listing.ids))
@@ -319,6 +319,19 @@ def _refuse_duplicates(ids: np.ndarray, where: str) -> None:
         raise PipelineError(f"{where}: duplicate id {ids[first]!r} (rows {first} and {again}); ids must be unique")
 
 
+def _refuse_taken_name(path: Path, spec: FeatureSpec) -> None:
+    """Other embeddings under the same name in the cache's folder are refused: fitted together, their
+    rows would carry one backbone name and nobody could tell them apart."""
+    for other in sorted(path.parent.glob("*.h5")) if path.parent.is_dir() else []:
+        if other == path:
+            continue
+        with FeatureCache(other) as c:
+            if c.spec.backbone == spec.backbone and c.spec.weights_sha256 != spec.weights_sha256:
+                raise PipelineError(f"{other} holds other embeddings named {spec.backbone[len(PREFIX):]!r} (from "
+                                    f"{c.attrs.get('source_location', '?')}); give these their own --name, or remove "
+                                    "that cache if these replace them")
+
+
 def _stem(path: Path) -> str:
     """The input's short name: a folder's name, a file's without its extension. It names the cache file
     and the cache's own task."""
@@ -347,26 +360,6 @@ def _source(name: str, root: Path, listing: _Listing) -> ImageSource:
 
 def _no_image(i: int):
     raise PipelineError("imported embeddings have no images")
-
-
-@contextmanager
-def _locked(path: Path):
-    """The cache's lock while it is written; the lock file and the folder this import created go again
-    if it fails, so a refused import leaves nothing behind."""
-    lock_file = _lock_file(path)
-    had_folder, had_lock = path.parent.exists(), lock_file.exists()
-    lock = lock_cache(path)
-    try:
-        yield lock
-    except BaseException:
-        if not had_lock:
-            lock_file.unlink(missing_ok=True)
-        if not had_folder:
-            with suppress(OSError):
-                path.parent.rmdir()
-        raise
-    finally:
-        lock.release()
 
 
 def _write_label_file(path: Path, column: str, listing: _Listing) -> None:

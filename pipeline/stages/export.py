@@ -117,7 +117,7 @@ def head_layers(head, kind: TaskKind, names: list[str]) -> list[tuple[np.ndarray
     reason = _REFUSED.get(name, "export knows none for it")
     raise PipelineError(f"the head ({name}) has no tensor form: {reason}. Pick another row with --row N (the rows of "
                         "leaderboard.md, counted from 1). export takes the linear heads (logreg, "
-                        "torch-logreg, linear-svm, ridge, torch-linear), the mlp of classes and tags, and fine-tuned "
+                        "torch-logreg, linear-svm, ridge, torch-linear), the mlp, and fine-tuned "
                         "models")
 
 
@@ -135,16 +135,21 @@ def _is_linear(est) -> bool:
 def _is_mlp(est) -> bool:
     from sklearn.neural_network import MLPClassifier
 
-    from ..mlp_probe import TorchMLPClassifier
+    from ..mlp_probe import TorchMLPClassifier, TorchMLPRegressor
 
-    return isinstance(est, TorchMLPClassifier) or (isinstance(est, MLPClassifier) and est.activation == "relu")
+    return isinstance(est, (TorchMLPClassifier, TorchMLPRegressor)) or (isinstance(est, MLPClassifier)
+                                                                       and est.activation == "relu")
 
 
 def _mlp_layers(scaler, mlp, kind: TaskKind, names: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """An MLP's layers (``coefs_`` are inputs x outputs), the scaler folded into the first."""
+    """An MLP's layers (``coefs_`` are inputs x outputs), the scaler folded into the first and a
+    regressor's target scaling into the last."""
     (W1, *Ws), (b1, *bs) = mlp.coefs_, mlp.intercepts_
     first = ((W1 / scaler.scale_[:, None]).T, b1 - (scaler.mean_ / scaler.scale_) @ W1)
     layers = [first] + [(W.T, b) for W, b in zip(Ws, bs)]
+    if hasattr(mlp, "target_scale_"):
+        W, b = layers[-1]
+        layers[-1] = (W * mlp.target_scale_, b * mlp.target_scale_ + mlp.target_mean_)
     return layers[:-1] + [_as_float32(*kind.output_rows(*_as_float32(*layers[-1]), getattr(mlp, "classes_", ()), names))]
 
 

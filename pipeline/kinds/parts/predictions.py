@@ -72,10 +72,12 @@ class TagPredictions:
         return np.asarray(p, dtype=np.float64)
 
     def format_predictions(self, y_pred: np.ndarray, names: list[str]) -> list[str]:
-        return [SEPARATOR.join(f"{v:.6g}" for v in row) for row in y_pred]
+        """Each tag's probability, named: ``ants=0.97|bees=0.02``."""
+        return [SEPARATOR.join(f"{n}={v:.6g}" for n, v in zip(names, row)) for row in y_pred]
 
     def parse_predictions(self, cells: Sequence[str], names: list[str]) -> np.ndarray:
-        rows = [[float(v) for v in c.split(SEPARATOR)] for c in cells]
+        """Probabilities in ``names`` order from named cells (or bare values, as runs before named them)."""
+        rows = [[float(v.rpartition("=")[2]) for v in c.split(SEPARATOR)] for c in cells]
         return np.array(rows, dtype=np.float64).reshape(len(cells), len(names))
 
     def prediction(self, names: list[str], scores: np.ndarray) -> list:
