@@ -74,7 +74,7 @@ def audit_rankings(X: np.ndarray, ids: np.ndarray, y: np.ndarray, splits: np.nda
     protocol = Labelled("flipped", "classification", ids, y.astype(object), splits).decide(5, 0)
     row = {s: i for i, s in enumerate(ids)}
     probs = out_of_fold(X[[row[i] for i in protocol.ids]], protocol, label_head("classification", "flipped", None, head), 5, 0)
-    order, _, flagged = rank_label_issues(protocol, probs)
+    order, _, flagged, _ = rank_label_issues(protocol, probs)
     given = np.searchsorted(protocol.names, protocol.y.astype(str))
     ranked = {"audit": list(protocol.ids[order]), "audit flagged only": list(protocol.ids[order[flagged[order]]])}
     for m in RANK_BY[1:]:

@@ -110,7 +110,7 @@ def test_the_ranking_holds_every_image_with_the_flipped_classes_first():
     protocol = _cv_protocol("classification", np.array(["abc"[g] for g in given], dtype=object))
     probs = out_of_fold(X, protocol, "logreg", 5, 0)
     assert probs.shape == (120, 3) and np.allclose(probs.sum(axis=1), 1.0)
-    order, quality, flagged = rank_label_issues(protocol, probs)
+    order, quality, flagged, _ = rank_label_issues(protocol, probs)
     assert sorted(order) == list(range(120))  # the whole ranking, not cleanlab's flagged set alone
     assert set(order[:6]) == set(flips)
     np.testing.assert_allclose(quality, probs[np.arange(120), given])  # self-confidence
@@ -130,14 +130,20 @@ def test_tags_are_ranked_by_cleanlabs_multilabel_quality():
     protocol = _cv_protocol("multilabel", y)
     probs = out_of_fold(X, protocol, label_head("multilabel", "t", None), 5, 0)
     assert probs.shape == (150, 2)
-    order, _, flagged = rank_label_issues(protocol, probs)
+    order, _, flagged, _ = rank_label_issues(protocol, probs)
     assert len(order) == 150 and set(order[:5]) == set(planted)
     assert set(np.flatnonzero(flagged)) >= set(planted)
     y[:] = [(*t, "always") for t in tags]  # a tag on every image (cleanlab refused it: one class)
     protocol = _cv_protocol("multilabel", y)
     probs = out_of_fold(X, protocol, label_head("multilabel", "t", None), 5, 0)
-    order, _, flagged = rank_label_issues(protocol, probs)
+    order, _, flagged, _ = rank_label_issues(protocol, probs)
     assert probs.shape == (150, 3) and set(order[:5]) == set(planted) and set(np.flatnonzero(flagged)) >= set(planted)
+    y[:] = [(*t, "coin") if c else t for t, c in zip(tags, rng.random(150) < 0.5)]  # a tag no feature predicts
+    protocol = _cv_protocol("multilabel", y)
+    found = rank_label_issues(protocol, out_of_fold(X, protocol, label_head("multilabel", "t", None), 5, 0))
+    assert found.note == "tags no out-of-fold prediction learns, so not searched for label errors: coin"
+    assert set(found.order[:5]) == set(planted) and set(np.flatnonzero(found.flagged)) >= set(planted)
+    assert found.flagged.sum() <= flagged.sum() + 2  # the coin's disagreements are no label errors
 
 
 def test_numbers_are_ranked_by_cleanlabs_regression_quality():
@@ -149,7 +155,7 @@ def test_numbers_are_ranked_by_cleanlabs_regression_quality():
     protocol = _cv_protocol("regression", y)
     pred = out_of_fold(X, protocol, label_head("regression", "t", None), 5, 0)
     assert pred.shape == (100,) and not np.isnan(pred).any()
-    order, _, flagged = rank_label_issues(protocol, pred)
+    order, _, flagged, _ = rank_label_issues(protocol, pred)
     assert set(order[:4]) == set(planted)
     assert np.flatnonzero(flagged).tolist() == planted.tolist()  # beyond the fence of the residuals: those alone
 
@@ -200,6 +206,13 @@ def test_tags_and_numbers_tasks_get_label_issue_files(planted, tmp_path):
             rows = list(csv.DictReader(fh))
         assert len(rows) == len(ids) and {r["id"] for r in rows[:2]} == odd, name
         assert "label issues need one class" not in task.note and f"label_issues_{name}.csv" in task.lines(tmp_path / "a")[0]
+    tags = next(t for t in result.tasks if t.task == "tags")  # 'held' (the val folder) is not in the pixels
+    assert "not searched for label errors: held" in tags.note  # so 'warm' alone is ranked, a yes/no class
+    named = audit(planted["cache"], tmp_path / "b", [tmp_path / "tags.csv"], map="none", dup_threshold=EXACT, head="ridge")
+    notes = {t.task: t.note for t in named.tasks}  # ridge scores the tags; the classes, which it cannot, get auto's
+    assert notes["shapes"].startswith("--head ridge cannot score classification labels, so auto's head did; labels "
+                                      f"scored by {CLASS_LABEL_HEAD}'s"), notes
+    assert "labels scored by ridge's" in notes["tags"] and "cannot score" not in notes["tags"]
 
 
 def test_audit_finds_the_flipped_labels_the_copy_and_the_odd_image(planted, tmp_path):
@@ -541,3 +554,15 @@ def test_caches_of_two_sources_are_refused_not_read_as_backbones(planted, tmp_pa
                                             "caches are read as backbones over the same images, so audit one source's"):
         audit(caches, tmp_path / "a", map="none", **FAST)
     assert not (tmp_path / "a").exists()
+
+
+def test_an_audit_reading_few_rows_advises_the_bound_that_holds_small_features():
+    """A tiny --max-memory over small features: the first line advises the bound under which the audit
+    holds them (a new user was told a bound that reads 256 rows, under which they were held anyway)."""
+    from pipeline.batched import RowChunks
+    from pipeline.stages.audit import AuditConfig, _read_note
+
+    X = RowChunks(lambda rows: np.zeros((len(rows), 32), np.float32), 500, 32, 3)
+    assert _read_note(X, AuditConfig(max_memory="100KB")).endswith(
+        f"so few rows per read make every pass slow: --max-memory {-(-500 * 32 * 4 * COPIES // 2 ** 20)}MB holds the "
+        "features in memory")

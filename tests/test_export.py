@@ -96,7 +96,7 @@ def test_a_fine_tuned_network_exports_with_its_own_classifier(float32_run, tmp_p
     assert result.max_difference < 1e-4 and json.loads(result.card.read_text())["head"] is None
 
 
-def test_the_card_says_how_to_feed_it_and_what_it_scored(float32_run, tmp_path):
+def test_the_card_says_how_to_feed_it_and_what_it_scored(float32_run, images, tmp_path):
     row = row_of(float32_run, "logreg")
     result = export_model(float32_run, tmp_path / "m.onnx", row=row)
     assert result.card == tmp_path / "m.onnx.json"
@@ -110,6 +110,10 @@ def test_the_card_says_how_to_feed_it_and_what_it_scored(float32_run, tmp_path):
     assert card["feature_spec_key"] == served.spec == spec.key
     assert card["row"]["head"] == "logreg" and card["row"]["accuracy"] == served.score
     assert card["protocol"]["id"] == served.protocol
+    given = card["input"]  # its recipe makes the pixels predict makes: the spec's decode path, not timm's transform alone
+    assert given["decode"] == spec.decode and f"decode path {spec.decode!r}" in given["pixels"]
+    recipe = decode_path(given["decode"], card["data_config"], given["jpeg_draft"])
+    np.testing.assert_array_equal(recipe.load(images[0]), decode_path(spec.decode, spec.data_config, spec.jpeg_draft).load(images[0]))
 
 
 def test_heads_without_a_tensor_form_are_refused_with_the_reason(float32_run, tmp_path):

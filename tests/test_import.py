@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,24 @@ def test_images_left_out_by_overlapping_caches_or_an_unused_split_are_said(tmp_p
     assert "task 'no_train': its splits ('test', 'val') have no train rows, so they are not used: it is " \
            "cross-validated over all its 60 labelled images, each trained on in the other folds" in result.notes
     assert {r.eval for r in result.rows if r.task == "no_train"} == {"cv5"}
+
+
+def test_caches_whose_own_labels_differ_are_fitted_on_a_label_file_of_the_task_s_name(tmp_path, data):
+    """Two imports of the same images whose label columns disagree: fit says which id differs and how to
+    go on, and a label file named as the task replaces the caches' own labels."""
+    flipped = dict(data, y=np.where(data["y"] == "cat", "dog", "cat"))
+    for name, d in (("a", data), ("b", flipped)):
+        (tmp_path / name).mkdir()
+        pq.write_table(table(d), tmp_path / name / "emb.parquet")
+        import_embeddings(tmp_path / name / "emb.parquet", tmp_path / "caches", name=f"emb-{name}")
+    with pytest.raises(PipelineError, match=re.escape("task 'emb' labels 'img/000' differently in two caches; give its "
+                                                      "labels as a label file named emb.csv (--labels emb.csv)")):
+        fit(tmp_path / "caches", tmp_path / "run", heads=["ridge"], n_jobs=1, progress=False)
+    (tmp_path / "emb.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in zip(data["ids"], data["y"])))
+    result = fit(tmp_path / "caches", tmp_path / "run", labels=[tmp_path / "emb.csv"], heads=["ridge"], n_jobs=1,
+                 progress=False)
+    assert {r.task for r in result.rows} == {"emb"} and len(result.rows) == 2  # a row per cache
+    assert all(r.score > 0.9 for r in result.rows)
 
 
 def test_features_of_rows_in_any_order_dense_or_sparse_are_those_rows(tmp_path, data):

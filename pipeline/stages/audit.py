@@ -25,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -133,10 +133,13 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         if isinstance(found.X, RowChunks):
             for (task, _), head in zip(found.tasks, heads):
                 label_head_by_chunks(head, task.kind, cfg.seed)
-        step.done(f"features of {len(found.ids)} images, {len(found.tasks)} tasks{_read_note(found.X, cfg)}")
+        step.done(f"features of {len(found.ids)} images, {len(found.tasks)} task{'s' * (len(found.tasks) != 1)}"
+                  f"{_read_note(found.X, cfg)}")
         audits = []
         for (task, task_data), head in zip(found.tasks, heads):
             audits.append(_audit_task(task, task_data, head, found, run_folder, cfg))
+            if cfg.head not in ("auto", "run", head):
+                audits[-1].note = f"--head {cfg.head} cannot score {task.kind} labels, so auto's head did; {audits[-1].note}"
             step.done(f"task {task.name}: labels ranked by {head}, {len(audits[-1].issues)} flagged; "
                       f"{len(audits[-1].leaked)} scored images leaked")
         copies = find_copies(found.X, found.ids, found.pixels, embedding_cosine=cfg.dup_threshold, block=cfg.block,
@@ -231,7 +234,7 @@ def _read_note(X: np.ndarray | RowChunks, cfg: AuditConfig) -> str:
     """What the first step says of an audit over ``--max-memory``: how it reads the features."""
     if not isinstance(X, RowChunks):
         return ""
-    slow = slow_reads(X.step, chunk_memory(SLOW_CHUNK, X.shape[1]))
+    slow = slow_reads(X.step, chunk_memory(SLOW_CHUNK, X.shape[1]), X.shape[0] * X.shape[1] * 4 * COPIES)
     return (f"; {X.shape[0]} x {X.shape[1]} float32 with its copies exceed --max-memory {cfg.max_memory}, so the "
             f"audit reads them {X.step} rows at a time and searches an index of a byte per feature{slow}")
 
@@ -363,21 +366,22 @@ def out_of_fold(X: np.ndarray | RowChunks, protocol: Protocol, head: str, cv: in
     return out
 
 
-def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     """Self-confidence (the probability of the given class) and confident learning's label issues."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     given = np.searchsorted(names, y.astype(str))
     if len(np.unique(given)) < 2:
-        return np.full(len(y), np.nan), np.zeros(len(y), bool)
+        return np.full(len(y), np.nan), np.zeros(len(y), bool), ""
     return (get_label_quality_scores(given, probs, method="self_confidence"),
-            find_label_issues(given, probs, n_jobs=1))
+            find_label_issues(given, probs, n_jobs=1), "")
 
 
-def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     """cleanlab's multi-label quality (each tag's self-confidence, the worst weighted most) and label issues,
-    over the tags that some images have and others lack."""
+    over the tags that some images have and others lack and that the out-of-fold predictions learn
+    (:func:`_learnt`); a note names the tags left out so."""
     from cleanlab.multilabel_classification.filter import find_label_issues
     from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
@@ -385,13 +389,32 @@ def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.
     for r, tags in enumerate(y):
         present[r, np.searchsorted(names, list(tags))] = True
     varied = np.flatnonzero(present.any(axis=0) & ~present.all(axis=0))  # a tag on every image or none says nothing
-    if not len(varied):
-        return np.full(len(y), np.nan), np.zeros(len(y), bool)
-    given = [list(np.flatnonzero(row[varied])) for row in present]
-    return get_label_quality_scores(given, probs[:, varied]), find_label_issues(given, probs[:, varied], n_jobs=1)
+    learnt = varied[_learnt(present[:, varied], probs[:, varied])]
+    unlearnt = [names[t] for t in varied if t not in learnt]
+    note = (f"tags no out-of-fold prediction learns, so not searched for label errors: {', '.join(unlearnt)}"
+            if unlearnt else "")
+    if not len(learnt):
+        return np.full(len(y), np.nan), np.zeros(len(y), bool), note
+    if len(learnt) == 1:  # one tag is a yes/no class (cleanlab's multi-label finder takes two tags or more)
+        p = probs[:, learnt[0]]
+        quality, flagged, _ = _class_issues(np.where(present[:, learnt[0]], "1", "0"), ["0", "1"], np.stack([1 - p, p], 1))
+        return quality, flagged, note
+    given = [list(np.flatnonzero(row[learnt])) for row in present]
+    return get_label_quality_scores(given, probs[:, learnt]), find_label_issues(given, probs[:, learnt], n_jobs=1), note
 
 
-def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _learnt(present: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per tag (column), whether its out-of-fold probabilities rank the images that have it above those
+    that lack it (one-sided Mann-Whitney U, p < 0.05). Where no model learns a tag, disagreeing with the
+    model says nothing about a given tag, as a task no row of which is above chance keeps its images
+    (:func:`_set_aside_suspects`): a coin-flip tag flagged half the images."""
+    from scipy.stats import mannwhitneyu
+
+    return np.array([mannwhitneyu(p[t], p[~t], alternative="greater").pvalue < 0.05 for t, p in zip(present.T, probs.T)],
+                    dtype=bool)
+
+
+def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     """cleanlab's regression label quality (OUTRE: the residual and how unusual it is among its
     neighbours'); flagged: residuals "far out" among the absolute residuals (beyond Q3 + 3 IQR, Tukey's
     outer fence: a wrong label pulls the fit, which widens the others' residuals)."""
@@ -400,23 +423,30 @@ def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[n
     y = np.asarray(y, dtype=np.float64)
     residual = np.abs(pred - y)
     q1, q3 = np.percentile(residual, [25, 75])
-    return get_label_quality_scores(y, pred), residual > q3 + 3 * (q3 - q1)
+    return get_label_quality_scores(y, pred), residual > q3 + 3 * (q3 - q1), ""
 
 
-# each kind's label-quality scores and label issues from out-of-fold scores (``out_of_fold``'s rows)
+# each kind's label-quality scores, label issues and a note from out-of-fold scores (``out_of_fold``'s rows)
 LABEL_FINDERS = {"classification": _class_issues, "multilabel": _tag_issues, "regression": _number_issues}
 
 
-def rank_label_issues(protocol: Protocol, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """cleanlab on out-of-fold ``scores`` of ``protocol``'s samples: the samples with a score, most
-    suspicious (lowest label quality) first; every sample's label quality (NaN without a score); and
-    which ones cleanlab's finder flags as label issues."""
+class LabelRanking(NamedTuple):
+    """What :func:`rank_label_issues` finds."""
+
+    order: np.ndarray  # the samples with a score, most suspicious (lowest label quality) first
+    quality: np.ndarray  # every sample's label quality (NaN without a score)
+    flagged: np.ndarray  # which ones cleanlab's finder flags as label issues
+    note: str = ""  # what the finder left out, and why
+
+
+def rank_label_issues(protocol: Protocol, scores: np.ndarray) -> LabelRanking:
+    """cleanlab on out-of-fold ``scores`` of ``protocol``'s samples (see :class:`LabelRanking`)."""
     have = np.flatnonzero(~np.isnan(scores.reshape(len(scores), -1)).any(axis=1))
-    quality, flagged = np.full(len(scores), np.nan), np.zeros(len(scores), bool)
+    quality, flagged, note = np.full(len(scores), np.nan), np.zeros(len(scores), bool), ""
     if len(have):
-        quality[have], flagged[have] = LABEL_FINDERS[protocol.kind](protocol.y[have], protocol.names, scores[have])
+        quality[have], flagged[have], note = LABEL_FINDERS[protocol.kind](protocol.y[have], protocol.names, scores[have])
     have = have[~np.isnan(quality[have])]
-    return have[np.argsort(quality[have], kind="stable")], quality, flagged
+    return LabelRanking(have[np.argsort(quality[have], kind="stable")], quality, flagged, note)
 
 
 def duplicate_rows(copies: Copies, ids: np.ndarray, splits: np.ndarray) -> list[dict]:
@@ -493,7 +523,7 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
     if protocol.kind not in LABEL_FINDERS:
         return TaskAudit(task.name, protocol, [], leaked, f"no label-issue finder for {protocol.kind} labels")
     scores = out_of_fold(X, protocol, head, cfg.cv, cfg.seed)
-    order, quality, flagged = rank_label_issues(protocol, scores)
+    order, quality, flagged, found_note = rank_label_issues(protocol, scores)
     kind, split_of = protocol.task_kind, dict(zip(data.ids, data.splits))
     given = kind.format(protocol.y[order])
     suggested = kind.prediction(protocol.names, scores[order])
@@ -503,7 +533,7 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
                for i, g, s in zip(order, given, suggested)]
     unranked = len(protocol.ids) - len(order)
     solved = " (solved in torch by chunks)" if isinstance(X, RowChunks) and head == CLASS_LABEL_HEAD else ""
-    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions{solved}",
+    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions{solved}", found_note,
                                    f"{unranked} images had no fold to predict them, so are not ranked" if unranked else ""]))
     return TaskAudit(task.name, protocol, ranking, leaked, note)
 

@@ -86,7 +86,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, format: str =
         f"the feature spec computes the backbone under {fz.spec.amp} autocast and the exported {format} model in "
         f"float32 (onnxruntime has no bf16 or fp16 convolutions on the CPU; --format torchscript keeps the autocast): "
         f"their scores differ by that rounding, {difference:.2e} at most on the check's generated images and often "
-        f"more on photos (up to 0.08 measured for lite0 on hymenoptera's val); where scores must match, export "
+        f"more on photos (class probabilities: up to 0.08 measured for lite0 on hymenoptera's val); where scores "
+        f"must match, export "
         f"--format torchscript"]
     card = out.with_name(f"{out.name}.json")
     with atomic_path(card) as tmp:
@@ -230,17 +231,25 @@ def _check(loaded: LoadedModel, tap: str, format: str, path: Path) -> float:
     return float(np.max(np.abs(got - expected)))
 
 
+def _pixels(spec) -> str:
+    """How the card's input pixels are made: as the spec's decode path makes them for ``predict``."""
+    from ..preprocess import list_decoders
+
+    return (f"RGB, channels first, 0-255, not normalised: the image decoded upright and brought to the input size "
+            f"by the spec's decode path {spec.decode!r} ({list_decoders()[spec.decode]}), from the data_config's "
+            f"size, interpolation and crop. In Python: pipeline.preprocess.decode_path(card['input']['decode'], "
+            f"card['data_config'], card['input']['jpeg_draft']).load(path) gives them, (H, W, 3)"
+            + (" (JPEGs are decoded at reduced DCT scale first, down to the size the resize needs: without it, "
+               "expect differences in the third decimal)" if spec.jpeg_draft else ""))
+
+
 def _card(loaded: LoadedModel, model, out: Path, format: str, difference: float, notes: list[str]) -> dict:
     spec = loaded.featurizer(0).spec
     dc = spec.data_config
     return dict(
         file=out.name, format=format, model=str(model),
-        input=dict(name="images", dtype="uint8", shape=["batch", *dc["input_size"]],
-                   pixels="RGB, channels first, 0-255: the image decoded upright, resized and centre-cropped as "
-                          "data_config says (timm's eval transform), not normalised"
-                          + (" (predict decodes large JPEGs at reduced DCT scale first, Pillow's draft, down to the "
-                             "size the resize needs: without it, expect differences in the third decimal)"
-                             if spec.jpeg_draft else "")),
+        input=dict(name="images", dtype="uint8", shape=["batch", *dc["input_size"]], decode=spec.decode,
+                   jpeg_draft=spec.jpeg_draft, pixels=_pixels(spec)),
         output=dict(name="scores", meaning=loaded.kind.scores_meaning),
         feature_spec_key=spec.key, data_config=dc, normalisation="in the graph: (pixels / 255 - mean) / std", computes="float32",
         spec_amp=spec.amp,

@@ -362,8 +362,10 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
     checked against the run's), a source per (cache, tap, task) on the protocol's samples, and a note per
     task on the labelled images this leaves out (in some caches only, or in a split no row uses)."""
     by_task: dict[str, list[tuple[Path, FeatureCache, Task]]] = {}
+    given = {t.name for t in extra_tasks}  # a label file replaces a cache's own task of its name
     for path, cache in opened:
-        tasks = ([cache_task(cache)] if (cache.labels != "").any() else []) + extra_tasks
+        own = [cache_task(cache)] if (cache.labels != "").any() else []
+        tasks = [t for t in own if t.name not in given] + extra_tasks
         if not tasks:
             raise PipelineError(f"{path.name} stores no labels; give a label file with --labels id,label[,split][,group]")
         for task in tasks:
@@ -414,8 +416,9 @@ def _check_same_labels(task: str, joined: list[TaskData]) -> None:
     for data in joined[1:]:
         differ = [i for i, y in zip(data.ids, data.y) if i in ref and ref[i] != y]
         if differ:
-            raise PipelineError(f"task {task!r} labels {differ[0]!r} differently in two caches; "
-                                "give the task as a label file instead")
+            raise PipelineError(f"task {task!r} labels {differ[0]!r} differently in two caches; give its labels "
+                                f"as a label file named {task}.csv (--labels {task}.csv), which replaces the "
+                                "caches' own")
 
 
 def _concatenate(sources: list[_Source], n_caches: int) -> list[_Source]:
