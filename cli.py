@@ -292,6 +292,7 @@ def predict(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     coverage: Annotated[Optional[float], typer.Option("--coverage", help="with a run folder: add each image's prediction_set (numbers: prediction_low, prediction_high) holding the true label this often, e.g. 0.9, calibrated on the run's out-of-sample predictions")] = None,
     ood_percentile: Annotated[float, typer.Option("--ood-percentile", help="flag an image ood when its distance to the nearest training image is above this percentile of the training images' own")] = 99.0,
+    row: Annotated[Optional[int], typer.Option("--row", help="with a run folder: predict with this leaderboard row, counted from 1 as in leaderboard.md, instead of the best")] = None,
 ) -> None:
     """Predict labels and class probabilities for new images, one row per image, through the feature spec
     the model was trained on (images in its cache are read from there); with a run folder, also how
@@ -299,7 +300,7 @@ def predict(
     from pipeline.stages.predict import predict as run
 
     rows = run(model, images, out=out, task=task, weights=weights or [], batch_size=batch_size, workers=workers,
-               device=device, progress=progress, coverage=coverage, ood_percentile=ood_percentile)
+               device=device, progress=progress, coverage=coverage, ood_percentile=ood_percentile, row=row)
     failed = sum(1 for r in rows if r["error"])
     if out is None:
         writer = csv.DictWriter(sys.stdout, list(rows[0]))

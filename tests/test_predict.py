@@ -54,6 +54,24 @@ def test_run_dir_uses_its_best_row(tiny_run):
     assert resolve_model(tiny_run["run"]).head_path == tiny_run["run"] / best.head_file
 
 
+def test_a_run_predicts_with_the_row_it_is_given(tiny_run):
+    """``row`` picks a leaderboard row other than the best, as export and serve take it: that row's head
+    predicts (its probabilities are its .skops file's), with the run's ood columns; a row the
+    leaderboard lacks is refused."""
+    run = RunFolder(tiny_run["run"])
+    rows, best = run.rows(), run.best_row()
+    k = next(k for k, r in enumerate(rows, 1) if r.task == best.task and r.head != best.head)
+    images = sorted((tiny_run["data"] / "val").rglob("*.jpg"))[:4]
+    got = predict(tiny_run["run"], images, row=k, progress=False)
+    alone = predict(tiny_run["run"] / rows[k - 1].head_file, images, progress=False)
+    by_best = predict(tiny_run["run"], images, progress=False)
+    assert [r["prob_red"] for r in got] == pytest.approx([r["prob_red"] for r in alone])
+    assert [r["prob_red"] for r in got] != pytest.approx([r["prob_red"] for r in by_best])
+    assert "ood_score" in got[0] and "ood_score" not in alone[0]
+    with pytest.raises(PipelineError, match="row"):
+        predict(tiny_run["run"], images, row=len(rows) + 1, progress=False)
+
+
 @pytest.mark.slow
 def test_a_moved_run_works_from_any_directory(tiny_run, tmp_path):
     """The issue's observation: run folders only worked from where `fit` ran. Paths inside a run are
@@ -155,6 +173,8 @@ def test_cli_predict_to_stdout(tiny_run):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("path,prediction,error,prob_") and len(lines) == 2
+    r = run_cli("predict", tiny_run["run"], image, "--row", "99", "--no-progress")
+    assert r.returncode == 1 and "row" in r.stderr, r.stderr
 
 
 def test_a_knn_head_keeps_ids_and_reads_its_training_features_from_the_cache(tiny_run, tmp_path):

@@ -302,18 +302,19 @@ class Predictions(list):
 def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
             task: str | None = None, weights: Sequence[str | os.PathLike] = (), batch_size: int = 32,
             workers: int | None = None, device: str = "auto", progress: bool = True, coverage: float | None = None,
-            ood_percentile: float = 99.0) -> Predictions:
+            ood_percentile: float = 99.0, row: int | None = None) -> Predictions:
     """Predict every image (files or folders) in ``images``: one dict per image with ``path``,
     ``prediction``, ``error`` and the task kind's score columns, then (a run folder's model) the
-    ``coverage`` prediction set and the ood columns (see :class:`LoadedModel`). ``weights`` are weights
-    files to use when those the model was trained with are not where they were (each is matched by its
-    sha256)."""
+    ``coverage`` prediction set and the ood columns (see :class:`LoadedModel`). ``row``: a run folder's
+    leaderboard row (counted from 1, as in leaderboard.md) instead of its best, as ``export`` and
+    ``serve`` take it. ``weights`` are weights files to use when those the model was trained with are
+    not where they were (each is matched by its sha256)."""
     paths = list_images(list(images))  # before the model loads: a missing file is said at once
     if not paths:
         raise PipelineError("no images to predict on")
     if out is not None and (Path(out).is_dir() or str(out).endswith(("/", os.sep))):
         raise PipelineError(f"--out must be a CSV file to write, got the folder {out}")
-    loaded = LoadedModel(model, task, weights=weights, device=device, coverage=coverage,
+    loaded = LoadedModel(model, task, row, weights=weights, device=device, coverage=coverage,
                          ood_percentile=ood_percentile)
     rows = Predictions(loaded.predict([Sample(str(p), p) for p in paths], batch_size,
                                       default_workers() if workers is None else workers, progress), loaded)
