@@ -63,6 +63,11 @@ def _label_head_name(head) -> bool:
     return isinstance(head, str) and (head in ("auto", "run") or any(scores_labels(head, k) for k in list_kinds()))
 
 
+def held_bytes(rows: int, dims: int) -> int:
+    """What an audit holding ``rows`` x ``dims`` float32 features needs: they and their copies."""
+    return rows * dims * 4 * COPIES
+
+
 @dataclass
 class AuditConfig(Settings):
     """How ``audit`` looks: the tap; the head whose out-of-fold predictions cleanlab reads (``auto``: see
@@ -93,7 +98,7 @@ class AuditConfig(Settings):
     def rows_per_read(self, rows: int, dims: int) -> int | None:
         """None where ``rows`` x ``dims`` features and their copies fit in ``max_memory`` (the audit then
         holds them); else the rows it reads from the caches at a time."""
-        if self.max_memory is None or rows * dims * 4 * COPIES <= parse_size(self.max_memory):
+        if self.max_memory is None or held_bytes(rows, dims) <= parse_size(self.max_memory):
             return None
         return rows_per_chunk(parse_size(self.max_memory), dims)
 
@@ -234,7 +239,7 @@ def _read_note(X: np.ndarray | RowChunks, cfg: AuditConfig) -> str:
     """What the first step says of an audit over ``--max-memory``: how it reads the features."""
     if not isinstance(X, RowChunks):
         return ""
-    slow = slow_reads(X.step, chunk_memory(SLOW_CHUNK, X.shape[1]), X.shape[0] * X.shape[1] * 4 * COPIES)
+    slow = slow_reads(X.step, chunk_memory(SLOW_CHUNK, X.shape[1]), held_bytes(*X.shape))
     return (f"; {X.shape[0]} x {X.shape[1]} float32 with its copies exceed --max-memory {cfg.max_memory}, so the "
             f"audit reads them {X.step} rows at a time and searches an index of a byte per feature{slow}")
 
@@ -389,8 +394,8 @@ def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.
     for r, tags in enumerate(y):
         present[r, np.searchsorted(names, list(tags))] = True
     varied = np.flatnonzero(present.any(axis=0) & ~present.all(axis=0))  # a tag on every image or none says nothing
-    learnt = varied[_learnt(present[:, varied], probs[:, varied])]
-    unlearnt = [names[t] for t in varied if t not in learnt]
+    is_learnt = _learnt(present[:, varied], probs[:, varied])
+    learnt, unlearnt = varied[is_learnt], [names[t] for t in varied[~is_learnt]]
     note = (f"tags no out-of-fold prediction learns, so not searched for label errors: {', '.join(unlearnt)}"
             if unlearnt else "")
     if not len(learnt):
