@@ -73,7 +73,7 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
                 "pairs whose features alone would call them copies but whose pixels differ, marked "
                 "<span class='nocopy'>not a copy</span>.</p>")
     body.append(_pairs(result.duplicates[:top], thumb))
-    flagged = [o for o in result.outliers if o["outlier"]]
+    flagged = result.outliers.where("outlier")
     body.append(f"<h2>Outliers</h2><p>{len(flagged)} images beyond the fence of the outlier score (the mean cosine "
                 "distance to their nearest images); the most outlying first.</p>")
     body.append(_cards(

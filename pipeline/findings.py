@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
 
 from .evaluation import Protocol, slug
 from .copies import leak_message
@@ -13,6 +16,49 @@ from .copies import leak_message
 
 def label_issues_file(task: str) -> str:
     return f"label_issues_{slug(task)}.csv"
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """Rows of a findings CSV made a block at a time: each column is a function giving its cells for an
+    array of positions, and ``index`` the positions in row order, so the ranking of ten million images
+    holds its arrays, not ten million dicts. Reads as a list of dicts (``len``, iteration, an index or a
+    slice); :meth:`where` keeps the rows whose cell in a column is true."""
+
+    columns: dict[str, Callable[[np.ndarray], Sequence]]
+    index: np.ndarray
+
+    BLOCK = 8192
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self.index), self.BLOCK):
+            block = self.index[start:start + self.BLOCK]
+            for values in zip(*(column(block) for column in self.columns.values())):
+                yield dict(zip(self.columns, values))
+
+    def __getitem__(self, key: int | slice) -> dict | Rows:
+        if isinstance(key, slice):
+            return Rows(self.columns, self.index[key])
+        return next(iter(Rows(self.columns, self.index[[key]])))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(repr, self[:3]))
+        return f"<{len(self)} rows{': ' if shown else ''}{shown}{', ...' if len(self) > 3 else ''}>"
+
+    def where(self, column: str) -> Rows:
+        if not len(self.index):
+            return self
+        return Rows(self.columns, self.index[np.asarray(self.columns[column](self.index), dtype=bool)])
+
+
+def cells(values: np.ndarray, digits: int | None = None) -> Callable[[np.ndarray], list]:
+    """A column of :class:`Rows`: ``values`` at the positions asked (numbers rounded to ``digits``)."""
+    if digits is None:
+        return lambda at: values[at].tolist()
+    return lambda at: [round(v, digits) for v in values[at].tolist()]
 
 
 @dataclass
@@ -23,14 +69,14 @@ class TaskAudit:
 
     task: str
     protocol: Protocol
-    ranking: list[dict]
+    ranking: Rows
     leaked: list[str]
     note: str = ""
 
     @property
-    def issues(self) -> list[dict]:
+    def issues(self) -> Rows:
         """The flagged rows of the ranking, most suspicious first."""
-        return [d for d in self.ranking if d["flagged"]]
+        return self.ranking.where("flagged")
 
     def lines(self, out: Path) -> list[str]:
         p = self.protocol
@@ -49,7 +95,7 @@ class AuditResult:
     out: Path
     tasks: list[TaskAudit]
     duplicates: list[dict]  # rows of duplicates.csv: confirmed copies first, cross-split pairs first within
-    outliers: list[dict]  # rows of outliers.csv: every image, most outlying first
+    outliers: Rows  # rows of outliers.csv: every image, most outlying first
     map_method: str
     files: dict[str, Path] = field(default_factory=dict)
     copy_rule: str = ""  # how the copies were confirmed (pipeline.copies.Copies.rule)
@@ -72,7 +118,7 @@ class AuditResult:
         pairs = f"{len(self.copies)} pair" + ("" if len(self.copies) == 1 else "s")
         lines.append(f"copies ({self.copy_rule}): {pairs}, {len(self.cross_split)} across train "
                      f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
-        flagged = sum(o["outlier"] for o in self.outliers)
+        flagged = len(self.outliers.where("outlier"))
         lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
         lines += self.set_aside
         if "map" in self.files:

@@ -78,40 +78,68 @@ class TaskData:
 
 def read_labels(path: str | os.PathLike) -> Task:
     """Read a label table: a CSV with an ``id`` column, the label column of its kind (``label``) and
-    optional ``split`` and ``group`` columns."""
+    optional ``split`` and ``group`` columns. Read a row at a time into columns, each distinct label,
+    split or group one object: ten million rows hold their ids and little else."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = reader.fieldnames or []
+            reader = csv.reader(fh)
+            columns = next(reader, [])
+            if not columns:
+                raise PipelineError(f"{path}: empty; a label file is a CSV with a header line id,label[,split][,group]")
+            if "id" not in columns:
+                raise PipelineError(f"{path}: missing column(s) id; a label file is id,label[,split][,group]")
+            kind = kind_of_columns(columns, str(path))
+            wanted = [c for c in ("id", kind.column, "split", "group") if c in columns]
+            cells = _columns(reader, path, columns, wanted)
     except FileNotFoundError:
         raise PipelineError(f"label file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
-    if not columns:
-        raise PipelineError(f"{path}: empty; a label file is a CSV with a header line id,label[,split][,group]")
-    if "id" not in columns:
-        raise PipelineError(f"{path}: missing column(s) id; a label file is id,label[,split][,group]")
-    kind = kind_of_columns(columns, str(path))
-    seen: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
-        if None in row:  # csv.DictReader's key for the fields past the header's
-            raise PipelineError(f"{path}:{line}: {len(columns) + len(row[None])} fields, but the header has "
+    if not len(cells["id"]):
+        raise PipelineError(f"{path}: no rows")
+    col = lambda c: np.array(cells[c], dtype=object) if c in cells else None  # noqa: E731
+    labels = kind.parse(cells.get(kind.column, [""] * len(cells["id"])), _Lines(path, len(cells["id"])))
+    return Task(path.stem, col("id"), labels, col("split"), kind.name, col("group"))
+
+
+def _columns(reader, path: Path, columns: list[str], wanted: list[str]) -> dict[str, list[str]]:
+    """The ``wanted`` columns of a label file's rows (blank lines skipped, a missing cell empty, each
+    cell stripped; labels, splits and groups shared): an error names a row with more fields than the
+    header, an empty or duplicate id, or an unknown split."""
+    at = [columns.index(c) for c in wanted]
+    cells: dict[str, list[str]] = {c: [] for c in wanted}
+    lists, shared, seen = [cells[c] for c in wanted], {}, set()
+    for line, row in enumerate(filter(None, reader), start=2):
+        if len(row) > len(columns):
+            raise PipelineError(f"{path}:{line}: {len(row)} fields, but the header has "
                                 f"{len(columns)} ({','.join(columns)}); quote a value that holds a comma")
-        sid = (row["id"] or "").strip()
+        values = [row[k].strip() if k < len(row) else "" for k in at]
+        sid = values[0]
         if not sid:
             raise PipelineError(f"{path}:{line}: empty id")
         if sid in seen:
-            raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {seen[sid]})")
-        seen[sid] = line
-        check_split((row.get("split") or "").strip(), f"{path}:{line}")
-    if not rows:
-        raise PipelineError(f"{path}: no rows")
-    col = lambda c: np.array([(r.get(c) or "").strip() for r in rows], dtype=object)  # noqa: E731
-    labels = kind.parse([r.get(kind.column) or "" for r in rows], [f"{path}:{line}" for line in range(2, len(rows) + 2)])
-    return Task(path.stem, col("id"), labels, col("split") if "split" in columns else None, kind.name,
-                col("group") if "group" in columns else None)
+            raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {cells['id'].index(sid) + 2})")
+        seen.add(sid)
+        if "split" in cells:
+            check_split(values[wanted.index("split")], f"{path}:{line}")
+        lists[0].append(sid)
+        for out, value in zip(lists[1:], values[1:]):
+            out.append(shared.setdefault(value, value))
+    return cells
+
+
+class _Lines(Sequence[str]):
+    """``path:line`` of each row of a label file, made where an error names one."""
+
+    def __init__(self, path: Path, rows: int):
+        self.path, self.rows = path, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int) -> str:
+        return f"{self.path}:{range(2, self.rows + 2)[i]}"
 
 
 def label_files(labels: Sequence[str | os.PathLike]) -> list[Path]:

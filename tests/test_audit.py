@@ -15,10 +15,12 @@ from conftest import TINY, make_image, run_cli, shared_or_skip
 from pipeline import FeatureCache, PipelineError, Protocol, Row, RunFolder, audit, extract, fit, neighbors
 from pipeline import similarity
 from pipeline.copies import leak_message
-from pipeline.stages.audit import (CLASS_LABEL_HEAD, COPIES, joined_features, label_head, label_heads, out_of_fold,
+from pipeline.findings import Rows, cells, label_issues_file
+from pipeline.stages.audit import (CLASS_LABEL_HEAD, COPIES, FINDER_COPIES, AuditConfig, joined_features, label_head, label_heads, out_of_fold,
                                    rank_label_issues)
 
 featurizer_module = import_module("pipeline.featurizer")
+audit_module = import_module("pipeline.stages.audit")
 FLIPPED = ("train/red/red_003.jpg", "train/blue/blue_005.jpg")
 COPY, ORIGINAL, ODD = "val/red/copy_of_red_000.png", "train/red/red_000.jpg", "val/blue/odd.jpg"
 EXACT = 0.9999  # the tiny random-weight model puts distinct images of one colour at cosine 0.997
@@ -94,6 +96,21 @@ def test_every_sample_is_predicted_once_by_a_model_that_never_saw_it(folds):
         assert any(set(train) == set(range(12)) and set(test) == set(range(12, 18)) for train, test in plan)
 
 
+def test_findings_rows_read_as_a_list_of_dicts_made_a_block_at_a_time(monkeypatch):
+    """An audit's ranking and outliers hold arrays and make their rows a block at a time (ten million
+    images are no ten million dicts), read as a list of dicts is."""
+    monkeypatch.setattr(Rows, "BLOCK", 2)
+    values = np.array([0.123456, 0.5, 0.25, 0.75, 0.1])
+    rows = Rows(dict(id=cells(np.array(list("abcde"), dtype=object)), score=cells(values, 2), big=cells(values > 0.3)),
+                np.argsort(values))
+    assert [d["id"] for d in rows] == list("eacbd") and len(rows) == 5
+    assert rows[0] == dict(id="e", score=0.1, big=False) and rows[-1] == dict(id="d", score=0.75, big=True)
+    assert [d["id"] for d in rows[1:4]] == ["a", "c", "b"] and len(rows[1:3]) == 2
+    assert [d["id"] for d in rows.where("big")] == ["b", "d"] and [d["id"] for d in rows[:3].where("big")] == []
+    assert list(Rows({}, np.arange(0)).where("flagged")) == [] and repr(Rows({}, np.arange(0))) == "<0 rows>"
+    assert repr(rows[:1]) == "<1 rows: {'id': 'e', 'score': 0.1, 'big': False}>"
+
+
 def _cv_protocol(kind: str, y: np.ndarray) -> Protocol:
     ids = np.array([f"i{k:03d}" for k in range(len(y))], dtype=object)
     return Protocol("t", kind, "cv5", 0, ids, y, np.arange(len(y)) % 5)
@@ -116,6 +133,30 @@ def test_the_ranking_holds_every_image_with_the_flipped_classes_first():
     np.testing.assert_allclose(quality, probs[np.arange(120), given])  # self-confidence
     assert set(np.flatnonzero(flagged)) < set(flips)  # confident learning flags 4 of the 6: ranking only those
     assert flagged.sum() == 4                         # would miss two flips the ranking puts on top
+
+
+def test_cleanlabs_batched_finder_flags_without_copying_the_probabilities():
+    """Where cleanlab's label-issue finder with its copies of the probabilities would exceed
+    --max-memory (ten million images of 100 classes in float32: 12 GB), its batched finder flags, a block
+    of rows at a time: the lowest label quality, as many as confident learning counts. The ranking is the
+    same."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], 400)
+    X = 3 * rng.normal(size=(3, 8))[truth] + rng.normal(size=(1200, 8))
+    flips = rng.choice(1200, 40, replace=False)
+    given = truth.copy()
+    given[flips] = (truth[flips] + 1) % 3
+    protocol = _cv_protocol("classification", np.array(["abc"[g] for g in given], dtype=object))
+    probs = out_of_fold(X, protocol, "logreg", 5, 0).astype(np.float32)
+    bound = probs.nbytes * FINDER_COPIES
+    assert AuditConfig(max_memory=bound - 1).finds_in_batches(probs)
+    assert not AuditConfig(max_memory=bound).finds_in_batches(probs) and not AuditConfig().finds_in_batches(probs)
+    pruned, batched = rank_label_issues(protocol, probs), rank_label_issues(protocol, probs, batched=True)
+    np.testing.assert_array_equal(batched.order, pruned.order)
+    np.testing.assert_array_equal(batched.quality, pruned.quality)
+    top = set(batched.order[:batched.flagged.sum()])
+    assert set(np.flatnonzero(batched.flagged)) == top  # the lowest label quality
+    assert len(top & set(flips)) >= 0.9 * len(top) and abs(batched.flagged.sum() - pruned.flagged.sum()) <= 5
 
 
 def test_tags_are_ranked_by_cleanlabs_multilabel_quality():
@@ -237,6 +278,7 @@ def test_audit_finds_the_flipped_labels_the_copy_and_the_odd_image(planted, tmp_
     assert list(rows[0]) == ["id", "given", "suggested", "score", "flagged", "split"]
     assert len(rows) == 38 and [r["id"] for r in rows] == [d["id"] for d in flipped.ranking]  # the whole ranking
     assert [r["id"] for r in rows if r["flagged"] == "True"] == [d["id"] for d in flipped.issues]
+    assert all(r["split"] == r["id"].split("/")[0] for r in rows)  # the label file's split of each image
     with open(out / "duplicates.csv") as fh:
         assert next(csv.DictReader(fh))["id_a"] == COPY
     page = (out / "audit.html").read_text()
@@ -350,6 +392,20 @@ def test_over_max_memory_the_audit_reads_by_chunks_finds_the_same_and_the_bound_
     assert recorded[-1]["parameters"]["max_memory"] == f"{need}B"
 
 
+def test_over_max_memory_the_note_says_cleanlabs_batched_finder_flagged(planted, tmp_path, monkeypatch):
+    """An audit whose probabilities with cleanlab's copies exceed --max-memory flags with the batched
+    finder and says so (here the copies are made many, so the planted set's bound gives chunks of rows)."""
+    with FeatureCache(planted["cache"]) as c:
+        need = int(c.valid.sum()) * c.info()["taps"]["pooled"] * 4 * COPIES
+    monkeypatch.setattr(audit_module, "FINDER_COPIES", need)
+    found = audit(planted["cache"], tmp_path / "a", labels=[planted["labels"]], map="none", max_memory=need - 1, **FAST)
+    flipped = next(t for t in found.tasks if t.task != "shapes")
+    assert f"exceed --max-memory {need - 1}, so cleanlab's batched finder flagged the lowest label quality" in flipped.note
+    assert set(FLIPPED) <= {d["id"] for d in flipped.issues} <= {*FLIPPED, ODD}
+    with open(tmp_path / "a" / label_issues_file(flipped.task), newline="") as fh:
+        assert [r["id"] for r in csv.DictReader(fh) if r["flagged"] == "True"] == [d["id"] for d in flipped.issues]
+
+
 def test_neighbors_of_cached_and_new_images(planted, tmp_path):
     data = planted["data"]
     Image.open(data / "train/blue/blue_002.jpg").save(tmp_path / "outside.png")
@@ -441,7 +497,6 @@ def test_real_backbone_finds_planted_copies_and_flipped_labels(tmp_path):
 
 def test_an_interrupted_audit_says_that_it_wrote_nothing(planted, tmp_path, monkeypatch):
     from pipeline.errors import Interrupted
-    from pipeline.stages import audit as audit_module
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt

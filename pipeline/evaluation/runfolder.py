@@ -163,8 +163,10 @@ class RunFolder:
         return self._protocols[task]
 
     def protocols(self) -> dict[str, Protocol]:
+        """Every task's stored protocol; those held already are not read again (ten million ids are 3 GB)."""
         folder = self.path / PROTOCOLS
-        found = (Protocol.load(p) for p in sorted(folder.glob("*.json"))) if folder.is_dir() else ()
+        held = {self._protocol_path(t) for t, p in self._protocols.items() if p is not None}
+        found = (Protocol.load(p) for p in sorted(folder.glob("*.json")) if p not in held) if folder.is_dir() else ()
         self._protocols.update({p.task: p for p in found})
         return {t: p for t, p in self._protocols.items() if p is not None}
 

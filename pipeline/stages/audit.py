@@ -25,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -39,7 +39,7 @@ from ..heads import create_head, fit_subsets, fits_on_chunks, has_head, list_hea
 from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task, unused_split_note
-from ..findings import AuditResult, TaskAudit, label_issues_file
+from ..findings import AuditResult, Rows, TaskAudit, cells, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, nearest_others, normalized
@@ -50,6 +50,10 @@ MAP_METHODS = ("auto", "umap", "tsne", "none")
 # float32 copies of the joined features an audit holds at its peak: the features, the search index's
 # copy, a fold's rows and the label head's copy (200,000 x 512: the peak less the imports is 3.1 of them)
 COPIES = 4
+# copies of the class probabilities cleanlab's label-issue finder holds at its peak: the input and two of
+# its own (10^6 x 100 float32: 0.8 GB over the input's 0.4 GB)
+FINDER_COPIES = 3
+FINDER_BATCH = 100_000  # rows its batched finder reads at a time (100 classes, float32: 40 MB)
 
 
 def scores_labels(head: str, kind: str) -> bool:
@@ -102,6 +106,11 @@ class AuditConfig(Settings):
             return None
         return rows_per_chunk(parse_size(self.max_memory), dims)
 
+    def finds_in_batches(self, scores: np.ndarray) -> bool:
+        """Whether cleanlab's label-issue finder with its copies of ``scores`` exceeds ``max_memory``: its
+        batched finder then flags the label issues, holding a block of rows at a time."""
+        return self.max_memory is not None and scores.nbytes * FINDER_COPIES > parse_size(self.max_memory)
+
     def neighbours(self) -> int:
         """How many nearest others of each image the audit's one search finds: what the outliers and the
         copies' candidates need."""
@@ -152,7 +161,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         duplicates = duplicate_rows(copies, found.ids, found.splits)
         step.done(f"copies: {int(copies.confirmed.sum())} pairs confirmed of {len(duplicates)} listed")
         outliers = find_outliers(found.ids, found.labels, found.splits, found.nearest(cfg.neighbours(), cfg.block), cfg.k)
-        step.done(f"outliers: {sum(bool(o['outlier']) for o in outliers)} of {len(outliers)} images beyond the fence")
+        step.done(f"outliers: {len(outliers.where('outlier'))} of {len(outliers)} images beyond the fence")
         result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
         step.writing = True
         result.files = _write(result)
@@ -197,20 +206,36 @@ class _Steps:
 
 @dataclass
 class _Found:
-    """The images every cache holds valid features of: ids, joined features, the first cache's labels
-    and splits, and each task with its labelled images."""
+    """The images every cache holds valid features of: ids, their rows in the first cache, joined
+    features, the first cache's labels and splits, and each task with its labelled images."""
 
     ids: np.ndarray
+    cache: FeatureCache  # the first
+    rows: np.ndarray
     X: np.ndarray | RowChunks  # read by chunks over --max-memory
-    labels: np.ndarray
-    splits: np.ndarray
     tasks: list[tuple[Task, TaskData]]
     pixels: Images | None  # the images, for the copies' pixel check (None where unreachable)
     _nearest: tuple[np.ndarray, np.ndarray] | None = None
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self.cache.labels[self.rows]
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self.cache.splits[self.rows]
+
     @cached_property
-    def row_of(self) -> dict[str, int]:
-        return {sid: i for i, sid in enumerate(self.ids)}
+    def at_row(self) -> np.ndarray:
+        """The image (its position in ``ids``) of each row of the first cache, -1 where none is."""
+        at = np.full(len(self.cache.ids), -1, dtype=np.int64)
+        at[self.rows] = np.arange(len(self.rows))
+        return at
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """The position of each of ``ids`` among the images, -1 where it is none of them."""
+        rows = self.cache.find_rows(ids)
+        return np.where(rows >= 0, self.at_row[rows], -1)
 
     def nearest(self, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
         """Every image's ``k`` nearest others (similarities, indices): one search, made at the first ask
@@ -229,10 +254,8 @@ def _load(opened: list[FeatureCache], extra: list[Task], cfg: AuditConfig, data:
     ids, X = joined_features(opened, cfg.tap, cfg.rows_per_read)
     first = opened[0]
     tasks = ([cache_task(first)] if (first.labels != "").any() else []) + extra
-    position = {sid: i for i, sid in enumerate(first.ids)}
-    rows = [position[i] for i in ids]
-    return _Found(ids, X, first.labels[rows], first.splits[rows],
-                  [(t, join_task(first, t, load=False)) for t in tasks], Images.of_cache(first, data))
+    return _Found(ids, first, first.find_rows(ids), X, [(t, join_task(first, t, load=False)) for t in tasks],
+                  Images.of_cache(first, data))
 
 
 def _read_note(X: np.ndarray | RowChunks, cfg: AuditConfig) -> str:
@@ -252,19 +275,19 @@ def joined_features(caches: list[FeatureCache], tap: str,
     the backbones'). Where ``rows_per_read(rows, dims)`` gives a number, the features stay in the caches
     (open while they are read), as :class:`~pipeline.batched.RowChunks` reading that many rows at a time."""
     _refuse_several_sources(caches)
-    current = [set(c.ids[c.current]) for c in caches]
     first = caches[0]
-    ids = np.array([i for i in first.ids[first.current] if all(i in v for v in current[1:])], dtype=object)
+    ids, positions = first.ids[first.current].astype(object), [np.flatnonzero(first.current)]
+    for c in caches[1:]:
+        rows = c.find_rows(ids)
+        valid = rows >= 0
+        valid[valid] = c.current[rows[valid]]
+        ids, positions = ids[valid], [p[valid] for p in positions] + [rows[valid]]
     if not len(ids):
         raise PipelineError("no image of the source has valid features in every cache; several caches must be "
                             "backbones over the same images")
     for c in caches:
         if tap not in c.taps:
             raise unknown("tap", tap, c.taps, f"(the taps of {c.path.name})")
-    positions = []
-    for c in caches:
-        position = {sid: i for i, sid in enumerate(c.ids)}
-        positions.append(np.array([position[i] for i in ids], dtype=np.int64))
 
     def read(rows: np.ndarray) -> np.ndarray:
         parts = [normalized(c.features(tap, where[rows]), copy=False) for c, where in zip(caches, positions)]
@@ -345,9 +368,11 @@ def out_of_fold(X: np.ndarray | RowChunks, protocol: Protocol, head: str, cv: in
     that never saw its label: class or tag probabilities (a column per name of the protocol), or numbers.
     The protocol's own splits predict the scored samples, and ``cv`` folds of the training-only samples
     predict those among themselves; a row is NaN where no fold could. Features read by chunks
-    (:class:`~pipeline.batched.RowChunks`) fit :func:`label_head_by_chunks` on every fold at once."""
+    (:class:`~pipeline.batched.RowChunks`) fit :func:`label_head_by_chunks` on every fold at once, and
+    their scores are float32, as the features are (half the memory of ten million images' probabilities)."""
     kind, names, y = protocol.task_kind, protocol.names, protocol.y
-    out = np.full((len(y), len(names)) if names else len(y), np.nan)
+    out = np.full((len(y), len(names)) if names else len(y), np.nan,
+                  dtype=np.float32 if isinstance(X, RowChunks) else np.float64)
     plan = []
     for train, test in protocol.oof_plan(cv, seed):
         try:
@@ -371,22 +396,28 @@ def out_of_fold(X: np.ndarray | RowChunks, protocol: Protocol, head: str, cv: in
     return out
 
 
-def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """Self-confidence (the probability of the given class) and confident learning's label issues."""
+def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray,
+                  batched: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Self-confidence (the probability of the given class) and confident learning's label issues;
+    ``batched``: cleanlab's batched finder (the lowest self-confidence, as many as confident learning
+    counts, read a block of rows at a time) instead of pruning by noise rate, which copies ``probs``."""
+    from cleanlab.experimental.label_issues_batched import find_label_issues_batched
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     given = np.searchsorted(names, y.astype(str))
     if len(np.unique(given)) < 2:
         return np.full(len(y), np.nan), np.zeros(len(y), bool), ""
-    return (get_label_quality_scores(given, probs, method="self_confidence"),
-            find_label_issues(given, probs, n_jobs=1), "")
+    flagged = (find_label_issues_batched(given, probs, batch_size=FINDER_BATCH, n_jobs=1, verbose=False, return_mask=True)
+               if batched else find_label_issues(given, probs, n_jobs=1))
+    return get_label_quality_scores(given, probs, method="self_confidence"), flagged, ""
 
 
-def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray,
+                batched: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """cleanlab's multi-label quality (each tag's self-confidence, the worst weighted most) and label issues,
     over the tags that some images have and others lack and that the out-of-fold predictions learn
-    (:func:`_learnt`); a note names the tags left out so."""
+    (:func:`_learnt`); a note names the tags left out so. ``batched``: as :func:`_class_issues`'s."""
     from cleanlab.multilabel_classification.filter import find_label_issues
     from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
@@ -402,10 +433,12 @@ def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray) -> tuple[np.
         return np.full(len(y), np.nan), np.zeros(len(y), bool), note
     if len(learnt) == 1:  # one tag is a yes/no class (cleanlab's multi-label finder takes two tags or more)
         p = probs[:, learnt[0]]
-        quality, flagged, _ = _class_issues(np.where(present[:, learnt[0]], "1", "0"), ["0", "1"], np.stack([1 - p, p], 1))
+        quality, flagged, _ = _class_issues(np.where(present[:, learnt[0]], "1", "0"), ["0", "1"], np.stack([1 - p, p], 1),
+                                            batched)
         return quality, flagged, note
     given = [list(np.flatnonzero(row[learnt])) for row in present]
-    return get_label_quality_scores(given, probs[:, learnt]), find_label_issues(given, probs[:, learnt], n_jobs=1), note
+    return (get_label_quality_scores(given, probs[:, learnt]),
+            find_label_issues(given, probs[:, learnt], n_jobs=1, low_memory=batched), note)
 
 
 def _learnt(present: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -419,10 +452,12 @@ def _learnt(present: np.ndarray, probs: np.ndarray) -> np.ndarray:
                     dtype=bool)
 
 
-def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray,
+                   batched: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """cleanlab's regression label quality (OUTRE: the residual and how unusual it is among its
     neighbours'); flagged: residuals "far out" among the absolute residuals (beyond Q3 + 3 IQR, Tukey's
-    outer fence: a wrong label pulls the fit, which widens the others' residuals)."""
+    outer fence: a wrong label pulls the fit, which widens the others' residuals). One number per image
+    holds no copy worth batching, so ``batched`` changes nothing."""
     from cleanlab.regression.rank import get_label_quality_scores
 
     y = np.asarray(y, dtype=np.float64)
@@ -431,7 +466,8 @@ def _number_issues(y: np.ndarray, names: list[str], pred: np.ndarray) -> tuple[n
     return get_label_quality_scores(y, pred), residual > q3 + 3 * (q3 - q1), ""
 
 
-# each kind's label-quality scores, label issues and a note from out-of-fold scores (``out_of_fold``'s rows)
+# each kind's label-quality scores, label issues and a note from out-of-fold scores (``out_of_fold``'s rows),
+# batched or not
 LABEL_FINDERS = {"classification": _class_issues, "multilabel": _tag_issues, "regression": _number_issues}
 
 
@@ -444,12 +480,15 @@ class LabelRanking(NamedTuple):
     note: str = ""  # what the finder left out, and why
 
 
-def rank_label_issues(protocol: Protocol, scores: np.ndarray) -> LabelRanking:
-    """cleanlab on out-of-fold ``scores`` of ``protocol``'s samples (see :class:`LabelRanking`)."""
+def rank_label_issues(protocol: Protocol, scores: np.ndarray, batched: bool = False) -> LabelRanking:
+    """cleanlab on out-of-fold ``scores`` of ``protocol``'s samples (see :class:`LabelRanking`);
+    ``batched``: its finder reading a block of rows at a time (:func:`_class_issues`)."""
     have = np.flatnonzero(~np.isnan(scores.reshape(len(scores), -1)).any(axis=1))
     quality, flagged, note = np.full(len(scores), np.nan), np.zeros(len(scores), bool), ""
     if len(have):
-        quality[have], flagged[have], note = LABEL_FINDERS[protocol.kind](protocol.y[have], protocol.names, scores[have])
+        every = len(have) == len(scores)  # no copy of ten million images' probabilities
+        quality[have], flagged[have], note = LABEL_FINDERS[protocol.kind](
+            protocol.y if every else protocol.y[have], protocol.names, scores if every else scores[have], batched)
     have = have[~np.isnan(quality[have])]
     return LabelRanking(have[np.argsort(quality[have], kind="stable")], quality, flagged, note)
 
@@ -473,19 +512,19 @@ def duplicate_rows(copies: Copies, ids: np.ndarray, splits: np.ndarray) -> list[
 
 
 def find_outliers(ids: np.ndarray, labels: np.ndarray, splits: np.ndarray, nearest: tuple[np.ndarray, np.ndarray],
-                  k: int) -> list[dict]:
+                  k: int) -> Rows:
     """Every image's outlier score, the mean cosine distance to its ``k`` nearest other images (the
     first ``k`` of ``nearest``, each image's nearest others by similarity), most outlying first;
     ``outlier`` marks scores beyond the upper fence (Q3 + 1.5 IQR)."""
     sims, idx = (a[:, :k] for a in nearest)
     score = 1.0 - np.nanmean(sims, axis=1) if len(ids) > 1 else np.zeros(len(ids))
     q1, q3 = np.percentile(score, [25, 75])
-    fence = q3 + 1.5 * (q3 - q1)
-    rows = [dict(id=ids[i], label=labels[i], split=splits[i], score=round(float(score[i]), 4),
-                 outlier=bool(score[i] > fence), nearest_id=ids[idx[i, 0]] if idx[i, 0] >= 0 else "",
-                 nearest_similarity=round(float(sims[i, 0]), 4) if idx[i, 0] >= 0 else "")
-            for i in np.argsort(-score, kind="stable")]
-    return rows
+    has = idx[:, 0] >= 0
+    nearest_id, similarity = np.where(has, ids[np.maximum(idx[:, 0], 0)], ""), np.where(has, sims[:, 0], np.nan)
+    return Rows(dict(id=cells(ids), label=cells(labels), split=cells(splits), score=cells(score, 4),
+                     outlier=cells(score > q3 + 1.5 * (q3 - q1)), nearest_id=cells(nearest_id),
+                     nearest_similarity=lambda at: ["" if np.isnan(v) else round(v, 4) for v in similarity[at].tolist()]),
+                np.argsort(-score, kind="stable"))
 
 
 def embed_2d(X: np.ndarray, method: str, seed: int, max_points: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -517,8 +556,8 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
                 cfg: AuditConfig) -> TaskAudit:
     """The protocol of a task on the images that have features, the ranking of its labels by ``head``'s
     out-of-fold predictions, and its leaked images."""
-    protocol, note = _protocol(task, data, found.row_of, run, cfg)
-    rows = np.array([found.row_of[i] for i in protocol.ids], dtype=np.int64)
+    protocol, note = _protocol(task, data, found.at_row[data.rows] >= 0, run, cfg)
+    rows = found.find(protocol.ids)
     X = found.X  # every image in order: no copy
     if not np.array_equal(rows, np.arange(len(found.X))):
         X = found.X.take(rows) if isinstance(found.X, RowChunks) else found.X[rows]
@@ -526,27 +565,37 @@ def _audit_task(task: Task, data: TaskData, head: str, found: _Found, run: RunFo
     leaked = list(protocol.ids[leaked_rows(X, protocol.ids, protocol, found.pixels, cfg.dup_threshold, cfg.block,
                                            nearest)[0]])
     if protocol.kind not in LABEL_FINDERS:
-        return TaskAudit(task.name, protocol, [], leaked, f"no label-issue finder for {protocol.kind} labels")
+        return TaskAudit(task.name, protocol, Rows({}, np.arange(0)), leaked, f"no label-issue finder for {protocol.kind} labels")
     scores = out_of_fold(X, protocol, head, cfg.cv, cfg.seed)
-    order, quality, flagged, found_note = rank_label_issues(protocol, scores)
-    kind, split_of = protocol.task_kind, dict(zip(data.ids, data.splits))
-    given = kind.format(protocol.y[order])
-    suggested = kind.prediction(protocol.names, scores[order])
-    suggested = [f"{v:.4g}" if isinstance(v, float) else v for v in suggested]  # rows hold text; a number to 4 digits
-    ranking = [dict(id=str(protocol.ids[i]), given=g, suggested=s, score=round(float(quality[i]), 4),
-                    flagged=bool(flagged[i]), split=split_of.get(protocol.ids[i], ""))
-               for i, g, s in zip(order, given, suggested)]
+    batched = cfg.finds_in_batches(scores)
+    order, quality, flagged, found_note = rank_label_issues(protocol, scores, batched)
+    kind, suggested = protocol.task_kind, np.empty(len(scores), dtype=object)
+    for start in range(0, len(scores), FINDER_BATCH):  # what each suggests, not the scores, stays for the rows
+        part = slice(start, start + FINDER_BATCH)  # rows hold text; a number to 4 digits
+        suggested[part] = [f"{v:.4g}" if isinstance(v, float) else v for v in kind.prediction(protocol.names, scores[part])]
+    ranking = Rows(dict(id=cells(protocol.ids), given=lambda at: kind.format(protocol.y[at]), suggested=cells(suggested),
+                        score=cells(quality, 4), flagged=cells(flagged), split=cells(_splits(protocol.ids, data))), order)
     unranked = len(protocol.ids) - len(order)
     solved = " (solved in torch by chunks)" if isinstance(X, RowChunks) and head == CLASS_LABEL_HEAD else ""
-    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions{solved}", found_note,
+    batched = (f"its probabilities with cleanlab's copies exceed --max-memory {cfg.max_memory}, so cleanlab's batched "
+               "finder flagged the lowest label quality, as many as confident learning counts") if batched else ""
+    note = "; ".join(filter(None, [note, f"labels scored by {head}'s out-of-fold predictions{solved}", batched, found_note,
                                    f"{unranked} images had no fold to predict them, so are not ranked" if unranked else ""]))
     return TaskAudit(task.name, protocol, ranking, leaked, note)
 
 
-def _protocol(task: Task, data: TaskData, row_of: dict, run: RunFolder | None, cfg: AuditConfig) -> tuple[Protocol, str]:
-    """The run's protocol of the task on the images with features here (``row_of``: the evaluation
+def _splits(ids: np.ndarray, data: TaskData) -> np.ndarray:
+    """The split each of ``ids`` has in the task's labels ("" where it has none there)."""
+    known, wanted = data.ids.astype(str), ids.astype(str)
+    at = np.argsort(known)
+    found = at[np.minimum(np.searchsorted(known, wanted, sorter=at), len(at) - 1)]
+    return np.where(known[found] == wanted, data.splits[found], "")
+
+
+def _protocol(task: Task, data: TaskData, keep: np.ndarray, run: RunFolder | None,
+              cfg: AuditConfig) -> tuple[Protocol, str]:
+    """The run's protocol of the task on its images with features here (``keep``: the evaluation
     service's ``within`` policy), else one decided as ``fit`` decides it."""
-    keep = np.array([i in row_of for i in data.ids], bool)
     labelled = Labelled(task.name, task.kind, data.ids[keep], data.y[keep], data.splits[keep])
     protocol, note = open_task(labelled, cfg.cv, cfg.seed, run, "within")
     if run is None or run.protocol(task.name) is None:  # decided here, from the labels' splits
@@ -610,7 +659,7 @@ def _write_map(out: Path, ids: np.ndarray, coords: np.ndarray, labels: np.ndarra
     return {**files, "map": out / "map.png"}
 
 
-def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
+def _write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, columns, extrasaction="ignore")
         writer.writeheader()
