@@ -110,6 +110,7 @@ def _columns(reader, path: Path, columns: list[str], wanted: list[str]) -> dict[
     at = [columns.index(c) for c in wanted]
     cells: dict[str, list[str]] = {c: [] for c in wanted}
     lists, shared, seen = [cells[c] for c in wanted], {}, set()
+    split = wanted.index("split") if "split" in cells else None
     for line, row in enumerate(filter(None, reader), start=2):
         if len(row) > len(columns):
             raise PipelineError(f"{path}:{line}: {len(row)} fields, but the header has "
@@ -121,8 +122,8 @@ def _columns(reader, path: Path, columns: list[str], wanted: list[str]) -> dict[
         if sid in seen:
             raise PipelineError(f"{path}:{line}: duplicate id {sid!r} (first on line {cells['id'].index(sid) + 2})")
         seen.add(sid)
-        if "split" in cells:
-            check_split(values[wanted.index("split")], f"{path}:{line}")
+        if split is not None:
+            check_split(values[split], f"{path}:{line}")
         lists[0].append(sid)
         for out, value in zip(lists[1:], values[1:]):
             out.append(shared.setdefault(value, value))

@@ -217,11 +217,11 @@ class _Found:
     pixels: Images | None  # the images, for the copies' pixel check (None where unreachable)
     _nearest: tuple[np.ndarray, np.ndarray] | None = None
 
-    @property
+    @cached_property
     def labels(self) -> np.ndarray:
         return self.cache.labels[self.rows]
 
-    @property
+    @cached_property
     def splits(self) -> np.ndarray:
         return self.cache.splits[self.rows]
 
