@@ -76,6 +76,9 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
     flagged = result.outliers.where("outlier")
     body.append(f"<h2>Outliers</h2><p>{len(flagged)} images beyond the fence of the outlier score (the mean cosine "
                 "distance to their nearest images); the most outlying first.</p>")
+    if result.search not in ("", "exact"):
+        body.append(f"<p>Every image's nearest others (the copies' candidates, the outlier scores) were found by "
+                    f"{e(result.search)}.</p>")
     body.append(_cards(
         (o["id"], thumb(o["id"]), f"{e(o['label'])} &middot; score {o['score']:.3f}",
          f"nearest {e(o['nearest_id'])} ({o['nearest_similarity']})") for o in result.outliers[:top]))

@@ -41,6 +41,7 @@ PIXEL_COPY = 0.975  # benchmarks/copies_quality.py: copies 0.983 and up, distinc
 # Below this cosine the embeddings alone call nothing a copy: the pixel-confirmed copies of hymenoptera
 # (lite0) reach down to 0.862 (docs/audit.md), independent generated embeddings up to 0.39.
 EMBEDDING_FLOOR = 0.8
+PAIR_ROWS = 2 ** 16  # rows whose candidate pairs are made at once (copies.candidates)
 EDGE_IMAGES = 512  # images whose edge maps are kept (each up to ~0.6 MB as float16 with every alignment)
 ALIGNMENTS = (("crop", 0.9),) + tuple(("rotate", d) for d in (-5, -4, -3, -2, 2, 3, 4, 5))
 
@@ -134,14 +135,21 @@ def candidates(X: np.ndarray, k: int = CANDIDATE_K, block: int = BLOCK,
                nearest: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each row's ``k`` nearest other rows of normalised features: (sims, idx), as :func:`knn` gives them
     (the first ``k`` of ``nearest``, a search of ``X`` against itself already made), and the unique pairs
-    ``i < j`` among them with their similarity (i, j, s), most similar first."""
-    sims, idx = nearest_others(X, k, block) if nearest is None else (a[:, :k] for a in nearest)
-    rows = np.repeat(np.arange(len(X)), idx.shape[1])
-    cols, s = idx.ravel(), sims.ravel()
-    ok = cols >= 0
-    i, j = np.minimum(rows, cols)[ok], np.maximum(rows, cols)[ok]
-    _, first = np.unique(i.astype(np.int64) * len(X) + j, return_index=True)
-    i, j, s = i[first], j[first], s[ok][first]
+    ``i < j`` among them with their similarity (i, j, s), most similar first. A pair both ends list is
+    kept from its first row's list; the pairs are made :data:`PAIR_ROWS` rows at a time, as int32 where
+    the rows allow (ten million rows' 80 million pairs as int64 and their sorted copies held 5 GB)."""
+    sims, idx = (a[:, :k] for a in (nearest_others(X, k, block)[:2] if nearest is None else nearest))
+    at = np.int32 if len(idx) < 2 ** 31 else np.int64
+    parts = []
+    for start in range(0, len(idx), PAIR_ROWS):
+        cols = idx[start:start + PAIR_ROWS]
+        rows = np.arange(start, start + len(cols), dtype=at)[:, None]
+        listed_back = (idx[np.maximum(cols, 0)] == rows[:, :, None]).any(axis=2)
+        keep = (cols >= 0) & ((rows < cols) | ~listed_back)
+        rows, cols = np.broadcast_to(rows, cols.shape)[keep], cols[keep].astype(at)
+        parts.append((np.minimum(rows, cols), np.maximum(rows, cols), sims[start:start + PAIR_ROWS][keep]))
+    i, j, s = (np.concatenate([p[n] for p in parts]) if parts else np.zeros(0, t)
+               for n, t in enumerate((at, at, sims.dtype)))
     order = np.lexsort((j, i, -s))
     return sims, idx, np.stack([i[order], j[order]]), s[order]
 

@@ -99,6 +99,7 @@ class AuditResult:
     map_method: str
     files: dict[str, Path] = field(default_factory=dict)
     copy_rule: str = ""  # how the copies were confirmed (pipeline.copies.Copies.rule)
+    search: str = ""  # how every image's nearest others were found (pipeline.similarity.describe_search)
     set_aside: list[str] = field(default_factory=list)  # with a run: the label issues it set aside, and the ranking then
 
     @property
@@ -120,6 +121,8 @@ class AuditResult:
                      f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
         flagged = len(self.outliers.where("outlier"))
         lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
+        if self.search not in ("", "exact"):
+            lines.append(f"nearest others (the copies' candidates, the outliers' scores): {self.search}")
         lines += self.set_aside
         if "map" in self.files:
             lines.append(f"map ({self.map_method}): {self.files['map']}")

@@ -46,10 +46,21 @@ class TaskData:
     X: np.ndarray | None  # None when joined with ``load=False``
     y: np.ndarray
     splits: np.ndarray
-    dropped: int  # labelled rows left out: their image failed, is not in the cache (yet) or is no longer listed
+    left_out: np.ndarray  # ids of labelled rows left out: their image failed, is not in the cache (yet) or is no longer listed
     rows: np.ndarray  # each sample's row in the cache
     kind: str = "classification"
     groups: np.ndarray | None = None  # each sample's group ("": none); None without a group column
+
+    @property
+    def dropped(self) -> int:
+        """How many labelled rows were left out."""
+        return len(self.left_out)
+
+    def left_out_note(self, where: str) -> str:
+        """``2 labelled image(s) have no features in WHERE (such as 'a.jpg')`` ("" where none was left out)."""
+        if not self.dropped:
+            return ""
+        return f"{self.dropped} labelled image(s) have no features in {where} (such as {str(self.left_out[0])!r})"
 
     @property
     def holdout_split(self) -> str | None:
@@ -170,7 +181,7 @@ def cache_task(cache: FeatureCache) -> Task:
 def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool = True) -> TaskData:
     """Features of ``task``'s samples from ``cache`` (only their rows with ``load=False``). Samples the
     cache holds no current features of (failed, not extracted yet, or no longer listed) are left out and
-    counted in ``dropped``; a task none of whose ids the cache knows is an error (ids of another form)."""
+    listed in ``left_out``; a task none of whose ids the cache knows is an error (ids of another form)."""
     rows = cache.find_rows(task.ids)
     if not (rows >= 0).any():
         try:
@@ -183,7 +194,7 @@ def join_task(cache: FeatureCache, task: Task, tap: str = "pooled", load: bool =
     rows = rows[valid]
     return TaskData(
         task=task.name, ids=task.ids[valid], X=cache.features(tap, rows) if load else None, y=task.labels[valid],
-        splits=np.asarray(splits)[valid], dropped=int((~valid).sum()), rows=rows, kind=task.kind,
+        splits=np.asarray(splits)[valid], left_out=task.ids[~valid], rows=rows, kind=task.kind,
         groups=None if task.groups is None else task.groups[valid],
     )
 

@@ -117,10 +117,12 @@ def test_label_file_ids_the_cache_lacks_are_left_out_and_said(tiny_run, tmp_path
         rows = [f"{i},{label}" for i, label in zip(c.ids, c.labels)]
     (tmp_path / "labels.csv").write_text("\n".join(["id,label", *rows, "not/there.jpg,red", "nor/here.jpg,blue"]))
     res = fit(tiny_run["cache"], tmp_path / "run", labels=[tmp_path / "labels.csv"], heads=["centroid"], progress=False)
-    assert any("task 'labels': 2 labelled image(s) have no features in" in n for n in res.notes), res.notes
+    assert any("task 'labels': 2 labelled image(s) have no features in" in n and "(such as 'not/there.jpg')" in n
+               for n in res.notes), res.notes
     assert len(RunFolder(tmp_path / "run").protocol("labels").ids) == len(rows)
     found = audit(tiny_run["cache"], tmp_path / "audit", labels=[tmp_path / "labels.csv"], map="none", progress=False)
-    assert "2 labelled image(s) have no features in the cache: left out" in {t.task: t for t in found.tasks}["labels"].note
+    assert ("2 labelled image(s) have no features in the cache (such as 'not/there.jpg'): left out"
+            in {t.task: t for t in found.tasks}["labels"].note)
 
 
 def test_too_few_samples_for_cv(tiny_run, tmp_path):

@@ -44,7 +44,6 @@ def test_many_queries_go_cell_by_cell_and_find_what_the_inverted_files_search_fi
     joins = []
     real = similarity.NeighbourIndex._cell_join
     monkeypatch.setattr(similarity.NeighbourIndex, "_cell_join", lambda *a: joins.append(1) or real(*a))
-    monkeypatch.setattr(similarity, "JOIN_CELLS", 5000)  # several products a cell
     sims, idx = index.search(X, 10, np.arange(len(X)))
     assert joins and index._ivf.nprobe < index._ivf.nlist
     np.testing.assert_array_equal(idx[:100], few[1])
@@ -62,12 +61,36 @@ def test_a_chunked_index_searched_cell_by_cell_finds_what_faiss_finds_in_its_byt
     joins = []
     real = similarity._cell_join
     monkeypatch.setattr(similarity, "_cell_join", lambda *a: joins.append(1) or real(*a))
-    sims, idx = similarity.nearest_others(RowChunks(lambda rows: X[rows], len(X), X.shape[1], 2000), 10)
+    sims, idx, search = similarity.nearest_others(RowChunks(lambda rows: X[rows], len(X), X.shape[1], 2000), 10)
+    assert search.startswith(f"an inverted file of {index._index.nlist} cells (a byte per feature), "
+                             f"{index._index.nprobe} probed: recall@10 ")
     assert len(joins) == 3 and (idx >= 0).all() and not (idx == np.arange(len(X))[:, None]).any()
     assert (idx[:100] == few[1]).mean() > 0.99  # rounding may swap two neighbours that tie
     np.testing.assert_allclose(np.sort(sims[:100], 1), np.sort(few[0], 1), atol=1e-5)
     truth = similarity.knn(X[:500], X, 10, exclude=np.arange(500))[1]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx[:500], truth)]) >= similarity.TARGET_RECALL
+
+
+def test_every_rows_search_compares_each_row_with_at_most_scan_rows_and_says_the_recall_it_reached(monkeypatch):
+    """The audit's search of every row against the others grows linearly with the rows: where the recall
+    target would need more cells than SCAN_ROWS rows, fewer are probed, and the recall reached is said."""
+    X, _ = clustered(6000, dim=32)
+    chunks = RowChunks(lambda rows: X[rows], len(X), X.shape[1], 2000)
+    free = similarity.ChunkedIndex(lambda: (chunk for _, chunk in chunks))
+    assert free.recall >= similarity.TARGET_RECALL and free._index.nprobe > 1
+    cell = free._index.ntotal / free._index.nlist
+    monkeypatch.setattr(similarity, "SCAN_ROWS", int(cell))  # one cell's rows: one probe
+    monkeypatch.setattr(similarity, "EXACT_BELOW", 1000)  # in memory too
+    for found in (similarity.nearest_others(chunks, 10), similarity.nearest_others(X, 10)):
+        assert " 1 probed: recall@10 " in found.search, found.search
+        assert f"below the {similarity.TARGET_RECALL} sought" in found.search
+        assert (found.idx >= 0).all() and not (found.idx == np.arange(len(X))[:, None]).any()
+    bound = similarity.ChunkedIndex(lambda: (chunk for _, chunk in chunks), max_scan=int(cell))
+    assert bound._index.nprobe == 1 and bound.recall < free.recall
+    truth = similarity.knn(X[:500], X, 10)[1]
+    found = bound.search(X[:500], 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) == pytest.approx(bound.recall, abs=0.05)
+    assert pickle.loads(pickle.dumps(bound)).recall == bound.recall
 
 
 def test_knn_follows_the_threshold(monkeypatch):

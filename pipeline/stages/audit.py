@@ -42,7 +42,7 @@ from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ra
 from ..findings import AuditResult, Rows, TaskAudit, cells, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
-from ..similarity import BLOCK, nearest_others, normalized
+from ..similarity import BLOCK, Nearest, nearest_others, normalized
 from ..tasks import Task, TaskData, cache_task, join_task, label_files, read_labels
 from ..validation import Rule, Settings, at_least, between, one_of, optional, parse_size, size, unknown
 
@@ -162,7 +162,7 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         step.done(f"copies: {int(copies.confirmed.sum())} pairs confirmed of {len(duplicates)} listed")
         outliers = find_outliers(found.ids, found.labels, found.splits, found.nearest(cfg.neighbours(), cfg.block), cfg.k)
         step.done(f"outliers: {len(outliers.where('outlier'))} of {len(outliers)} images beyond the fence")
-        result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule())
+        result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule(), search=found.search)
         step.writing = True
         result.files = _write(result)
         if cfg.map != "none" and len(found.ids) >= 5:
@@ -215,7 +215,7 @@ class _Found:
     X: np.ndarray | RowChunks  # read by chunks over --max-memory
     tasks: list[tuple[Task, TaskData]]
     pixels: Images | None  # the images, for the copies' pixel check (None where unreachable)
-    _nearest: tuple[np.ndarray, np.ndarray] | None = None
+    _nearest: Nearest | None = None
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -240,9 +240,14 @@ class _Found:
     def nearest(self, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
         """Every image's ``k`` nearest others (similarities, indices): one search, made at the first ask
         and shared by the leak check, the copies and the outliers (each takes the first columns it needs)."""
-        if self._nearest is None or self._nearest[1].shape[1] < min(k, len(self.ids) - 1):
+        if self._nearest is None or self._nearest.idx.shape[1] < min(k, len(self.ids) - 1):
             self._nearest = nearest_others(self.X, k, block)
-        return self._nearest
+        return self._nearest.sims, self._nearest.idx
+
+    @property
+    def search(self) -> str:
+        """How the nearest others were found (:func:`~pipeline.similarity.describe_search`), once they were."""
+        return self._nearest.search if self._nearest is not None else ""
 
     def colour(self) -> np.ndarray:
         """What the map colours points by: the first task's labels ("" where it has none)."""
@@ -401,16 +406,37 @@ def _class_issues(y: np.ndarray, names: list[str], probs: np.ndarray,
     """Self-confidence (the probability of the given class) and confident learning's label issues;
     ``batched``: cleanlab's batched finder (the lowest self-confidence, as many as confident learning
     counts, read a block of rows at a time) instead of pruning by noise rate, which copies ``probs``."""
-    from cleanlab.experimental.label_issues_batched import find_label_issues_batched
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     given = np.searchsorted(names, y.astype(str))
     if len(np.unique(given)) < 2:
         return np.full(len(y), np.nan), np.zeros(len(y), bool), ""
-    flagged = (find_label_issues_batched(given, probs, batch_size=FINDER_BATCH, n_jobs=1, verbose=False, return_mask=True)
-               if batched else find_label_issues(given, probs, n_jobs=1))
+    flagged = _batched_class_issues(given, probs) if batched else find_label_issues(given, probs, n_jobs=1)
     return get_label_quality_scores(given, probs, method="self_confidence"), flagged, ""
+
+
+def _batched_class_issues(given: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """What cleanlab's ``find_label_issues_batched`` flags (``return_mask=True``), its ``LabelInspector``
+    driven as that function drives it, :data:`FINDER_BATCH` rows at a time, and its last step too (no
+    issue where the given class is the top prediction) made a block at a time: cleanlab makes that step
+    on a copy of every probability (``count._reduce_issues``), 4 GB at ten million images of 100 classes."""
+    from cleanlab.experimental.label_issues_batched import LabelInspector
+    from cleanlab.internal.constants import FLOATING_POINT_COMPARISON
+
+    inspector = LabelInspector(num_class=probs.shape[1], verbose=False, n_jobs=1)
+    blocks = [slice(start, start + FINDER_BATCH) for start in range(0, len(given), FINDER_BATCH)]
+    for block in blocks:
+        inspector.update_confident_thresholds(given[block], probs[block])
+    for block in blocks:
+        inspector.score_label_quality(given[block], probs[block])
+    flagged = np.zeros(len(given), bool)
+    flagged[inspector.get_label_issues()] = True
+    for block in blocks:
+        nudged = probs[block].copy()
+        nudged[np.arange(len(nudged)), given[block]] += FLOATING_POINT_COMPARISON
+        flagged[block] &= nudged.argmax(axis=1) != given[block]
+    return flagged
 
 
 def _tag_issues(y: np.ndarray, names: list[str], probs: np.ndarray,
@@ -601,7 +627,7 @@ def _protocol(task: Task, data: TaskData, keep: np.ndarray, run: RunFolder | Non
     if run is None or run.protocol(task.name) is None:  # decided here, from the labels' splits
         held = note if run is None else f"{run.path} holds no protocol for it; decided as fit decides"
         note = "; ".join(filter(None, [held, unused_split_note(task.name, labelled.splits)]))
-    left = f"{data.dropped} labelled image(s) have no features in the cache: left out" if data.dropped else ""
+    left = f"{data.left_out_note('the cache')}: left out" if data.dropped else ""
     return protocol, "; ".join(filter(None, [note, left]))
 
 

@@ -393,7 +393,7 @@ def _sources(opened: list[tuple[Path, FeatureCache]], extra_tasks: list[Task], c
             for tap in cfg.taps or cache.taps:
                 within = cfg.fits_in_memory(len(rows), cache.info()["taps"][tap]) if tap in cache.taps else True
                 task_data = TaskData(task=name, ids=protocol.ids, X=cache.features(tap, rows) if load and within else None,
-                                     y=protocol.y, splits=np.full(len(rows), ""), dropped=data.dropped, rows=rows,
+                                     y=protocol.y, splits=np.full(len(rows), ""), left_out=data.left_out, rows=rows,
                                      kind=protocol.kind)
                 sources.append(_Source(cache.backbone, cache.spec.weights_sha256[:12], cache.spec.key, tap, task_data,
                                        protocol, [(path, cache)]))
@@ -712,10 +712,9 @@ def _head_label(head: str, params: dict | None) -> str:
 
 def _left_out(sources: list[_Source]) -> list[str]:
     """A note per task and cache that lacks the features of some of the task's labelled images."""
-    said = {(src.data.task, src.parts[0][0]): src.data.dropped for src in sources
-            if len(src.parts) == 1 and src.data.dropped}
-    return [f"task {task!r}: {n} labelled image(s) have no features in {path.name} (not extracted yet, unreadable, "
-            "or no longer in its source): left out" for (task, path), n in said.items()]
+    said = {(src.data.task, src.parts[0][0]): src.data for src in sources if len(src.parts) == 1 and src.data.dropped}
+    return [f"task {task!r}: {data.left_out_note(path.name)} (not extracted yet, unreadable, or no longer in its "
+            "source): left out" for (task, path), data in said.items()]
 
 
 def _unseen(protocols: dict[str, Protocol]) -> list[str]:
