@@ -76,7 +76,7 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
     flagged = result.outliers.where("outlier")
     body.append(f"<h2>Outliers</h2><p>{len(flagged)} images beyond the fence of the outlier score (the mean cosine "
                 "distance to their nearest images); the most outlying first.</p>")
-    if result.search not in ("", "exact"):
+    if result.search_said:
         body.append(f"<p>Every image's nearest others (the copies' candidates, the outlier scores) were found by "
                     f"{e(result.search)}.</p>")
     body.append(_cards(

@@ -103,6 +103,11 @@ class AuditResult:
     set_aside: list[str] = field(default_factory=list)  # with a run: the label issues it set aside, and the ranking then
 
     @property
+    def search_said(self) -> bool:
+        """Whether the summary and the page say how the nearest others were found: only where not exactly."""
+        return self.search not in ("", "exact")
+
+    @property
     def copies(self) -> list[dict]:
         return [d for d in self.duplicates if d["confirmed"]]
 
@@ -121,7 +126,7 @@ class AuditResult:
                      f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
         flagged = len(self.outliers.where("outlier"))
         lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
-        if self.search not in ("", "exact"):
+        if self.search_said:
             lines.append(f"nearest others (the copies' candidates, the outliers' scores): {self.search}")
         lines += self.set_aside
         if "map" in self.files:
