@@ -317,10 +317,12 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a fit run folder")],
     row: Annotated[Optional[int], typer.Option("--row", help="leaderboard row, counted from 1 as in leaderboard.md")] = None,
 ) -> None:
-    """Write RUN_DIR/report.html again, or, with --row N, print one row's per-class precision, recall
-    and F1 and its confusion matrix (and add that matrix to the report)."""
+    """Write RUN_DIR/report.html again, or, with --row N, print one row scored part by part: per class
+    (precision, recall, F1, and the confusion matrix), per tag (average precision, and precision, recall
+    and F1 at 0.5) or per quarter of the target's range (MAE, RMSE, mean error); its plot joins the report."""
     from pipeline.evaluation import RunFolder
-    from pipeline.report import publish, row_report
+    from pipeline.kinds import get_kind
+    from pipeline.report import publish, row_report, table_lines
 
     run = RunFolder(run_dir)
     if not run.exists:
@@ -329,17 +331,19 @@ def report(
         typer.echo(f"report: {publish(run)['report']}")
         return
     rep = row_report(run_dir, row)
-    r, m = rep["row"], rep["row"].metrics
+    r, found, kind = rep["row"], rep["breakdown"], get_kind(rep["row"].task_kind)
+    low, high = (r.metrics[c] for c in kind.interval)
     typer.echo(f"row {row}: {r.backbone} / {r.tap} / {r.task} / {r.head} on {r.eval}: "
-               f"accuracy {m['accuracy']:.4f} [{m['acc_low']:.4f}, {m['acc_high']:.4f}]")
-    width = max(len(c) for c in rep["labels"] + ["class"])
-    typer.echo(f"{'class':{width}s}  precision  recall  f1      support")
-    for c, pc in rep["per_class"].items():
-        typer.echo(f"{c:{width}s}  {pc['precision']:.4f}     {pc['recall']:.4f}  {pc['f1-score']:.4f}  {int(pc['support'])}")
-    typer.echo("confusion (rows: true, columns: predicted, in the order above):")
-    for c, counts in zip(rep["labels"], rep["confusion"]):
-        typer.echo(f"{c:{width}s}  " + " ".join(f"{n:5d}" for n in counts))
-    typer.echo(f"plot: {rep['png']}")
+               f"{kind.primary} {r.score:.4f} [{low:.4f}, {high:.4f}]")
+    for line in table_lines(found.columns, found.lines):
+        typer.echo(line)
+    if found.confusion is not None:
+        width = max(len(c) for c in found.labels + [found.columns[0]])
+        typer.echo("confusion (rows: true, columns: predicted, in the order above):")
+        for c, counts in zip(found.labels, found.confusion):
+            typer.echo(f"{c:{width}s}  " + " ".join(f"{n:5d}" for n in counts))
+    if rep["png"] is not None:
+        typer.echo(f"plot: {rep['png']}")
     typer.echo(f"report: {publish(run)['report']}")
 
 
@@ -390,6 +394,7 @@ def audit(
     map_method: Annotated[str, typer.Option("--map", help="2-D map: auto (UMAP when umap-learn is installed, else t-SNE), umap, tsne, none")] = "auto",
     top: Annotated[int, typer.Option("--top", help="examples of each finding shown on the page")] = 24,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="bound on the features and their copies the audit holds, e.g. 8GB (powers of 1024) or a number of bytes: under it the audit holds every image's features, over it it reads them from the cache by chunks")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier audit in --out (refused otherwise); its files are removed only when the new audit's are written")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="say each step as it ends")] = True,
 ) -> None:
     """Ask the cache about the data: probable label errors (cleanlab on out-of-fold probabilities),
@@ -399,7 +404,7 @@ def audit(
 
     result = run_audit(caches, out, labels or [], run=run, data=data, tap=tap, head=head, cv=cv, seed=seed,
                        dup_threshold=dup_threshold, k=k, map=map_method, top=top, max_memory=max_memory,
-                       progress=progress)
+                       overwrite=overwrite, progress=progress)
     for line in result.lines():
         typer.echo(line)
     if run is not None:

@@ -86,7 +86,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     planted, flipped, label_file = plant(Path(args.data), work, args.copies, args.flip, args.seed)
     caches = [r.cache for r in extract(work / "data", args.backbone or ["tf_efficientnet_lite0.in1k"], work / "cache", progress=False)]
-    result = audit(caches, work / "audit", [label_file], data=work / "data", head=args.head)
+    result = audit(caches, work / "audit", [label_file], data=work / "data", head=args.head, overwrite=True)
     print("\n".join(result.lines()))
 
     task = next(t for t in result.tasks if t.task == label_file.stem)

@@ -170,7 +170,7 @@ def one_size(n: int, a: argparse.Namespace, root: Path) -> dict:
     for name, bound in audits.items():
         if name not in [x.strip() for x in a.skip.split(",")]:
             stages[name] = run_stage(name, [*exe, "audit", str(cache), "--labels", "labels_split.csv", "--out",
-                                            name.replace(" ", "_"), "--map", "none", *bound], here)
+                                            name.replace(" ", "_"), "--map", "none", "--overwrite", *bound], here)
             stages[name].update(audit_quality(here / name.replace(" ", "_"), truth))
     for name, script, extra in (("neighbors", NEIGHBOURS, []), ("predict", PREDICT, [f"run_{a.protocols.split(',')[0]}"])):
         stages[name] = run_stage(name, [sys.executable, "-c", script, str(cache), *extra], here)

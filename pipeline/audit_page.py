@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .data import load_image
 from .files import atomic_path
-from .findings import AuditResult
+from .findings import PAGE, AuditResult
 
 THUMB = 150
 e = html.escape
@@ -89,7 +89,7 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
                     f"src='data:image/png;base64,{data}'>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit: {e(result.out.name)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-    path = result.out / "audit.html"
+    path = result.out / PAGE
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

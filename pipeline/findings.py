@@ -5,6 +5,7 @@ them) and by its page (:mod:`pipeline.audit_page`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -14,8 +15,19 @@ from .evaluation import Protocol, slug
 from .copies import leak_message
 
 
+DUPLICATES, OUTLIERS, MAP_CSV, MAP, PAGE = "duplicates.csv", "outliers.csv", "map.csv", "map.png", "audit.html"
+LABEL_ISSUES = "label_issues_{}.csv"
+
+
 def label_issues_file(task: str) -> str:
-    return f"label_issues_{slug(task)}.csv"
+    return LABEL_ISSUES.format(slug(task))
+
+
+def audit_files(folder: Path) -> list[Path]:
+    """The files an audit writes that ``folder`` holds: an earlier audit's (finished where :data:`PAGE`,
+    written last, is among them), replaced as a whole so that no task's file outlives its audit."""
+    named = [folder / name for name in (DUPLICATES, OUTLIERS, MAP_CSV, MAP, PAGE)]
+    return [p for p in named if p.is_file()] + sorted(folder.glob(LABEL_ISSUES.format("*")))
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +85,10 @@ class TaskAudit:
     leaked: list[str]
     note: str = ""
 
-    @property
+    @cached_property
     def issues(self) -> Rows:
-        """The flagged rows of the ranking, most suspicious first."""
+        """The flagged rows of the ranking, most suspicious first (found once: the ranking may hold ten
+        million rows)."""
         return self.ranking.where("flagged")
 
     def lines(self, out: Path) -> list[str]:

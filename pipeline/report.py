@@ -128,9 +128,10 @@ def write_html_report(run: RunFolder) -> Path:
             body.append(_html_table(["head / backbone"] + shots, [[name] + vals for name, vals in table]))
         if kind.single_label:
             body.append("<h3>Confusion matrix of the best row</h3>" + _html_image(run.artifact("confusion", task)))
-    extra = [p for n in range(1, len(rows) + 1) if (p := run.artifact("confusion_row", row=n)).is_file()]
+    extra = [p for n in range(1, len(rows) + 1) for name in ("confusion_row", "scatter_row")
+             if (p := run.artifact(name, row=n)).is_file()]
     if extra:
-        body.append("<h2>Confusion matrices of other rows</h2>" + "".join(_html_image(p) for p in extra))
+        body.append("<h2>Other rows (pipeline report --row)</h2>" + "".join(_html_image(p) for p in extra))
     body.append("<h2>How this was made</h2>")
     for entry in run.history():
         body.append(f"<h3>{e(entry['stage'])}, finished {e(entry['finished'])} ({entry['seconds']} s)</h3>"
@@ -234,23 +235,35 @@ def plot_best_confusions(run: RunFolder) -> dict[str, Path]:
 
 
 def row_report(run_dir: str | os.PathLike, row: int) -> dict:
-    """Per-class precision, recall, F1 and support, and the confusion matrix, of leaderboard row ``row``
-    (counted from 1 as in ``leaderboard.md``); writes ``confusion_row<N>.png`` into the run."""
-    from sklearn.metrics import classification_report, confusion_matrix
-
+    """Leaderboard row ``row`` (counted from 1 as in ``leaderboard.md``) scored part by part, as its task's
+    kind breaks it down (:meth:`~pipeline.kinds.TaskKind.breakdown`: by class, by tag, by range of the
+    target), and its plot written into the run (``confusion_row<N>.png`` or ``scatter_row<N>.png``), if
+    the kind draws one: ``dict(row=, breakdown=, png=)``."""
     run = RunFolder(run_dir)
     rows = run.rows()
     check(dict(row=row), dict(row=between(1, len(rows))))  # the run's rows, counted from 1
     r = rows[row - 1]
-    if not get_kind(r.task_kind).single_label:
-        raise PipelineError(f"row {row} is of a {r.task_kind} task; per-class reports are for one class per image")
     _, y_true, y_pred = run.read_predictions(r)
-    labels = sorted(set(y_true) | set(y_pred))
-    per_class = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
-    title = f"{r.backbone} / {r.tap} / {r.head} on {r.task} ({r.eval}): acc {r.score:.3f}"
-    png = plot_confusion(y_true, y_pred, labels, run.artifact("confusion_row", row=row), title)
-    return dict(row=r, labels=labels, per_class={c: per_class[c] for c in labels},
-                confusion=confusion_matrix(y_true, y_pred, labels=labels).tolist(), png=png)
+    protocol = run.protocol(r.task)
+    kind = get_kind(r.task_kind)
+    try:
+        found = kind.breakdown(y_true, y_pred, protocol.names if protocol is not None else [])
+    except NotImplementedError:
+        raise PipelineError(f"row {row} is of a {r.task_kind} task, whose kind breaks no score down") from None
+    title = f"{r.backbone} / {r.tap} / {r.head} on {r.task} ({r.eval}): {kind.primary} {r.score:.3f}"
+    png = None
+    if found.confusion is not None:
+        png = plot_confusion(y_true, y_pred, found.labels, run.artifact("confusion_row", row=row), title)
+    elif found.scatter is not None:
+        png = plot_scatter(*found.scatter, run.artifact("scatter_row", row=row), title)
+    return dict(row=r, breakdown=found, png=png)
+
+
+def table_lines(columns: Sequence[str], lines: Sequence[tuple]) -> list[str]:
+    """A plain-text table, each column as wide as its widest cell, numbers to 4 decimals."""
+    cells = [list(columns)] + [[_fmt(v) if isinstance(v, float) else str(v) for v in line] for line in lines]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(columns))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
@@ -275,12 +288,9 @@ MANY_CLASSES = 30  # above this a confusion matrix is drawn as a heat map withou
 
 def plot_confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], path: str | os.PathLike, title: str) -> Path:
     """Save a confusion-matrix PNG (rows: true class, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    plt = _pyplot()
     n = len(labels)
     many = n > MANY_CLASSES  # no counts in the cells, a bounded figure: 100 classes drew 6,000 x 6,000 pixels (2 GB)
     side = min(0.12 * n, 12) if many else 0.5 * n
@@ -289,11 +299,40 @@ def plot_confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence[str], pa
                                             include_values=not many, xticks_rotation=45 if n > 6 else "horizontal")
     if many:
         ax.tick_params(labelsize=max(2, 8 - n // 25))
+    return _save(fig, ax, title, path)
+
+
+def plot_scatter(y_true: np.ndarray, y_pred: np.ndarray, path: str | os.PathLike, title: str) -> Path:
+    """Save a PNG of predictions against the truth, the line where they are equal drawn (many points as
+    a hexagonal heat map)."""
+    fig, ax = _pyplot().subplots(figsize=(5, 4.5))
+    if len(y_true) > 5000:
+        ax.hexbin(y_true, y_pred, gridsize=60, bins="log", mincnt=1)
+    else:
+        ax.scatter(y_true, y_pred, s=8, alpha=0.6)
+    ends = [min(y_true.min(), y_pred.min()), max(y_true.max(), y_pred.max())]
+    ax.plot(ends, ends, color="grey", linewidth=1)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    return _save(fig, ax, title, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, ax, title: str, path: str | os.PathLike) -> Path:
+    """Title the figure, write it as PNG (atomically) and let it go."""
     ax.set_title(textwrap.fill(title, 48), fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
 
 

@@ -460,9 +460,13 @@ def test_audit_and_neighbors_from_the_command_line(planted, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "label issues in flipped (val, 38 images): " in r.stdout and "page: " in r.stdout
     assert "audit: features of 38 images" in r.stderr
-    r = run_cli("audit", planted["cache"], "--out", tmp_path / "a", "--map", "none", "--head", "torch-logreg",
-                "--no-progress", cwd=tmp_path)
+    again = ("audit", planted["cache"], "--out", tmp_path / "a", "--map", "none", "--head", "torch-logreg", "--no-progress")
+    r = run_cli(*again, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: {tmp_path / 'a'} holds an earlier audit (audit.html); "
+                                                      "pass --overwrite to replace it, or another --out")
+    r = run_cli(*again, "--overwrite", cwd=tmp_path)
     assert r.returncode == 0 and "audit: " not in r.stderr and "page: " in r.stdout, r.stderr
+    assert not (tmp_path / "a" / "label_issues_flipped.csv").exists()  # the earlier audit's task went with it
     r = run_cli("audit", planted["cache"], "--out", tmp_path / "b", "--dup-threshold", "2")
     assert r.returncode == 1 and r.stderr.strip() == "error: --dup-threshold must be in (0, 1], got 2.0"
     r = run_cli("neighbors", planted["cache"], planted["data"] / ORIGINAL, "-k", "2", "--no-progress")
@@ -564,6 +568,22 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(planted, tmp_path):
     with pytest.raises(PipelineError, match="--out must be a folder for the audit's files, got the file"):
         audit(planted["cache"], tmp_path / "notes.txt", map="none", **FAST)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_earlier_audit_is_replaced_only_when_asked_and_then_as_a_whole(planted, tmp_path):
+    out = tmp_path / "audit"
+    audit(planted["cache"], out, [planted["labels"]], map="none", dup_threshold=EXACT, **FAST)
+    (out / "notes.txt").write_text("mine")
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"label_issues_flipped.csv", "audit.html"} <= set(written)
+    with pytest.raises(PipelineError, match=f"{re.escape(str(out))} holds an earlier audit \\(audit.html\\); pass "
+                                            "--overwrite to replace it, or another --out"):
+        audit(planted["cache"], out, map="none", dup_threshold=EXACT, **FAST)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+    result = audit(planted["cache"], out, map="none", dup_threshold=EXACT, overwrite=True, **FAST)
+    left = {p.name for p in out.iterdir()}
+    assert "label_issues_flipped.csv" not in left and "notes.txt" in left  # no task's file outlives its audit
+    assert left == {p.name for p in result.files.values()} | {"notes.txt"}
 
 
 def test_data_that_holds_none_of_the_caches_images_is_refused(planted, tmp_path):

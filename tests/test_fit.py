@@ -512,9 +512,10 @@ def test_report_row_per_class_and_confusion(tiny_run, tmp_path):
     rep = row_report(tmp_path / "run", 2)
     X_train, y_train, X_test, y_test = load_task(tiny_run["cache"]).holdout()
     pred = load_head(res.out / res.rows[1].head_file).predict(X_test)
-    assert rep["row"].head == res.rows[1].head and rep["labels"] == ["blue", "red"]
-    assert np.trace(rep["confusion"]) == int((pred == y_test).sum()) and np.sum(rep["confusion"]) == len(y_test)
-    assert rep["per_class"]["red"]["support"] == int((y_test == "red").sum())
+    found = rep["breakdown"]
+    assert rep["row"].head == res.rows[1].head and found.labels == ["blue", "red"]
+    assert np.trace(found.confusion) == int((pred == y_test).sum()) and np.sum(found.confusion) == len(y_test)
+    assert found.lines[1][0] == "red" and found.lines[1][4] == int((y_test == "red").sum())
     r = run_cli("report", tmp_path / "run", "--row", "2")
     assert r.returncode == 0 and "confusion (rows: true" in r.stdout and (tmp_path / "run" / "confusion_row2.png").is_file()
     r = run_cli("report", tmp_path / "run", "--row", "3")

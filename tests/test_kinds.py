@@ -89,6 +89,42 @@ def test_each_kind_has_its_columns_heads_and_chance(labelled):
             assert not r.above_chance, r
 
 
+def test_a_row_of_tags_or_numbers_is_broken_down_by_tag_or_by_range_of_the_target(labelled):
+    """``report --row`` on a tags row: each tag's AP (the leaderboard's ``map`` is their mean), precision,
+    recall and F1 at 0.5 and support; on a numbers row: the errors over every image (the leaderboard's MAE
+    and RMSE) and over each quarter of the target's range, and a plot of the predictions."""
+    from sklearn.metrics import precision_score
+    from typer.testing import CliRunner
+
+    from cli import app
+    from pipeline.report import row_report
+
+    run_dir = labelled["base"] / "run"
+    run = RunFolder(run_dir)
+    number = {r.task + "/" + r.head: k for k, r in enumerate(run.rows(), 1)}
+    tags = row_report(run_dir, number["tags/ridge"])
+    found, row = tags["breakdown"], tags["row"]
+    assert [line[0] for line in found.lines] == ["coin", "reddish"] and tags["png"] is None
+    assert np.mean([line[1] for line in found.lines]) == pytest.approx(row.metrics["map"])
+    _, y_true, scores = run.read_predictions(row)
+    reddish = np.array(["reddish" in t for t in y_true])
+    assert found.lines[1][2] == pytest.approx(precision_score(reddish, scores[:, 1] >= 0.5, zero_division=0))
+    assert found.lines[1][5] == reddish.sum()
+    numbers = row_report(run_dir, number["redness/ridge"])
+    found, row = numbers["breakdown"], numbers["row"]
+    assert found.columns == ("target", "mae", "rmse", "mean_error", "n") and found.lines[0][0] == "all"
+    assert found.lines[0][1:3] == pytest.approx((row.metrics["mae"], row.metrics["rmse"]))
+    assert sum(line[4] for line in found.lines[1:]) == found.lines[0][4] == row.n_test
+    assert found.lines[1][3] > 0 > found.lines[-1][3]  # ridge drawn to the mean: too high at the bottom, too low at the top
+    assert numbers["png"] == run_dir / f"scatter_row{number['redness/ridge']}.png" and numbers["png"].is_file()
+    said = CliRunner().invoke(app, ["report", str(run_dir), "--row", str(number["redness/ridge"])])
+    assert said.exit_code == 0, said.output
+    lines = said.output.splitlines()
+    assert lines[0].startswith(f"row {number['redness/ridge']}: ") and " / redness / ridge on val: r2 " in lines[0]
+    assert lines[1].split() == ["target", "mae", "rmse", "mean_error", "n"] and lines[2].split()[0] == "all"
+    assert f"plot: {numbers['png']}" in lines and "scatter_row" in (run_dir / "report.html").read_text()
+
+
 def test_a_rare_tag_keeps_the_map_interval_around_the_score():
     """A tag on 2 of 153 images is missing from about a third of the bootstrap draws; those draws keep
     its average precision as it is, so the interval stays around the score (leaving the tag out of their

@@ -56,6 +56,7 @@ ARTIFACTS = {
     "leaderboard": "leaderboard.json", "leaderboard_csv": "leaderboard.csv", "leaderboard_md": "leaderboard.md",
     "run": "run.json", "report": "report.html", "fewshot_csv": "fewshot.csv", "fewshot_json": "fewshot.json",
     "fewshot_plot": "fewshot_{task}.png", "confusion": "confusion_{task}.png", "confusion_row": "confusion_row{row}.png",
+    "scatter_row": "scatter_row{row}.png",
 }
 HEADS, PROTOCOLS, FINETUNE = "heads", "protocols", "finetune"
 # Beside the artifacts above, inside HEADS and FINETUNE (removed with them): a row's predictions, their

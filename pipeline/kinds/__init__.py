@@ -202,6 +202,12 @@ class TaskKind:
         """The metric columns beside the primary metric and its interval, in order."""
         return tuple(c for c in self.columns if c not in (self.primary, *self.interval))
 
+    def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> "Breakdown":
+        """A row's predictions of ``y_true`` scored part by part (``pipeline report --row``), where its one
+        score can hide a part it fails: by class, by tag, by range of the target
+        (:class:`~pipeline.kinds.parts.scoring.Breakdown`)."""
+        raise NotImplementedError
+
 
 def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
     """Class decorator: register a task kind under its ``name``."""

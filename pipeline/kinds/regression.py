@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 from . import TaskKind, register_kind
 from .metrics import register_metric
 from .parts import LinearLayer, NumberLabels, NumberPredictions, R2Scoring, ShuffledSplits
+from .parts.scoring import errors
 
 
 @register_kind
@@ -26,12 +27,12 @@ class Regression(NumberLabels, ShuffledSplits, R2Scoring, NumberPredictions, Lin
 
 @register_metric("regression", "mae")
 def mae(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
-    return np.mean(np.abs(y_pred - np.asarray(y_true, dtype=np.float64)))
+    return errors(y_true, y_pred)[0]
 
 
 @register_metric("regression", "rmse")
 def rmse(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
-    return np.sqrt(np.mean((y_pred - np.asarray(y_true, dtype=np.float64)) ** 2))
+    return errors(y_true, y_pred)[1]
 
 
 @register_metric("regression", "spearman")

@@ -39,7 +39,7 @@ from ..heads import create_head, fit_subsets, fits_on_chunks, has_head, list_hea
 from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task, unused_split_note
-from ..findings import AuditResult, Rows, TaskAudit, cells, label_issues_file
+from ..findings import DUPLICATES, MAP, MAP_CSV, OUTLIERS, PAGE, AuditResult, Rows, TaskAudit, audit_files, cells, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, Nearest, nearest_others, normalized
@@ -80,7 +80,8 @@ class AuditConfig(Settings):
     see :mod:`pipeline.copies`); the neighbours an outlier score averages over; the map's method and
     most points; how many examples of each finding the page shows; the search block; ``max_memory``, the
     bound on the features and their copies (``8GB``, powers of 1024, or a number of bytes; None: none):
-    under it the audit holds every image's features, over it it reads them from the caches by chunks."""
+    under it the audit holds every image's features, over it it reads them from the caches by chunks;
+    ``overwrite``: replace an earlier audit in the folder (refused otherwise)."""
 
     tap: str = "pooled"
     head: str = "auto"
@@ -93,6 +94,7 @@ class AuditConfig(Settings):
     top: int = 24
     block: int = BLOCK
     max_memory: str | int | None = None
+    overwrite: bool = False
 
     RULES = dict(head=Rule(_label_head_name, "auto, run, a head with class probabilities (logreg, torch-logreg, sgd, ...) "
                                              "or one of tags or numbers (ridge, ...)"),
@@ -134,6 +136,8 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out must be a folder for the audit's files, got the file {out}")
+    if (out / PAGE).is_file() and not cfg.overwrite:
+        raise PipelineError(f"{out} holds an earlier audit ({PAGE}); pass --overwrite to replace it, or another --out")
     run_folder = RunFolder(run) if run is not None else None
     if run_folder is not None and not run_folder.exists:
         raise PipelineError(f"{run} is not a fit run folder (no leaderboard.json)")
@@ -164,6 +168,8 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         step.done(f"outliers: {len(outliers.where('outlier'))} of {len(outliers)} images beyond the fence")
         result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule(), search=found.search)
         step.writing = True
+        for earlier in audit_files(out):
+            earlier.unlink()
         result.files = _write(result)
         if cfg.map != "none" and len(found.ids) >= 5:
             coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
@@ -423,15 +429,21 @@ def _batched_class_issues(given: np.ndarray, probs: np.ndarray) -> np.ndarray:
     on a copy of every probability (``count._reduce_issues``), 4 GB at ten million images of 100 classes."""
     from cleanlab.experimental.label_issues_batched import LabelInspector
     from cleanlab.internal.constants import FLOATING_POINT_COMPARISON
+    from cleanlab.rank import find_top_issues
 
-    inspector = LabelInspector(num_class=probs.shape[1], verbose=False, n_jobs=1)
+    # store_results=False: the inspector would keep every score in a Python list (0.4 GB at ten million
+    # images); the scores are kept here in one array and ranked as its get_label_issues ranks them
+    inspector = LabelInspector(num_class=probs.shape[1], store_results=False, verbose=False, n_jobs=1)
     blocks = [slice(start, start + FINDER_BATCH) for start in range(0, len(given), FINDER_BATCH)]
     for block in blocks:
         inspector.update_confident_thresholds(given[block], probs[block])
+    scores = None
     for block in blocks:
-        inspector.score_label_quality(given[block], probs[block])
+        got = inspector.score_label_quality(given[block], probs[block])
+        scores = np.empty(len(given), got.dtype) if scores is None else scores
+        scores[block] = got
     flagged = np.zeros(len(given), bool)
-    flagged[inspector.get_label_issues()] = True
+    flagged[find_top_issues(scores, top=inspector.get_num_issues(silent=True))] = True
     for block in blocks:
         nudged = probs[block].copy()
         nudged[np.arange(len(nudged)), given[block]] += FLOATING_POINT_COMPARISON
@@ -645,10 +657,10 @@ def _write(result: AuditResult) -> dict[str, Path]:
         if t.ranking:
             files[f"label_issues_{t.task}"] = _write_csv(out / label_issues_file(t.task), t.ranking,
                                                          ("id", "given", "suggested", "score", "flagged", "split"))
-    files["duplicates"] = _write_csv(out / "duplicates.csv", result.duplicates,
+    files["duplicates"] = _write_csv(out / DUPLICATES, result.duplicates,
                                      ("id_a", "id_b", "similarity", "split_a", "split_b", "cross", "pixel_similarity",
                                       "confirmed"))
-    files["outliers"] = _write_csv(out / "outliers.csv", result.outliers,
+    files["outliers"] = _write_csv(out / OUTLIERS, result.outliers,
                                    ("id", "label", "split", "score", "outlier", "nearest_id", "nearest_similarity"))
     return files
 
@@ -662,7 +674,7 @@ def _write_map(out: Path, ids: np.ndarray, coords: np.ndarray, labels: np.ndarra
     import matplotlib.pyplot as plt
 
     rows = [dict(id=i, x=round(float(x), 3), y=round(float(y), 3), label=lab) for i, (x, y), lab in zip(ids, coords, labels)]
-    files = {"map_csv": _write_csv(out / "map.csv", rows, ("id", "x", "y", "label"))}
+    files = {"map_csv": _write_csv(out / MAP_CSV, rows, ("id", "x", "y", "label"))}
     flagged = {d["id"] for d in audits[0].issues} if audits else set()
     fig, ax = plt.subplots(figsize=(7, 6))
     classes = sorted(set(labels))
@@ -679,10 +691,10 @@ def _write_map(out: Path, ids: np.ndarray, coords: np.ndarray, labels: np.ndarra
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    with atomic_path(out / "map.png") as tmp:
+    with atomic_path(out / MAP) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    return {**files, "map": out / "map.png"}
+    return {**files, "map": out / MAP}
 
 
 def _write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:

@@ -5,7 +5,7 @@
   ``TagLabels``, ``NumberLabels``);
 - :mod:`.splits`: ``folds``, ``subsplit`` (``StratifiedSplits``, ``TagStratifiedSplits``, ``ShuffledSplits``);
 - :mod:`.scoring`: ``primary``, ``interval``, ``core_columns``, ``chance``, ``score``, ``primary_score``,
-  ``p_same`` (``AccuracyScoring``, ``MeanAPScoring``, ``R2Scoring``; the paired bootstrap in :mod:`.bootstrap`);
+  ``p_same``, ``breakdown`` (``AccuracyScoring``, ``MeanAPScoring``, ``R2Scoring``; the paired bootstrap in :mod:`.bootstrap`);
 - :mod:`.predictions`: ``predict``, ``scores``, ``format_predictions``, ``parse_predictions``,
   ``prediction``, ``predict_columns`` (``ClassPredictions``, ``TagPredictions``, ``NumberPredictions``);
 - :mod:`.layers`: the fine-tuned network's last layer, ``outputs``, ``loss``, ``loss_scale``, ``targets``,

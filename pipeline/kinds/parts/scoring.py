@@ -5,10 +5,26 @@ two rows' predictions of the same samples."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.stats import binomtest
 
 from .bootstrap import bootstrap, interval, p_permutation, p_two_sided, permutations
+
+
+@dataclass
+class Breakdown:
+    """A row's metrics part by part (``pipeline report --row``): a table whose first column names what
+    each line is about (a class, a tag, a range of the target), and what its plot draws: a confusion
+    matrix (``labels``, ``confusion``: rows true, columns predicted) or the predictions against the truth
+    (``scatter``: true, predicted)."""
+
+    columns: tuple[str, ...]
+    lines: list[tuple]
+    labels: list[str] | None = None
+    confusion: list[list[int]] | None = None
+    scatter: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class ShuffledChance:
@@ -76,6 +92,17 @@ class AccuracyScoring(ShuffledChance):
     def primary_score(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> float:
         return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
+    def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> Breakdown:
+        """Each class's precision, recall, F1 and support, and the confusion matrix."""
+        from sklearn.metrics import classification_report, confusion_matrix
+
+        labels = sorted(set(y_true) | set(y_pred))
+        report = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
+        lines = [(c, report[c]["precision"], report[c]["recall"], report[c]["f1-score"], int(report[c]["support"]))
+                 for c in labels]
+        return Breakdown(("class", "precision", "recall", "f1", "support"), lines, labels,
+                         confusion_matrix(y_true, y_pred, labels=labels).tolist())
+
     def p_same(self, y_true: np.ndarray, mine: np.ndarray, best: np.ndarray, names: list[str]) -> float:
         """Exact McNemar test: of the samples exactly one of the two rows got right, is either side more
         often the one?"""
@@ -131,6 +158,16 @@ class MeanAPScoring(ResamplingScoring):
     def _expected(self, truth: np.ndarray, pred: np.ndarray, folds: np.ndarray) -> float:
         return expected_mean_ap(truth, pred, folds)
 
+    def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> Breakdown:
+        """Each tag's average precision (as ``map`` averages it; empty for a tag no scored image has),
+        precision, recall and F1 at 0.5, and support (the scored images with the tag)."""
+        from sklearn.metrics import precision_recall_fscore_support
+
+        Y = self._truth(y_true, names)
+        precision, recall, f1, support = precision_recall_fscore_support(Y, y_pred >= 0.5, zero_division=0)
+        return Breakdown(("tag", "ap", "precision", "recall", "f1", "support"),
+                         list(zip(names, mean_ap_per_tag(Y, y_pred), precision, recall, f1, support.tolist())))
+
 
 class R2Scoring(ResamplingScoring):
     """R² of numbers, bootstrap interval, permutation test against chance, the expected R² of the row's
@@ -150,6 +187,17 @@ class R2Scoring(ResamplingScoring):
 
     def _expected(self, truth: np.ndarray, pred: np.ndarray, folds: np.ndarray) -> float:
         return expected_r2(truth, pred, folds)
+
+    def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> Breakdown:
+        """MAE, RMSE and the mean error (predicted minus true: a model drawn to the mean errs upwards at the
+        bottom of the range and downwards at the top) over every scored image, then over each quarter of
+        them by true target; the predictions against the truth for the plot."""
+        y, pred = self._truth(y_true, names), np.asarray(y_pred, dtype=np.float64)
+        edges = np.quantile(y, [0, 0.25, 0.5, 0.75, 1])
+        quarter = np.clip(np.searchsorted(edges, y, side="right") - 1, 0, 3)
+        parts = [("all", np.ones(len(y), bool))] + [(f"{edges[q]:.4g} to {edges[q + 1]:.4g}", quarter == q) for q in range(4)]
+        lines = [(what, *errors(y[at], pred[at]), int(at.sum())) for what, at in parts if at.any()]
+        return Breakdown(("target", "mae", "rmse", "mean_error", "n"), lines, scatter=(y, pred))
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray, perms: np.ndarray | None = None) -> np.ndarray:
@@ -252,6 +300,12 @@ def _expected_average_precision(y: np.ndarray, s: np.ndarray, folds: np.ndarray)
     ex, ey = a @ p, b @ p
     var_x, cov_xy = (a * (n - a) * q).sum(1), -(a * b * q).sum(1)
     return float(np.sum((var_x + ex**2 + cov_xy + ex * ey) / (a + b).sum(1)) / y.sum())
+
+
+def errors(y: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
+    """Mean absolute error, root mean squared error and mean error (predicted minus true)."""
+    error = np.asarray(pred, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    return float(np.mean(np.abs(error))), float(np.sqrt(np.mean(error ** 2))), float(np.mean(error))
 
 
 def r2(y: np.ndarray, pred: np.ndarray, draws: np.ndarray | None = None, perms: np.ndarray | None = None) -> np.ndarray:
