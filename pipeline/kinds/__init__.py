@@ -21,13 +21,16 @@ in a fixed order (none for regression).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..errors import PipelineError
 from ..validation import unknown
 from .metrics import metrics_of, register_metric  # noqa: F401  (register_metric: the kinds' modules use it)
+
+if TYPE_CHECKING:
+    from .parts.scoring import Breakdown
 
 _KINDS: dict[str, "TaskKind"] = {}
 
@@ -202,7 +205,7 @@ class TaskKind:
         """The metric columns beside the primary metric and its interval, in order."""
         return tuple(c for c in self.columns if c not in (self.primary, *self.interval))
 
-    def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> "Breakdown":
+    def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> Breakdown:
         """A row's predictions of ``y_true`` scored part by part (``pipeline report --row``), where its one
         score can hide a part it fails: by class, by tag, by range of the target
         (:class:`~pipeline.kinds.parts.scoring.Breakdown`)."""
