@@ -319,7 +319,8 @@ def report(
 ) -> None:
     """Write RUN_DIR/report.html again, or, with --row N, print one row scored part by part: per class
     (precision, recall, F1, and the confusion matrix), per tag (average precision, and precision, recall
-    and F1 at 0.5) or per quarter of the target's range (MAE, RMSE, mean error); its plot joins the report."""
+    and F1 at 0.5) or per quarter of the scored images ordered by true target (MAE, RMSE, mean error); its
+    plot joins the report."""
     from pipeline.evaluation import RunFolder
     from pipeline.kinds import get_kind
     from pipeline.report import publish, row_report, table_lines

@@ -46,12 +46,13 @@ class Thumbnails:
         return f"<img class='thumb' alt='{e(sid)}' src='data:image/jpeg;base64,{data}'>"
 
 
-def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
-    """Write ``audit.html`` into the audit's folder; ``top`` examples of each finding."""
+def write_page(result: AuditResult, images: dict[str, Path], top: int, folder: Path | None = None) -> Path:
+    """Write ``audit.html`` into ``folder`` (None: the audit's); ``top`` examples of each finding. The
+    files it names are beside it, by name."""
     thumb = Thumbnails(images)
     body = [f"<h1>Data audit: {e(result.out.name)}</h1>",
             f"<p>Written {e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}.</p>",
-            "<pre>" + e("\n".join(result.lines())) + "</pre>"]
+            "<pre>" + e("\n".join(result.lines(Path()))) + "</pre>"]
     if not images:
         body.append("<p class='note'>No thumbnails: give the images with <code>--data DIR</code> to see them.</p>")
     for t in result.tasks:
@@ -89,7 +90,7 @@ def write_page(result: AuditResult, images: dict[str, Path], top: int) -> Path:
                     f"src='data:image/png;base64,{data}'>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit: {e(result.out.name)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-    path = result.out / PAGE
+    path = (result.out if folder is None else folder) / PAGE
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
@@ -99,12 +100,12 @@ def _cards(items) -> str:
     """A grid of (id, thumbnail html, first line html, second line html) cards."""
     cards = [f"<div class='card'>{img or ''}<div class='id'>{e(sid)}</div><div>{one}</div><div class='sub'>{two}</div></div>"
              for sid, img, one, two in items]
-    return "<div class='grid'>" + "".join(cards) + "</div>" if cards else "<p>None.</p>"
+    return "<div class='grid'>" + "".join(cards) + "</div>" if cards else "<p class='note'>Nothing to show.</p>"
 
 
 def _pairs(pairs: list[dict], thumb: Thumbnails) -> str:
     if not pairs:
-        return "<p>None.</p>"
+        return "<p class='note'>Nothing to show.</p>"
     rows = []
     for d in pairs:
         mark = ("<span class='nocopy'>not a copy</span> " if not d["confirmed"]

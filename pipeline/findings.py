@@ -17,6 +17,7 @@ from .copies import leak_message
 
 DUPLICATES, OUTLIERS, MAP_CSV, MAP, PAGE = "duplicates.csv", "outliers.csv", "map.csv", "map.png", "audit.html"
 LABEL_ISSUES = "label_issues_{}.csv"
+STAGING = ".audit-writing"  # inside the audit's folder: its files until every one is written
 
 
 def label_issues_file(task: str) -> str:
@@ -128,22 +129,25 @@ class AuditResult:
     def cross_split(self) -> list[dict]:
         return [d for d in self.copies if d["cross"]]
 
-    def lines(self) -> list[str]:
-        """A summary for people, one finding a line."""
-        lines = [line for t in self.tasks for line in t.lines(self.out)]
+    def lines(self, folder: Path | None = None) -> list[str]:
+        """A summary for people, one finding a line; the files named in ``folder`` (None: the audit's
+        folder as given; the page, beside them, names them alone with ``Path()``)."""
+        folder = self.out if folder is None else folder
+        named = {name: folder / path.name for name, path in self.files.items()}
+        lines = [line for t in self.tasks for line in t.lines(folder)]
         if not self.tasks:
             lines.append("label issues: no labels in the cache and no --labels file, so none looked for")
         evaluated = {d["id_a"] for d in self.cross_split}
         pairs = f"{len(self.copies)} pair" + ("" if len(self.copies) == 1 else "s")
         lines.append(f"copies ({self.copy_rule}): {pairs}, {len(self.cross_split)} across train "
-                     f"and val/test ({len(evaluated)} evaluation images); {self.files['duplicates']}")
+                     f"and val/test ({len(evaluated)} evaluation images); {named['duplicates']}")
         flagged = len(self.outliers.where("outlier"))
-        lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {self.files['outliers']}")
+        lines.append(f"outliers: {flagged} of {len(self.outliers)} images beyond the fence; {named['outliers']}")
         if self.search_said:
             lines.append(f"nearest others (the copies' candidates, the outliers' scores): {self.search}")
         lines += self.set_aside
-        if "map" in self.files:
-            lines.append(f"map ({self.map_method}): {self.files['map']}")
-        if "page" in self.files:
-            lines.append(f"page: {self.files['page']}")
+        if "map" in named:
+            lines.append(f"map ({self.map_method}): {named['map']}")
+        if "page" in named:
+            lines.append(f"page: {named['page']}")
         return lines

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import PipelineError
 from .files import atomic_path
 from .kinds import get_kind
-from .evaluation import Row, RunFolder, clean_ranking
+from .evaluation import ROW_PLOTS, Row, RunFolder, clean_ranking
 from .validation import between, check
 
 FEWSHOT_COLUMNS = ("backbone", "weights", "tap", "task", "head", "shots", "draws", "eval", "n_test",
@@ -128,8 +128,7 @@ def write_html_report(run: RunFolder) -> Path:
             body.append(_html_table(["head / backbone"] + shots, [[name] + vals for name, vals in table]))
         if kind.single_label:
             body.append("<h3>Confusion matrix of the best row</h3>" + _html_image(run.artifact("confusion", task)))
-    extra = [p for n in range(1, len(rows) + 1) for name in ("confusion_row", "scatter_row")
-             if (p := run.artifact(name, row=n)).is_file()]
+    extra = [p for n in range(1, len(rows) + 1) for name in ROW_PLOTS if (p := run.artifact(name, row=n)).is_file()]
     if extra:
         body.append("<h2>Other rows (pipeline report --row)</h2>" + "".join(_html_image(p) for p in extra))
     body.append("<h2>How this was made</h2>")

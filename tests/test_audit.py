@@ -567,10 +567,14 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(planted, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(PipelineError, match="--out must be a folder for the audit's files, got the file"):
         audit(planted["cache"], tmp_path / "notes.txt", map="none", **FAST)
+    with pytest.raises(PipelineError, match=f"got the file {re.escape(str(tmp_path / 'notes.txt'))} \\(in --out "):
+        audit(planted["cache"], tmp_path / "notes.txt" / "audit", map="none", **FAST)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_an_earlier_audit_is_replaced_only_when_asked_and_then_as_a_whole(planted, tmp_path):
+def test_an_earlier_audit_is_replaced_only_when_asked_and_then_as_a_whole(planted, tmp_path, monkeypatch):
+    from pipeline.errors import Interrupted
+
     out = tmp_path / "audit"
     audit(planted["cache"], out, [planted["labels"]], map="none", dup_threshold=EXACT, **FAST)
     (out / "notes.txt").write_text("mine")
@@ -580,10 +584,24 @@ def test_an_earlier_audit_is_replaced_only_when_asked_and_then_as_a_whole(plante
                                             "--overwrite to replace it, or another --out"):
         audit(planted["cache"], out, map="none", dup_threshold=EXACT, **FAST)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+    import pipeline.audit_page
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:  # stopped while writing its files: the earlier audit stays whole
+        patched.setattr(pipeline.audit_page, "write_page", stop)
+        with pytest.raises(Interrupted, match=f"so {re.escape(str(out))} holds none of them \\(an earlier audit's files "
+                                              "there are untouched\\)"):
+            audit(planted["cache"], out, map="none", dup_threshold=EXACT, overwrite=True, **FAST)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
     result = audit(planted["cache"], out, map="none", dup_threshold=EXACT, overwrite=True, **FAST)
     left = {p.name for p in out.iterdir()}
     assert "label_issues_flipped.csv" not in left and "notes.txt" in left  # no task's file outlives its audit
     assert left == {p.name for p in result.files.values()} | {"notes.txt"}
+    assert all(p.parent == out for p in result.files.values()) and f"page: {out / 'audit.html'}" in result.lines()
+    page = (out / "audit.html").read_text()
+    assert "; duplicates.csv" in page and str(out) not in page  # the page names its files beside it, by name
 
 
 def test_data_that_holds_none_of_the_caches_images_is_refused(planted, tmp_path):

@@ -5,6 +5,7 @@ import csv
 import importlib
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_each_kind_has_its_columns_heads_and_chance(labelled):
             assert not r.above_chance, r
 
 
-def test_a_row_of_tags_or_numbers_is_broken_down_by_tag_or_by_range_of_the_target(labelled):
+def test_a_row_of_tags_or_numbers_is_broken_down_by_tag_or_by_range_of_the_target(labelled, tiny_run, tmp_path):
     """``report --row`` on a tags row: each tag's AP (the leaderboard's ``map`` is their mean), precision,
     recall and F1 at 0.5 and support; on a numbers row: the errors over every image (the leaderboard's MAE
     and RMSE) and over each quarter of the target's range, and a plot of the predictions."""
@@ -123,6 +124,9 @@ def test_a_row_of_tags_or_numbers_is_broken_down_by_tag_or_by_range_of_the_targe
     assert lines[0].startswith(f"row {number['redness/ridge']}: ") and " / redness / ridge on val: r2 " in lines[0]
     assert lines[1].split() == ["target", "mae", "rmse", "mean_error", "n"] and lines[2].split()[0] == "all"
     assert f"plot: {numbers['png']}" in lines and "scatter_row" in (run_dir / "report.html").read_text()
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    fit(tiny_run["cache"], copy, heads=["centroid"], n_jobs=1, progress=False)
+    assert not list(copy.glob("scatter_row*.png"))  # the rows renumbered: a plot would name another row
 
 
 def test_a_rare_tag_keeps_the_map_interval_around_the_score():

@@ -11,8 +11,8 @@ saves or reads a model through this package, and nowhere else.
 from .card import CardPart, HeadCard
 from .protocol import HOLDOUT_SPLITS, TRAIN_ONLY, Protocol, decide, eval_split, join_groups, unused_split_note
 from .rows import Row, best_row, clean_ranking, columns, score_row
-from .runfolder import ARTIFACTS, POLICIES, Labelled, RunFolder, open_task, slug
+from .runfolder import ARTIFACTS, POLICIES, ROW_PLOTS, Labelled, RunFolder, open_task, slug
 
-__all__ = ["ARTIFACTS", "HOLDOUT_SPLITS", "POLICIES", "TRAIN_ONLY", "CardPart", "HeadCard", "Labelled", "Protocol",
+__all__ = ["ARTIFACTS", "HOLDOUT_SPLITS", "POLICIES", "ROW_PLOTS", "TRAIN_ONLY", "CardPart", "HeadCard", "Labelled", "Protocol",
            "Row", "RunFolder", "best_row", "clean_ranking", "columns", "decide", "eval_split", "join_groups",
            "open_task", "score_row", "slug", "unused_split_note"]

@@ -58,6 +58,7 @@ ARTIFACTS = {
     "fewshot_plot": "fewshot_{task}.png", "confusion": "confusion_{task}.png", "confusion_row": "confusion_row{row}.png",
     "scatter_row": "scatter_row{row}.png",
 }
+ROW_PLOTS = ("confusion_row", "scatter_row")  # named by the row's number, which a new leaderboard may give another row
 HEADS, PROTOCOLS, FINETUNE = "heads", "protocols", "finetune"
 # Beside the artifacts above, inside HEADS and FINETUNE (removed with them): a row's predictions, their
 # scores, and each source's out-of-distribution reference.
@@ -269,9 +270,14 @@ class RunFolder:
     def add_rows(self, new: Sequence[Row]) -> list[Row]:
         """Merge ``new`` into the run's rows by key (a row replaced keeps its place, so the tasks keep their
         order), rank and test every task again, write the leaderboard."""
+        before = self.rows()
         by_key = {r.key: r for r in new}
-        rows = [by_key.pop(r.key, r) for r in self.rows()] + list(by_key.values())
+        rows = [by_key.pop(r.key, r) for r in before] + list(by_key.values())
         rows = rank_and_test(rows, self.protocols(), self.read_predictions)
+        if [r.key for r in rows] != [r.key for r in before]:  # rows renumbered: a row's plot would name another row
+            for name in ROW_PLOTS:
+                for p in self.path.glob(ARTIFACTS[name].format(row="*")):
+                    p.unlink()
         self._write_leaderboard(rows)
         return rows
 

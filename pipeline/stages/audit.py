@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +40,7 @@ from ..heads import create_head, fit_subsets, fits_on_chunks, has_head, list_hea
 from ..progress import say
 from ..kinds import get_kind, list_kinds
 from ..evaluation import HOLDOUT_SPLITS, Labelled, Protocol, RunFolder, clean_ranking, open_task, unused_split_note
-from ..findings import DUPLICATES, MAP, MAP_CSV, OUTLIERS, PAGE, AuditResult, Rows, TaskAudit, audit_files, cells, label_issues_file
+from ..findings import DUPLICATES, MAP, MAP_CSV, OUTLIERS, PAGE, STAGING, AuditResult, Rows, TaskAudit, audit_files, cells, label_issues_file
 from ..copies import CANDIDATE_K, Copies, Images, find_copies
 from ..copies import leaked as leaked_rows
 from ..similarity import BLOCK, Nearest, nearest_others, normalized
@@ -134,8 +135,10 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
     cfg = replace(config or AuditConfig(), **settings)
     cfg.check()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out must be a folder for the audit's files, got the file {out}")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise PipelineError(f"--out must be a folder for the audit's files, got the file {existing}"
+                            + (f" (in --out {out})" if existing != out else ""))
     if (out / PAGE).is_file() and not cfg.overwrite:
         raise PipelineError(f"{out} holds an earlier audit ({PAGE}); pass --overwrite to replace it, or another --out")
     run_folder = RunFolder(run) if run is not None else None
@@ -167,17 +170,19 @@ def audit(caches: str | os.PathLike | Sequence[str | os.PathLike], out: str | os
         outliers = find_outliers(found.ids, found.labels, found.splits, found.nearest(cfg.neighbours(), cfg.block), cfg.k)
         step.done(f"outliers: {len(outliers.where('outlier'))} of {len(outliers)} images beyond the fence")
         result = AuditResult(out, audits, duplicates, outliers, "", copy_rule=copies.rule(), search=found.search)
-        step.writing = True
-        for earlier in audit_files(out):
-            earlier.unlink()
-        result.files = _write(result)
+        drawn = None
         if cfg.map != "none" and len(found.ids) >= 5:
             coords, shown, result.map_method = embed_2d(found.X, cfg.map, cfg.seed, cfg.map_points)
-            result.files.update(_write_map(out, found.ids[shown], coords, found.colour()[shown], audits))
+            drawn = found.ids[shown], coords, found.colour()[shown]
             step.done(f"map: {result.map_method} of {len(shown)} images")
         from ..audit_page import write_page
 
-        result.files["page"] = write_page(result, images, cfg.top)
+        with _staged(out) as folder:
+            result.files = _write(result, folder)
+            if drawn is not None:
+                result.files.update(_write_map(folder, *drawn, audits))
+            result.files["page"] = write_page(result, images, cfg.top, folder)
+        result.files = {name: out / path.name for name, path in result.files.items()}
         if run_folder is not None:
             result.set_aside = _set_aside_suspects(run_folder, audits)
             _record(run_folder, result, paths, labels, cfg, time.time() - started)
@@ -189,7 +194,7 @@ class _Steps:
     log is followed step by step, with the seconds each took."""
 
     def __init__(self, started: float, progress: bool = True):
-        self.last, self.count, self.writing, self.progress = started, 0, False, progress
+        self.last, self.count, self.progress = started, 0, progress
 
     @contextmanager
     def said_when_stopped(self, out: Path) -> Iterator[None]:
@@ -197,11 +202,9 @@ class _Steps:
         try:
             yield
         except KeyboardInterrupt:
-            left = (f"it was writing its files into {out}, so some may be missing" if self.writing else
-                    f"its files are written only once every step has ended, so {out} holds none of them "
-                    "(an earlier audit's files there are untouched)")
-            raise Interrupted(f"audit stopped after {self.count} finished step(s); {left}; the same command "
-                              "starts it again") from None
+            raise Interrupted(f"audit stopped after {self.count} finished step(s); its files are written only once "
+                              f"every step has ended, so {out} holds none of them (an earlier audit's files there "
+                              "are untouched); the same command starts it again") from None
 
     def done(self, what: str) -> None:
         now = time.time()
@@ -650,8 +653,25 @@ def _image_paths(data: str | os.PathLike | None) -> dict[str, Path]:
     return {s.id: s.path for s in load_source(data).samples}
 
 
-def _write(result: AuditResult) -> dict[str, Path]:
-    out = result.out
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A folder inside ``out`` that the audit's files are written into; once all of them are, they take
+    the place of an earlier audit's files in ``out`` (:func:`~pipeline.findings.audit_files`, removed as a
+    whole). An audit stopped before leaves ``out`` as it was."""
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # a stopped audit's
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for earlier in audit_files(out):
+            earlier.unlink()
+        for written in staging.iterdir():
+            written.replace(out / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write(result: AuditResult, out: Path) -> dict[str, Path]:
     files = {}
     for t in result.tasks:
         if t.ranking:
