@@ -396,8 +396,14 @@ def out_of_fold(X: np.ndarray | RowChunks, protocol: Protocol, head: str, cv: in
         plan.append((train, test))
     if isinstance(X, RowChunks):
         models = fit_subsets(label_head_by_chunks(head, kind.name, seed), X, kind.target(y, names), [t for t, _ in plan])
-        for est, (_, test) in zip(models, plan):  # a class a fold never shows gets probability 0
-            out[test] = np.concatenate([kind.scores(est, x, names) for _, x in X.take(test)])
+        scorer = np.full(len(y), -1)  # the model that scores each row (-1: none can)
+        for i, (_, test) in enumerate(plan):
+            scorer[test] = i
+        for where, x in X:  # one pass in order, not a scattered read per fold (20 minutes at 10^7)
+            here = scorer[where]
+            for i in np.unique(here[here >= 0]):  # a class a fold never shows gets probability 0
+                at = np.flatnonzero(here == i)
+                out[where.start + at] = kind.scores(models[i], x[at], names)
         return out
     for train, test in plan:
         seen = kind.names(y[train])  # a class or tag the fold never shows gets probability 0
