@@ -98,7 +98,7 @@ class NeighbourIndex:
     def __init__(self, base: np.ndarray, exact_below: int | None = None, target_recall: float = TARGET_RECALL,
                  block: int = BLOCK, seed: int = 0, n_jobs: int | None = None, max_scan: int | None = None):
         self.base = np.ascontiguousarray(base, np.float32)
-        self.block, self.n_jobs = block, n_jobs
+        self.block, self.n_jobs, self.target_recall, self.max_scan = block, n_jobs, target_recall, max_scan
         self.approximate = self.approximates(len(self.base), exact_below)
         self._ivf, self.recall = None, None
         if self.approximate:
@@ -147,7 +147,7 @@ class NeighbourIndex:
 
     def describe(self) -> str:
         """How the index searches, in words (:func:`describe_search`)."""
-        return describe_search(self._ivf, self.recall, "float32 features")
+        return describe_search(self._ivf, self.recall, "float32 features", self.target_recall, self.max_scan)
 
 
 class ChunkedIndex:
@@ -163,6 +163,7 @@ class ChunkedIndex:
                  target_recall: float = TARGET_RECALL, sample_values: int = 2 ** 24, max_scan: int | None = None):
         import faiss
 
+        self.target_recall, self.max_scan = target_recall, max_scan
         sample, n = _first_rows(chunks(), sample_values)
         d = sample.shape[1]
         nlist = max(1, min(round(2 * np.sqrt(n)), len(sample) // 39))
@@ -222,7 +223,7 @@ class ChunkedIndex:
 
     def describe(self) -> str:
         """How the index searches, in words (:func:`describe_search`)."""
-        return describe_search(self._index, self.recall, "a byte per feature")
+        return describe_search(self._index, self.recall, "a byte per feature", self.target_recall, self.max_scan)
 
     def write(self, path: str | os.PathLike) -> None:
         """faiss's file of the index, written from it as it is (never a second copy in memory)."""
@@ -236,7 +237,7 @@ class ChunkedIndex:
         import faiss
 
         index = cls.__new__(cls)
-        index._index, index.recall = faiss.read_index(str(path)), None
+        index._index, index.recall, index.target_recall, index.max_scan = faiss.read_index(str(path)), None, TARGET_RECALL, None
         return index
 
     @cached_property
@@ -251,10 +252,11 @@ class ChunkedIndex:
         import faiss
 
         return dict(index=self.__dict__["_saved"] if "_saved" in self.__dict__ else faiss.serialize_index(self._index),
-                    recall=self.recall)
+                    recall=self.recall, target_recall=self.target_recall, max_scan=self.max_scan)
 
     def __setstate__(self, state: dict) -> None:
         self._saved, self.recall = np.asarray(state["index"], np.uint8), state.get("recall")
+        self.target_recall, self.max_scan = state.get("target_recall", TARGET_RECALL), state.get("max_scan")
 
 
 class _Top:
@@ -304,13 +306,14 @@ def _calibrate(ivf, found: Callable[[], np.ndarray], truth: np.ndarray, target: 
     return reached
 
 
-def describe_search(ivf, recall: float | None, held: str) -> str:
+def describe_search(ivf, recall: float | None, held: str, target: float, max_scan: int | None) -> str:
     """``an inverted file of 6325 cells (a byte per feature), 8 probed: recall@10 0.812 on 500 rows``
-    (``exact`` where ``ivf`` is None)."""
+    (``exact`` where ``ivf`` is None), and where the calibration stopped at ``max_scan`` rows short of
+    ``target``, that it did."""
     if ivf is None:
         return "exact"
-    bound = (f" (below the {TARGET_RECALL} sought: more probed cells would compare each row with more than "
-             f"{SCAN_ROWS} others)") if recall < TARGET_RECALL and ivf.nprobe < ivf.nlist else ""
+    bound = (f" (below the {target} sought: more probed cells would compare each row with more than "
+             f"{max_scan} others)") if recall < target and ivf.nprobe < ivf.nlist else ""
     return (f"an inverted file of {ivf.nlist} cell{'s' * (ivf.nlist != 1)} ({held}), {ivf.nprobe} probed: "
             f"recall@10 {recall:.3f} on {min(ivf.ntotal, RECALL_QUERIES)} rows{bound}")
 

@@ -441,16 +441,12 @@ def _batched_class_issues(given: np.ndarray, probs: np.ndarray) -> np.ndarray:
     from cleanlab.rank import find_top_issues
 
     # store_results=False: the inspector would keep every score in a Python list (0.4 GB at ten million
-    # images); the scores are kept here in one array and ranked as its get_label_issues ranks them
+    # images); the blocks' score arrays are joined here and ranked as its get_label_issues ranks them
     inspector = LabelInspector(num_class=probs.shape[1], store_results=False, verbose=False, n_jobs=1)
     blocks = [slice(start, start + FINDER_BATCH) for start in range(0, len(given), FINDER_BATCH)]
     for block in blocks:
         inspector.update_confident_thresholds(given[block], probs[block])
-    scores = None
-    for block in blocks:
-        got = inspector.score_label_quality(given[block], probs[block])
-        scores = np.empty(len(given), got.dtype) if scores is None else scores
-        scores[block] = got
+    scores = np.concatenate([inspector.score_label_quality(given[block], probs[block]) for block in blocks])
     flagged = np.zeros(len(given), bool)
     flagged[find_top_issues(scores, top=inspector.get_num_issues(silent=True))] = True
     for block in blocks:

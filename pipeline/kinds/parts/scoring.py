@@ -191,7 +191,8 @@ class R2Scoring(ResamplingScoring):
     def breakdown(self, y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> Breakdown:
         """MAE, RMSE and the mean error (predicted minus true: a model drawn to the mean errs upwards at the
         bottom of the range and downwards at the top) over every scored image, then over each quarter of
-        them ordered by true target (equal counts, so the ranges differ in width); the predictions against the truth for the plot."""
+        them ordered by true target (equal counts, so the ranges differ in width); the predictions against
+        the truth for the plot."""
         y, pred = self._truth(y_true, names), np.asarray(y_pred, dtype=np.float64)
         edges = np.quantile(y, [0, 0.25, 0.5, 0.75, 1])
         quarter = np.clip(np.searchsorted(edges, y, side="right") - 1, 0, 3)
